@@ -1,0 +1,668 @@
+//! Index attributes read from a received dataset without trusting it.
+//!
+//! The walker checks every element length against the bytes actually present
+//! before reading or skipping, bounds sequence nesting, and walks to the end
+//! of the dataset (skipping pixel data without reading it), so a truncated or
+//! forged dataset is refused before anything is indexed. Only the few values
+//! the index needs are ever held in memory, each at most 64 KiB.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use dicom_encoding::text::{SpecificCharacterSet, TextCodec};
+
+/// Why a dataset cannot be stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatasetError {
+    #[error("dataset ends inside an element (truncated)")]
+    Truncated,
+    #[error(
+        "element ({group:04X},{element:04X}) claims {length} bytes but only {available} remain"
+    )]
+    BadLength {
+        group: u16,
+        element: u16,
+        length: u64,
+        available: u64,
+    },
+    #[error("sequences nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("malformed dataset: {0}")]
+    Malformed(&'static str),
+    #[error("required attribute {0} is missing or invalid")]
+    MissingAttribute(&'static str),
+    #[error("{attribute} in the dataset ({dataset}) differs from the command ({command})")]
+    Mismatch {
+        attribute: &'static str,
+        dataset: String,
+        command: String,
+    },
+    #[error("cannot read spooled dataset: {0}")]
+    Io(String),
+}
+
+impl DatasetError {
+    /// True when the dataset is well formed but does not match its SOP class
+    /// or command (DIMSE 0xA900 rather than 0xC000).
+    pub fn is_mismatch(&self) -> bool {
+        matches!(
+            self,
+            DatasetError::MissingAttribute(_) | DatasetError::Mismatch { .. }
+        )
+    }
+}
+
+/// Deepest sequence nesting accepted.
+pub const MAX_DEPTH: u32 = 32;
+/// Largest value kept for the index; longer values of index tags are ignored.
+const MAX_KEPT_VALUE: u64 = 64 * 1024;
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const ITEM: u32 = 0xFFFE_E000;
+const ITEM_DELIMITATION: u32 = 0xFFFE_E00D;
+const SEQUENCE_DELIMITATION: u32 = 0xFFFE_E0DD;
+const PIXEL_DATA: u32 = 0x7FE0_0010;
+const OTHER_PATIENT_IDS_SEQUENCE: u32 = 0x0010_1002;
+
+/// How a dataset is encoded, from its transfer syntax UID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatasetEncoding {
+    pub explicit_vr: bool,
+    pub big_endian: bool,
+    pub deflated: bool,
+}
+
+impl DatasetEncoding {
+    pub fn for_transfer_syntax(uid: &str) -> DatasetEncoding {
+        let (explicit_vr, big_endian, deflated) = match uid {
+            "1.2.840.10008.1.2" => (false, false, false),
+            "1.2.840.10008.1.2.2" => (true, true, false),
+            "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95" => (true, false, true),
+            _ => (true, false, false),
+        };
+        DatasetEncoding {
+            explicit_vr,
+            big_endian,
+            deflated,
+        }
+    }
+}
+
+/// One entry of Other Patient IDs Sequence (e.g. a resident ID number).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtherPatientId {
+    pub id: String,
+    pub issuer: String,
+    pub type_of_id: String,
+}
+
+/// A person name as received and as text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PersonName {
+    /// Bytes as received, in the dataset's Specific Character Set.
+    pub raw: Vec<u8>,
+    /// Decoded to Unicode.
+    pub text: String,
+}
+
+/// The attributes the index keeps for one instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceAttrs {
+    pub specific_character_set: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub patient_name: PersonName,
+    pub patient_id: String,
+    pub issuer_of_patient_id: String,
+    pub patient_birth_date: String,
+    pub patient_sex: String,
+    pub other_patient_ids: Vec<OtherPatientId>,
+    pub study_date: String,
+    pub study_time: String,
+    pub accession_number: String,
+    pub study_id: String,
+    pub study_description: String,
+    pub referring_physician_name: String,
+    pub institution_name: String,
+    pub modality: String,
+    pub series_number: Option<i64>,
+    pub series_description: String,
+    pub instance_number: Option<i64>,
+    pub number_of_frames: Option<i64>,
+}
+
+/// Reads the index attributes of the dataset starting at `offset` in `path`.
+pub fn read_file(
+    path: &Path,
+    offset: u64,
+    transfer_syntax: &str,
+) -> Result<InstanceAttrs, DatasetError> {
+    let io = |e: std::io::Error| DatasetError::Io(e.to_string());
+    let mut file = File::open(path).map_err(io)?;
+    let total = file.metadata().map_err(io)?.len();
+    if offset > total {
+        return Err(DatasetError::Truncated);
+    }
+    file.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
+    let mut collector = Collector::default();
+    if encoding.deflated {
+        let inflater = flate2::read::DeflateDecoder::new(BufReader::with_capacity(64 * 1024, file));
+        let mut walker = Walker::new(StreamSource(inflater), None, encoding);
+        walker.walk_dataset(None, 0, None, &mut collector)?;
+    } else {
+        let reader = BufReader::with_capacity(64 * 1024, file);
+        let mut walker = Walker::new(FileSource(reader), Some(total - offset), encoding);
+        walker.walk_dataset(None, 0, None, &mut collector)?;
+    }
+    collector.finish()
+}
+
+/// Reads the index attributes of an in-memory dataset (tests, tools).
+pub fn read_bytes(dataset: &[u8], transfer_syntax: &str) -> Result<InstanceAttrs, DatasetError> {
+    let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
+    let mut collector = Collector::default();
+    if encoding.deflated {
+        let inflater = flate2::read::DeflateDecoder::new(dataset);
+        Walker::new(StreamSource(inflater), None, encoding).walk_dataset(
+            None,
+            0,
+            None,
+            &mut collector,
+        )?;
+    } else {
+        let cursor = std::io::Cursor::new(dataset);
+        Walker::new(FileSource(cursor), Some(dataset.len() as u64), encoding).walk_dataset(
+            None,
+            0,
+            None,
+            &mut collector,
+        )?;
+    }
+    collector.finish()
+}
+
+trait Source {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError>;
+    fn skip(&mut self, n: u64) -> Result<(), DatasetError>;
+}
+
+/// A seekable source whose length is known (the spooled file).
+struct FileSource<R>(R);
+
+impl<R: Read + Seek> Source for FileSource<R> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError> {
+        self.0.read_exact(buf).map_err(eof_as_truncated)
+    }
+    fn skip(&mut self, n: u64) -> Result<(), DatasetError> {
+        // The walker has already checked `n` against the remaining length.
+        let n = i64::try_from(n).map_err(|_| DatasetError::Truncated)?;
+        self.0
+            .seek(SeekFrom::Current(n))
+            .map(drop)
+            .map_err(|e| DatasetError::Io(e.to_string()))
+    }
+}
+
+/// A forward-only source of unknown length (an inflating reader).
+struct StreamSource<R>(R);
+
+impl<R: Read> Source for StreamSource<R> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError> {
+        self.0.read_exact(buf).map_err(eof_as_truncated)
+    }
+    fn skip(&mut self, n: u64) -> Result<(), DatasetError> {
+        let copied = std::io::copy(&mut (&mut self.0).take(n), &mut std::io::sink())
+            .map_err(eof_as_truncated)?;
+        if copied == n {
+            Ok(())
+        } else {
+            Err(DatasetError::Truncated)
+        }
+    }
+}
+
+fn eof_as_truncated(e: std::io::Error) -> DatasetError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        DatasetError::Truncated
+    } else {
+        DatasetError::Io(e.to_string())
+    }
+}
+
+struct ElementHeader {
+    tag: u32,
+    vr: Option<[u8; 2]>,
+    length: u32,
+}
+
+struct Walker<S> {
+    src: S,
+    /// Bytes in the dataset, when known.
+    total: Option<u64>,
+    pos: u64,
+    encoding: DatasetEncoding,
+}
+
+impl<S: Source> Walker<S> {
+    fn new(src: S, total: Option<u64>, encoding: DatasetEncoding) -> Self {
+        Walker {
+            src,
+            total,
+            pos: 0,
+            encoding,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<(), DatasetError> {
+        self.src.read_exact(buf)?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    fn u16(&self, b: [u8; 2]) -> u16 {
+        if self.encoding.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    }
+
+    fn u32(&self, b: [u8; 4]) -> u32 {
+        if self.encoding.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    }
+
+    /// Reads the next element header; `None` at a clean end of data when allowed.
+    fn read_header(&mut self, eof_ok: bool) -> Result<Option<ElementHeader>, DatasetError> {
+        let mut tag_bytes = [0u8; 4];
+        if eof_ok && self.total.is_some_and(|t| self.pos == t) {
+            return Ok(None);
+        }
+        match self.read(&mut tag_bytes) {
+            Ok(()) => {}
+            Err(DatasetError::Truncated) if eof_ok && self.total.is_none() => {
+                // Stream source: a clean end is only a clean end at offset 0 of a tag.
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let group = self.u16([tag_bytes[0], tag_bytes[1]]);
+        let element = self.u16([tag_bytes[2], tag_bytes[3]]);
+        let tag = (u32::from(group) << 16) | u32::from(element);
+        if group == 0xFFFE || !self.encoding.explicit_vr {
+            let mut len = [0u8; 4];
+            self.read(&mut len)?;
+            return Ok(Some(ElementHeader {
+                tag,
+                vr: None,
+                length: self.u32(len),
+            }));
+        }
+        let mut vr = [0u8; 2];
+        self.read(&mut vr)?;
+        if !vr.iter().all(u8::is_ascii_uppercase) {
+            return Err(DatasetError::Malformed("invalid value representation"));
+        }
+        let long = matches!(
+            &vr,
+            b"OB"
+                | b"OD"
+                | b"OF"
+                | b"OL"
+                | b"OV"
+                | b"OW"
+                | b"SQ"
+                | b"SV"
+                | b"UC"
+                | b"UN"
+                | b"UR"
+                | b"UT"
+                | b"UV"
+        );
+        let length = if long {
+            let mut rest = [0u8; 6];
+            self.read(&mut rest)?;
+            self.u32([rest[2], rest[3], rest[4], rest[5]])
+        } else {
+            let mut len = [0u8; 2];
+            self.read(&mut len)?;
+            u32::from(self.u16(len))
+        };
+        Ok(Some(ElementHeader {
+            tag,
+            vr: Some(vr),
+            length,
+        }))
+    }
+
+    fn check_available(&self, tag: u32, length: u64, end: Option<u64>) -> Result<(), DatasetError> {
+        let limit = match (end, self.total) {
+            (Some(e), Some(t)) => Some(e.min(t)),
+            (e, t) => e.or(t),
+        };
+        if let Some(limit) = limit {
+            let available = limit.saturating_sub(self.pos);
+            if length > available {
+                return Err(DatasetError::BadLength {
+                    group: (tag >> 16) as u16,
+                    element: tag as u16,
+                    length,
+                    available,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks a dataset (the top level, or one item) until `end`, an item
+    /// delimiter (undefined-length items) or the end of data (top level).
+    fn walk_dataset(
+        &mut self,
+        end: Option<u64>,
+        depth: u32,
+        parent: Option<u32>,
+        out: &mut Collector,
+    ) -> Result<(), DatasetError> {
+        loop {
+            if let Some(end) = end {
+                if self.pos == end {
+                    return Ok(());
+                }
+            }
+            let top = depth == 0;
+            let Some(h) = self.read_header(top)? else {
+                return Ok(());
+            };
+            match h.tag {
+                ITEM_DELIMITATION if !top && end.is_none() => {
+                    return if h.length == 0 {
+                        Ok(())
+                    } else {
+                        Err(DatasetError::Malformed("item delimitation with a length"))
+                    };
+                }
+                ITEM | ITEM_DELIMITATION | SEQUENCE_DELIMITATION => {
+                    return Err(DatasetError::Malformed("unexpected delimiter"));
+                }
+                _ => {}
+            }
+            let is_sequence = match h.vr {
+                Some(vr) => &vr == b"SQ" || (&vr == b"UN" && h.length == UNDEFINED),
+                None => h.length == UNDEFINED || h.tag == OTHER_PATIENT_IDS_SEQUENCE,
+            };
+            if h.length == UNDEFINED {
+                if h.tag == PIXEL_DATA && top {
+                    self.walk_fragments()?;
+                } else if is_sequence {
+                    let saved = self.encoding;
+                    if h.vr == Some(*b"UN") {
+                        // PS3.5 6.2.2: undefined-length UN is implicit VR little endian.
+                        self.encoding = DatasetEncoding::for_transfer_syntax("1.2.840.10008.1.2");
+                    }
+                    let res = self.walk_sequence(None, depth + 1, h.tag, out);
+                    self.encoding = saved;
+                    res?;
+                } else {
+                    return Err(DatasetError::Malformed(
+                        "undefined length on a non-sequence element",
+                    ));
+                }
+                continue;
+            }
+            let length = u64::from(h.length);
+            self.check_available(h.tag, length, end)?;
+            if is_sequence {
+                let seq_end = self.pos + length;
+                self.walk_sequence(Some(seq_end), depth + 1, h.tag, out)?;
+                if self.pos != seq_end {
+                    return Err(DatasetError::Malformed(
+                        "sequence length does not match its items",
+                    ));
+                }
+            } else if out.wants(depth, parent, h.tag) && length <= MAX_KEPT_VALUE {
+                let mut value = vec![0u8; length as usize];
+                self.read(&mut value)?;
+                out.value(parent, h.tag, value);
+            } else {
+                self.src.skip(length)?;
+                self.pos += length;
+            }
+        }
+    }
+
+    fn walk_sequence(
+        &mut self,
+        end: Option<u64>,
+        depth: u32,
+        tag: u32,
+        out: &mut Collector,
+    ) -> Result<(), DatasetError> {
+        if depth > MAX_DEPTH {
+            return Err(DatasetError::TooDeep);
+        }
+        loop {
+            if end == Some(self.pos) {
+                return Ok(());
+            }
+            let mut header = [0u8; 8];
+            self.read(&mut header)?;
+            let item_tag = (u32::from(self.u16([header[0], header[1]])) << 16)
+                | u32::from(self.u16([header[2], header[3]]));
+            let length = self.u32([header[4], header[5], header[6], header[7]]);
+            match item_tag {
+                ITEM => {
+                    out.begin_item(tag);
+                    if length == UNDEFINED {
+                        self.walk_dataset(None, depth, Some(tag), out)?;
+                    } else {
+                        self.check_available(item_tag, u64::from(length), end)?;
+                        let item_end = self.pos + u64::from(length);
+                        self.walk_dataset(Some(item_end), depth, Some(tag), out)?;
+                    }
+                }
+                SEQUENCE_DELIMITATION if end.is_none() => return Ok(()),
+                _ => return Err(DatasetError::Malformed("expected an item in a sequence")),
+            }
+        }
+    }
+
+    /// Encapsulated pixel data: items of defined length up to a sequence delimiter.
+    fn walk_fragments(&mut self) -> Result<(), DatasetError> {
+        loop {
+            let mut header = [0u8; 8];
+            self.read(&mut header)?;
+            let tag = (u32::from(self.u16([header[0], header[1]])) << 16)
+                | u32::from(self.u16([header[2], header[3]]));
+            let length = self.u32([header[4], header[5], header[6], header[7]]);
+            match tag {
+                SEQUENCE_DELIMITATION => return Ok(()),
+                ITEM if length != UNDEFINED => {
+                    self.check_available(tag, u64::from(length), None)?;
+                    self.src.skip(u64::from(length))?;
+                    self.pos += u64::from(length);
+                }
+                _ => {
+                    return Err(DatasetError::Malformed(
+                        "bad encapsulated pixel data fragment",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Collects raw values of the tags the index needs.
+#[derive(Default)]
+struct Collector {
+    top: Vec<(u32, Vec<u8>)>,
+    other_ids: Vec<Vec<(u32, Vec<u8>)>>,
+}
+
+const TOP_TAGS: &[u32] = &[
+    0x0008_0005, // Specific Character Set
+    0x0008_0016, // SOP Class UID
+    0x0008_0018, // SOP Instance UID
+    0x0008_0020, // Study Date
+    0x0008_0030, // Study Time
+    0x0008_0050, // Accession Number
+    0x0008_0060, // Modality
+    0x0008_0080, // Institution Name
+    0x0008_0090, // Referring Physician's Name
+    0x0008_1030, // Study Description
+    0x0008_103E, // Series Description
+    0x0010_0010, // Patient's Name
+    0x0010_0020, // Patient ID
+    0x0010_0021, // Issuer of Patient ID
+    0x0010_0030, // Patient's Birth Date
+    0x0010_0040, // Patient's Sex
+    0x0010_1000, // Other Patient IDs (retired, still sent)
+    0x0020_000D, // Study Instance UID
+    0x0020_000E, // Series Instance UID
+    0x0020_0010, // Study ID
+    0x0020_0011, // Series Number
+    0x0020_0013, // Instance Number
+    0x0028_0008, // Number of Frames
+];
+
+const OTHER_ID_TAGS: &[u32] = &[0x0010_0020, 0x0010_0021, 0x0010_0022];
+
+impl Collector {
+    fn wants(&self, depth: u32, parent: Option<u32>, tag: u32) -> bool {
+        match (depth, parent) {
+            (0, None) => TOP_TAGS.contains(&tag),
+            (1, Some(OTHER_PATIENT_IDS_SEQUENCE)) => OTHER_ID_TAGS.contains(&tag),
+            _ => false,
+        }
+    }
+
+    fn begin_item(&mut self, sequence: u32) {
+        if sequence == OTHER_PATIENT_IDS_SEQUENCE {
+            self.other_ids.push(Vec::new());
+        }
+    }
+
+    fn value(&mut self, parent: Option<u32>, tag: u32, value: Vec<u8>) {
+        match parent {
+            None => self.top.push((tag, value)),
+            Some(_) => {
+                if let Some(item) = self.other_ids.last_mut() {
+                    item.push((tag, value));
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Result<InstanceAttrs, DatasetError> {
+        let raw = |tag: u32| -> &[u8] {
+            self.top
+                .iter()
+                .find(|(t, _)| *t == tag)
+                .map(|(_, v)| v.as_slice())
+                .unwrap_or(&[])
+        };
+        let charset_code = ascii(raw(0x0008_0005));
+        let first_code = charset_code
+            .split('\\')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let charset = SpecificCharacterSet::from_code(&first_code).unwrap_or_default();
+        let text = |tag: u32| decode(&charset, raw(tag));
+        let uid = |tag: u32, name: &'static str| -> Result<String, DatasetError> {
+            let v = ascii(raw(tag));
+            if crate::part10::is_valid_uid(&v) {
+                Ok(v)
+            } else {
+                Err(DatasetError::MissingAttribute(name))
+            }
+        };
+        let int = |tag: u32| ascii(raw(tag)).trim().parse::<i64>().ok();
+
+        let mut other_patient_ids: Vec<OtherPatientId> = self
+            .other_ids
+            .iter()
+            .map(|item| {
+                let get = |tag: u32| {
+                    item.iter()
+                        .find(|(t, _)| *t == tag)
+                        .map(|(_, v)| decode(&charset, v))
+                        .unwrap_or_default()
+                };
+                OtherPatientId {
+                    id: get(0x0010_0020),
+                    issuer: get(0x0010_0021),
+                    type_of_id: get(0x0010_0022),
+                }
+            })
+            .filter(|o| !o.id.is_empty())
+            .collect();
+        for id in text(0x0010_1000).split('\\').filter(|s| !s.is_empty()) {
+            if !other_patient_ids.iter().any(|o| o.id == id) {
+                other_patient_ids.push(OtherPatientId {
+                    id: id.to_string(),
+                    ..Default::default()
+                });
+            }
+        }
+
+        let name_raw = trim_padding(raw(0x0010_0010)).to_vec();
+        Ok(InstanceAttrs {
+            specific_character_set: charset_code,
+            sop_class_uid: uid(0x0008_0016, "SOP Class UID")?,
+            sop_instance_uid: uid(0x0008_0018, "SOP Instance UID")?,
+            study_instance_uid: uid(0x0020_000D, "Study Instance UID")?,
+            series_instance_uid: uid(0x0020_000E, "Series Instance UID")?,
+            patient_name: PersonName {
+                text: decode(&charset, &name_raw),
+                raw: name_raw,
+            },
+            patient_id: text(0x0010_0020),
+            issuer_of_patient_id: text(0x0010_0021),
+            patient_birth_date: ascii(raw(0x0010_0030)),
+            patient_sex: ascii(raw(0x0010_0040)),
+            other_patient_ids,
+            study_date: ascii(raw(0x0008_0020)),
+            study_time: ascii(raw(0x0008_0030)),
+            accession_number: text(0x0008_0050),
+            study_id: text(0x0020_0010),
+            study_description: text(0x0008_1030),
+            referring_physician_name: text(0x0008_0090),
+            institution_name: text(0x0008_0080),
+            modality: ascii(raw(0x0008_0060)),
+            series_number: int(0x0020_0011),
+            series_description: text(0x0008_103E),
+            instance_number: int(0x0020_0013),
+            number_of_frames: int(0x0028_0008),
+        })
+    }
+}
+
+fn trim_padding(v: &[u8]) -> &[u8] {
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | 0))
+        .map_or(0, |i| i + 1);
+    let start = v.iter().position(|b| *b != b' ').unwrap_or(end);
+    &v[start.min(end)..end]
+}
+
+fn ascii(v: &[u8]) -> String {
+    String::from_utf8_lossy(trim_padding(v)).into_owned()
+}
+
+fn decode(charset: &SpecificCharacterSet, v: &[u8]) -> String {
+    let v = trim_padding(v);
+    charset
+        .decode(v)
+        .unwrap_or_else(|_| String::from_utf8_lossy(v).into_owned())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+use super::*;
+
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+
+fn el(tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(if vr == b"UI" { 0 } else { b' ' });
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+    out.extend_from_slice(&(tag as u16).to_le_bytes());
+    out.extend_from_slice(vr);
+    if matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT") {
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+    }
+    out.extend_from_slice(&v);
+    out
+}
+
+fn implicit(tag: u32, value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(0);
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+    out.extend_from_slice(&(tag as u16).to_le_bytes());
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    out.extend_from_slice(&v);
+    out
+}
+
+fn item_header(tag: u32, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+    out.extend_from_slice(&(tag as u16).to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+fn undefined_sq(tag: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+    out.extend_from_slice(&(tag as u16).to_le_bytes());
+    out.extend_from_slice(b"SQ\0\0");
+    out.extend_from_slice(&UNDEFINED.to_le_bytes());
+    out
+}
+
+fn base(charset: &str, name: &[u8]) -> Vec<u8> {
+    let mut ds = Vec::new();
+    ds.extend(el(0x0008_0005, b"CS", charset.as_bytes()));
+    ds.extend(el(0x0008_0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2"));
+    ds.extend(el(0x0008_0018, b"UI", b"2.25.1001"));
+    ds.extend(el(0x0008_0020, b"DA", b"20260301"));
+    ds.extend(el(0x0008_0060, b"CS", b"CT"));
+    ds.extend(el(0x0010_0010, b"PN", name));
+    ds.extend(el(0x0010_0020, b"LO", b"XZ0001"));
+    // Other Patient IDs Sequence, undefined length, one undefined-length item.
+    ds.extend(undefined_sq(0x0010_1002));
+    ds.extend(item_header(ITEM, UNDEFINED));
+    ds.extend(el(0x0010_0020, b"LO", b"110101199003070011"));
+    ds.extend(el(0x0010_0021, b"LO", b"RESIDENT"));
+    ds.extend(el(0x0010_0022, b"CS", b"TEXT"));
+    ds.extend(item_header(ITEM_DELIMITATION, 0));
+    ds.extend(item_header(SEQUENCE_DELIMITATION, 0));
+    ds.extend(el(0x0020_000D, b"UI", b"2.25.1"));
+    ds.extend(el(0x0020_000E, b"UI", b"2.25.2"));
+    ds.extend(el(0x0020_0013, b"IS", b"7"));
+    ds
+}
+
+#[test]
+fn reads_utf8_names_and_resident_ids() {
+    let mut ds = base("ISO_IR 192", "Wang^Xiaoming=王^小明".as_bytes());
+    ds.extend(el(PIXEL_DATA, b"OW", &[0u8; 64]));
+    let attrs = read_bytes(&ds, EXPLICIT_LE).unwrap();
+    assert_eq!(attrs.patient_name.text, "Wang^Xiaoming=王^小明");
+    assert_eq!(attrs.sop_instance_uid, "2.25.1001");
+    assert_eq!(attrs.instance_number, Some(7));
+    assert_eq!(
+        attrs.other_patient_ids,
+        vec![OtherPatientId {
+            id: "110101199003070011".into(),
+            issuer: "RESIDENT".into(),
+            type_of_id: "TEXT".into()
+        }]
+    );
+}
+
+#[test]
+fn decodes_gb18030_names() {
+    let gb = SpecificCharacterSet::from_code("GB18030").unwrap();
+    let raw = gb.encode("Li^Hua=李^华").unwrap();
+    let attrs = read_bytes(&base("GB18030", &raw), EXPLICIT_LE).unwrap();
+    assert_eq!(attrs.patient_name.text, "Li^Hua=李^华");
+    assert_eq!(attrs.patient_name.raw, raw);
+}
+
+#[test]
+fn reads_implicit_vr() {
+    let mut ds = Vec::new();
+    ds.extend(implicit(0x0008_0016, b"1.2.840.10008.5.1.4.1.1.7"));
+    ds.extend(implicit(0x0008_0018, b"2.25.5"));
+    ds.extend(implicit(0x0010_0020, b"P1"));
+    ds.extend(implicit(0x0020_000D, b"2.25.6"));
+    ds.extend(implicit(0x0020_000E, b"2.25.7"));
+    ds.extend(implicit(PIXEL_DATA, &[1u8; 16]));
+    let attrs = read_bytes(&ds, IMPLICIT_LE).unwrap();
+    assert_eq!(attrs.patient_id, "P1");
+    assert_eq!(attrs.series_instance_uid, "2.25.7");
+}
+
+#[test]
+fn refuses_truncated_dataset() {
+    let mut ds = base("ISO_IR 192", b"A^B");
+    ds.extend(el(PIXEL_DATA, b"OW", &[0u8; 64]));
+    ds.truncate(ds.len() - 10);
+    assert!(matches!(
+        read_bytes(&ds, EXPLICIT_LE),
+        Err(DatasetError::BadLength { .. })
+    ));
+    let ds = base("ISO_IR 192", b"A^B");
+    assert_eq!(
+        read_bytes(&ds[..ds.len() - 3], EXPLICIT_LE),
+        Err(DatasetError::Truncated)
+    );
+}
+
+#[test]
+fn refuses_absurd_length_without_allocating() {
+    let mut ds = base("ISO_IR 192", b"A^B");
+    let mut forged = el(0x0010_0010, b"UT", b"x");
+    forged[8..12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    ds.splice(0..0, forged);
+    match read_bytes(&ds, EXPLICIT_LE) {
+        Err(DatasetError::BadLength { length, .. }) => assert_eq!(length, 0xFFFF_FFF0),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn refuses_deep_nesting() {
+    let mut ds = base("ISO_IR 192", b"A^B");
+    for _ in 0..100 {
+        ds.extend(undefined_sq(0x0040_A730));
+        ds.extend(item_header(ITEM, UNDEFINED));
+    }
+    assert_eq!(read_bytes(&ds, EXPLICIT_LE), Err(DatasetError::TooDeep));
+}
+
+#[test]
+fn refuses_missing_sop_instance_uid() {
+    let ds: Vec<u8> = base("ISO_IR 192", b"A^B");
+    let start = ds
+        .windows(4)
+        .position(|w| w == [0x08, 0x00, 0x18, 0x00])
+        .unwrap();
+    let mut without = ds[..start].to_vec();
+    without.extend_from_slice(&ds[start + 8 + 10..]);
+    assert_eq!(
+        read_bytes(&without, EXPLICIT_LE),
+        Err(DatasetError::MissingAttribute("SOP Instance UID"))
+    );
+}
+
+#[test]
+fn walks_encapsulated_pixel_data() {
+    let mut ds = base("ISO_IR 192", b"A^B");
+    let mut pixel = Vec::new();
+    pixel.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00]);
+    pixel.extend_from_slice(b"OB\0\0");
+    pixel.extend_from_slice(&UNDEFINED.to_le_bytes());
+    pixel.extend(item_header(ITEM, 0));
+    pixel.extend(item_header(ITEM, 4));
+    pixel.extend_from_slice(&[1, 2, 3, 4]);
+    let mut complete = pixel.clone();
+    complete.extend(item_header(SEQUENCE_DELIMITATION, 0));
+    let mut ok = ds.clone();
+    ok.extend(complete);
+    assert!(read_bytes(&ok, "1.2.840.10008.1.2.4.50").is_ok());
+    ds.extend(pixel);
+    assert_eq!(
+        read_bytes(&ds, "1.2.840.10008.1.2.4.50"),
+        Err(DatasetError::Truncated)
+    );
+}
+
+#[test]
+fn reads_deflated_datasets() {
+    use std::io::Write;
+    let ds = base("ISO_IR 192", "Wang^Xiaoming=王^小明".as_bytes());
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&ds).unwrap();
+    let deflated = enc.finish().unwrap();
+    let attrs = read_bytes(&deflated, "1.2.840.10008.1.2.1.99").unwrap();
+    assert_eq!(attrs.patient_name.text, "Wang^Xiaoming=王^小明");
+}
+
+#[test]
+fn reads_big_endian() {
+    fn be(tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((tag >> 16) as u16).to_be_bytes());
+        out.extend_from_slice(&(tag as u16).to_be_bytes());
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+    let mut ds = Vec::new();
+    ds.extend(be(0x0008_0016, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0"));
+    ds.extend(be(0x0008_0018, b"UI", b"2.25.5"));
+    ds.extend(be(0x0020_000D, b"UI", b"2.25.6"));
+    ds.extend(be(0x0020_000E, b"UI", b"2.25.7"));
+    ds.extend(be(0x0020_0013, b"IS", b"12"));
+    let attrs = read_bytes(&ds, "1.2.840.10008.1.2.2").unwrap();
+    assert_eq!(attrs.sop_class_uid, "1.2.840.10008.5.1.4.1.1.7");
+    assert_eq!(attrs.instance_number, Some(12));
+}

@@ -1,0 +1,137 @@
+//! The SQLite index: schema migrations, the single writer, and read queries.
+
+pub(crate) mod schema;
+pub(crate) mod writer;
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use crate::error::Result;
+
+pub use writer::StoreOutcome;
+
+/// Opens the write connection (WAL, synchronous=FULL: a COMMIT is on disk)
+/// and brings the schema up to date.
+pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    schema::migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// A read-only connection for queries.
+#[derive(Debug)]
+pub struct IndexReader {
+    conn: Connection,
+}
+
+/// The current version of an instance, as indexed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRecord {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub series_instance_uid: String,
+    pub study_instance_uid: String,
+    pub transfer_syntax: String,
+    pub blob_key: String,
+    pub sha256: String,
+    pub size: u64,
+    pub dataset_offset: u64,
+    pub clinic_id: String,
+    pub calling_ae: String,
+    pub received_at: String,
+}
+
+/// One stored version of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRecord {
+    pub blob_key: String,
+    pub sha256: String,
+    pub size: u64,
+    pub superseded_at: Option<String>,
+}
+
+impl IndexReader {
+    pub(crate) fn open(path: &Path) -> Result<IndexReader> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(IndexReader { conn })
+    }
+
+    /// The underlying connection, for queries owned by other crates.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn instance(&self, sop_instance_uid: &str) -> Result<Option<InstanceRecord>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT i.sop_instance_uid, i.sop_class_uid, se.series_uid, st.study_uid, i.transfer_syntax,
+                        i.blob_key, i.sha256, i.size, i.dataset_offset, i.clinic_id, i.calling_ae, i.received_at
+                 FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk
+                 WHERE i.sop_instance_uid = ?1",
+                [sop_instance_uid],
+                |r| {
+                    Ok(InstanceRecord {
+                        sop_instance_uid: r.get(0)?,
+                        sop_class_uid: r.get(1)?,
+                        series_instance_uid: r.get(2)?,
+                        study_instance_uid: r.get(3)?,
+                        transfer_syntax: r.get(4)?,
+                        blob_key: r.get(5)?,
+                        sha256: r.get(6)?,
+                        size: r.get::<_, i64>(7)? as u64,
+                        dataset_offset: r.get::<_, i64>(8)? as u64,
+                        clinic_id: r.get(9)?,
+                        calling_ae: r.get(10)?,
+                        received_at: r.get(11)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Every version of an instance, oldest first.
+    pub fn versions(&self, sop_instance_uid: &str) -> Result<Vec<VersionRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT blob_key, sha256, size, superseded_at FROM instance_versions
+             WHERE sop_instance_uid = ?1 ORDER BY pk",
+        )?;
+        let rows = stmt.query_map([sop_instance_uid], |r| {
+            Ok(VersionRecord {
+                blob_key: r.get(0)?,
+                sha256: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                superseded_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Number of (current) instances.
+    pub fn instance_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM instances", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// `(blob_key, sha256, size)` of every version the index references.
+    pub fn all_blobs(&self) -> Result<Vec<(String, String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT blob_key, sha256, size FROM instance_versions ORDER BY pk")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,130 @@
+//! Versioned schema migrations, applied in order at open (`PRAGMA user_version`).
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+
+/// Each entry moves the schema from version `i` to `i + 1`. Never edit a
+/// released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: clinics, the patient/study/series/instance hierarchy and versions.
+    r#"
+    CREATE TABLE clinics (
+        id   TEXT PRIMARY KEY,
+        name TEXT NOT NULL
+    );
+
+    CREATE TABLE patients (
+        pk            INTEGER PRIMARY KEY,
+        clinic_id     TEXT NOT NULL,
+        patient_id    TEXT NOT NULL,
+        issuer        TEXT NOT NULL DEFAULT '',
+        name          TEXT NOT NULL DEFAULT '',   -- decoded to Unicode
+        name_raw      BLOB,                       -- bytes as received
+        name_charset  TEXT NOT NULL DEFAULT '',   -- Specific Character Set of name_raw
+        name_search   TEXT NOT NULL DEFAULT '',   -- upper-cased, for matching
+        birth_date    TEXT NOT NULL DEFAULT '',
+        sex           TEXT NOT NULL DEFAULT '',
+        UNIQUE (clinic_id, patient_id, issuer)
+    );
+    CREATE INDEX patients_by_id ON patients (patient_id);
+    CREATE INDEX patients_by_name ON patients (name_search);
+
+    -- Other Patient IDs (resident ID numbers): how one person is linked across clinics.
+    CREATE TABLE patient_other_ids (
+        patient_pk INTEGER NOT NULL REFERENCES patients (pk),
+        other_id   TEXT NOT NULL,
+        issuer     TEXT NOT NULL DEFAULT '',
+        id_type    TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (patient_pk, other_id, issuer)
+    );
+    CREATE INDEX other_ids_by_id ON patient_other_ids (other_id, issuer);
+
+    CREATE TABLE studies (
+        pk                   INTEGER PRIMARY KEY,
+        study_uid            TEXT NOT NULL UNIQUE,
+        patient_pk           INTEGER NOT NULL REFERENCES patients (pk),
+        clinic_id            TEXT NOT NULL,
+        study_date           TEXT NOT NULL DEFAULT '',
+        study_time           TEXT NOT NULL DEFAULT '',
+        accession_number     TEXT NOT NULL DEFAULT '',
+        study_id             TEXT NOT NULL DEFAULT '',
+        description          TEXT NOT NULL DEFAULT '',
+        referring_physician  TEXT NOT NULL DEFAULT '',
+        institution          TEXT NOT NULL DEFAULT '',
+        character_set        TEXT NOT NULL DEFAULT '',
+        first_received_at    TEXT NOT NULL,
+        last_received_at     TEXT NOT NULL
+    );
+    CREATE INDEX studies_by_patient ON studies (patient_pk);
+    CREATE INDEX studies_by_date ON studies (study_date);
+    CREATE INDEX studies_by_accession ON studies (accession_number);
+    CREATE INDEX studies_by_clinic_received ON studies (clinic_id, last_received_at);
+
+    CREATE TABLE series (
+        pk            INTEGER PRIMARY KEY,
+        series_uid    TEXT NOT NULL UNIQUE,
+        study_pk      INTEGER NOT NULL REFERENCES studies (pk),
+        modality      TEXT NOT NULL DEFAULT '',
+        series_number INTEGER,
+        description   TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX series_by_study ON series (study_pk);
+    CREATE INDEX series_by_modality ON series (modality);
+
+    -- The current version of each SOP instance.
+    CREATE TABLE instances (
+        pk               INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL UNIQUE,
+        series_pk        INTEGER NOT NULL REFERENCES series (pk),
+        sop_class_uid    TEXT NOT NULL,
+        instance_number  INTEGER,
+        number_of_frames INTEGER,
+        transfer_syntax  TEXT NOT NULL,
+        blob_key         TEXT NOT NULL,
+        sha256           TEXT NOT NULL,
+        size             INTEGER NOT NULL,
+        dataset_offset   INTEGER NOT NULL,
+        clinic_id        TEXT NOT NULL,
+        calling_ae       TEXT NOT NULL,
+        received_at      TEXT NOT NULL
+    );
+    CREATE INDEX instances_by_series ON instances (series_pk);
+
+    -- Every version ever received, current included; nothing is dropped.
+    CREATE TABLE instance_versions (
+        pk               INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL,
+        blob_key         TEXT NOT NULL,
+        sha256           TEXT NOT NULL,
+        size             INTEGER NOT NULL,
+        transfer_syntax  TEXT NOT NULL,
+        clinic_id        TEXT NOT NULL,
+        calling_ae       TEXT NOT NULL,
+        received_at      TEXT NOT NULL,
+        superseded_at    TEXT,
+        UNIQUE (sop_instance_uid, sha256)
+    );
+    "#,
+];
+
+pub(crate) const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema to the current version.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > CURRENT_VERSION {
+        return Err(Error::SchemaTooNew {
+            found,
+            supported: CURRENT_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "index schema migrated");
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The single index writer: one thread owns the write connection and commits
+//! queued instances in batches. Before each COMMIT it fsyncs the directories
+//! the batch's blobs were renamed into, so one directory fsync and one WAL
+//! fsync cover every instance of the batch (group commit). Each job runs in
+//! its own SAVEPOINT: one bad row never fails its neighbours.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::oneshot;
+
+use crate::attrs::InstanceAttrs;
+use crate::error::{Error, Result};
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// An instance whose blob is in place, to be indexed.
+#[derive(Debug)]
+pub(crate) struct NewInstance {
+    pub(crate) attrs: InstanceAttrs,
+    pub(crate) clinic_id: String,
+    pub(crate) calling_ae: String,
+    pub(crate) blob_key: String,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
+    pub(crate) dataset_offset: u64,
+    pub(crate) transfer_syntax: String,
+    pub(crate) received_at: String,
+}
+
+/// What indexing an instance did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// A new SOP instance.
+    Stored,
+    /// The same bytes were already stored; nothing new was written.
+    AlreadyStored,
+    /// Same SOP Instance UID, different bytes: this is now the current
+    /// version; the previous one is kept in `instance_versions`.
+    NewVersion { previous_sha256: String },
+}
+
+pub(crate) enum Job {
+    Insert {
+        instance: Box<NewInstance>,
+        dirs_to_sync: Vec<PathBuf>,
+        reply: oneshot::Sender<Result<StoreOutcome>>,
+    },
+    Clinics {
+        clinics: Vec<(String, String)>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+pub(crate) fn spawn(conn: Connection) -> std::io::Result<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("index-writer".into())
+        .spawn(move || run(conn, rx))?;
+    Ok(tx)
+}
+
+fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, batch);
+    }
+}
+
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
+    let mut dirs: Vec<PathBuf> = batch
+        .iter()
+        .flat_map(|j| match j {
+            Job::Insert { dirs_to_sync, .. } => dirs_to_sync.clone(),
+            Job::Clinics { .. } => Vec::new(),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let synced = crate::blobs::sync_dirs(&dirs);
+
+    let mut results = Vec::with_capacity(batch.len());
+    let outcome = (|| -> Result<()> {
+        synced?;
+        let mut tx = conn.transaction()?;
+        for job in &batch {
+            let res = match job {
+                Job::Insert { instance, .. } => {
+                    with_savepoint(&mut tx, |sp| insert(sp, instance)).map(Some)
+                }
+                Job::Clinics { clinics, .. } => {
+                    with_savepoint(&mut tx, |sp| upsert_clinics(sp, clinics)).map(|_| None)
+                }
+            };
+            results.push(res);
+        }
+        tx.commit()?;
+        Ok(())
+    })();
+
+    let batch_len = batch.len();
+    let mut results = results.into_iter();
+    for job in batch {
+        let res = match &outcome {
+            Ok(()) => results.next().unwrap_or(Err(Error::ShuttingDown)),
+            Err(e) => Err(Error::Io {
+                op: "commit index batch",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        };
+        match job {
+            Job::Insert { reply, .. } => {
+                let _ = reply.send(res.map(|o| o.unwrap_or(StoreOutcome::Stored)));
+            }
+            Job::Clinics { reply, .. } => {
+                let _ = reply.send(res.map(drop));
+            }
+        }
+    }
+    tracing::trace!(batch_len, "index batch committed");
+}
+
+fn with_savepoint<T>(
+    tx: &mut Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T>,
+) -> Result<T> {
+    let sp = tx.savepoint()?;
+    let res = f(&sp);
+    match res {
+        Ok(v) => {
+            sp.commit()?;
+            Ok(v)
+        }
+        Err(e) => Err(e), // dropping the savepoint rolls it back
+    }
+}
+
+fn upsert_clinics(tx: &Connection, clinics: &[(String, String)]) -> Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO clinics (id, name) VALUES (?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+    )?;
+    for (id, name) in clinics {
+        stmt.execute(params![id, name])?;
+    }
+    Ok(())
+}
+
+fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
+    let a = &new.attrs;
+    let current: Option<String> = tx
+        .query_row(
+            "SELECT sha256 FROM instances WHERE sop_instance_uid = ?1",
+            [&a.sop_instance_uid],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if current.as_deref() == Some(new.sha256.as_str()) {
+        return Ok(StoreOutcome::AlreadyStored);
+    }
+
+    // Record the version (an old version coming back becomes current again).
+    tx.execute(
+        "UPDATE instance_versions SET superseded_at = ?2
+         WHERE sop_instance_uid = ?1 AND superseded_at IS NULL",
+        params![a.sop_instance_uid, new.received_at],
+    )?;
+    tx.execute(
+        "INSERT INTO instance_versions
+            (sop_instance_uid, blob_key, sha256, size, transfer_syntax, clinic_id, calling_ae, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (sop_instance_uid, sha256) DO UPDATE SET superseded_at = NULL, received_at = excluded.received_at",
+        params![
+            a.sop_instance_uid,
+            new.blob_key,
+            new.sha256,
+            new.size as i64,
+            new.transfer_syntax,
+            new.clinic_id,
+            new.calling_ae,
+            new.received_at
+        ],
+    )?;
+
+    let patient_pk = upsert_patient(tx, new)?;
+    let study_pk = upsert_study(tx, new, patient_pk)?;
+    let series_pk = upsert_series(tx, a, study_pk)?;
+    tx.execute(
+        "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, number_of_frames,
+            transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+         ON CONFLICT (sop_instance_uid) DO UPDATE SET
+            series_pk = excluded.series_pk, sop_class_uid = excluded.sop_class_uid,
+            instance_number = excluded.instance_number, number_of_frames = excluded.number_of_frames,
+            transfer_syntax = excluded.transfer_syntax, blob_key = excluded.blob_key,
+            sha256 = excluded.sha256, size = excluded.size, dataset_offset = excluded.dataset_offset,
+            clinic_id = excluded.clinic_id, calling_ae = excluded.calling_ae, received_at = excluded.received_at",
+        params![
+            a.sop_instance_uid,
+            series_pk,
+            a.sop_class_uid,
+            a.instance_number,
+            a.number_of_frames,
+            new.transfer_syntax,
+            new.blob_key,
+            new.sha256,
+            new.size as i64,
+            new.dataset_offset as i64,
+            new.clinic_id,
+            new.calling_ae,
+            new.received_at
+        ],
+    )?;
+    Ok(match current {
+        None => StoreOutcome::Stored,
+        Some(previous_sha256) => StoreOutcome::NewVersion { previous_sha256 },
+    })
+}
+
+fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
+    let a = &new.attrs;
+    let pk: i64 = tx.query_row(
+        "INSERT INTO patients (clinic_id, patient_id, issuer, name, name_raw, name_charset, name_search, birth_date, sex)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (clinic_id, patient_id, issuer) DO UPDATE SET
+            name = excluded.name, name_raw = excluded.name_raw, name_charset = excluded.name_charset,
+            name_search = excluded.name_search, birth_date = excluded.birth_date, sex = excluded.sex
+         RETURNING pk",
+        params![
+            new.clinic_id,
+            a.patient_id,
+            a.issuer_of_patient_id,
+            a.patient_name.text,
+            a.patient_name.raw,
+            a.specific_character_set,
+            a.patient_name.text.to_uppercase(),
+            a.patient_birth_date,
+            a.patient_sex
+        ],
+        |r| r.get(0),
+    )?;
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO patient_other_ids (patient_pk, other_id, issuer, id_type) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for other in &a.other_patient_ids {
+        stmt.execute(params![pk, other.id, other.issuer, other.type_of_id])?;
+    }
+    Ok(pk)
+}
+
+fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i64> {
+    let a = &new.attrs;
+    Ok(tx.query_row(
+        "INSERT INTO studies (study_uid, patient_pk, clinic_id, study_date, study_time, accession_number, study_id,
+            description, referring_physician, institution, character_set, first_received_at, last_received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)
+         ON CONFLICT (study_uid) DO UPDATE SET
+            patient_pk = excluded.patient_pk, study_date = excluded.study_date, study_time = excluded.study_time,
+            accession_number = excluded.accession_number, study_id = excluded.study_id,
+            description = excluded.description, referring_physician = excluded.referring_physician,
+            institution = excluded.institution, character_set = excluded.character_set,
+            last_received_at = excluded.last_received_at
+         RETURNING pk",
+        params![
+            a.study_instance_uid,
+            patient_pk,
+            new.clinic_id,
+            a.study_date,
+            a.study_time,
+            a.accession_number,
+            a.study_id,
+            a.study_description,
+            a.referring_physician_name,
+            a.institution_name,
+            a.specific_character_set,
+            new.received_at
+        ],
+        |r| r.get(0),
+    )?)
+}
+
+fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i64> {
+    Ok(tx.query_row(
+        "INSERT INTO series (series_uid, study_pk, modality, series_number, description)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (series_uid) DO UPDATE SET
+            study_pk = excluded.study_pk, modality = excluded.modality,
+            series_number = excluded.series_number, description = excluded.description
+         RETURNING pk",
+        params![
+            a.series_instance_uid,
+            study_pk,
+            a.modality,
+            a.series_number,
+            a.series_description
+        ],
+        |r| r.get(0),
+    )?)
+}

@@ -1,0 +1,225 @@
+//! Durable storage of received instances: byte-exact blobs in `object_store`
+//! and a SQLite index of clinics, patients, studies, series and instances.
+//!
+//! # Layout
+//! - [`spool`]: a receiving instance streams to a temporary file, hashed on the way.
+//! - [`attrs`]: index attributes read from the spooled dataset without trusting it.
+//! - [`blobs`]: content-addressed blobs (`LocalFileSystem` or any `ObjectStore`).
+//! - [`index`]: schema migrations, the single group-committing writer, queries.
+//! - [`part10`]: the Part 10 header written in front of each received dataset.
+//!
+//! # Durability contract
+//! [`Storage::commit`] returns `Ok` only when the blob is durable (fsynced file
+//! and directory, or a completed object-store put) *and* its index row is
+//! committed. The blob is always placed before the row is written, so a row
+//! never points at a missing blob; a crash in between leaves at most an
+//! unreferenced blob.
+
+pub mod attrs;
+pub mod blobs;
+mod error;
+pub mod index;
+pub mod part10;
+pub mod spool;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+pub use attrs::{DatasetError, InstanceAttrs};
+pub use blobs::BlobStore;
+pub use error::{Error, Result};
+pub use index::{IndexReader, InstanceRecord, StoreOutcome};
+pub use spool::{Spool, Spooled};
+
+use index::writer::{Job, NewInstance};
+
+/// Who sent an instance.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub clinic_id: String,
+    pub calling_ae: String,
+}
+
+/// The storage layer, cheap to clone and share between associations.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    blobs: BlobStore,
+    spool_dir: PathBuf,
+    index_path: PathBuf,
+    writer: std::sync::Mutex<mpsc::Sender<Job>>,
+}
+
+impl Storage {
+    /// Opens (creating if needed) storage under `data_dir` with blobs on the
+    /// local filesystem in `data_dir/blobs`.
+    pub fn open(data_dir: &Path) -> Result<Storage> {
+        let blobs = BlobStore::local(&data_dir.join("blobs"))?;
+        Storage::open_with_blobs(data_dir, blobs)
+    }
+
+    /// Opens storage with blobs in any object store (in-memory, S3-compatible).
+    /// The spool and the index still live under `data_dir`.
+    pub fn open_with_store(
+        data_dir: &Path,
+        store: Arc<dyn object_store::ObjectStore>,
+    ) -> Result<Storage> {
+        Storage::open_with_blobs(data_dir, BlobStore::remote(store))
+    }
+
+    fn open_with_blobs(data_dir: &Path, blobs: BlobStore) -> Result<Storage> {
+        std::fs::create_dir_all(data_dir).map_err(Error::io("create data directory", data_dir))?;
+        let spool_dir = data_dir.join("spool");
+        // Anything left in the spool was never acknowledged: discard it.
+        let _ = std::fs::remove_dir_all(&spool_dir);
+        std::fs::create_dir_all(&spool_dir)
+            .map_err(Error::io("create spool directory", &spool_dir))?;
+        let index_path = data_dir.join("index.sqlite");
+        let conn = index::open_writer(&index_path)?;
+        let writer =
+            index::writer::spawn(conn).map_err(Error::io("start index writer", &index_path))?;
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                blobs,
+                spool_dir,
+                index_path,
+                writer: std::sync::Mutex::new(writer),
+            }),
+        })
+    }
+
+    /// Starts receiving an instance; `limit` bounds the dataset's size.
+    pub fn spool(
+        &self,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+        transfer_syntax: &str,
+        limit: u64,
+    ) -> Result<Spool> {
+        let header = part10::file_header(sop_class_uid, sop_instance_uid, transfer_syntax);
+        Spool::create(&self.inner.spool_dir, &header, transfer_syntax, limit)
+    }
+
+    /// Closes a spool, fsyncing it if the blob store needs that. Blocking.
+    pub fn finish_spool(&self, spool: Spool) -> Result<Spooled> {
+        spool.finish(self.inner.blobs.needs_spool_sync())
+    }
+
+    /// Makes a received, validated instance durable and indexes it.
+    pub async fn commit(
+        &self,
+        mut spooled: Spooled,
+        attrs: InstanceAttrs,
+        source: &Source,
+    ) -> Result<StoreOutcome> {
+        let placed = self.inner.blobs.place(&mut spooled).await?;
+        let instance = NewInstance {
+            attrs,
+            clinic_id: source.clinic_id.clone(),
+            calling_ae: source.calling_ae.clone(),
+            blob_key: placed.key,
+            sha256: spooled.sha256_hex(),
+            size: spooled.size,
+            dataset_offset: spooled.dataset_offset,
+            transfer_syntax: spooled.transfer_syntax.clone(),
+            received_at: utc_timestamp(SystemTime::now()),
+        };
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Insert {
+            instance: Box::new(instance),
+            dirs_to_sync: placed.dirs_to_sync,
+            reply,
+        })?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Records the clinic registry in the index.
+    pub async fn sync_clinics(&self, clinics: Vec<(String, String)>) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Clinics { clinics, reply })?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        self.inner
+            .writer
+            .lock()
+            .expect("writer sender lock")
+            .send(job)
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// A new read-only connection to the index.
+    pub fn reader(&self) -> Result<IndexReader> {
+        IndexReader::open(&self.inner.index_path)
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.inner.blobs
+    }
+
+    /// Checks that every indexed version's blob exists with its size and
+    /// SHA-256; returns a description of each problem found.
+    pub async fn verify(&self) -> Result<Vec<String>> {
+        let rows = self.reader()?.all_blobs()?;
+        let mut problems = Vec::new();
+        for (key, sha, size) in rows {
+            match self.inner.blobs.get(&key).await {
+                Ok(bytes) if bytes.len() as u64 != size => {
+                    problems.push(format!("{key}: size {} != indexed {size}", bytes.len()))
+                }
+                Ok(bytes) => {
+                    let actual = spool::hex(&Sha256::digest(&bytes));
+                    if actual != sha {
+                        problems.push(format!("{key}: sha256 {actual} != indexed {sha}"));
+                    }
+                }
+                Err(e) => problems.push(format!("{key}: {e}")),
+            }
+        }
+        Ok(problems)
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC.
+pub fn utc_timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_772_323_200);
+        assert_eq!(utc_timestamp(t), "2026-03-01T00:00:00.000000Z");
+    }
+}

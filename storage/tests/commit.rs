@@ -1,0 +1,144 @@
+//! The storage contract through its public API, on the local filesystem and
+//! on an in-memory object store.
+
+use std::sync::Arc;
+
+use storage::{Source, Storage, StoreOutcome};
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+fn el(tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(if vr == b"UI" { 0 } else { b' ' });
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+    out.extend_from_slice(&(tag as u16).to_le_bytes());
+    out.extend_from_slice(vr);
+    out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+    out.extend_from_slice(&v);
+    out
+}
+
+fn dataset(sop_uid: &str, description: &str) -> Vec<u8> {
+    let mut ds = Vec::new();
+    ds.extend(el(0x0008_0005, b"CS", b"ISO_IR 192"));
+    ds.extend(el(0x0008_0016, b"UI", CT.as_bytes()));
+    ds.extend(el(0x0008_0018, b"UI", sop_uid.as_bytes()));
+    ds.extend(el(0x0008_0060, b"CS", b"CT"));
+    ds.extend(el(0x0008_1030, b"LO", description.as_bytes()));
+    ds.extend(el(0x0010_0010, b"PN", "Zhang^San=张^三".as_bytes()));
+    ds.extend(el(0x0010_0020, b"LO", b"P1"));
+    ds.extend(el(0x0020_000D, b"UI", b"2.25.10"));
+    ds.extend(el(0x0020_000E, b"UI", b"2.25.11"));
+    ds
+}
+
+async fn store(storage: &Storage, ds: &[u8]) -> StoreOutcome {
+    let attrs = storage::attrs::read_bytes(ds, EXPLICIT_LE).unwrap();
+    let mut spool = storage
+        .spool(CT, &attrs.sop_instance_uid, EXPLICIT_LE, 1 << 20)
+        .unwrap();
+    for chunk in ds.chunks(7) {
+        spool.write(chunk).unwrap();
+    }
+    let spooled = storage.finish_spool(spool).unwrap();
+    let source = Source {
+        clinic_id: "xinzhen".into(),
+        calling_ae: "XINZHEN_CT".into(),
+    };
+    storage.commit(spooled, attrs, &source).await.unwrap()
+}
+
+async fn contract(storage: &Storage) {
+    let first = dataset("2.25.100", "head");
+    assert_eq!(store(storage, &first).await, StoreOutcome::Stored);
+    assert_eq!(store(storage, &first).await, StoreOutcome::AlreadyStored);
+
+    let reader = storage.reader().unwrap();
+    let rec = reader.instance("2.25.100").unwrap().unwrap();
+    assert_eq!(rec.study_instance_uid, "2.25.10");
+    assert_eq!(rec.clinic_id, "xinzhen");
+    // The blob is a Part 10 file whose dataset is byte-for-byte what was received.
+    let blob = storage.blobs().get(&rec.blob_key).await.unwrap();
+    assert_eq!(&blob[rec.dataset_offset as usize..], &first[..]);
+    assert_eq!(&blob[128..132], b"DICM");
+
+    // Same UID, different bytes: a new current version, the old one kept.
+    let second = dataset("2.25.100", "head, corrected");
+    match store(storage, &second).await {
+        StoreOutcome::NewVersion { previous_sha256 } => assert_eq!(previous_sha256, rec.sha256),
+        other => panic!("unexpected {other:?}"),
+    }
+    let rec2 = reader.instance("2.25.100").unwrap().unwrap();
+    assert_ne!(rec2.sha256, rec.sha256);
+    let versions = reader.versions("2.25.100").unwrap();
+    assert_eq!(versions.len(), 2);
+    assert!(versions[0].superseded_at.is_some() && versions[1].superseded_at.is_none());
+    assert!(
+        storage
+            .blobs()
+            .size(&versions[0].blob_key)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(reader.instance_count().unwrap(), 1);
+    assert!(storage.verify().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_filesystem_contract_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let storage = Storage::open(dir.path()).unwrap();
+        contract(&storage).await;
+        // Only two blob files exist: the identical re-send made no copy.
+        let count = walk(&dir.path().join("blobs")).len();
+        assert_eq!(count, 2);
+        // A spool abandoned mid-receive leaves nothing behind.
+        let mut spool = storage.spool(CT, "2.25.999", EXPLICIT_LE, 1 << 20).unwrap();
+        spool.write(b"partial").unwrap();
+        drop(spool);
+        assert!(walk(&dir.path().join("spool")).is_empty());
+    }
+    let reopened = Storage::open(dir.path()).unwrap();
+    let reader = reopened.reader().unwrap();
+    assert_eq!(reader.instance_count().unwrap(), 1);
+    assert!(reopened.verify().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_object_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(object_store::memory::InMemory::new());
+    let storage = Storage::open_with_store(dir.path(), store).unwrap();
+    contract(&storage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_limit_refuses_oversized_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    let mut spool = storage.spool(CT, "2.25.1", EXPLICIT_LE, 10).unwrap();
+    assert!(spool.write(&[0u8; 8]).is_ok());
+    assert!(matches!(
+        spool.write(&[0u8; 8]),
+        Err(storage::Error::TooLarge { limit: 10 })
+    ));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
