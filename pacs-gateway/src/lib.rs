@@ -1,1 +1,21 @@
-//! placeholder
+//! The county center's DICOM gateway: C-ECHO and C-STORE from registered
+//! township clinics, acknowledged only once each instance is durable.
+//!
+//! # Layout
+//! - [`server`]: listener, connection limits, graceful shutdown.
+//! - `association`: one task per association; message assembly and dispatch.
+//! - `negotiate`: A-ASSOCIATE-RQ checks, presentation contexts, A-ASSOCIATE-RJ reasons.
+//! - `admission`: overall and per-clinic limits, longest-idle eviction.
+//! - `ul`: Upper Layer PDU framing with length checks before allocation.
+//! - `dimse`: command sets and status codes.
+//! - `c_store`: C-STORE into `storage`, and its error-to-status mapping.
+
+mod admission;
+mod association;
+mod c_store;
+mod dimse;
+mod negotiate;
+pub mod server;
+mod ul;
+
+pub use server::run;

@@ -73,6 +73,15 @@ impl Spool {
         Ok(())
     }
 
+    pub fn transfer_syntax(&self) -> &str {
+        &self.transfer_syntax
+    }
+
+    /// Offset of the dataset in the file (after the Part 10 header).
+    pub fn dataset_offset(&self) -> u64 {
+        self.dataset_offset
+    }
+
     /// Bytes of dataset received so far.
     pub fn dataset_len(&self) -> u64 {
         self.size - self.dataset_offset

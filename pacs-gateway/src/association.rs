@@ -1,0 +1,499 @@
+//! One association, from A-ASSOCIATE-RQ to release or abort.
+//!
+//! The task reads PDUs with [`PduReader`], assembles DIMSE messages from PDVs
+//! and dispatches them (C-ECHO, C-STORE). Protocol violations end in an
+//! A-ABORT; a bad dataset only fails its own C-STORE.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dicom_ul::pdu::{AbortRQServiceProviderReason as AbortReason, Pdu};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admission::{Admission, Ticket};
+use crate::c_store::StoreInProgress;
+use crate::dimse::{Command, Response, field, status, tag};
+use crate::negotiate::{self, Context, Refusal};
+use crate::ul::{self, Incoming, PduReader};
+use consortium_config::{AccessDenied, Config};
+use storage::{Source, Storage};
+
+/// What every association task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) storage: Storage,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Serves one TCP connection to completion.
+pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id: u64) {
+    let span = info_span!("association", id, %peer, calling_ae = tracing::field::Empty, clinic = tracing::field::Empty);
+    async move {
+        let _ = stream.set_nodelay(true);
+        let mut conn = Connection {
+            stream,
+            reader: PduReader::new(shared.config.gateway.max_pdu_length),
+        };
+        let Some(assoc) = conn.establish(&shared, peer).await else {
+            return;
+        };
+        conn.run(&shared, assoc).await;
+    }
+    .instrument(span)
+    .await
+}
+
+struct Connection {
+    stream: TcpStream,
+    reader: PduReader,
+}
+
+/// An established association.
+struct Established {
+    contexts: HashMap<u8, Context>,
+    peer_max_pdu: u32,
+    source: Source,
+    ticket: Ticket,
+}
+
+/// How the message loop ended.
+enum End {
+    PeerReleased,
+    PeerAborted,
+    PeerClosed,
+    Release(&'static str),
+    Abort(AbortReason, String),
+    Lost(String),
+}
+
+/// A DIMSE message being received.
+enum Pending {
+    /// Command fragments so far, on this context.
+    Command { context_id: u8, bytes: Vec<u8> },
+    /// A C-STORE dataset arriving.
+    Store {
+        context_id: u8,
+        message_id: u16,
+        op: StoreInProgress,
+    },
+    /// A dataset we will discard, then answer with `status`.
+    Discard {
+        context_id: u8,
+        message_id: u16,
+        response_field: u16,
+        status: u16,
+    },
+}
+
+impl Connection {
+    async fn establish(&mut self, shared: &Shared, peer: SocketAddr) -> Option<Established> {
+        let gw = &shared.config.gateway;
+        let rq = match tokio::time::timeout(gw.artim_timeout(), self.reader.next(&mut self.stream))
+            .await
+        {
+            Err(_) => {
+                info!("no A-ASSOCIATE-RQ within the ARTIM timeout; closing");
+                return None;
+            }
+            Ok(Ok(Some(Incoming::Other(Pdu::AssociationRQ(rq))))) => rq,
+            Ok(Ok(None)) => {
+                debug!("closed before A-ASSOCIATE-RQ");
+                return None;
+            }
+            Ok(Ok(Some(other))) => {
+                warn!(pdu = ?pdu_kind(&other), "expected A-ASSOCIATE-RQ; aborting");
+                ul::abort(&mut self.stream, AbortReason::UnexpectedPdu).await;
+                return None;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "bad A-ASSOCIATE-RQ");
+                if let Some(reason) = e.abort_reason() {
+                    ul::abort(&mut self.stream, reason).await;
+                }
+                return None;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("calling_ae", rq.calling_ae_title.as_str());
+
+        let decision = negotiate::check_request(&rq, &gw.ae_title)
+            .and_then(|()| {
+                shared
+                    .config
+                    .clinic_for_ae(&rq.calling_ae_title, peer.ip())
+                    .map_err(|e| match e {
+                        AccessDenied::UnknownCallingAe => Refusal::CallingAeTitle,
+                        AccessDenied::AddressNotAllowed => Refusal::AddressNotAllowed,
+                    })
+            })
+            .and_then(|clinic| shared.admission.admit(&clinic.id).map(|t| (clinic, t)));
+        let (clinic, ticket) = match decision {
+            Ok(ok) => ok,
+            Err(refusal) => {
+                warn!(
+                    reason = refusal.describe(),
+                    called_ae = %rq.called_ae_title,
+                    "association rejected"
+                );
+                let _ = ul::send(&mut self.stream, &Pdu::AssociationRJ(refusal.to_rj())).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await;
+                return None;
+            }
+        };
+        span.record("clinic", clinic.id.as_str());
+        let (ac, contexts) = negotiate::accept(&rq, gw.max_pdu_length);
+        if let Err(e) = ul::send(&mut self.stream, &Pdu::AssociationAC(ac)).await {
+            warn!(error = %e, "cannot send A-ASSOCIATE-AC");
+            return None;
+        }
+        info!(accepted_contexts = contexts.len(), "association accepted");
+        Some(Established {
+            contexts,
+            peer_max_pdu: negotiate::peer_max_pdu(&rq),
+            source: Source {
+                clinic_id: clinic.id.clone(),
+                calling_ae: rq.calling_ae_title.clone(),
+            },
+            ticket,
+        })
+    }
+
+    async fn run(&mut self, shared: &Shared, assoc: Established) {
+        let mut pending: Option<Pending> = None;
+        let mut shutdown = shared.shutdown.clone();
+        let idle_timeout = shared.config.gateway.idle_timeout();
+        let end = loop {
+            let idle = pending.is_none();
+            assoc.ticket.set_busy(!idle);
+            if idle && *shutdown.borrow() {
+                break End::Release("the center is shutting down");
+            }
+            let next = if idle {
+                tokio::select! {
+                    r = tokio::time::timeout(idle_timeout, self.reader.next(&mut self.stream)) => match r {
+                        Ok(r) => r,
+                        Err(_) => break End::Release("idle timeout"),
+                    },
+                    () = assoc.ticket.evicted() => break End::Release("making room for a new association"),
+                    _ = shutdown.changed() => continue,
+                }
+            } else {
+                match tokio::time::timeout(idle_timeout, self.reader.next(&mut self.stream)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        break End::Abort(
+                            AbortReason::ReasonNotSpecified,
+                            "peer stalled mid-message".into(),
+                        );
+                    }
+                }
+            };
+            let pdu = match next {
+                Ok(Some(pdu)) => pdu,
+                Ok(None) => break End::PeerClosed,
+                Err(e) => match e.abort_reason() {
+                    Some(reason) => break End::Abort(reason, e.to_string()),
+                    None => break End::Lost(e.to_string()),
+                },
+            };
+            match pdu {
+                Incoming::PData(body) => {
+                    if let Err(end) = self.on_pdata(shared, &assoc, &mut pending, body).await {
+                        break end;
+                    }
+                }
+                Incoming::Other(Pdu::ReleaseRQ) if pending.is_none() => break End::PeerReleased,
+                Incoming::Other(Pdu::AbortRQ { .. }) => break End::PeerAborted,
+                Incoming::Other(other) => {
+                    break End::Abort(
+                        AbortReason::UnexpectedPdu,
+                        format!("unexpected {}", pdu_kind(&Incoming::Other(other))),
+                    );
+                }
+            }
+        };
+        let discarded = pending.is_some();
+        drop(pending); // deletes any partial spool file
+        match end {
+            End::PeerReleased => {
+                let _ = ul::send(&mut self.stream, &Pdu::ReleaseRP).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await;
+                info!("association released by peer");
+            }
+            End::PeerAborted => info!(discarded, "association aborted by peer"),
+            End::PeerClosed if discarded => {
+                warn!("peer closed the connection mid-message; partial data discarded")
+            }
+            End::PeerClosed => info!("peer closed the connection"),
+            End::Lost(reason) => {
+                warn!(%reason, discarded, "connection lost; partial data discarded")
+            }
+            End::Abort(reason, why) => {
+                warn!(%why, discarded, "aborting association");
+                ul::abort(&mut self.stream, reason).await;
+            }
+            End::Release(why) => {
+                info!(why, "releasing association");
+                self.release().await;
+            }
+        }
+    }
+
+    /// Acceptor-initiated A-RELEASE (PS3.8 7.2): send RQ, wait briefly for RP.
+    async fn release(&mut self) {
+        if ul::send(&mut self.stream, &Pdu::ReleaseRQ).await.is_err() {
+            return;
+        }
+        let wait = async {
+            loop {
+                match self.reader.next(&mut self.stream).await {
+                    Ok(Some(Incoming::Other(Pdu::ReleaseRP))) | Ok(None) | Err(_) => return,
+                    Ok(Some(Incoming::Other(Pdu::ReleaseRQ))) => {
+                        // Release collision: answer and finish.
+                        let _ = ul::send(&mut self.stream, &Pdu::ReleaseRP).await;
+                        return;
+                    }
+                    Ok(Some(_)) => continue,
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_err()
+        {
+            ul::abort(&mut self.stream, AbortReason::ReasonNotSpecified).await;
+            return;
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await;
+    }
+
+    async fn on_pdata(
+        &mut self,
+        shared: &Shared,
+        assoc: &Established,
+        pending: &mut Option<Pending>,
+        body: Bytes,
+    ) -> Result<(), End> {
+        let pdvs = ul::pdvs(body)
+            .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
+        for pdv in pdvs {
+            let Some(context) = assoc.contexts.get(&pdv.context_id) else {
+                return Err(End::Abort(
+                    AbortReason::InvalidPduParameter,
+                    format!(
+                        "PDV on presentation context {} which was not accepted",
+                        pdv.context_id
+                    ),
+                ));
+            };
+            if pdv.is_command {
+                match pending {
+                    None => {
+                        *pending = Some(Pending::Command {
+                            context_id: pdv.context_id,
+                            bytes: Vec::new(),
+                        })
+                    }
+                    Some(Pending::Command { context_id, .. }) if *context_id == pdv.context_id => {}
+                    Some(_) => {
+                        return Err(End::Abort(
+                            AbortReason::UnexpectedPduParameter,
+                            "command fragment while another message is incomplete".into(),
+                        ));
+                    }
+                }
+                let Some(Pending::Command { bytes, .. }) = pending.as_mut() else {
+                    unreachable!("set just above")
+                };
+                if bytes.len() + pdv.data.len() > crate::dimse::MAX_COMMAND_BYTES {
+                    return Err(End::Abort(
+                        AbortReason::InvalidPduParameter,
+                        "command set too large".into(),
+                    ));
+                }
+                bytes.extend_from_slice(&pdv.data);
+                if pdv.is_last {
+                    let Some(Pending::Command { bytes, .. }) = pending.take() else {
+                        unreachable!()
+                    };
+                    *pending = self
+                        .on_command(shared, assoc, pdv.context_id, context, &bytes)
+                        .await?;
+                }
+            } else {
+                match pending.as_mut() {
+                    Some(Pending::Store { context_id, op, .. })
+                        if *context_id == pdv.context_id =>
+                    {
+                        op.write(&pdv.data);
+                    }
+                    Some(Pending::Discard { context_id, .. }) if *context_id == pdv.context_id => {}
+                    _ => {
+                        return Err(End::Abort(
+                            AbortReason::UnexpectedPduParameter,
+                            "dataset fragment without a matching command".into(),
+                        ));
+                    }
+                }
+                if pdv.is_last {
+                    match pending.take() {
+                        Some(Pending::Store {
+                            context_id,
+                            message_id,
+                            op,
+                        }) => {
+                            self.finish_store(shared, assoc, context_id, message_id, op)
+                                .await?
+                        }
+                        Some(Pending::Discard {
+                            context_id,
+                            message_id,
+                            response_field,
+                            status,
+                        }) => {
+                            let rsp = Response::new(response_field, message_id, status).encode();
+                            self.respond(assoc, context_id, &rsp).await?;
+                        }
+                        _ => unreachable!("checked above"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A complete command set arrived.
+    async fn on_command(
+        &mut self,
+        shared: &Shared,
+        assoc: &Established,
+        context_id: u8,
+        context: &Context,
+        bytes: &[u8],
+    ) -> Result<Option<Pending>, End> {
+        let command = Command::parse(bytes)
+            .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
+        let message_id = command.message_id();
+        match command.command_field() {
+            Some(field::C_ECHO_RQ) if !command.has_dataset() => {
+                let rsp = Response::new(field::C_ECHO_RSP, message_id, status::SUCCESS)
+                    .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                    .encode();
+                self.respond(assoc, context_id, &rsp).await?;
+                debug!("C-ECHO answered");
+                Ok(None)
+            }
+            Some(field::C_STORE_RQ) => {
+                let op = StoreInProgress::start(
+                    &shared.storage,
+                    &command,
+                    context,
+                    shared.config.gateway.max_instance_bytes,
+                );
+                if command.has_dataset() {
+                    Ok(Some(Pending::Store {
+                        context_id,
+                        message_id,
+                        op,
+                    }))
+                } else {
+                    self.finish_store(shared, assoc, context_id, message_id, op)
+                        .await?;
+                    Ok(None)
+                }
+            }
+            Some(field::C_CANCEL_RQ) => Ok(None),
+            Some(other) => {
+                warn!(
+                    command_field = format_args!("0x{other:04X}"),
+                    "unsupported DIMSE operation"
+                );
+                let response_field = other | 0x8000;
+                if command.has_dataset() {
+                    Ok(Some(Pending::Discard {
+                        context_id,
+                        message_id,
+                        response_field,
+                        status: status::UNRECOGNIZED_OPERATION,
+                    }))
+                } else {
+                    let rsp =
+                        Response::new(response_field, message_id, status::UNRECOGNIZED_OPERATION)
+                            .encode();
+                    self.respond(assoc, context_id, &rsp).await?;
+                    Ok(None)
+                }
+            }
+            None => unreachable!("Command::parse requires a Command Field"),
+        }
+    }
+
+    async fn finish_store(
+        &mut self,
+        shared: &Shared,
+        assoc: &Established,
+        context_id: u8,
+        message_id: u16,
+        op: StoreInProgress,
+    ) -> Result<(), End> {
+        let sop_class = op.sop_class_uid.clone();
+        let sop_instance = op.sop_instance_uid.clone();
+        let result = op.finish(&shared.storage, &assoc.source).await;
+        let mut rsp = Response::new(field::C_STORE_RSP, message_id, status::SUCCESS);
+        match &result {
+            Ok(outcome) => debug!(sop_instance_uid = %sop_instance, ?outcome, "instance stored"),
+            Err(e) => {
+                warn!(sop_instance_uid = %sop_instance, status = format_args!("0x{:04X}", e.status()), error = %e, "C-STORE failed");
+                rsp = Response::new(field::C_STORE_RSP, message_id, e.status())
+                    .error_comment(&e.to_string());
+            }
+        }
+        if storage::part10::is_valid_uid(&sop_class) {
+            rsp = rsp.uid(tag::AFFECTED_SOP_CLASS_UID, &sop_class);
+        }
+        if storage::part10::is_valid_uid(&sop_instance) {
+            rsp = rsp.uid(tag::AFFECTED_SOP_INSTANCE_UID, &sop_instance);
+        }
+        self.respond(assoc, context_id, &rsp.encode()).await
+    }
+
+    async fn respond(
+        &mut self,
+        assoc: &Established,
+        context_id: u8,
+        command: &[u8],
+    ) -> Result<(), End> {
+        ul::send_message(
+            &mut self.stream,
+            context_id,
+            true,
+            command,
+            assoc.peer_max_pdu,
+        )
+        .await
+        .map_err(|e| End::Lost(format!("cannot send response: {e}")))
+    }
+}
+
+fn pdu_kind(pdu: &Incoming) -> &'static str {
+    match pdu {
+        Incoming::PData(_) => "P-DATA-TF",
+        Incoming::Other(p) => match p {
+            Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
+            Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
+            Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
+            Pdu::PData { .. } => "P-DATA-TF",
+            Pdu::ReleaseRQ => "A-RELEASE-RQ",
+            Pdu::ReleaseRP => "A-RELEASE-RP",
+            Pdu::AbortRQ { .. } => "A-ABORT",
+            Pdu::Unknown { .. } => "unknown PDU",
+        },
+    }
+}

@@ -1,0 +1,150 @@
+//! C-STORE (PS3.4 B.2, PS3.7 9.1.1): stream the dataset to a spool, then
+//! validate, make durable and index it before answering success.
+
+use storage::{DatasetError, Source, Spool, Storage, StoreOutcome};
+
+use crate::dimse::{Command, status, tag};
+use crate::negotiate::Context;
+
+/// Why a C-STORE failed, mapped once to a DIMSE status.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    #[error("command SOP class {command} differs from its presentation context ({context})")]
+    ContextMismatch { command: String, context: String },
+    #[error("command has no valid Affected SOP Class/Instance UID")]
+    BadCommandUid,
+    #[error("C-STORE request without a dataset")]
+    NoDataset,
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+}
+
+impl StoreError {
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            StoreError::ContextMismatch { .. } => status::SOP_CLASS_NOT_SUPPORTED,
+            StoreError::BadCommandUid | StoreError::NoDataset => status::CANNOT_UNDERSTAND,
+            StoreError::Storage(storage::Error::Dataset(e)) if e.is_mismatch() => {
+                status::DATASET_MISMATCH
+            }
+            StoreError::Storage(storage::Error::Dataset(_)) => status::CANNOT_UNDERSTAND,
+            StoreError::Storage(_) => status::OUT_OF_RESOURCES,
+        }
+    }
+}
+
+/// A C-STORE whose dataset is arriving.
+#[derive(Debug)]
+pub(crate) struct StoreInProgress {
+    pub(crate) sop_class_uid: String,
+    pub(crate) sop_instance_uid: String,
+    spool: Option<Spool>,
+    failure: Option<StoreError>,
+}
+
+impl StoreInProgress {
+    /// Starts a C-STORE. Failures are remembered: the dataset is still read
+    /// (and discarded) so the association stays in step.
+    pub(crate) fn start(
+        storage: &Storage,
+        command: &Command,
+        context: &Context,
+        limit: u64,
+    ) -> StoreInProgress {
+        let sop_class_uid = command.uid(tag::AFFECTED_SOP_CLASS_UID).unwrap_or_default();
+        let sop_instance_uid = command
+            .uid(tag::AFFECTED_SOP_INSTANCE_UID)
+            .unwrap_or_default();
+        let mut op = StoreInProgress {
+            sop_class_uid,
+            sop_instance_uid,
+            spool: None,
+            failure: None,
+        };
+        let valid = storage::part10::is_valid_uid(&op.sop_class_uid)
+            && storage::part10::is_valid_uid(&op.sop_instance_uid);
+        op.failure = if !valid {
+            Some(StoreError::BadCommandUid)
+        } else if op.sop_class_uid != context.abstract_syntax {
+            Some(StoreError::ContextMismatch {
+                command: op.sop_class_uid.clone(),
+                context: context.abstract_syntax.clone(),
+            })
+        } else {
+            match storage.spool(
+                &op.sop_class_uid,
+                &op.sop_instance_uid,
+                &context.transfer_syntax,
+                limit,
+            ) {
+                Ok(spool) => {
+                    op.spool = Some(spool);
+                    None
+                }
+                Err(e) => Some(e.into()),
+            }
+        };
+        op
+    }
+
+    /// Appends one received fragment.
+    pub(crate) fn write(&mut self, data: &[u8]) {
+        if let Some(spool) = self.spool.as_mut() {
+            if let Err(e) = spool.write(data) {
+                self.spool = None; // deletes the partial file
+                self.failure = Some(e.into());
+            }
+        }
+    }
+
+    /// The dataset is complete: validate, store, index.
+    pub(crate) async fn finish(
+        self,
+        storage: &Storage,
+        source: &Source,
+    ) -> Result<StoreOutcome, StoreError> {
+        if let Some(failure) = self.failure {
+            return Err(failure);
+        }
+        let spool = self.spool.ok_or(StoreError::NoDataset)?;
+        let (command_class, command_instance) = (self.sop_class_uid, self.sop_instance_uid);
+        let st = storage.clone();
+        let (spooled, attrs) = tokio::task::spawn_blocking(move || -> Result<_, storage::Error> {
+            let ts = spool.transfer_syntax().to_string();
+            let offset = spool.dataset_offset();
+            let spooled = st.finish_spool(spool)?;
+            let attrs = storage::attrs::read_file(spooled.path(), offset, &ts)?;
+            check_matches(&attrs, &command_class, &command_instance)?;
+            Ok((spooled, attrs))
+        })
+        .await
+        .map_err(|e| storage::Error::Io {
+            op: "finish spool",
+            path: Default::default(),
+            source: std::io::Error::other(e),
+        })??;
+        Ok(storage.commit(spooled, attrs, source).await?)
+    }
+}
+
+fn check_matches(
+    attrs: &storage::InstanceAttrs,
+    class: &str,
+    instance: &str,
+) -> Result<(), DatasetError> {
+    if attrs.sop_class_uid != class {
+        return Err(DatasetError::Mismatch {
+            attribute: "SOP Class UID",
+            dataset: attrs.sop_class_uid.clone(),
+            command: class.to_string(),
+        });
+    }
+    if attrs.sop_instance_uid != instance {
+        return Err(DatasetError::Mismatch {
+            attribute: "SOP Instance UID",
+            dataset: attrs.sop_instance_uid.clone(),
+            command: instance.to_string(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! Association negotiation: who may associate, and which presentation
+//! contexts are accepted (PS3.8 7.1, 9.3.2-9.3.4).
+
+use std::collections::HashMap;
+
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use dicom_ul::pdu::{
+    AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
+    AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
+    AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
+    UserVariableItem,
+};
+
+pub(crate) const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
+pub(crate) const VERIFICATION: &str = "1.2.840.10008.1.1";
+const IMPLEMENTATION_CLASS_UID: &str = storage::part10::IMPLEMENTATION_CLASS_UID;
+const IMPLEMENTATION_VERSION_NAME: &str = storage::part10::IMPLEMENTATION_VERSION_NAME;
+
+/// An accepted presentation context.
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    pub(crate) abstract_syntax: String,
+    pub(crate) transfer_syntax: String,
+}
+
+/// Why an association is refused, mapped once to an A-ASSOCIATE-RJ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    ProtocolVersion,
+    ApplicationContext,
+    CalledAeTitle,
+    CallingAeTitle,
+    /// The calling AE title is registered, but not from this address.
+    AddressNotAllowed,
+    /// Too many associations from this clinic (transient).
+    ClinicLimit,
+    /// Every association slot is busy (transient).
+    TotalLimit,
+}
+
+impl Refusal {
+    pub(crate) fn to_rj(self) -> AssociationRJ {
+        use AssociationRJResult::{Permanent, Transient};
+        use AssociationRJServiceUserReason as User;
+        let (result, source) = match self {
+            Refusal::ProtocolVersion => (
+                Permanent,
+                AssociationRJSource::ServiceProviderASCE(
+                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+                ),
+            ),
+            Refusal::ApplicationContext => (
+                Permanent,
+                AssociationRJSource::ServiceUser(User::ApplicationContextNameNotSupported),
+            ),
+            Refusal::CalledAeTitle => (
+                Permanent,
+                AssociationRJSource::ServiceUser(User::CalledAETitleNotRecognized),
+            ),
+            Refusal::CallingAeTitle | Refusal::AddressNotAllowed => (
+                Permanent,
+                AssociationRJSource::ServiceUser(User::CallingAETitleNotRecognized),
+            ),
+            Refusal::ClinicLimit | Refusal::TotalLimit => (
+                Transient,
+                AssociationRJSource::ServiceProviderPresentation(
+                    AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+                ),
+            ),
+        };
+        AssociationRJ { result, source }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Refusal::ProtocolVersion => "protocol version not supported",
+            Refusal::ApplicationContext => "application context not supported",
+            Refusal::CalledAeTitle => "called AE title is not this center",
+            Refusal::CallingAeTitle => "calling AE title not registered",
+            Refusal::AddressNotAllowed => "calling AE title not allowed from this address",
+            Refusal::ClinicLimit => "clinic association limit reached",
+            Refusal::TotalLimit => "association limit reached and no idle association to release",
+        }
+    }
+}
+
+/// Checks the parts of an A-ASSOCIATE-RQ that do not depend on the registry.
+pub(crate) fn check_request(rq: &AssociationRQ, our_ae: &str) -> Result<(), Refusal> {
+    if rq.protocol_version & 1 == 0 {
+        return Err(Refusal::ProtocolVersion);
+    }
+    if rq.application_context_name.trim_end_matches('\0') != APPLICATION_CONTEXT {
+        return Err(Refusal::ApplicationContext);
+    }
+    if rq.called_ae_title != our_ae {
+        return Err(Refusal::CalledAeTitle);
+    }
+    Ok(())
+}
+
+/// True for abstract syntaxes this gateway serves: verification and storage.
+/// Storage is every standard class under the storage roots, plus private
+/// (non-`1.2.840.10008`) classes, so vendor objects are kept too.
+pub(crate) fn is_supported_abstract_syntax(uid: &str) -> bool {
+    const STORAGE_ROOTS: &[&str] = &[
+        "1.2.840.10008.5.1.4.1.1.",
+        "1.2.840.10008.5.1.4.34.",
+        "1.2.840.10008.5.1.4.38.",
+        "1.2.840.10008.5.1.4.39.",
+        "1.2.840.10008.5.1.4.43.",
+        "1.2.840.10008.5.1.4.44.",
+        "1.2.840.10008.5.1.4.45.",
+    ];
+    uid == VERIFICATION
+        || STORAGE_ROOTS.iter().any(|root| uid.starts_with(root))
+        || (!uid.starts_with("1.2.840.10008.") && storage::part10::is_valid_uid(uid))
+}
+
+/// True for transfer syntaxes whose dataset encoding we know (the dicom-rs
+/// registry), so the header can be read; pixel codecs are not needed to store.
+pub(crate) fn is_supported_transfer_syntax(uid: &str) -> bool {
+    TransferSyntaxRegistry.get(uid).is_some()
+}
+
+/// The A-ASSOCIATE-AC for an acceptable request, and the accepted contexts.
+/// The first proposed transfer syntax we support is chosen: it is usually the
+/// one the sender's file is already in, so it is stored as is.
+pub(crate) fn accept(
+    rq: &AssociationRQ,
+    max_pdu_length: u32,
+) -> (AssociationAC, HashMap<u8, Context>) {
+    let mut accepted = HashMap::new();
+    let results = rq
+        .presentation_contexts
+        .iter()
+        .map(|pc| {
+            let abstract_syntax = pc.abstract_syntax.trim_end_matches('\0').to_string();
+            let (reason, ts) = if !is_supported_abstract_syntax(&abstract_syntax) {
+                (
+                    PresentationContextResultReason::AbstractSyntaxNotSupported,
+                    None,
+                )
+            } else {
+                match pc
+                    .transfer_syntaxes
+                    .iter()
+                    .map(|t| t.trim_end_matches('\0'))
+                    .find(|t| is_supported_transfer_syntax(t))
+                {
+                    Some(ts) => (
+                        PresentationContextResultReason::Acceptance,
+                        Some(ts.to_string()),
+                    ),
+                    None => (
+                        PresentationContextResultReason::TransferSyntaxesNotSupported,
+                        None,
+                    ),
+                }
+            };
+            if let Some(ts) = &ts {
+                accepted.insert(
+                    pc.id,
+                    Context {
+                        abstract_syntax,
+                        transfer_syntax: ts.clone(),
+                    },
+                );
+            }
+            PresentationContextResult {
+                id: pc.id,
+                reason,
+                transfer_syntax: ts.unwrap_or_else(|| "1.2.840.10008.1.2".to_string()),
+            }
+        })
+        .collect();
+    let ac = AssociationAC {
+        protocol_version: 1,
+        calling_ae_title: rq.calling_ae_title.clone(),
+        called_ae_title: rq.called_ae_title.clone(),
+        application_context_name: APPLICATION_CONTEXT.to_string(),
+        presentation_contexts: results,
+        user_variables: vec![
+            UserVariableItem::MaxLength(max_pdu_length),
+            UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
+            UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
+        ],
+    };
+    (ac, accepted)
+}
+
+/// The requestor's maximum PDU length (0 = unlimited).
+pub(crate) fn peer_max_pdu(rq: &AssociationRQ) -> u32 {
+    rq.user_variables
+        .iter()
+        .find_map(|v| match v {
+            UserVariableItem::MaxLength(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_and_private_classes_are_accepted_query_is_not() {
+        assert!(is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.1.2"));
+        assert!(is_supported_abstract_syntax(
+            "1.2.840.10008.5.1.4.1.1.9.1.1"
+        ));
+        assert!(is_supported_abstract_syntax("1.3.12.2.1107.5.9.1"));
+        assert!(is_supported_abstract_syntax(VERIFICATION));
+        assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.1"));
+        assert!(!is_supported_abstract_syntax("1.2.840.10008.1.20.1"));
+    }
+
+    #[test]
+    fn transfer_syntaxes_from_the_registry() {
+        for ts in [
+            "1.2.840.10008.1.2",
+            "1.2.840.10008.1.2.1",
+            "1.2.840.10008.1.2.1.99",
+            "1.2.840.10008.1.2.2",
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.70",
+            "1.2.840.10008.1.2.4.80",
+            "1.2.840.10008.1.2.4.90",
+            "1.2.840.10008.1.2.5",
+        ] {
+            assert!(is_supported_transfer_syntax(ts), "{ts}");
+        }
+        assert!(!is_supported_transfer_syntax("1.2.3.4.5.6"));
+    }
+}

@@ -1,0 +1,259 @@
+//! DICOM Upper Layer framing (PS3.8 9.3) over a byte stream.
+//!
+//! dicom-ul encodes and decodes the PDUs; this module owns the framing so the
+//! gateway controls what a peer can make it allocate: a PDU's length is
+//! checked against the limit for its type before any buffer grows for it.
+//! P-DATA-TF PDUs are split into PDVs here without copying.
+
+use bytes::{Buf, Bytes, BytesMut};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu, read_pdu, write_pdu};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest non-P-DATA PDU accepted (an A-ASSOCIATE-RQ with ~128 contexts of
+/// 10 transfer syntaxes each is about 40 KiB).
+pub(crate) const MAX_CONTROL_PDU: u32 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UlError {
+    #[error("unknown PDU type 0x{0:02X}")]
+    UnknownPduType(u8),
+    #[error("PDU of type 0x{pdu_type:02X} claims {length} bytes, limit is {limit}")]
+    PduTooLarge {
+        pdu_type: u8,
+        length: u32,
+        limit: u32,
+    },
+    #[error("malformed PDU: {0}")]
+    Malformed(String),
+    #[error("connection closed in the middle of a PDU")]
+    UnexpectedEof,
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl UlError {
+    /// The A-ABORT reason to send for this error, if the peer is still there.
+    pub(crate) fn abort_reason(&self) -> Option<AbortRQServiceProviderReason> {
+        match self {
+            UlError::UnknownPduType(_) => Some(AbortRQServiceProviderReason::UnrecognizedPdu),
+            UlError::PduTooLarge { .. } => Some(AbortRQServiceProviderReason::InvalidPduParameter),
+            UlError::Malformed(_) => Some(AbortRQServiceProviderReason::InvalidPduParameter),
+            UlError::UnexpectedEof | UlError::Io(_) => None,
+        }
+    }
+}
+
+/// A received PDU: P-DATA-TF bodies stay raw (see [`pdvs`]).
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    PData(Bytes),
+    Other(Pdu),
+}
+
+/// Cancel-safe PDU reader: partially received bytes stay in the buffer, so a
+/// `select!` or `timeout` around [`PduReader::next`] loses nothing.
+#[derive(Debug)]
+pub(crate) struct PduReader {
+    buf: BytesMut,
+    max_pdata: u32,
+}
+
+impl PduReader {
+    pub(crate) fn new(max_pdata: u32) -> Self {
+        PduReader {
+            buf: BytesMut::with_capacity(64 * 1024),
+            max_pdata,
+        }
+    }
+
+    /// Reads the next PDU; `Ok(None)` when the peer closed between PDUs.
+    pub(crate) async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut R,
+    ) -> Result<Option<Incoming>, UlError> {
+        loop {
+            if self.buf.len() >= 6 {
+                let pdu_type = self.buf[0];
+                let length =
+                    u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]);
+                let limit = match pdu_type {
+                    0x04 => self.max_pdata,
+                    0x01..=0x07 => MAX_CONTROL_PDU,
+                    other => return Err(UlError::UnknownPduType(other)),
+                };
+                if length > limit {
+                    return Err(UlError::PduTooLarge {
+                        pdu_type,
+                        length,
+                        limit,
+                    });
+                }
+                let total = 6 + length as usize;
+                if self.buf.len() >= total {
+                    let mut pdu = self.buf.split_to(total).freeze();
+                    return if pdu_type == 0x04 {
+                        pdu.advance(6);
+                        Ok(Some(Incoming::PData(pdu)))
+                    } else {
+                        read_pdu(&pdu[..], MAX_CONTROL_PDU, false)
+                            .map_err(|e| UlError::Malformed(e.to_string()))?
+                            .map(|p| Some(Incoming::Other(p)))
+                            .ok_or_else(|| UlError::Malformed("incomplete PDU".into()))
+                    };
+                }
+                // Grow only towards the checked length of this PDU.
+                self.buf.reserve((total - self.buf.len()).min(256 * 1024));
+            } else {
+                self.buf.reserve(64 * 1024);
+            }
+            let n = stream.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(UlError::UnexpectedEof)
+                };
+            }
+        }
+    }
+}
+
+/// One presentation data value of a P-DATA-TF PDU.
+#[derive(Debug)]
+pub(crate) struct Pdv {
+    pub(crate) context_id: u8,
+    pub(crate) is_command: bool,
+    pub(crate) is_last: bool,
+    pub(crate) data: Bytes,
+}
+
+/// Splits a P-DATA-TF body into its PDVs.
+pub(crate) fn pdvs(mut body: Bytes) -> Result<Vec<Pdv>, UlError> {
+    let mut out = Vec::with_capacity(1);
+    while body.has_remaining() {
+        if body.len() < 6 {
+            return Err(UlError::Malformed("truncated PDV item".into()));
+        }
+        let len = body.get_u32() as usize;
+        if len < 2 || len > body.len() {
+            return Err(UlError::Malformed(format!(
+                "PDV item length {len} out of range"
+            )));
+        }
+        let context_id = body.get_u8();
+        let header = body.get_u8();
+        let data = body.split_to(len - 2);
+        out.push(Pdv {
+            context_id,
+            is_command: header & 0x01 != 0,
+            is_last: header & 0x02 != 0,
+            data,
+        });
+    }
+    if out.is_empty() {
+        return Err(UlError::Malformed("P-DATA-TF without PDV items".into()));
+    }
+    Ok(out)
+}
+
+/// Writes one PDU encoded by dicom-ul.
+pub(crate) async fn send<W: AsyncWrite + Unpin>(stream: &mut W, pdu: &Pdu) -> Result<(), UlError> {
+    let mut out = Vec::with_capacity(256);
+    write_pdu(&mut out, pdu).map_err(|e| UlError::Malformed(e.to_string()))?;
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+/// Sends an A-ABORT from the service provider.
+pub(crate) async fn abort<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    reason: AbortRQServiceProviderReason,
+) {
+    let pdu = Pdu::AbortRQ {
+        source: AbortRQSource::ServiceProvider(reason),
+    };
+    let _ = send(stream, &pdu).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Writes a DIMSE message fragment stream (command or dataset) as P-DATA-TF
+/// PDUs no larger than the peer's maximum.
+pub(crate) async fn send_message<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    context_id: u8,
+    is_command: bool,
+    data: &[u8],
+    peer_max_pdu: u32,
+) -> Result<(), UlError> {
+    // PDV header is 6 bytes (length + context + control); 0 means unlimited.
+    let max_fragment = if peer_max_pdu == 0 {
+        usize::MAX
+    } else {
+        (peer_max_pdu as usize).saturating_sub(6).max(1)
+    };
+    let mut chunks = data.chunks(max_fragment).peekable();
+    let mut out = Vec::with_capacity(data.len().min(max_fragment) + 12);
+    if data.is_empty() {
+        return Err(UlError::Malformed("empty DIMSE message".into()));
+    }
+    while let Some(chunk) = chunks.next() {
+        let is_last = chunks.peek().is_none();
+        out.clear();
+        out.push(0x04);
+        out.push(0);
+        out.extend_from_slice(&((chunk.len() + 6) as u32).to_be_bytes());
+        out.extend_from_slice(&((chunk.len() + 2) as u32).to_be_bytes());
+        out.push(context_id);
+        out.push(u8::from(is_command) | (u8::from(is_last) << 1));
+        out.extend_from_slice(chunk);
+        stream.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refuses_oversized_pdu_before_buffering_it() {
+        let mut bytes: &[u8] = &[0x04, 0, 0xFF, 0xFF, 0xFF, 0xF0, 1, 2, 3];
+        let err = PduReader::new(16_384).next(&mut bytes).await.unwrap_err();
+        assert!(matches!(
+            err,
+            UlError::PduTooLarge {
+                length: 0xFFFF_FFF0,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn refuses_unknown_pdu_type() {
+        let mut bytes: &[u8] = &[0x42, 0, 0, 0, 0, 0];
+        let err = PduReader::new(16_384).next(&mut bytes).await.unwrap_err();
+        assert!(matches!(err, UlError::UnknownPduType(0x42)));
+    }
+
+    #[tokio::test]
+    async fn splits_pdata_and_reports_eof_mid_pdu() {
+        let mut pdu = vec![0x04, 0, 0, 0, 0, 14];
+        pdu.extend_from_slice(&[0, 0, 0, 4, 1, 0x03, 0xAA, 0xBB]);
+        pdu.extend_from_slice(&[0, 0, 0, 2, 3, 0x00]);
+        let mut r: &[u8] = &pdu;
+        let mut reader = PduReader::new(16_384);
+        let Some(Incoming::PData(body)) = reader.next(&mut r).await.unwrap() else {
+            panic!("expected P-DATA")
+        };
+        let pdvs = pdvs(body).unwrap();
+        assert_eq!(pdvs.len(), 2);
+        assert!(pdvs[0].is_command && pdvs[0].is_last && pdvs[0].data[..] == [0xAA, 0xBB]);
+        assert!(!pdvs[1].is_command && pdvs[1].data.is_empty());
+        assert!(reader.next(&mut r).await.unwrap().is_none());
+        let mut partial: &[u8] = &pdu[..10];
+        assert!(matches!(
+            PduReader::new(16_384).next(&mut partial).await,
+            Err(UlError::UnexpectedEof)
+        ));
+    }
+}

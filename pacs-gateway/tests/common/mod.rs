@@ -1,0 +1,267 @@
+//! Test harness: the real `pacs-gateway` binary on port 0 with its own data
+//! directory, a raw DICOM Upper Layer client for protocol faults (PDUs
+//! encoded by dicom-ul), and helpers to inspect what was stored.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod scu;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const AE: &str = "COUNTYPACS";
+pub const CT_AE: &str = "XINZHEN_CT";
+
+/// Configuration for a test gateway; `extra` is appended to `[gateway]`.
+pub struct GatewaySpec {
+    pub gateway_extra: String,
+    pub clinics: String,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        GatewaySpec {
+            gateway_extra: String::new(),
+            clinics: r#"
+[[clinics]]
+id = "xinzhen"
+name = "新镇乡卫生院"
+ae_titles = ["XINZHEN_CT", "XINZHEN_US"]
+addresses = ["127.0.0.1"]
+
+[[clinics]]
+id = "baishui"
+name = "白水镇卫生院"
+ae_titles = ["BAISHUI_DR", "BAISHUI_ECG"]
+
+[[clinics]]
+id = "county"
+name = "县医院"
+ae_titles = ["COUNTYWS1"]
+role = "county"
+
+[[clinics]]
+id = "faraway"
+name = "远方卫生院"
+ae_titles = ["FARAWAY_CT"]
+addresses = ["10.20.30.40"]
+"#
+            .to_string(),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub child: Child,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(dir: &Path, spec: &GatewaySpec) -> Gateway {
+        let data_dir = dir.join("data");
+        let config_path = dir.join("gateway.toml");
+        let config = format!(
+            "[gateway]\nae_title = \"{AE}\"\nlisten = \"127.0.0.1:0\"\n{}\n\n[storage]\ndata_dir = \"{}\"\n{}",
+            spec.gateway_extra,
+            data_dir.display(),
+            spec.clinics
+        );
+        std::fs::write(&config_path, config).unwrap();
+        Gateway::start_with(config_path, data_dir, dir.join("gateway.log"))
+    }
+
+    /// Starts again on the same configuration and data.
+    pub fn restart(self) -> Gateway {
+        let (config, data, log) = (
+            self.config_path.clone(),
+            self.data_dir.clone(),
+            self.log_path.clone(),
+        );
+        drop(self);
+        Gateway::start_with(config, data, log)
+    }
+
+    fn start_with(config_path: PathBuf, data_dir: PathBuf, log_path: PathBuf) -> Gateway {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pacs-gateway"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start pacs-gateway");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on 127.0.0.1:")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        Gateway {
+            child,
+            port,
+            data_dir,
+            config_path,
+            log_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sigkill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let status = terminate(&mut self.child);
+        std::mem::forget(self);
+        status
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Read-only view of the index.
+    pub fn index(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.data_dir.join("index.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap()
+    }
+
+    pub fn instance_count(&self) -> i64 {
+        self.index()
+            .query_row("SELECT count(*) FROM instances", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Files left in the spool directory (partial receptions).
+    pub fn spool_files(&self) -> usize {
+        std::fs::read_dir(self.data_dir.join("spool"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// `(blob path, dataset offset)` of the current version of an instance.
+    pub fn blob_of(&self, sop_instance_uid: &str) -> Option<(PathBuf, usize)> {
+        use rusqlite::OptionalExtension;
+        self.index()
+            .query_row(
+                "SELECT blob_key, dataset_offset FROM instances WHERE sop_instance_uid = ?1",
+                [sop_instance_uid],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()
+            .unwrap()
+            .map(|(key, off)| (self.data_dir.join("blobs").join(key), off as usize))
+    }
+
+    /// Asserts the gateway still answers C-ECHO.
+    pub fn assert_serving(&self) {
+        let out = echoscu(self.port, CT_AE, AE);
+        assert!(
+            out.status.success(),
+            "gateway stopped serving: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// Peak resident set size of the gateway process, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().unwrap()
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+pub fn echoscu(port: u16, calling: &str, called: &str) -> std::process::Output {
+    Command::new("/usr/bin/echoscu")
+        .args([
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run /usr/bin/echoscu (Debian dcmtk)")
+}
+
+pub fn storescu(
+    port: u16,
+    calling: &str,
+    extra: &[&str],
+    files: &[PathBuf],
+) -> std::process::Output {
+    let mut cmd = Command::new("/usr/bin/storescu");
+    cmd.args(["-aet", calling, "-aec", AE])
+        .args(extra)
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .args(files)
+        .env("TCP_NODELAY", "1");
+    cmd.output().expect("run /usr/bin/storescu (Debian dcmtk)")
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The dataset of a Part 10 file (everything after the meta group).
+pub fn dataset_of(file: &[u8]) -> &[u8] {
+    let (_, offset) = storage::part10::parse_file_header(file).expect("Part 10 file");
+    &file[offset..]
+}
+
+pub fn transfer_syntax_of(file: &[u8]) -> String {
+    storage::part10::parse_file_header(file)
+        .expect("Part 10 file")
+        .0
+}

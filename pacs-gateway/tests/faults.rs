@@ -1,0 +1,374 @@
+//! Bad input never takes the gateway down and never leaves anything indexed:
+//! each fault gets its DIMSE status or an A-ABORT, and the next association
+//! is served normally.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::scu::{self, Association, CT_IMAGE_STORAGE, EXPLICIT_LE, MR_IMAGE_STORAGE, Reply};
+use common::{Gateway, GatewaySpec};
+
+/// After a fault: the gateway answers, stores a good instance, and holds
+/// nothing from the fault (no index row, no spool file).
+fn assert_healthy_and_clean(gw: &Gateway, expected_instances: i64) {
+    gw.assert_serving();
+    // Give an aborted association's task a moment to clean its spool.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.spool_files() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(gw.spool_files(), 0, "partial spool file left behind");
+    assert_eq!(
+        gw.instance_count(),
+        expected_instances,
+        "fault left an index row"
+    );
+    let mut scu = scu::associate_ct(gw.port);
+    let uid = format!("2.25.{}", 9_000_000 + expected_instances);
+    let ds = scu::ct_dataset(&uid, "2.25.77", 2048);
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, &uid, &ds),
+        Reply::Status(0x0000)
+    );
+    assert!(scu.release());
+    assert_eq!(gw.instance_count(), expected_instances + 1);
+}
+
+fn start() -> (tempfile::TempDir, Gateway) {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    (dir, gw)
+}
+
+#[test]
+fn dataset_uids_that_differ_from_the_command_get_a900() {
+    let (_dir, gw) = start();
+    let mut scu = scu::associate_ct(gw.port);
+    // SOP Instance UID differs.
+    let ds = scu::ct_dataset("2.25.100", "2.25.1", 512);
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, "2.25.101", &ds),
+        Reply::Status(0xA900)
+    );
+    // SOP Class UID differs (MR context and command, CT dataset).
+    assert_eq!(
+        scu.store(3, MR_IMAGE_STORAGE, "2.25.100", &ds),
+        Reply::Status(0xA900)
+    );
+    // The association stays usable after a failed C-STORE.
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, "2.25.100", &ds),
+        Reply::Status(0x0000)
+    );
+    assert!(scu.release());
+    assert_healthy_and_clean(&gw, 1);
+}
+
+#[test]
+fn command_sop_class_that_differs_from_its_context_is_refused() {
+    let (_dir, gw) = start();
+    let mut scu = scu::associate_ct(gw.port);
+    let ds = scu::ct_dataset("2.25.200", "2.25.1", 512);
+    // CT command on the MR context.
+    let id = scu.next_id();
+    scu.send_message(3, true, &scu::store_rq(id, CT_IMAGE_STORAGE, "2.25.200"));
+    scu.send_message(3, false, &ds);
+    assert_eq!(scu.reply(), Reply::Status(0x0122));
+    assert!(scu.release());
+    assert_healthy_and_clean(&gw, 0);
+}
+
+#[test]
+fn missing_sop_instance_uid_gets_a900() {
+    let (_dir, gw) = start();
+    let mut scu = scu::associate_ct(gw.port);
+    let full = scu::ct_dataset("2.25.300", "2.25.1", 512);
+    let without: Vec<u8> = {
+        let marker = scu::el(0x0008_0018, b"UI", b"2.25.300");
+        let at = full
+            .windows(marker.len())
+            .position(|w| w == marker)
+            .unwrap();
+        [&full[..at], &full[at + marker.len()..]].concat()
+    };
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, "2.25.300", &without),
+        Reply::Status(0xA900)
+    );
+    assert!(scu.release());
+    assert_healthy_and_clean(&gw, 0);
+}
+
+#[test]
+fn truncated_absurd_and_deeply_nested_datasets_get_c000() {
+    let (_dir, gw) = start();
+    let mut scu = scu::associate_ct(gw.port);
+    let full = scu::ct_dataset("2.25.400", "2.25.1", 4096);
+    // Truncated: the last fragment ends inside Pixel Data.
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, "2.25.400", &full[..full.len() - 100]),
+        Reply::Status(0xC000)
+    );
+    // Absurd element length (4 GB) in a header element.
+    let mut forged = scu::el(0x0008_1030, b"UT", b"x");
+    forged[8..12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    // Inserted at an element boundary: after Specific Character Set and SOP Class UID.
+    let boundary = scu::el(0x0008_0005, b"CS", b"ISO_IR 192").len()
+        + scu::el(0x0008_0016, b"UI", CT_IMAGE_STORAGE.as_bytes()).len();
+    let absurd = [&full[..boundary], &forged[..], &full[boundary..]].concat();
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, "2.25.400", &absurd),
+        Reply::Status(0xC000)
+    );
+    // 10,000 nested undefined-length sequences.
+    let mut nested = full[..full.len() - 4096 - 12].to_vec();
+    for _ in 0..10_000 {
+        nested.extend_from_slice(&[
+            0x40, 0x00, 0x30, 0xA7, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        nested.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, "2.25.400", &nested),
+        Reply::Status(0xC000)
+    );
+    assert!(scu.release());
+    assert!(
+        gw.log().contains("C-STORE failed"),
+        "failures are logged with the reason"
+    );
+    assert_healthy_and_clean(&gw, 0);
+}
+
+#[test]
+fn oversized_pdu_is_aborted_before_allocation() {
+    let (_dir, gw) = start();
+    let mut scu = scu::associate_ct(gw.port);
+    // A P-DATA-TF claiming 2 GB: far beyond the negotiated maximum.
+    scu.send_raw(&[0x04, 0, 0x80, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    assert_eq!(scu.reply(), Reply::Aborted);
+    assert!(gw.peak_rss() < 200 << 20);
+    assert_healthy_and_clean(&gw, 0);
+}
+
+#[test]
+fn unknown_pdu_type_and_malformed_pdv_are_aborted() {
+    let (_dir, gw) = start();
+    let mut scu = scu::associate_ct(gw.port);
+    scu.send_raw(&[0x42, 0, 0, 0, 0, 2, 1, 2]).unwrap();
+    assert_eq!(scu.reply(), Reply::Aborted);
+
+    let mut scu = scu::associate_ct(gw.port);
+    // PDV item length larger than its PDU.
+    scu.send_raw(&[0x04, 0, 0, 0, 0, 6, 0, 0, 0x10, 0, 1, 3])
+        .unwrap();
+    assert_eq!(scu.reply(), Reply::Aborted);
+
+    let mut scu = scu::associate_ct(gw.port);
+    // Data on a presentation context that was never negotiated.
+    scu.send_raw(&scu::pdata(99, true, true, &scu::echo_rq(1)))
+        .unwrap();
+    assert_eq!(scu.reply(), Reply::Aborted);
+
+    let mut scu = scu::associate_ct(gw.port);
+    // A dataset fragment with no command before it.
+    scu.send_raw(&scu::pdata(1, false, true, &[0u8; 16]))
+        .unwrap();
+    assert_eq!(scu.reply(), Reply::Aborted);
+
+    // Garbage instead of an A-ASSOCIATE-RQ.
+    let mut raw = scu::connect(gw.port);
+    raw.write_all(&[0x01, 0, 0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef])
+        .unwrap();
+    assert!(matches!(
+        scu::read_any(&mut raw),
+        Some(scu::RawPdu::Other(dicom_ul::pdu::Pdu::AbortRQ { .. })) | None
+    ));
+    assert_healthy_and_clean(&gw, 0);
+}
+
+#[test]
+fn abrupt_disconnects_mid_dataset_leave_nothing() {
+    let (_dir, gw) = start();
+    let ds = scu::ct_dataset("2.25.500", "2.25.1", 300_000);
+    // FIN in the middle of the dataset.
+    let mut scu = scu::associate_ct(gw.port);
+    let id = scu.next_id();
+    scu.send_message(1, true, &scu::store_rq(id, CT_IMAGE_STORAGE, "2.25.500"));
+    scu.send_raw(&scu::pdata(1, false, false, &ds[..100_000]))
+        .unwrap();
+    scu.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(scu);
+    // RST in the middle of the dataset (SO_LINGER 0 then close).
+    let mut scu = scu::associate_ct(gw.port);
+    let id = scu.next_id();
+    scu.send_message(1, true, &scu::store_rq(id, CT_IMAGE_STORAGE, "2.25.500"));
+    scu.send_raw(&scu::pdata(1, false, false, &ds[..100_000]))
+        .unwrap();
+    let sock = socket2_linger_zero(scu.stream);
+    drop(sock);
+    // Mid-PDU: a PDU header promising more than is sent.
+    let mut scu = scu::associate_ct(gw.port);
+    let id = scu.next_id();
+    scu.send_message(1, true, &scu::store_rq(id, CT_IMAGE_STORAGE, "2.25.500"));
+    let pdu = scu::pdata(1, false, true, &ds[..50_000]);
+    scu.send_raw(&pdu[..20_000]).unwrap();
+    drop(scu);
+    assert_healthy_and_clean(&gw, 0);
+    assert!(gw.log().contains("partial data discarded"));
+}
+
+/// Closes a socket with an RST instead of a FIN.
+fn socket2_linger_zero(stream: std::net::TcpStream) -> std::net::TcpStream {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    stream
+}
+
+#[test]
+fn silent_and_slow_peers_are_closed_by_artim_and_idle_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = GatewaySpec {
+        gateway_extra: "artim_timeout_s = 1\nidle_timeout_s = 1".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    // Silent connection: closed after ARTIM.
+    let started = Instant::now();
+    let mut silent = scu::connect(gw.port);
+    assert!(scu::read_any(&mut silent).is_none());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Slow A-ASSOCIATE-RQ: half of it, then nothing.
+    let started = Instant::now();
+    let mut slow = scu::connect(gw.port);
+    let rq = scu::encode(&scu::request(
+        common::CT_AE,
+        common::AE,
+        &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])],
+    ));
+    slow.write_all(&rq[..rq.len() / 2]).unwrap();
+    assert!(scu::read_any(&mut slow).is_none());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Idle association: the gateway asks to release it.
+    let mut idle = scu::associate_ct(gw.port);
+    assert_eq!(idle.reply(), Reply::ReleaseRequested);
+    idle.send_raw(&scu::encode(&dicom_ul::pdu::Pdu::ReleaseRP))
+        .unwrap();
+    assert!(
+        gw.log()
+            .contains("no A-ASSOCIATE-RQ within the ARTIM timeout")
+    );
+    assert!(gw.log().contains("idle timeout"));
+    gw.assert_serving();
+}
+
+#[test]
+fn limits_release_the_longest_idle_then_refuse_transiently() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = GatewaySpec {
+        gateway_extra: "max_associations = 2\nmax_associations_per_clinic = 2".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
+    let Association::Accepted(mut first) =
+        scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
+    else {
+        panic!()
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let Association::Accepted(mut second) =
+        scu::associate(gw.port, "XINZHEN_US", common::AE, contexts)
+    else {
+        panic!()
+    };
+    // Per-clinic limit (2): a third xinzhen association is refused, transient.
+    match scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts) {
+        Association::Rejected(rj) => {
+            assert_eq!(rj.result, dicom_ul::pdu::AssociationRJResult::Transient);
+            assert!(matches!(
+                rj.source,
+                dicom_ul::pdu::AssociationRJSource::ServiceProviderPresentation(
+                    dicom_ul::pdu::AssociationRJServiceProviderPresentationReason::LocalLimitExceeded
+                )
+            ));
+        }
+        _ => panic!("expected a transient rejection"),
+    }
+    // Overall limit (2): another clinic's association makes the longest-idle one (`first`) go.
+    let Association::Accepted(third) = scu::associate(gw.port, "BAISHUI_DR", common::AE, contexts)
+    else {
+        panic!("expected the longest-idle association to make room")
+    };
+    assert_eq!(first.reply(), Reply::ReleaseRequested);
+    first
+        .send_raw(&scu::encode(&dicom_ul::pdu::Pdu::ReleaseRP))
+        .unwrap();
+    // `second` was not evicted and still works.
+    let ds = scu::ct_dataset("2.25.600", "2.25.1", 256);
+    assert_eq!(
+        second.store(1, CT_IMAGE_STORAGE, "2.25.600", &ds),
+        Reply::Status(0)
+    );
+    drop(third);
+    drop(second);
+}
+
+#[test]
+fn unknown_calling_wrong_called_and_disallowed_address_are_refused() {
+    use dicom_ul::pdu::{
+        AssociationRJResult, AssociationRJServiceUserReason as Reason, AssociationRJSource,
+    };
+    let (_dir, gw) = start();
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
+    let cases = [
+        ("NOBODY", common::AE, Reason::CallingAETitleNotRecognized),
+        (
+            "XINZHEN_CT",
+            "SOMEONEELSE",
+            Reason::CalledAETitleNotRecognized,
+        ),
+        // Registered, but only from 10.20.30.40.
+        (
+            "FARAWAY_CT",
+            common::AE,
+            Reason::CallingAETitleNotRecognized,
+        ),
+    ];
+    for (calling, called, reason) in cases {
+        match scu::associate(gw.port, calling, called, contexts) {
+            Association::Rejected(rj) => {
+                assert_eq!(
+                    rj.result,
+                    AssociationRJResult::Permanent,
+                    "{calling}->{called}"
+                );
+                assert_eq!(
+                    rj.source,
+                    AssociationRJSource::ServiceUser(reason),
+                    "{calling}->{called}"
+                );
+            }
+            _ => panic!("{calling}->{called} was not rejected"),
+        }
+    }
+    // DCMTK's echoscu sees the same.
+    assert!(
+        !common::echoscu(gw.port, "NOBODY", common::AE)
+            .status
+            .success()
+    );
+    assert!(
+        !common::echoscu(gw.port, "FARAWAY_CT", common::AE)
+            .status
+            .success()
+    );
+    assert!(
+        gw.log()
+            .contains("calling AE title not allowed from this address")
+    );
+    assert_healthy_and_clean(&gw, 0);
+}
