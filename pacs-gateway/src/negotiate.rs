@@ -117,10 +117,47 @@ pub(crate) fn is_supported_abstract_syntax(uid: &str) -> bool {
         || (!uid.starts_with("1.2.840.10008.") && storage::part10::is_valid_uid(uid))
 }
 
-/// True for transfer syntaxes whose dataset encoding we know (the dicom-rs
-/// registry), so the header can be read; pixel codecs are not needed to store.
+/// True for transfer syntaxes whose dataset encoding we know, so the header
+/// can be read: every standard syntax of PS3.6 Table A-1 (storing needs no
+/// pixel codec) and any other the dicom-rs registry knows.
 pub(crate) fn is_supported_transfer_syntax(uid: &str) -> bool {
-    TransferSyntaxRegistry.get(uid).is_some()
+    const STANDARD: &[&str] = &[
+        "1.2.840.10008.1.2",       // Implicit VR Little Endian
+        "1.2.840.10008.1.2.1",     // Explicit VR Little Endian
+        "1.2.840.10008.1.2.1.98",  // Encapsulated Uncompressed Explicit VR Little Endian
+        "1.2.840.10008.1.2.1.99",  // Deflated Explicit VR Little Endian
+        "1.2.840.10008.1.2.2",     // Explicit VR Big Endian (retired, still sent)
+        "1.2.840.10008.1.2.4.50",  // JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  // JPEG Extended
+        "1.2.840.10008.1.2.4.57",  // JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  // JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  // JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  // JPEG-LS Near-Lossless
+        "1.2.840.10008.1.2.4.90",  // JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  // JPEG 2000
+        "1.2.840.10008.1.2.4.92",  // JPEG 2000 Part 2 Lossless
+        "1.2.840.10008.1.2.4.93",  // JPEG 2000 Part 2
+        "1.2.840.10008.1.2.4.94",  // JPIP Referenced
+        "1.2.840.10008.1.2.4.95",  // JPIP Referenced Deflate
+        "1.2.840.10008.1.2.4.100", // MPEG2 MP@ML
+        "1.2.840.10008.1.2.4.101", // MPEG2 MP@HL
+        "1.2.840.10008.1.2.4.102", // MPEG-4 AVC/H.264 HP@4.1
+        "1.2.840.10008.1.2.4.103", // MPEG-4 AVC/H.264 BD
+        "1.2.840.10008.1.2.4.104", // MPEG-4 AVC/H.264 HP@4.2 2D
+        "1.2.840.10008.1.2.4.105", // MPEG-4 AVC/H.264 HP@4.2 3D
+        "1.2.840.10008.1.2.4.106", // MPEG-4 AVC/H.264 Stereo HP@4.2
+        "1.2.840.10008.1.2.4.107", // HEVC/H.265 Main@5.1
+        "1.2.840.10008.1.2.4.108", // HEVC/H.265 Main 10@5.1
+        "1.2.840.10008.1.2.4.110", // JPEG XL Lossless
+        "1.2.840.10008.1.2.4.111", // JPEG XL JPEG Recompression
+        "1.2.840.10008.1.2.4.112", // JPEG XL
+        "1.2.840.10008.1.2.4.201", // HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202", // HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203", // HTJ2K
+        "1.2.840.10008.1.2.5",     // RLE Lossless
+        "1.2.840.10008.1.2.8.1",   // Deflated Image Frame Compression
+    ];
+    STANDARD.contains(&uid) || TransferSyntaxRegistry.get(uid).is_some()
 }
 
 /// The A-ASSOCIATE-AC for an acceptable request, and the accepted contexts.

@@ -37,6 +37,9 @@ pub use spool::{Spool, Spooled};
 
 use index::writer::{Job, NewInstance};
 
+/// The index database's file name inside the data directory.
+pub const INDEX_FILE: &str = "index.sqlite";
+
 /// Who sent an instance.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -82,7 +85,7 @@ impl Storage {
         let _ = std::fs::remove_dir_all(&spool_dir);
         std::fs::create_dir_all(&spool_dir)
             .map_err(Error::io("create spool directory", &spool_dir))?;
-        let index_path = data_dir.join("index.sqlite");
+        let index_path = data_dir.join(INDEX_FILE);
         let conn = index::open_writer(&index_path)?;
         let writer =
             index::writer::spawn(conn).map_err(Error::io("start index writer", &index_path))?;

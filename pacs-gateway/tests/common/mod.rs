@@ -122,7 +122,8 @@ impl Gateway {
         self.child.id()
     }
 
-    pub fn sigkill(mut self) {
+    /// SIGKILL, keeping the handle for `restart`.
+    pub fn sigkill_in_place(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -264,4 +265,65 @@ pub fn transfer_syntax_of(file: &[u8]) -> String {
     storage::part10::parse_file_header(file)
         .expect("Part 10 file")
         .0
+}
+
+/// DCMTK `storescp` in bit-preserving mode: records exactly what a client
+/// sent, as a reference for "stored exactly as received".
+pub struct ReferenceScp {
+    child: Child,
+    pub port: u16,
+    pub out_dir: PathBuf,
+}
+
+impl ReferenceScp {
+    pub fn start(out_dir: &Path, prefer_flag: &str) -> ReferenceScp {
+        std::fs::create_dir_all(out_dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("/usr/bin/storescp")
+            .args(["+B", prefer_flag, "-aet", AE, "-od"])
+            .arg(out_dir)
+            .arg(port.to_string())
+            .env("TCP_NODELAY", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run /usr/bin/storescp (Debian dcmtk)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        ReferenceScp {
+            child,
+            port,
+            out_dir: out_dir.to_owned(),
+        }
+    }
+
+    /// SOP Instance UID -> dataset bytes of every file received.
+    pub fn received(mut self) -> std::collections::HashMap<String, Vec<u8>> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut out = std::collections::HashMap::new();
+        for entry in std::fs::read_dir(&self.out_dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let ts = transfer_syntax_of(&bytes);
+            let ds = dataset_of(&bytes).to_vec();
+            let attrs = storage::attrs::read_bytes(&ds, &ts).unwrap();
+            out.insert(attrs.sop_instance_uid, ds);
+        }
+        out
+    }
+}
+
+impl Drop for ReferenceScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

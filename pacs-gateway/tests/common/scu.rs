@@ -245,13 +245,16 @@ impl Scu {
     }
 
     /// Sends a message split into PDUs no larger than the gateway's maximum.
+    /// Write errors are ignored: the following `reply` reports the closed
+    /// connection.
     pub fn send_message(&mut self, context: u8, is_command: bool, data: &[u8]) {
         let max = (self.peer_max_pdu as usize - 6).min(64 * 1024);
         let chunks: Vec<&[u8]> = data.chunks(max).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            self.stream
-                .write_all(&pdata(context, is_command, i + 1 == chunks.len(), chunk))
-                .unwrap();
+            let pdu = pdata(context, is_command, i + 1 == chunks.len(), chunk);
+            if self.stream.write_all(&pdu).is_err() {
+                return;
+            }
         }
     }
 
@@ -271,6 +274,35 @@ impl Scu {
         let id = self.next_id();
         self.send_message(context, true, &store_rq(id, sop_class, sop_instance));
         self.send_message(context, false, dataset);
+        self.reply()
+    }
+
+    /// Sends a C-STORE whose `len`-byte dataset is streamed from `reader`.
+    pub fn store_stream(
+        &mut self,
+        context: u8,
+        sop_class: &str,
+        sop_instance: &str,
+        mut reader: impl Read,
+        len: u64,
+    ) -> Reply {
+        let id = self.next_id();
+        self.send_message(context, true, &store_rq(id, sop_class, sop_instance));
+        let max = (self.peer_max_pdu as usize - 6).min(256 * 1024);
+        let mut buf = vec![0u8; max];
+        let mut left = len;
+        while left > 0 {
+            let n = (left as usize).min(max);
+            reader.read_exact(&mut buf[..n]).unwrap();
+            left -= n as u64;
+            if self
+                .stream
+                .write_all(&pdata(context, false, left == 0, &buf[..n]))
+                .is_err()
+            {
+                break;
+            }
+        }
         self.reply()
     }
 

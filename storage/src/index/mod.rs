@@ -65,6 +65,12 @@ impl IndexReader {
         Ok(IndexReader { conn })
     }
 
+    /// Opens the index of the data directory `data_dir` for reading, without
+    /// touching the spool or starting a writer (for services beside the gateway).
+    pub fn open_in(data_dir: &Path) -> Result<IndexReader> {
+        IndexReader::open(&data_dir.join(crate::INDEX_FILE))
+    }
+
     /// The underlying connection, for queries owned by other crates.
     pub fn connection(&self) -> &Connection {
         &self.conn

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing need, when missing: DCMTK (reference
+# DICOM clients and storescp), dicom3tools (dciodvfy), protoc (gRPC codegen).
+# `--bench` also installs Orthanc and hyperfine for the benchmarks.
+set -euo pipefail
+
+need=()
+[ -x /usr/bin/storescu ] || need+=(dcmtk)
+[ -x /usr/bin/dciodvfy ] || need+=(dicom3tools)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v sqlite3 >/dev/null || need+=(sqlite3)
+if [ "${1:-}" = "--bench" ]; then
+    [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+    command -v curl >/dev/null || need+=(curl)
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Orthanc's package starts a system service; benchmarks run their own instance.
+if [ "${1:-}" = "--bench" ] && command -v service >/dev/null; then
+    service orthanc stop >/dev/null 2>&1 || true
+fi
