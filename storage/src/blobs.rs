@@ -165,10 +165,12 @@ fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<PathBuf>> 
         std::fs::create_dir_all(parent).map_err(Error::io("create blob directory", parent))?;
     }
     match std::fs::metadata(target) {
-        // Same content hash and size: the bytes are already stored.
+        // Same content hash and size: the bytes are already stored. Its
+        // directory is still synced: the earlier copy may predate a crash
+        // that left its name only in the page cache.
         Ok(meta) if meta.len() == size => {
             std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
-            return Ok(Vec::new());
+            return Ok(dirs);
         }
         _ => {}
     }
