@@ -81,7 +81,7 @@ enum Pending {
     Store {
         context_id: u8,
         message_id: u16,
-        op: StoreInProgress,
+        op: Box<StoreInProgress>,
     },
     /// A dataset we will discard, then answer with `status`.
     Discard {
@@ -349,7 +349,7 @@ impl Connection {
                             message_id,
                             op,
                         }) => {
-                            self.finish_store(shared, assoc, context_id, message_id, op)
+                            self.finish_store(shared, assoc, context_id, message_id, *op)
                                 .await?
                         }
                         Some(Pending::Discard {
@@ -401,7 +401,7 @@ impl Connection {
                     Ok(Some(Pending::Store {
                         context_id,
                         message_id,
-                        op,
+                        op: Box::new(op),
                     }))
                 } else {
                     self.finish_store(shared, assoc, context_id, message_id, op)

@@ -89,11 +89,11 @@ impl StoreInProgress {
 
     /// Appends one received fragment.
     pub(crate) fn write(&mut self, data: &[u8]) {
-        if let Some(spool) = self.spool.as_mut() {
-            if let Err(e) = spool.write(data) {
-                self.spool = None; // deletes the partial file
-                self.failure = Some(e.into());
-            }
+        if let Some(spool) = self.spool.as_mut()
+            && let Err(e) = spool.write(data)
+        {
+            self.spool = None; // deletes the partial file
+            self.failure = Some(e.into());
         }
     }
 
@@ -109,6 +109,7 @@ impl StoreInProgress {
         let spool = self.spool.ok_or(StoreError::NoDataset)?;
         let (command_class, command_instance) = (self.sop_class_uid, self.sop_instance_uid);
         let st = storage.clone();
+        let started = std::time::Instant::now();
         let (spooled, attrs) = tokio::task::spawn_blocking(move || -> Result<_, storage::Error> {
             let ts = spool.transfer_syntax().to_string();
             let offset = spool.dataset_offset();
@@ -123,6 +124,10 @@ impl StoreInProgress {
             path: Default::default(),
             source: std::io::Error::other(e),
         })??;
+        tracing::debug!(
+            sync_us = started.elapsed().as_micros() as u64,
+            "spool synced and parsed"
+        );
         Ok(storage.commit(spooled, attrs, source).await?)
     }
 }

@@ -370,10 +370,8 @@ impl<S: Source> Walker<S> {
         out: &mut Collector,
     ) -> Result<(), DatasetError> {
         loop {
-            if let Some(end) = end {
-                if self.pos == end {
-                    return Ok(());
-                }
+            if end == Some(self.pos) {
+                return Ok(());
             }
             let top = depth == 0;
             let Some(h) = self.read_header(top)? else {

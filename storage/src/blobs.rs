@@ -1,10 +1,11 @@
 //! Blobs: every instance as one object, keyed by the SHA-256 of its bytes.
 //!
-//! With a local data directory the spooled file is moved into place
-//! (`rename` after `fdatasync`), and the directories it touched are returned
-//! so the index writer can fsync them once per batch (group commit). Other
-//! `object_store` backends (in-memory in tests, S3-compatible) get a `put`,
-//! which is durable when it returns.
+//! With a local data directory the spooled file is renamed into place and
+//! the file and the directories it touched are returned as [`SyncItem`]s: the
+//! index writer fsyncs a whole batch's items concurrently, so the kernel
+//! folds them into one journal commit (group commit), before it commits the
+//! batch's index rows. Other `object_store` backends (in-memory in tests,
+//! S3-compatible) get a `put`, which is durable when it returns.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,10 +16,21 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use crate::error::{Error, Result};
 use crate::spool::{Spooled, hex};
 
-/// The one function from content to key: `instances/ab/cd/<sha256>.dcm`.
+/// The one function from content to key: `instances/ab/<sha256>.dcm`.
+/// One level of 256 directories keeps directory fsyncs few; ext4's hashed
+/// directories hold millions of entries each.
 pub fn key_for(sha256: &[u8; 32]) -> String {
     let h = hex(sha256);
-    format!("instances/{}/{}/{}.dcm", &h[0..2], &h[2..4], h)
+    format!("instances/{}/{}.dcm", &h[0..2], h)
+}
+
+/// Something to fsync before the index may reference a blob.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum SyncItem {
+    /// A blob file: its data and size.
+    File(PathBuf),
+    /// A directory whose entries changed.
+    Dir(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -28,11 +40,11 @@ pub struct BlobStore {
     local_root: Option<PathBuf>,
 }
 
-/// Where a committed blob is and what must be fsynced to make its name durable.
+/// Where a placed blob is and what must be fsynced to make it durable.
 #[derive(Debug)]
 pub(crate) struct PlacedBlob {
     pub(crate) key: String,
-    pub(crate) dirs_to_sync: Vec<PathBuf>,
+    pub(crate) to_sync: Vec<SyncItem>,
 }
 
 impl BlobStore {
@@ -52,11 +64,6 @@ impl BlobStore {
         }
     }
 
-    /// True when spooled files must be fsynced before `place` (local renames).
-    pub(crate) fn needs_spool_sync(&self) -> bool {
-        self.local_root.is_some()
-    }
-
     /// Moves or uploads a spooled instance to its content-addressed key.
     pub(crate) async fn place(&self, spooled: &mut Spooled) -> Result<PlacedBlob> {
         let key = key_for(&spooled.sha256);
@@ -65,20 +72,18 @@ impl BlobStore {
                 let target = root.join(&key);
                 let source = spooled.path.clone();
                 let size = spooled.size;
-                let dirs = tokio::task::spawn_blocking(move || place_local(&source, &target, size))
-                    .await
-                    .map_err(|e| Error::io("place blob", "")(std::io::Error::other(e)))??;
+                let to_sync =
+                    tokio::task::spawn_blocking(move || place_local(&source, &target, size))
+                        .await
+                        .map_err(|e| Error::io("place blob", "")(std::io::Error::other(e)))??;
                 spooled.disarm();
-                Ok(PlacedBlob {
-                    key,
-                    dirs_to_sync: dirs,
-                })
+                Ok(PlacedBlob { key, to_sync })
             }
             None => {
                 self.upload(&spooled.path, &key).await?;
                 Ok(PlacedBlob {
                     key,
-                    dirs_to_sync: Vec::new(),
+                    to_sync: Vec::new(),
                 })
             }
         }
@@ -147,16 +152,27 @@ impl BlobStore {
     }
 }
 
-/// Renames `source` to `target`, creating directories; returns the
-/// directories whose entries changed (to fsync before acknowledging).
-fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<PathBuf>> {
+/// Renames `source` to `target`, creating directories; returns what must be
+/// fsynced before the blob may be indexed.
+///
+/// Not yet synced, a blob is only referenced by the index after its batch's
+/// fsyncs, so a crash leaves at most an unreferenced (possibly short) file.
+/// When the key already exists with the right size the new copy is dropped;
+/// the existing file is still synced (a no-op when it already is durable),
+/// and a short leftover from a crash is replaced rather than trusted (on ext4
+/// with `data=ordered`, a crash loses a new file's tail, never its size
+/// with garbage under it).
+fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>> {
     let parent = target.parent().expect("blob keys have a directory");
-    let mut dirs = vec![parent.to_owned()];
+    let mut items = vec![
+        SyncItem::File(target.to_owned()),
+        SyncItem::Dir(parent.to_owned()),
+    ];
     if !parent.exists() {
-        // New fan-out directories: their own names must become durable too.
+        // New directories: their own names must become durable too.
         let mut p = parent;
         while let Some(up) = p.parent() {
-            dirs.push(up.to_owned());
+            items.push(SyncItem::Dir(up.to_owned()));
             if up.exists() {
                 break;
             }
@@ -165,25 +181,43 @@ fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<PathBuf>> 
         std::fs::create_dir_all(parent).map_err(Error::io("create blob directory", parent))?;
     }
     match std::fs::metadata(target) {
-        // Same content hash and size: the bytes are already stored. Its
-        // directory is still synced: the earlier copy may predate a crash
-        // that left its name only in the page cache.
         Ok(meta) if meta.len() == size => {
             std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
-            return Ok(dirs);
         }
-        _ => {}
+        _ => {
+            std::fs::rename(source, target).map_err(Error::io("rename blob into place", target))?
+        }
     }
-    std::fs::rename(source, target).map_err(Error::io("rename blob into place", target))?;
-    Ok(dirs)
+    Ok(items)
 }
 
-/// Fsyncs directories so renamed entries survive a crash.
-pub(crate) fn sync_dirs(dirs: &[PathBuf]) -> Result<()> {
-    for dir in dirs {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Error::io("fsync directory", dir))?;
+/// Fsyncs every item, concurrently, so the filesystem can group them into
+/// as few journal commits as possible.
+pub(crate) fn sync_all(items: &[SyncItem]) -> Result<()> {
+    const THREADS: usize = 8;
+    let sync_one = |item: &SyncItem| -> Result<()> {
+        match item {
+            SyncItem::File(path) => std::fs::File::open(path)
+                .and_then(|f| f.sync_data())
+                .map_err(Error::io("fsync blob", path)),
+            SyncItem::Dir(path) => std::fs::File::open(path)
+                .and_then(|d| d.sync_all())
+                .map_err(Error::io("fsync directory", path)),
+        }
+    };
+    if items.len() <= 1 {
+        return items.iter().try_for_each(sync_one);
     }
-    Ok(())
+    let chunk = items.len().div_ceil(THREADS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().try_for_each(sync_one)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::ShuttingDown)))
+            .collect::<Result<Vec<()>>>()
+            .map(drop)
+    })
 }

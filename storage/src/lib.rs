@@ -11,7 +11,7 @@
 //! # Durability contract
 //! [`Storage::commit`] returns `Ok` only when the blob is durable (fsynced file
 //! and directory, or a completed object-store put) *and* its index row is
-//! committed. The blob is always placed before the row is written, so a row
+//! committed. The blob is made durable before the row is written, so a row
 //! never points at a missing blob; a crash in between leaves at most an
 //! unreferenced blob.
 
@@ -111,9 +111,10 @@ impl Storage {
         Spool::create(&self.inner.spool_dir, &header, transfer_syntax, limit)
     }
 
-    /// Closes a spool, fsyncing it if the blob store needs that. Blocking.
+    /// Closes a completely received spool. Durability comes later, in
+    /// [`Storage::commit`]'s group commit.
     pub fn finish_spool(&self, spool: Spool) -> Result<Spooled> {
-        spool.finish(self.inner.blobs.needs_spool_sync())
+        spool.finish()
     }
 
     /// Makes a received, validated instance durable and indexes it.
@@ -123,7 +124,9 @@ impl Storage {
         attrs: InstanceAttrs,
         source: &Source,
     ) -> Result<StoreOutcome> {
+        let started = std::time::Instant::now();
         let placed = self.inner.blobs.place(&mut spooled).await?;
+        let placed_at = started.elapsed();
         let instance = NewInstance {
             attrs,
             clinic_id: source.clinic_id.clone(),
@@ -138,10 +141,16 @@ impl Storage {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Insert {
             instance: Box::new(instance),
-            dirs_to_sync: placed.dirs_to_sync,
+            to_sync: placed.to_sync,
             reply,
         })?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        let outcome = rx.await.map_err(|_| Error::ShuttingDown)?;
+        tracing::debug!(
+            place_us = placed_at.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "committed"
+        );
+        outcome
     }
 
     /// Records the clinic registry in the index.

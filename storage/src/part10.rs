@@ -61,7 +61,7 @@ fn push_element(out: &mut Vec<u8>, element: u16, vr: &[u8; 2], value: &[u8]) {
 /// Reads the transfer syntax and dataset offset back from a Part 10 header.
 /// Returns `None` if `bytes` does not start with a well-formed header.
 pub fn parse_file_header(bytes: &[u8]) -> Option<(String, usize)> {
-    if bytes.len() < 144 || &bytes[128..132] != b"DICM" || &bytes[132..136] != [2, 0, 0, 0] {
+    if bytes.len() < 144 || &bytes[128..132] != b"DICM" || bytes[132..136] != [2, 0, 0, 0] {
         return None;
     }
     if &bytes[136..138] != b"UL" {

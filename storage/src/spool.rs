@@ -87,14 +87,9 @@ impl Spool {
         self.size - self.dataset_offset
     }
 
-    /// Closes the file, making it durable first when `sync` is set.
-    /// Blocking: call from a blocking-capable thread.
-    pub fn finish(mut self, sync: bool) -> Result<Spooled> {
+    /// Closes the file (not yet durable: see `Storage::commit`).
+    pub fn finish(mut self) -> Result<Spooled> {
         let file = self.file.take().ok_or(Error::ShuttingDown)?;
-        if sync {
-            file.sync_data()
-                .map_err(Error::io("fsync spool file", &self.path))?;
-        }
         drop(file);
         let sha256: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
         Ok(Spooled {
