@@ -69,13 +69,8 @@ impl BlobStore {
         let key = key_for(&spooled.sha256);
         match &self.local_root {
             Some(root) => {
-                let target = root.join(&key);
-                let source = spooled.path.clone();
-                let size = spooled.size;
-                let to_sync =
-                    tokio::task::spawn_blocking(move || place_local(&source, &target, size))
-                        .await
-                        .map_err(|e| Error::io("place blob", "")(std::io::Error::other(e)))??;
+                // A rename and a stat or two: short enough to run inline.
+                let to_sync = place_local(&spooled.path, &root.join(&key), spooled.size)?;
                 spooled.disarm();
                 Ok(PlacedBlob { key, to_sync })
             }
