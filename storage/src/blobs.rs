@@ -186,33 +186,67 @@ fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>>
     Ok(items)
 }
 
-/// Fsyncs every item, concurrently, so the filesystem can group them into
-/// as few journal commits as possible.
-pub(crate) fn sync_all(items: &[SyncItem]) -> Result<()> {
-    const THREADS: usize = 8;
-    let sync_one = |item: &SyncItem| -> Result<()> {
-        match item {
-            SyncItem::File(path) => std::fs::File::open(path)
-                .and_then(|f| f.sync_data())
-                .map_err(Error::io("fsync blob", path)),
-            SyncItem::Dir(path) => std::fs::File::open(path)
-                .and_then(|d| d.sync_all())
-                .map_err(Error::io("fsync directory", path)),
-        }
-    };
-    if items.len() <= 1 {
-        return items.iter().try_for_each(sync_one);
+fn sync_one(item: &SyncItem) -> Result<()> {
+    match item {
+        SyncItem::File(path) => std::fs::File::open(path)
+            .and_then(|f| f.sync_data())
+            .map_err(Error::io("fsync blob", path)),
+        SyncItem::Dir(path) => std::fs::File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(Error::io("fsync directory", path)),
     }
-    let chunk = items.len().div_ceil(THREADS);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().try_for_each(sync_one)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::ShuttingDown)))
-            .collect::<Result<Vec<()>>>()
-            .map(drop)
-    })
+}
+
+type SyncJob = (SyncItem, std::sync::mpsc::Sender<Result<()>>);
+
+/// Threads that fsync a batch's items concurrently, so the filesystem can
+/// fold them into as few journal commits as possible. Kept alive for the
+/// writer's lifetime: spawning threads per batch costs more than the fsyncs.
+#[derive(Debug)]
+pub(crate) struct SyncPool {
+    jobs: std::sync::mpsc::Sender<SyncJob>,
+}
+
+impl SyncPool {
+    pub(crate) fn new(threads: usize) -> std::io::Result<SyncPool> {
+        let (jobs, rx) = std::sync::mpsc::channel::<SyncJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("blob-sync-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().map(|r| r.recv());
+                        let Ok(Ok((item, reply))) = job else { return };
+                        let _ = reply.send(sync_one(&item));
+                    }
+                })?;
+        }
+        Ok(SyncPool { jobs })
+    }
+
+    /// Fsyncs every item; the calling thread takes one share of the work.
+    pub(crate) fn sync_all(&self, items: &[SyncItem]) -> Result<()> {
+        let Some((first, rest)) = items.split_first() else {
+            return Ok(());
+        };
+        let (reply, results) = std::sync::mpsc::channel();
+        let mut pending = 0;
+        for item in rest {
+            if self.jobs.send((item.clone(), reply.clone())).is_ok() {
+                pending += 1;
+            } else {
+                sync_one(item)?;
+            }
+        }
+        let mut outcome = sync_one(first);
+        for _ in 0..pending {
+            let res = results.recv().unwrap_or(Err(Error::ShuttingDown));
+            if outcome.is_ok() {
+                outcome = res;
+            }
+        }
+        outcome
+    }
 }

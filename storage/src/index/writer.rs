@@ -12,11 +12,13 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
 use crate::attrs::InstanceAttrs;
-use crate::blobs::SyncItem;
+use crate::blobs::{SyncItem, SyncPool};
 use crate::error::{Error, Result};
 
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
+/// Threads fsyncing a batch's blobs besides the writer itself.
+const SYNC_THREADS: usize = 7;
 
 /// An instance whose blob is in place, to be indexed.
 #[derive(Debug)]
@@ -58,13 +60,14 @@ pub(crate) enum Job {
 
 pub(crate) fn spawn(conn: Connection) -> std::io::Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel();
+    let pool = SyncPool::new(SYNC_THREADS)?;
     std::thread::Builder::new()
         .name("index-writer".into())
-        .spawn(move || run(conn, rx))?;
+        .spawn(move || run(conn, rx, pool))?;
     Ok(tx)
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, pool: SyncPool) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -73,11 +76,11 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, batch);
+        commit_batch(&mut conn, &pool, batch);
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
+fn commit_batch(conn: &mut Connection, pool: &SyncPool, batch: Vec<Job>) {
     let mut to_sync: Vec<SyncItem> = batch
         .iter()
         .flat_map(|j| match j {
@@ -88,7 +91,7 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
     to_sync.sort();
     to_sync.dedup();
     let started = std::time::Instant::now();
-    let synced = crate::blobs::sync_all(&to_sync);
+    let synced = pool.sync_all(&to_sync);
     let blobs_synced = started.elapsed();
 
     let mut results = Vec::with_capacity(batch.len());
@@ -168,28 +171,26 @@ fn upsert_clinics(tx: &Connection, clinics: &[(String, String)]) -> Result<()> {
 fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
     let a = &new.attrs;
     let current: Option<String> = tx
-        .query_row(
-            "SELECT sha256 FROM instances WHERE sop_instance_uid = ?1",
-            [&a.sop_instance_uid],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT sha256 FROM instances WHERE sop_instance_uid = ?1")?
+        .query_row([&a.sop_instance_uid], |r| r.get(0))
         .optional()?;
     if current.as_deref() == Some(new.sha256.as_str()) {
         return Ok(StoreOutcome::AlreadyStored);
     }
 
     // Record the version (an old version coming back becomes current again).
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE instance_versions SET superseded_at = ?2
          WHERE sop_instance_uid = ?1 AND superseded_at IS NULL",
-        params![a.sop_instance_uid, new.received_at],
-    )?;
-    tx.execute(
+    )?
+    .execute(params![a.sop_instance_uid, new.received_at])?;
+    tx.prepare_cached(
         "INSERT INTO instance_versions
             (sop_instance_uid, blob_key, sha256, size, transfer_syntax, clinic_id, calling_ae, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (sop_instance_uid, sha256) DO UPDATE SET superseded_at = NULL, received_at = excluded.received_at",
-        params![
+         ON CONFLICT (sop_instance_uid, sha256) DO UPDATE SET superseded_at = NULL, received_at = excluded.received_at"
+    )?
+    .execute(params![
             a.sop_instance_uid,
             new.blob_key,
             new.sha256,
@@ -204,7 +205,7 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
     let patient_pk = upsert_patient(tx, new)?;
     let study_pk = upsert_study(tx, new, patient_pk)?;
     let series_pk = upsert_series(tx, a, study_pk)?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, number_of_frames,
             transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -213,8 +214,9 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
             instance_number = excluded.instance_number, number_of_frames = excluded.number_of_frames,
             transfer_syntax = excluded.transfer_syntax, blob_key = excluded.blob_key,
             sha256 = excluded.sha256, size = excluded.size, dataset_offset = excluded.dataset_offset,
-            clinic_id = excluded.clinic_id, calling_ae = excluded.calling_ae, received_at = excluded.received_at",
-        params![
+            clinic_id = excluded.clinic_id, calling_ae = excluded.calling_ae, received_at = excluded.received_at"
+    )?
+    .execute(params![
             a.sop_instance_uid,
             series_pk,
             a.sop_class_uid,
@@ -238,14 +240,15 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
 
 fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
     let a = &new.attrs;
-    let pk: i64 = tx.query_row(
+    let pk: i64 = tx.prepare_cached(
         "INSERT INTO patients (clinic_id, patient_id, issuer, name, name_raw, name_charset, name_search, birth_date, sex)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (clinic_id, patient_id, issuer) DO UPDATE SET
             name = excluded.name, name_raw = excluded.name_raw, name_charset = excluded.name_charset,
             name_search = excluded.name_search, birth_date = excluded.birth_date, sex = excluded.sex
-         RETURNING pk",
-        params![
+         RETURNING pk"
+    )?
+    .query_row(        params![
             new.clinic_id,
             a.patient_id,
             a.issuer_of_patient_id,
@@ -269,7 +272,7 @@ fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
 
 fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i64> {
     let a = &new.attrs;
-    Ok(tx.query_row(
+    Ok(tx.prepare_cached(
         "INSERT INTO studies (study_uid, patient_pk, clinic_id, study_date, study_time, accession_number, study_id,
             description, referring_physician, institution, character_set, first_received_at, last_received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)
@@ -279,8 +282,9 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
             description = excluded.description, referring_physician = excluded.referring_physician,
             institution = excluded.institution, character_set = excluded.character_set,
             last_received_at = excluded.last_received_at
-         RETURNING pk",
-        params![
+         RETURNING pk"
+    )?
+    .query_row(        params![
             a.study_instance_uid,
             patient_pk,
             new.clinic_id,
@@ -299,20 +303,23 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
 }
 
 fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i64> {
-    Ok(tx.query_row(
-        "INSERT INTO series (series_uid, study_pk, modality, series_number, description)
+    Ok(tx
+        .prepare_cached(
+            "INSERT INTO series (series_uid, study_pk, modality, series_number, description)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (series_uid) DO UPDATE SET
             study_pk = excluded.study_pk, modality = excluded.modality,
             series_number = excluded.series_number, description = excluded.description
          RETURNING pk",
-        params![
-            a.series_instance_uid,
-            study_pk,
-            a.modality,
-            a.series_number,
-            a.series_description
-        ],
-        |r| r.get(0),
-    )?)
+        )?
+        .query_row(
+            params![
+                a.series_instance_uid,
+                study_pk,
+                a.modality,
+                a.series_number,
+                a.series_description
+            ],
+            |r| r.get(0),
+        )?)
 }
