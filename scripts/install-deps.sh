@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing need, when missing: DCMTK (reference
-# DICOM clients and storescp), dicom3tools (dciodvfy), protoc (gRPC codegen).
+# DICOM clients and storescp), dicom3tools (dciodvfy), protoc (gRPC codegen),
+# and pynetdicom (a second, independent DICOM implementation for tests).
 # `--bench` also installs Orthanc and hyperfine for the benchmarks.
 set -euo pipefail
 
@@ -20,6 +21,10 @@ if [ ${#need[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! python3 -c 'import pynetdicom' 2>/dev/null; then
+    echo "installing: pynetdicom (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check 'pynetdicom>=2.1,<3' 'pydicom>=2.4,<4'
 fi
 # Orthanc's package starts a system service; benchmarks run their own instance.
 if [ "${1:-}" = "--bench" ] && command -v service >/dev/null; then

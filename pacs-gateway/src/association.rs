@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admission::{Admission, Ticket};
 use crate::c_store::StoreInProgress;
+use crate::commitment;
 use crate::dimse::{Command, Response, field, status, tag};
 use crate::negotiate::{self, Context, Refusal};
 use crate::ul::{self, Incoming, PduReader};
@@ -40,6 +41,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         let mut conn = Connection {
             stream,
             reader: PduReader::new(shared.config.gateway.max_pdu_length),
+            last_message_id: 0,
         };
         let Some(assoc) = conn.establish(&shared, peer).await else {
             return;
@@ -53,13 +55,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
 struct Connection {
     stream: TcpStream,
     reader: PduReader,
+    /// Message ID of the last request we sent (N-EVENT-REPORT).
+    last_message_id: u16,
 }
+
+/// Largest N-ACTION dataset collected (about 50,000 references).
+const MAX_ACTION_BYTES: usize = 8 << 20;
 
 /// An established association.
 struct Established {
     contexts: HashMap<u8, Context>,
     peer_max_pdu: u32,
     source: Source,
+    /// The center's own reading stations see every clinic's instances.
+    county: bool,
     ticket: Ticket,
 }
 
@@ -82,6 +91,12 @@ enum Pending {
         context_id: u8,
         message_id: u16,
         op: Box<StoreInProgress>,
+    },
+    /// An N-ACTION (storage commitment) dataset, collected in memory.
+    Action {
+        context_id: u8,
+        message_id: u16,
+        bytes: Vec<u8>,
     },
     /// A dataset we will discard, then answer with `status`.
     Discard {
@@ -161,6 +176,7 @@ impl Connection {
                 clinic_id: clinic.id.clone(),
                 calling_ae: rq.calling_ae_title.clone(),
             },
+            county: clinic.role == consortium_config::ClinicRole::County,
             ticket,
         })
     }
@@ -334,6 +350,22 @@ impl Connection {
                     {
                         op.write(&pdv.data);
                     }
+                    Some(Pending::Action {
+                        context_id,
+                        message_id,
+                        bytes,
+                    }) if *context_id == pdv.context_id => {
+                        if bytes.len() + pdv.data.len() > MAX_ACTION_BYTES {
+                            *pending = Some(Pending::Discard {
+                                context_id: *context_id,
+                                message_id: *message_id,
+                                response_field: field::N_ACTION_RSP,
+                                status: status::RESOURCE_LIMITATION,
+                            });
+                        } else {
+                            bytes.extend_from_slice(&pdv.data);
+                        }
+                    }
                     Some(Pending::Discard { context_id, .. }) if *context_id == pdv.context_id => {}
                     _ => {
                         return Err(End::Abort(
@@ -350,6 +382,14 @@ impl Connection {
                             op,
                         }) => {
                             self.finish_store(shared, assoc, context_id, message_id, *op)
+                                .await?
+                        }
+                        Some(Pending::Action {
+                            context_id,
+                            message_id,
+                            bytes,
+                        }) => {
+                            self.on_commitment(shared, assoc, context_id, message_id, &bytes)
                                 .await?
                         }
                         Some(Pending::Discard {
@@ -410,6 +450,40 @@ impl Connection {
                 }
             }
             Some(field::C_CANCEL_RQ) => Ok(None),
+            Some(field::N_ACTION_RQ) => {
+                let status = check_commitment_request(&command, context);
+                match (status, command.has_dataset()) {
+                    (None, true) => Ok(Some(Pending::Action {
+                        context_id,
+                        message_id,
+                        bytes: Vec::new(),
+                    })),
+                    (status, has_dataset) => {
+                        let status = status.unwrap_or(status::PROCESSING_FAILURE);
+                        if has_dataset {
+                            Ok(Some(Pending::Discard {
+                                context_id,
+                                message_id,
+                                response_field: field::N_ACTION_RSP,
+                                status,
+                            }))
+                        } else {
+                            let rsp =
+                                Response::new(field::N_ACTION_RSP, message_id, status).encode();
+                            self.respond(assoc, context_id, &rsp).await?;
+                            Ok(None)
+                        }
+                    }
+                }
+            }
+            Some(field::N_EVENT_REPORT_RSP) => {
+                let status = command.u16(tag::STATUS).unwrap_or(0xFFFF);
+                info!(
+                    status = format_args!("0x{status:04X}"),
+                    "storage commitment report acknowledged"
+                );
+                Ok(None)
+            }
             Some(other) => {
                 warn!(
                     command_field = format_args!("0x{other:04X}"),
@@ -464,6 +538,80 @@ impl Connection {
         self.respond(assoc, context_id, &rsp.encode()).await
     }
 
+    /// A complete N-ACTION (Request Storage Commitment): verify every
+    /// instance, answer N-ACTION-RSP, then report on this association.
+    async fn on_commitment(
+        &mut self,
+        shared: &Shared,
+        assoc: &Established,
+        context_id: u8,
+        message_id: u16,
+        dataset: &[u8],
+    ) -> Result<(), End> {
+        let ts = assoc.contexts[&context_id].transfer_syntax.clone();
+        let request = match commitment::parse_request(dataset, &ts) {
+            Ok(r) => r,
+            Err(why) => {
+                warn!(%why, "invalid storage commitment request");
+                let rsp =
+                    Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
+                        .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+                        .uid(
+                            tag::AFFECTED_SOP_INSTANCE_UID,
+                            commitment::WELL_KNOWN_INSTANCE,
+                        )
+                        .error_comment(&why)
+                        .encode();
+                return self.respond(assoc, context_id, &rsp).await;
+            }
+        };
+        let requested = request.references.len();
+        let scope = (!assoc.county).then_some(assoc.source.clinic_id.as_str());
+        let outcome = commitment::verify(&shared.storage, scope, request).await;
+        let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
+            .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+            .uid(
+                tag::AFFECTED_SOP_INSTANCE_UID,
+                commitment::WELL_KNOWN_INSTANCE,
+            )
+            .u16(tag::ACTION_TYPE_ID, commitment::ACTION_REQUEST)
+            .encode();
+        self.respond(assoc, context_id, &rsp).await?;
+
+        let report = commitment::event_report_dataset(&outcome, &ts).map_err(|e| {
+            End::Abort(
+                AbortReason::ReasonNotSpecified,
+                format!("cannot encode report: {e}"),
+            )
+        })?;
+        self.last_message_id = self.last_message_id.wrapping_add(1);
+        let rq = Response::request(field::N_EVENT_REPORT_RQ, self.last_message_id, true)
+            .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+            .uid(
+                tag::AFFECTED_SOP_INSTANCE_UID,
+                commitment::WELL_KNOWN_INSTANCE,
+            )
+            .u16(tag::EVENT_TYPE_ID, outcome.event_type())
+            .encode();
+        self.respond(assoc, context_id, &rq).await?;
+        ul::send_message(
+            &mut self.stream,
+            context_id,
+            false,
+            &report,
+            assoc.peer_max_pdu,
+        )
+        .await
+        .map_err(|e| End::Lost(format!("cannot send commitment report: {e}")))?;
+        info!(
+            requested,
+            committed = outcome.committed.len(),
+            failed = outcome.failed.len(),
+            "storage commitment reported"
+        );
+        Ok(())
+    }
+
     async fn respond(
         &mut self,
         assoc: &Established,
@@ -480,6 +628,25 @@ impl Connection {
         .await
         .map_err(|e| End::Lost(format!("cannot send response: {e}")))
     }
+}
+
+/// `None` when an N-ACTION is a valid storage commitment request, else the
+/// status to refuse it with.
+fn check_commitment_request(command: &Command, context: &Context) -> Option<u16> {
+    if context.abstract_syntax != commitment::SOP_CLASS
+        || command.uid(tag::REQUESTED_SOP_CLASS_UID).as_deref() != Some(commitment::SOP_CLASS)
+    {
+        return Some(status::SOP_CLASS_NOT_SUPPORTED);
+    }
+    if command.uid(tag::REQUESTED_SOP_INSTANCE_UID).as_deref()
+        != Some(commitment::WELL_KNOWN_INSTANCE)
+    {
+        return Some(status::NO_SUCH_SOP_INSTANCE);
+    }
+    if command.u16(tag::ACTION_TYPE_ID) != Some(commitment::ACTION_REQUEST) {
+        return Some(status::NO_SUCH_ACTION);
+    }
+    None
 }
 
 fn pdu_kind(pdu: &Incoming) -> &'static str {

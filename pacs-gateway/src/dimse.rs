@@ -5,8 +5,12 @@ use std::fmt;
 
 pub(crate) mod tag {
     pub(crate) const AFFECTED_SOP_CLASS_UID: u32 = 0x0000_0002;
-    pub(crate) const COMMAND_FIELD: u32 = 0x0000_0100;
+    pub(crate) const REQUESTED_SOP_CLASS_UID: u32 = 0x0000_0003;
     pub(crate) const MESSAGE_ID: u32 = 0x0000_0110;
+    pub(crate) const EVENT_TYPE_ID: u32 = 0x0000_1002;
+    pub(crate) const REQUESTED_SOP_INSTANCE_UID: u32 = 0x0000_1001;
+    pub(crate) const ACTION_TYPE_ID: u32 = 0x0000_1008;
+    pub(crate) const COMMAND_FIELD: u32 = 0x0000_0100;
     pub(crate) const MESSAGE_ID_BEING_RESPONDED_TO: u32 = 0x0000_0120;
     pub(crate) const COMMAND_DATA_SET_TYPE: u32 = 0x0000_0800;
     pub(crate) const STATUS: u32 = 0x0000_0900;
@@ -20,6 +24,10 @@ pub(crate) mod field {
     pub(crate) const C_ECHO_RQ: u16 = 0x0030;
     pub(crate) const C_ECHO_RSP: u16 = 0x8030;
     pub(crate) const C_CANCEL_RQ: u16 = 0x0FFF;
+    pub(crate) const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    pub(crate) const N_EVENT_REPORT_RSP: u16 = 0x8100;
+    pub(crate) const N_ACTION_RQ: u16 = 0x0130;
+    pub(crate) const N_ACTION_RSP: u16 = 0x8130;
 }
 
 /// DIMSE status codes used by this gateway (PS3.4 B.2.3, PS3.7 C).
@@ -27,6 +35,14 @@ pub(crate) mod status {
     pub(crate) const SUCCESS: u16 = 0x0000;
     /// Refused: SOP Class not supported (command does not match its context).
     pub(crate) const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Processing failure (N- services).
+    pub(crate) const PROCESSING_FAILURE: u16 = 0x0110;
+    /// No such SOP instance (N- services).
+    pub(crate) const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
+    /// Resource limitation (N- services).
+    pub(crate) const RESOURCE_LIMITATION: u16 = 0x0213;
+    /// No such action type (N-ACTION).
+    pub(crate) const NO_SUCH_ACTION: u16 = 0x0123;
     /// Unrecognized operation.
     pub(crate) const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     /// Refused: out of resources (storage failure, size limit).
@@ -143,6 +159,26 @@ impl Response {
         r.push(tag::COMMAND_DATA_SET_TYPE, 0x0101u16.to_le_bytes().to_vec());
         r.push(tag::STATUS, status.to_le_bytes().to_vec());
         r
+    }
+
+    /// A request command set (we send N-EVENT-REPORT-RQ as the SCP).
+    pub(crate) fn request(command_field: u16, message_id: u16, has_dataset: bool) -> Response {
+        let mut r = Response {
+            elements: Vec::new(),
+        };
+        r.push(tag::COMMAND_FIELD, command_field.to_le_bytes().to_vec());
+        r.push(tag::MESSAGE_ID, message_id.to_le_bytes().to_vec());
+        let data_set_type: u16 = if has_dataset { 0x0000 } else { 0x0101 };
+        r.push(
+            tag::COMMAND_DATA_SET_TYPE,
+            data_set_type.to_le_bytes().to_vec(),
+        );
+        r
+    }
+
+    pub(crate) fn u16(mut self, tag: u32, value: u16) -> Response {
+        self.push(tag, value.to_le_bytes().to_vec());
+        self
     }
 
     pub(crate) fn uid(mut self, tag: u32, uid: &str) -> Response {

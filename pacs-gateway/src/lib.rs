@@ -9,10 +9,12 @@
 //! - `ul`: Upper Layer PDU framing with length checks before allocation.
 //! - `dimse`: command sets and status codes.
 //! - `c_store`: C-STORE into `storage`, and its error-to-status mapping.
+//! - `commitment`: Storage Commitment Push Model (N-ACTION, N-EVENT-REPORT).
 
 mod admission;
 mod association;
 mod c_store;
+mod commitment;
 mod dimse;
 mod negotiate;
 pub mod server;

@@ -103,6 +103,9 @@ pub(crate) fn check_request(rq: &AssociationRQ, our_ae: &str) -> Result<(), Refu
 /// Storage is every standard class under the storage roots, plus private
 /// (non-`1.2.840.10008`) classes, so vendor objects are kept too.
 pub(crate) fn is_supported_abstract_syntax(uid: &str) -> bool {
+    if is_service_class(uid) {
+        return true;
+    }
     const STORAGE_ROOTS: &[&str] = &[
         "1.2.840.10008.5.1.4.1.1.",
         "1.2.840.10008.5.1.4.34.",
@@ -115,6 +118,16 @@ pub(crate) fn is_supported_abstract_syntax(uid: &str) -> bool {
     uid == VERIFICATION
         || STORAGE_ROOTS.iter().any(|root| uid.starts_with(root))
         || (!uid.starts_with("1.2.840.10008.") && storage::part10::is_valid_uid(uid))
+}
+
+/// Non-storage services: their datasets are parsed, not stored, so they
+/// are offered only in the uncompressed little endian syntaxes.
+fn is_service_class(uid: &str) -> bool {
+    uid == crate::commitment::SOP_CLASS
+}
+
+fn is_service_transfer_syntax(uid: &str) -> bool {
+    matches!(uid, "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1")
 }
 
 /// True for transfer syntaxes whose dataset encoding we know, so the header
@@ -183,8 +196,13 @@ pub(crate) fn accept(
                     .transfer_syntaxes
                     .iter()
                     .map(|t| t.trim_end_matches('\0'))
-                    .find(|t| is_supported_transfer_syntax(t))
-                {
+                    .find(|t| {
+                        if is_service_class(&abstract_syntax) {
+                            is_service_transfer_syntax(t)
+                        } else {
+                            is_supported_transfer_syntax(t)
+                        }
+                    }) {
                     Some(ts) => (
                         PresentationContextResultReason::Acceptance,
                         Some(ts.to_string()),
@@ -250,7 +268,8 @@ mod tests {
         assert!(is_supported_abstract_syntax("1.3.12.2.1107.5.9.1"));
         assert!(is_supported_abstract_syntax(VERIFICATION));
         assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.1"));
-        assert!(!is_supported_abstract_syntax("1.2.840.10008.1.20.1"));
+        assert!(is_supported_abstract_syntax("1.2.840.10008.1.20.1"));
+        assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.31"));
     }
 
     #[test]

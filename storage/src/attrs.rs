@@ -184,6 +184,32 @@ pub fn read_bytes(dataset: &[u8], transfer_syntax: &str) -> Result<InstanceAttrs
     collector.finish()
 }
 
+/// Checks that `dataset` is structurally sound (every length within the
+/// bytes present, nesting bounded, nothing truncated) without requiring any
+/// attribute: for small datasets such as query identifiers and commitment
+/// requests, before a general-purpose parser allocates from their lengths.
+pub fn validate(dataset: &[u8], transfer_syntax: &str) -> Result<(), DatasetError> {
+    let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
+    let mut collector = Collector::default();
+    if encoding.deflated {
+        let inflater = flate2::read::DeflateDecoder::new(dataset);
+        Walker::new(StreamSource(inflater), None, encoding).walk_dataset(
+            None,
+            0,
+            None,
+            &mut collector,
+        )
+    } else {
+        let cursor = std::io::Cursor::new(dataset);
+        Walker::new(FileSource(cursor), Some(dataset.len() as u64), encoding).walk_dataset(
+            None,
+            0,
+            None,
+            &mut collector,
+        )
+    }
+}
+
 trait Source {
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError>;
     fn skip(&mut self, n: u64) -> Result<(), DatasetError>;

@@ -132,6 +132,21 @@ impl BlobStore {
             .await?)
     }
 
+    /// SHA-256 (hex) and size of a blob, streamed (bounded memory).
+    pub async fn sha256(&self, key: &str) -> Result<(String, u64)> {
+        use futures::StreamExt;
+        use sha2::Digest;
+        let mut stream = self.store.get(&ObjectPath::from(key)).await?.into_stream();
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        Ok((hex(&hasher.finalize()), size))
+    }
+
     /// Size of a blob, or `None` when it does not exist.
     pub async fn size(&self, key: &str) -> Result<Option<u64>> {
         match self.store.head(&ObjectPath::from(key)).await {

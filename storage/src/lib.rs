@@ -201,6 +201,58 @@ impl Storage {
     }
 }
 
+/// Whether an instance can be confirmed as safely stored (storage commitment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitCheck {
+    /// Indexed, its blob present and matching the indexed SHA-256.
+    Committed,
+    /// Not indexed (or not visible to the asking clinic).
+    NoSuchInstance,
+    /// Indexed under another SOP class.
+    ClassMismatch { stored: String },
+    /// Indexed, but the blob is missing or does not match its SHA-256.
+    Damaged(String),
+}
+
+impl Storage {
+    /// Re-verifies one instance for storage commitment: indexed (for
+    /// `clinic`, when given), blob present, SHA-256 recomputed and equal.
+    pub async fn check_committed(
+        &self,
+        clinic: Option<&str>,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+    ) -> Result<CommitCheck> {
+        let record = {
+            let reader = self.reader()?;
+            reader.instance(sop_instance_uid)?
+        };
+        let Some(record) = record else {
+            return Ok(CommitCheck::NoSuchInstance);
+        };
+        if clinic.is_some_and(|c| c != record.clinic_id) {
+            return Ok(CommitCheck::NoSuchInstance);
+        }
+        if record.sop_class_uid != sop_class_uid {
+            return Ok(CommitCheck::ClassMismatch {
+                stored: record.sop_class_uid,
+            });
+        }
+        match self.inner.blobs.sha256(&record.blob_key).await {
+            Ok((sha, size)) if sha == record.sha256 && size == record.size => {
+                Ok(CommitCheck::Committed)
+            }
+            Ok(_) => Ok(CommitCheck::Damaged(
+                "stored bytes do not match their SHA-256".into(),
+            )),
+            Err(Error::ObjectStore(object_store::Error::NotFound { .. })) => {
+                Ok(CommitCheck::Damaged("stored object is missing".into()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC.
 pub fn utc_timestamp(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();

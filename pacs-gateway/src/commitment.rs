@@ -1,0 +1,193 @@
+//! Storage Commitment Push Model, SCP side (PS3.4 Annex J).
+//!
+//! An N-ACTION lists SOP instances; each is re-verified (indexed, blob
+//! present, SHA-256 recomputed) and the result goes back in an
+//! N-EVENT-REPORT: event 1 when all are committed, event 2 with a Failed SOP
+//! Sequence and a reason per instance otherwise.
+
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use storage::{CommitCheck, Storage};
+
+pub(crate) const SOP_CLASS: &str = "1.2.840.10008.1.20.1";
+pub(crate) const WELL_KNOWN_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
+/// Action Type ID of "Request Storage Commitment".
+pub(crate) const ACTION_REQUEST: u16 = 1;
+/// Largest number of instances in one request.
+pub(crate) const MAX_REFERENCES: usize = 50_000;
+
+/// Failure Reason (0008,1197) values, PS3.3 C.14.1.1.
+mod reason {
+    pub(super) const PROCESSING_FAILURE: u16 = 0x0110;
+    pub(super) const NO_SUCH_OBJECT_INSTANCE: u16 = 0x0112;
+    pub(super) const CLASS_INSTANCE_CONFLICT: u16 = 0x0119;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reference {
+    pub(crate) sop_class_uid: String,
+    pub(crate) sop_instance_uid: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) transaction_uid: String,
+    pub(crate) references: Vec<Reference>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub(crate) transaction_uid: String,
+    pub(crate) committed: Vec<Reference>,
+    pub(crate) failed: Vec<(Reference, u16)>,
+}
+
+impl Outcome {
+    /// Event Type ID of the N-EVENT-REPORT: 1 all committed, 2 some failed.
+    pub(crate) fn event_type(&self) -> u16 {
+        if self.failed.is_empty() { 1 } else { 2 }
+    }
+}
+
+/// Parses an N-ACTION dataset (already checked structurally).
+pub(crate) fn parse_request(dataset: &[u8], transfer_syntax: &str) -> Result<Request, String> {
+    storage::attrs::validate(dataset, transfer_syntax).map_err(|e| e.to_string())?;
+    let ts = TransferSyntaxRegistry
+        .get(transfer_syntax)
+        .ok_or("unsupported transfer syntax")?;
+    let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).map_err(|e| e.to_string())?;
+    let text = |o: &InMemDicomObject, tag| -> Option<String> {
+        o.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+    };
+    let transaction_uid = text(&obj, tags::TRANSACTION_UID)
+        .filter(|u| storage::part10::is_valid_uid(u))
+        .ok_or("missing or invalid Transaction UID")?;
+    let items = obj
+        .element_opt(tags::REFERENCED_SOP_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items())
+        .ok_or("missing Referenced SOP Sequence")?;
+    if items.len() > MAX_REFERENCES {
+        return Err(format!(
+            "more than {MAX_REFERENCES} instances in one request"
+        ));
+    }
+    let references = items
+        .iter()
+        .map(|item| Reference {
+            sop_class_uid: text(item, tags::REFERENCED_SOP_CLASS_UID).unwrap_or_default(),
+            sop_instance_uid: text(item, tags::REFERENCED_SOP_INSTANCE_UID).unwrap_or_default(),
+        })
+        .collect();
+    Ok(Request {
+        transaction_uid,
+        references,
+    })
+}
+
+/// Re-verifies every referenced instance. `clinic` limits what a township
+/// clinic may confirm to its own instances.
+pub(crate) async fn verify(storage: &Storage, clinic: Option<&str>, request: Request) -> Outcome {
+    let mut outcome = Outcome {
+        transaction_uid: request.transaction_uid,
+        committed: Vec::new(),
+        failed: Vec::new(),
+    };
+    for r in request.references {
+        let check = if storage::part10::is_valid_uid(&r.sop_instance_uid) {
+            storage
+                .check_committed(clinic, &r.sop_class_uid, &r.sop_instance_uid)
+                .await
+        } else {
+            Ok(CommitCheck::NoSuchInstance)
+        };
+        match check {
+            Ok(CommitCheck::Committed) => outcome.committed.push(r),
+            Ok(CommitCheck::NoSuchInstance) => {
+                outcome.failed.push((r, reason::NO_SUCH_OBJECT_INSTANCE))
+            }
+            Ok(CommitCheck::ClassMismatch { .. }) => {
+                outcome.failed.push((r, reason::CLASS_INSTANCE_CONFLICT))
+            }
+            Ok(CommitCheck::Damaged(why)) => {
+                tracing::error!(sop_instance_uid = %r.sop_instance_uid, %why, "commitment check found a damaged instance");
+                outcome.failed.push((r, reason::PROCESSING_FAILURE));
+            }
+            Err(e) => {
+                tracing::error!(sop_instance_uid = %r.sop_instance_uid, error = %e, "commitment check failed");
+                outcome.failed.push((r, reason::PROCESSING_FAILURE));
+            }
+        }
+    }
+    outcome
+}
+
+/// The N-EVENT-REPORT dataset, encoded in `transfer_syntax`.
+pub(crate) fn event_report_dataset(
+    outcome: &Outcome,
+    transfer_syntax: &str,
+) -> Result<Vec<u8>, String> {
+    let ts = TransferSyntaxRegistry
+        .get(transfer_syntax)
+        .ok_or("unsupported transfer syntax")?;
+    let item = |r: &Reference, failure: Option<u16>| {
+        let mut o = InMemDicomObject::new_empty();
+        o.put(DataElement::new(
+            tags::REFERENCED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(r.sop_class_uid.as_str()),
+        ));
+        o.put(DataElement::new(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(r.sop_instance_uid.as_str()),
+        ));
+        if let Some(reason) = failure {
+            o.put(DataElement::new(
+                tags::FAILURE_REASON,
+                VR::US,
+                PrimitiveValue::from(reason),
+            ));
+        }
+        o
+    };
+    let mut obj = InMemDicomObject::new_empty();
+    obj.put(DataElement::new(
+        tags::TRANSACTION_UID,
+        VR::UI,
+        PrimitiveValue::from(outcome.transaction_uid.as_str()),
+    ));
+    if !outcome.committed.is_empty() {
+        let items: Vec<_> = outcome.committed.iter().map(|r| item(r, None)).collect();
+        obj.put(DataElement::new(
+            tags::REFERENCED_SOP_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(items),
+        ));
+    }
+    if !outcome.failed.is_empty() {
+        let items: Vec<_> = outcome
+            .failed
+            .iter()
+            .map(|(r, why)| item(r, Some(*why)))
+            .collect();
+        obj.put(DataElement::new(
+            tags::FAILED_SOP_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(items),
+        ));
+    }
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, ts)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
