@@ -18,10 +18,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::admission::{Admission, Ticket};
 use crate::c_store::StoreInProgress;
 use crate::commitment;
-use crate::dimse::{Command, Response, field, status, tag};
 use crate::negotiate::{self, Context, Refusal};
-use crate::ul::{self, Incoming, PduReader};
 use consortium_config::{AccessDenied, Config};
+use consortium_dimse::ul::{self, Incoming, PduReader};
+use consortium_dimse::{Command, Response, field, status, tag};
 use storage::{Source, Storage};
 
 /// What every association task shares.
@@ -328,7 +328,7 @@ impl Connection {
                 let Some(Pending::Command { bytes, .. }) = pending.as_mut() else {
                     unreachable!("set just above")
                 };
-                if bytes.len() + pdv.data.len() > crate::dimse::MAX_COMMAND_BYTES {
+                if bytes.len() + pdv.data.len() > consortium_dimse::command::MAX_COMMAND_BYTES {
                     return Err(End::Abort(
                         AbortReason::InvalidPduParameter,
                         "command set too large".into(),

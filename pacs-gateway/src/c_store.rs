@@ -3,8 +3,8 @@
 
 use storage::{DatasetError, Source, Spool, Storage, StoreOutcome};
 
-use crate::dimse::{Command, status, tag};
 use crate::negotiate::Context;
+use consortium_dimse::{Command, status, tag};
 
 /// Datasets up to this size are validated on the association's own task.
 const INLINE_VALIDATION_BYTES: u64 = 8 << 20;

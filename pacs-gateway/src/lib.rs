@@ -6,8 +6,9 @@
 //! - `association`: one task per association; message assembly and dispatch.
 //! - `negotiate`: A-ASSOCIATE-RQ checks, presentation contexts, A-ASSOCIATE-RJ reasons.
 //! - `admission`: overall and per-clinic limits, longest-idle eviction.
-//! - `ul`: Upper Layer PDU framing with length checks before allocation.
-//! - `dimse`: command sets and status codes.
+//!
+//! Upper Layer framing and DIMSE command sets live in `consortium-dimse`,
+//! shared with the upload tool.
 //! - `c_store`: C-STORE into `storage`, and its error-to-status mapping.
 //! - `commitment`: Storage Commitment Push Model (N-ACTION, N-EVENT-REPORT).
 
@@ -15,9 +16,7 @@ mod admission;
 mod association;
 mod c_store;
 mod commitment;
-mod dimse;
 mod negotiate;
 pub mod server;
-mod ul;
 
 pub use server::run;

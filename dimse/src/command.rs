@@ -3,65 +3,65 @@
 
 use std::fmt;
 
-pub(crate) mod tag {
-    pub(crate) const AFFECTED_SOP_CLASS_UID: u32 = 0x0000_0002;
-    pub(crate) const REQUESTED_SOP_CLASS_UID: u32 = 0x0000_0003;
-    pub(crate) const MESSAGE_ID: u32 = 0x0000_0110;
-    pub(crate) const EVENT_TYPE_ID: u32 = 0x0000_1002;
-    pub(crate) const REQUESTED_SOP_INSTANCE_UID: u32 = 0x0000_1001;
-    pub(crate) const ACTION_TYPE_ID: u32 = 0x0000_1008;
-    pub(crate) const COMMAND_FIELD: u32 = 0x0000_0100;
-    pub(crate) const MESSAGE_ID_BEING_RESPONDED_TO: u32 = 0x0000_0120;
-    pub(crate) const COMMAND_DATA_SET_TYPE: u32 = 0x0000_0800;
-    pub(crate) const STATUS: u32 = 0x0000_0900;
-    pub(crate) const ERROR_COMMENT: u32 = 0x0000_0902;
-    pub(crate) const AFFECTED_SOP_INSTANCE_UID: u32 = 0x0000_1000;
+pub mod tag {
+    pub const AFFECTED_SOP_CLASS_UID: u32 = 0x0000_0002;
+    pub const REQUESTED_SOP_CLASS_UID: u32 = 0x0000_0003;
+    pub const MESSAGE_ID: u32 = 0x0000_0110;
+    pub const EVENT_TYPE_ID: u32 = 0x0000_1002;
+    pub const REQUESTED_SOP_INSTANCE_UID: u32 = 0x0000_1001;
+    pub const ACTION_TYPE_ID: u32 = 0x0000_1008;
+    pub const COMMAND_FIELD: u32 = 0x0000_0100;
+    pub const MESSAGE_ID_BEING_RESPONDED_TO: u32 = 0x0000_0120;
+    pub const COMMAND_DATA_SET_TYPE: u32 = 0x0000_0800;
+    pub const STATUS: u32 = 0x0000_0900;
+    pub const ERROR_COMMENT: u32 = 0x0000_0902;
+    pub const AFFECTED_SOP_INSTANCE_UID: u32 = 0x0000_1000;
 }
 
-pub(crate) mod field {
-    pub(crate) const C_STORE_RQ: u16 = 0x0001;
-    pub(crate) const C_STORE_RSP: u16 = 0x8001;
-    pub(crate) const C_ECHO_RQ: u16 = 0x0030;
-    pub(crate) const C_ECHO_RSP: u16 = 0x8030;
-    pub(crate) const C_CANCEL_RQ: u16 = 0x0FFF;
-    pub(crate) const N_EVENT_REPORT_RQ: u16 = 0x0100;
-    pub(crate) const N_EVENT_REPORT_RSP: u16 = 0x8100;
-    pub(crate) const N_ACTION_RQ: u16 = 0x0130;
-    pub(crate) const N_ACTION_RSP: u16 = 0x8130;
+pub mod field {
+    pub const C_STORE_RQ: u16 = 0x0001;
+    pub const C_STORE_RSP: u16 = 0x8001;
+    pub const C_ECHO_RQ: u16 = 0x0030;
+    pub const C_ECHO_RSP: u16 = 0x8030;
+    pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
+    pub const N_ACTION_RQ: u16 = 0x0130;
+    pub const N_ACTION_RSP: u16 = 0x8130;
 }
 
 /// DIMSE status codes used by this gateway (PS3.4 B.2.3, PS3.7 C).
-pub(crate) mod status {
-    pub(crate) const SUCCESS: u16 = 0x0000;
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
     /// Refused: SOP Class not supported (command does not match its context).
-    pub(crate) const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     /// Processing failure (N- services).
-    pub(crate) const PROCESSING_FAILURE: u16 = 0x0110;
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
     /// No such SOP instance (N- services).
-    pub(crate) const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
+    pub const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
     /// Resource limitation (N- services).
-    pub(crate) const RESOURCE_LIMITATION: u16 = 0x0213;
+    pub const RESOURCE_LIMITATION: u16 = 0x0213;
     /// No such action type (N-ACTION).
-    pub(crate) const NO_SUCH_ACTION: u16 = 0x0123;
+    pub const NO_SUCH_ACTION: u16 = 0x0123;
     /// Unrecognized operation.
-    pub(crate) const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     /// Refused: out of resources (storage failure, size limit).
-    pub(crate) const OUT_OF_RESOURCES: u16 = 0xA700;
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
     /// Error: data set does not match SOP class (or the command's UIDs).
-    pub(crate) const DATASET_MISMATCH: u16 = 0xA900;
+    pub const DATASET_MISMATCH: u16 = 0xA900;
     /// Error: cannot understand (malformed dataset or command).
-    pub(crate) const CANNOT_UNDERSTAND: u16 = 0xC000;
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 }
 
 /// Largest command set accepted (commands are a few hundred bytes).
-pub(crate) const MAX_COMMAND_BYTES: usize = 64 * 1024;
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("malformed command set: {0}")]
-pub(crate) struct CommandError(pub(crate) &'static str);
+pub struct CommandError(pub &'static str);
 
 /// A parsed command set.
-pub(crate) struct Command {
+pub struct Command {
     elements: Vec<(u32, Vec<u8>)>,
 }
 
@@ -78,7 +78,7 @@ impl fmt::Debug for Command {
 }
 
 impl Command {
-    pub(crate) fn parse(mut bytes: &[u8]) -> Result<Command, CommandError> {
+    pub fn parse(mut bytes: &[u8]) -> Result<Command, CommandError> {
         let mut elements = Vec::new();
         while !bytes.is_empty() {
             if bytes.len() < 8 {
@@ -110,13 +110,13 @@ impl Command {
             .map(|(_, v)| v.as_slice())
     }
 
-    pub(crate) fn u16(&self, tag: u32) -> Option<u16> {
+    pub fn u16(&self, tag: u32) -> Option<u16> {
         self.raw(tag)
             .filter(|v| v.len() == 2)
             .map(|v| u16::from_le_bytes([v[0], v[1]]))
     }
 
-    pub(crate) fn uid(&self, tag: u32) -> Option<String> {
+    pub fn uid(&self, tag: u32) -> Option<String> {
         let v = self.raw(tag)?;
         let s = std::str::from_utf8(v)
             .ok()?
@@ -125,29 +125,29 @@ impl Command {
         Some(s.to_string())
     }
 
-    pub(crate) fn command_field(&self) -> Option<u16> {
+    pub fn command_field(&self) -> Option<u16> {
         self.u16(tag::COMMAND_FIELD)
     }
 
-    pub(crate) fn message_id(&self) -> u16 {
+    pub fn message_id(&self) -> u16 {
         self.u16(tag::MESSAGE_ID).unwrap_or(0)
     }
 
     /// Whether a dataset follows (Command Data Set Type other than 0x0101).
-    pub(crate) fn has_dataset(&self) -> bool {
+    pub fn has_dataset(&self) -> bool {
         self.u16(tag::COMMAND_DATA_SET_TYPE)
             .is_some_and(|v| v != 0x0101)
     }
 }
 
 /// A response command set under construction.
-pub(crate) struct Response {
+pub struct Response {
     elements: Vec<(u32, Vec<u8>)>,
 }
 
 impl Response {
     /// A response with no dataset to the request `message_id`.
-    pub(crate) fn new(command_field: u16, message_id: u16, status: u16) -> Response {
+    pub fn new(command_field: u16, message_id: u16, status: u16) -> Response {
         let mut r = Response {
             elements: Vec::new(),
         };
@@ -162,7 +162,7 @@ impl Response {
     }
 
     /// A request command set (we send N-EVENT-REPORT-RQ as the SCP).
-    pub(crate) fn request(command_field: u16, message_id: u16, has_dataset: bool) -> Response {
+    pub fn request(command_field: u16, message_id: u16, has_dataset: bool) -> Response {
         let mut r = Response {
             elements: Vec::new(),
         };
@@ -176,12 +176,12 @@ impl Response {
         r
     }
 
-    pub(crate) fn u16(mut self, tag: u32, value: u16) -> Response {
+    pub fn u16(mut self, tag: u32, value: u16) -> Response {
         self.push(tag, value.to_le_bytes().to_vec());
         self
     }
 
-    pub(crate) fn uid(mut self, tag: u32, uid: &str) -> Response {
+    pub fn uid(mut self, tag: u32, uid: &str) -> Response {
         let mut v = uid.as_bytes().to_vec();
         if v.len() % 2 == 1 {
             v.push(0);
@@ -191,7 +191,7 @@ impl Response {
     }
 
     /// Error Comment (LO, at most 64 characters, no backslash).
-    pub(crate) fn error_comment(mut self, comment: &str) -> Response {
+    pub fn error_comment(mut self, comment: &str) -> Response {
         let mut v: Vec<u8> = comment
             .chars()
             .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '\\')
@@ -209,7 +209,7 @@ impl Response {
         self.elements.push((tag, value));
     }
 
-    pub(crate) fn encode(mut self) -> Vec<u8> {
+    pub fn encode(mut self) -> Vec<u8> {
         self.elements.sort_by_key(|(t, _)| *t);
         let body_len: usize = self.elements.iter().map(|(_, v)| 8 + v.len()).sum();
         let mut out = Vec::with_capacity(12 + body_len);

@@ -11,10 +11,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest non-P-DATA PDU accepted (an A-ASSOCIATE-RQ with ~128 contexts of
 /// 10 transfer syntaxes each is about 40 KiB).
-pub(crate) const MAX_CONTROL_PDU: u32 = 1 << 20;
+pub const MAX_CONTROL_PDU: u32 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum UlError {
+pub enum UlError {
     #[error("unknown PDU type 0x{0:02X}")]
     UnknownPduType(u8),
     #[error("PDU of type 0x{pdu_type:02X} claims {length} bytes, limit is {limit}")]
@@ -33,7 +33,7 @@ pub(crate) enum UlError {
 
 impl UlError {
     /// The A-ABORT reason to send for this error, if the peer is still there.
-    pub(crate) fn abort_reason(&self) -> Option<AbortRQServiceProviderReason> {
+    pub fn abort_reason(&self) -> Option<AbortRQServiceProviderReason> {
         match self {
             UlError::UnknownPduType(_) => Some(AbortRQServiceProviderReason::UnrecognizedPdu),
             UlError::PduTooLarge { .. } => Some(AbortRQServiceProviderReason::InvalidPduParameter),
@@ -45,7 +45,7 @@ impl UlError {
 
 /// A received PDU: P-DATA-TF bodies stay raw (see [`pdvs`]).
 #[derive(Debug)]
-pub(crate) enum Incoming {
+pub enum Incoming {
     PData(Bytes),
     Other(Pdu),
 }
@@ -53,13 +53,13 @@ pub(crate) enum Incoming {
 /// Cancel-safe PDU reader: partially received bytes stay in the buffer, so a
 /// `select!` or `timeout` around [`PduReader::next`] loses nothing.
 #[derive(Debug)]
-pub(crate) struct PduReader {
+pub struct PduReader {
     buf: BytesMut,
     max_pdata: u32,
 }
 
 impl PduReader {
-    pub(crate) fn new(max_pdata: u32) -> Self {
+    pub fn new(max_pdata: u32) -> Self {
         PduReader {
             buf: BytesMut::with_capacity(64 * 1024),
             max_pdata,
@@ -67,7 +67,7 @@ impl PduReader {
     }
 
     /// Reads the next PDU; `Ok(None)` when the peer closed between PDUs.
-    pub(crate) async fn next<R: AsyncRead + Unpin>(
+    pub async fn next<R: AsyncRead + Unpin>(
         &mut self,
         stream: &mut R,
     ) -> Result<Option<Incoming>, UlError> {
@@ -120,15 +120,15 @@ impl PduReader {
 
 /// One presentation data value of a P-DATA-TF PDU.
 #[derive(Debug)]
-pub(crate) struct Pdv {
-    pub(crate) context_id: u8,
-    pub(crate) is_command: bool,
-    pub(crate) is_last: bool,
-    pub(crate) data: Bytes,
+pub struct Pdv {
+    pub context_id: u8,
+    pub is_command: bool,
+    pub is_last: bool,
+    pub data: Bytes,
 }
 
 /// Splits a P-DATA-TF body into its PDVs.
-pub(crate) fn pdvs(mut body: Bytes) -> Result<Vec<Pdv>, UlError> {
+pub fn pdvs(mut body: Bytes) -> Result<Vec<Pdv>, UlError> {
     let mut out = Vec::with_capacity(1);
     while body.has_remaining() {
         if body.len() < 6 {
@@ -157,7 +157,7 @@ pub(crate) fn pdvs(mut body: Bytes) -> Result<Vec<Pdv>, UlError> {
 }
 
 /// Writes one PDU encoded by dicom-ul.
-pub(crate) async fn send<W: AsyncWrite + Unpin>(stream: &mut W, pdu: &Pdu) -> Result<(), UlError> {
+pub async fn send<W: AsyncWrite + Unpin>(stream: &mut W, pdu: &Pdu) -> Result<(), UlError> {
     let mut out = Vec::with_capacity(256);
     write_pdu(&mut out, pdu).map_err(|e| UlError::Malformed(e.to_string()))?;
     stream.write_all(&out).await?;
@@ -165,10 +165,7 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(stream: &mut W, pdu: &Pdu) -> Re
 }
 
 /// Sends an A-ABORT from the service provider.
-pub(crate) async fn abort<W: AsyncWrite + Unpin>(
-    stream: &mut W,
-    reason: AbortRQServiceProviderReason,
-) {
+pub async fn abort<W: AsyncWrite + Unpin>(stream: &mut W, reason: AbortRQServiceProviderReason) {
     let pdu = Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(reason),
     };
@@ -176,9 +173,28 @@ pub(crate) async fn abort<W: AsyncWrite + Unpin>(
     let _ = stream.shutdown().await;
 }
 
+/// Writes one P-DATA-TF PDU holding one PDV.
+pub async fn send_pdv<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    context_id: u8,
+    is_command: bool,
+    is_last: bool,
+    data: &[u8],
+) -> Result<(), UlError> {
+    let mut header = [0u8; 12];
+    header[0] = 0x04;
+    header[2..6].copy_from_slice(&((data.len() + 6) as u32).to_be_bytes());
+    header[6..10].copy_from_slice(&((data.len() + 2) as u32).to_be_bytes());
+    header[10] = context_id;
+    header[11] = u8::from(is_command) | (u8::from(is_last) << 1);
+    stream.write_all(&header).await?;
+    stream.write_all(data).await?;
+    Ok(())
+}
+
 /// Writes a DIMSE message fragment stream (command or dataset) as P-DATA-TF
 /// PDUs no larger than the peer's maximum.
-pub(crate) async fn send_message<W: AsyncWrite + Unpin>(
+pub async fn send_message<W: AsyncWrite + Unpin>(
     stream: &mut W,
     context_id: u8,
     is_command: bool,

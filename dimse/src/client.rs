@@ -1,0 +1,338 @@
+//! The requestor side of an association: A-ASSOCIATE-RQ, DIMSE messages
+//! over the accepted presentation contexts, A-RELEASE.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason as Asce,
+    AssociationRJServiceProviderPresentationReason as Presentation,
+    AssociationRJServiceUserReason as User, AssociationRJSource, AssociationRQ, Pdu,
+    PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
+};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
+
+use crate::command::Command;
+use crate::ul::{self, Incoming, PduReader, UlError};
+
+/// Application context of DICOM.
+const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
+/// Implementation Class UID of this project's SCUs.
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.245208735227353112479946613823418770734";
+
+/// A presentation context to propose.
+#[derive(Debug, Clone)]
+pub struct Proposed {
+    pub id: u8,
+    pub abstract_syntax: String,
+    pub transfer_syntaxes: Vec<String>,
+}
+
+/// Why an association could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the center refused the association: {}", describe_rejection(.0))]
+    Rejected(AssociationRJ),
+    #[error("the center aborted the association")]
+    Aborted,
+    #[error("the center released the association")]
+    Released,
+    #[error("timed out waiting for the center")]
+    Timeout,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Ul(#[from] UlError),
+}
+
+impl ClientError {
+    /// True when trying again later may succeed (connection trouble,
+    /// transient rejection), false for refusals that will not change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Rejected(rj) => rj.result == AssociationRJResult::Transient,
+            ClientError::Protocol(_) => false,
+            _ => true,
+        }
+    }
+}
+
+/// An A-ASSOCIATE-RJ in words a technician can act on.
+pub fn describe_rejection(rj: &AssociationRJ) -> String {
+    let kind = match rj.result {
+        AssociationRJResult::Permanent => "permanently",
+        AssociationRJResult::Transient => "for now (transient)",
+    };
+    let reason = match &rj.source {
+        AssociationRJSource::ServiceUser(User::CallingAETitleNotRecognized) => {
+            "calling AE title not recognized by the center (is this clinic registered, and sending from its registered address?)"
+                .to_string()
+        }
+        AssociationRJSource::ServiceUser(User::CalledAETitleNotRecognized) => {
+            "called AE title is not the center's".to_string()
+        }
+        AssociationRJSource::ServiceUser(User::ApplicationContextNameNotSupported) => {
+            "application context not supported".to_string()
+        }
+        AssociationRJSource::ServiceUser(other) => format!("{other}"),
+        AssociationRJSource::ServiceProviderASCE(Asce::ProtocolVersionNotSupported) => {
+            "protocol version not supported".to_string()
+        }
+        AssociationRJSource::ServiceProviderASCE(other) => format!("{other}"),
+        AssociationRJSource::ServiceProviderPresentation(Presentation::LocalLimitExceeded) => {
+            "the center's association limit is reached".to_string()
+        }
+        AssociationRJSource::ServiceProviderPresentation(Presentation::TemporaryCongestion) => {
+            "the center is congested".to_string()
+        }
+        AssociationRJSource::ServiceProviderPresentation(other) => format!("{other}"),
+    };
+    format!("{kind}: {reason}")
+}
+
+/// A DIMSE message received: its command and, when present, its dataset.
+#[derive(Debug)]
+pub struct Message {
+    pub context_id: u8,
+    pub command: Command,
+    pub dataset: Option<Vec<u8>>,
+}
+
+/// An established association, as requestor.
+#[derive(Debug)]
+pub struct Association {
+    stream: TcpStream,
+    reader: PduReader,
+    /// Accepted contexts: id -> (abstract syntax, transfer syntax).
+    pub accepted: HashMap<u8, (String, String)>,
+    /// Largest PDU the acceptor takes (0 = unlimited).
+    pub peer_max_pdu: u32,
+    timeout: Duration,
+}
+
+/// Requests an association proposing `contexts`.
+pub async fn associate(
+    addr: (&str, u16),
+    calling_ae: &str,
+    called_ae: &str,
+    contexts: &[Proposed],
+    max_pdu: u32,
+    timeout: Duration,
+) -> Result<Association, ClientError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ClientError::Timeout)?
+        .map_err(UlError::from)?;
+    let _ = stream.set_nodelay(true);
+    let mut assoc = Association {
+        stream,
+        reader: PduReader::new(max_pdu),
+        accepted: HashMap::new(),
+        peer_max_pdu: 0,
+        timeout,
+    };
+    let rq = Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: calling_ae.to_string(),
+        called_ae_title: called_ae.to_string(),
+        application_context_name: APPLICATION_CONTEXT.to_string(),
+        presentation_contexts: contexts
+            .iter()
+            .map(|c| PresentationContextProposed {
+                id: c.id,
+                abstract_syntax: c.abstract_syntax.clone(),
+                transfer_syntaxes: c.transfer_syntaxes.clone(),
+            })
+            .collect(),
+        user_variables: vec![
+            UserVariableItem::MaxLength(max_pdu),
+            UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
+            UserVariableItem::ImplementationVersionName("CONSORTIUM_SCU".to_string()),
+        ],
+    });
+    ul::send(&mut assoc.stream, &rq).await?;
+    match assoc.next().await? {
+        Incoming::Other(Pdu::AssociationAC(ac)) => {
+            for pc in ac.presentation_contexts {
+                if pc.reason == PresentationContextResultReason::Acceptance
+                    && let Some(p) = contexts.iter().find(|c| c.id == pc.id)
+                {
+                    assoc.accepted.insert(
+                        pc.id,
+                        (p.abstract_syntax.clone(), pc.transfer_syntax.clone()),
+                    );
+                }
+            }
+            assoc.peer_max_pdu = ac
+                .user_variables
+                .iter()
+                .find_map(|v| match v {
+                    UserVariableItem::MaxLength(n) => Some(*n),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Ok(assoc)
+        }
+        Incoming::Other(Pdu::AssociationRJ(rj)) => Err(ClientError::Rejected(rj)),
+        Incoming::Other(Pdu::AbortRQ { .. }) => Err(ClientError::Aborted),
+        _ => Err(ClientError::Protocol(
+            "unexpected answer to A-ASSOCIATE-RQ".into(),
+        )),
+    }
+}
+
+impl Association {
+    async fn next(&mut self) -> Result<Incoming, ClientError> {
+        match tokio::time::timeout(self.timeout, self.reader.next(&mut self.stream)).await {
+            Err(_) => Err(ClientError::Timeout),
+            Ok(Ok(Some(pdu))) => Ok(pdu),
+            Ok(Ok(None)) => Err(ClientError::Ul(UlError::UnexpectedEof)),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// The accepted context for `abstract_syntax` in `transfer_syntax`.
+    pub fn context_for(&self, abstract_syntax: &str, transfer_syntax: &str) -> Option<u8> {
+        self.accepted
+            .iter()
+            .filter(|(_, (a, t))| a == abstract_syntax && t == transfer_syntax)
+            .map(|(id, _)| *id)
+            .min()
+    }
+
+    /// Sends a command set.
+    pub async fn send_command(
+        &mut self,
+        context_id: u8,
+        command: &[u8],
+    ) -> Result<(), ClientError> {
+        ul::send_message(
+            &mut self.stream,
+            context_id,
+            true,
+            command,
+            self.peer_max_pdu,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sends an in-memory dataset.
+    pub async fn send_dataset(
+        &mut self,
+        context_id: u8,
+        dataset: &[u8],
+    ) -> Result<(), ClientError> {
+        ul::send_message(
+            &mut self.stream,
+            context_id,
+            false,
+            dataset,
+            self.peer_max_pdu,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Streams a `len`-byte dataset from `source`, one PDU at a time.
+    pub async fn send_dataset_from<R: AsyncRead + Unpin>(
+        &mut self,
+        context_id: u8,
+        mut source: R,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        let max = if self.peer_max_pdu == 0 {
+            256 * 1024
+        } else {
+            (self.peer_max_pdu as usize - 6).min(1 << 20)
+        };
+        let mut buf = vec![0u8; max];
+        let mut left = len;
+        if left == 0 {
+            return Err(ClientError::Protocol("empty dataset".into()));
+        }
+        while left > 0 {
+            let n = (left as usize).min(max);
+            source
+                .read_exact(&mut buf[..n])
+                .await
+                .map_err(UlError::from)?;
+            left -= n as u64;
+            ul::send_pdv(&mut self.stream, context_id, false, left == 0, &buf[..n]).await?;
+        }
+        Ok(())
+    }
+
+    /// Receives the next DIMSE message (datasets up to `max_dataset` bytes).
+    pub async fn receive(&mut self, max_dataset: usize) -> Result<Message, ClientError> {
+        let mut command = Vec::new();
+        let mut dataset: Option<Vec<u8>> = None;
+        let mut parsed: Option<(u8, Command)> = None;
+        loop {
+            let body = match self.next().await? {
+                Incoming::PData(body) => body,
+                Incoming::Other(Pdu::AbortRQ { .. }) => return Err(ClientError::Aborted),
+                Incoming::Other(Pdu::ReleaseRQ) => {
+                    let _ = ul::send(&mut self.stream, &Pdu::ReleaseRP).await;
+                    return Err(ClientError::Released);
+                }
+                Incoming::Other(_) => return Err(ClientError::Protocol("unexpected PDU".into())),
+            };
+            for pdv in ul::pdvs(body)? {
+                if pdv.is_command {
+                    if command.len() + pdv.data.len() > crate::command::MAX_COMMAND_BYTES {
+                        return Err(ClientError::Protocol("command set too large".into()));
+                    }
+                    command.extend_from_slice(&pdv.data);
+                    if pdv.is_last {
+                        let cmd = Command::parse(&command)
+                            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                        if !cmd.has_dataset() {
+                            return Ok(Message {
+                                context_id: pdv.context_id,
+                                command: cmd,
+                                dataset: None,
+                            });
+                        }
+                        parsed = Some((pdv.context_id, cmd));
+                    }
+                } else {
+                    let data = dataset.get_or_insert_with(Vec::new);
+                    if parsed.is_none() || data.len() + pdv.data.len() > max_dataset {
+                        return Err(ClientError::Protocol(
+                            "unexpected or oversized dataset".into(),
+                        ));
+                    }
+                    data.extend_from_slice(&pdv.data);
+                    if pdv.is_last {
+                        let (context_id, command) = parsed.take().expect("checked above");
+                        return Ok(Message {
+                            context_id,
+                            command,
+                            dataset,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// A-RELEASE; waits briefly for the reply.
+    pub async fn release(mut self) {
+        if ul::send(&mut self.stream, &Pdu::ReleaseRQ).await.is_ok() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), self.reader.next(&mut self.stream))
+                    .await;
+        }
+    }
+
+    /// A-ABORT.
+    pub async fn abort(mut self) {
+        ul::abort(
+            &mut self.stream,
+            dicom_ul::pdu::AbortRQServiceProviderReason::ReasonNotSpecified,
+        )
+        .await;
+    }
+}
