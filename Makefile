@@ -23,11 +23,12 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Ingest benchmark against DCMTK storescp and Orthanc (not a test).
+## Benchmarks (not tests): ingest vs DCMTK storescp and Orthanc; upload tool vs storescu.
 bench:
 	scripts/install-deps.sh --bench
 	$(CARGO) build --release --bins
 	python3 benches/ingest.py
+	python3 benches/upload.py
 
 clean-data:
 	rm -rf data/demo

@@ -11,6 +11,7 @@ pub mod tag {
     pub const REQUESTED_SOP_INSTANCE_UID: u32 = 0x0000_1001;
     pub const ACTION_TYPE_ID: u32 = 0x0000_1008;
     pub const COMMAND_FIELD: u32 = 0x0000_0100;
+    pub const PRIORITY: u32 = 0x0000_0700;
     pub const MESSAGE_ID_BEING_RESPONDED_TO: u32 = 0x0000_0120;
     pub const COMMAND_DATA_SET_TYPE: u32 = 0x0000_0800;
     pub const STATUS: u32 = 0x0000_0900;

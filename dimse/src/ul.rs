@@ -181,14 +181,17 @@ pub async fn send_pdv<W: AsyncWrite + Unpin>(
     is_last: bool,
     data: &[u8],
 ) -> Result<(), UlError> {
-    let mut header = [0u8; 12];
-    header[0] = 0x04;
-    header[2..6].copy_from_slice(&((data.len() + 6) as u32).to_be_bytes());
-    header[6..10].copy_from_slice(&((data.len() + 2) as u32).to_be_bytes());
-    header[10] = context_id;
-    header[11] = u8::from(is_command) | (u8::from(is_last) << 1);
-    stream.write_all(&header).await?;
-    stream.write_all(data).await?;
+    // One write per PDU: with TCP_NODELAY a separate header would be a
+    // separate segment.
+    let mut pdu = Vec::with_capacity(12 + data.len());
+    pdu.push(0x04);
+    pdu.push(0);
+    pdu.extend_from_slice(&((data.len() + 6) as u32).to_be_bytes());
+    pdu.extend_from_slice(&((data.len() + 2) as u32).to_be_bytes());
+    pdu.push(context_id);
+    pdu.push(u8::from(is_command) | (u8::from(is_last) << 1));
+    pdu.extend_from_slice(data);
+    stream.write_all(&pdu).await?;
     Ok(())
 }
 

@@ -102,28 +102,35 @@ pub(crate) async fn verify(storage: &Storage, clinic: Option<&str>, request: Req
         committed: Vec::new(),
         failed: Vec::new(),
     };
-    for r in request.references {
-        let check = if storage::part10::is_valid_uid(&r.sop_instance_uid) {
-            storage
-                .check_committed(clinic, &r.sop_class_uid, &r.sop_instance_uid)
-                .await
-        } else {
-            Ok(CommitCheck::NoSuchInstance)
-        };
+    let (valid, invalid): (Vec<Reference>, Vec<Reference>) = request
+        .references
+        .into_iter()
+        .partition(|r| storage::part10::is_valid_uid(&r.sop_instance_uid));
+    for r in invalid {
+        outcome.failed.push((r, reason::NO_SUCH_OBJECT_INSTANCE));
+    }
+    let refs: Vec<(String, String)> = valid
+        .iter()
+        .map(|r| (r.sop_class_uid.clone(), r.sop_instance_uid.clone()))
+        .collect();
+    let checks = match storage.check_committed(clinic, &refs).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "commitment check failed");
+            vec![CommitCheck::Damaged(e.to_string()); valid.len()]
+        }
+    };
+    for (r, check) in valid.into_iter().zip(checks) {
         match check {
-            Ok(CommitCheck::Committed) => outcome.committed.push(r),
-            Ok(CommitCheck::NoSuchInstance) => {
+            CommitCheck::Committed => outcome.committed.push(r),
+            CommitCheck::NoSuchInstance => {
                 outcome.failed.push((r, reason::NO_SUCH_OBJECT_INSTANCE))
             }
-            Ok(CommitCheck::ClassMismatch { .. }) => {
+            CommitCheck::ClassMismatch { .. } => {
                 outcome.failed.push((r, reason::CLASS_INSTANCE_CONFLICT))
             }
-            Ok(CommitCheck::Damaged(why)) => {
+            CommitCheck::Damaged(why) => {
                 tracing::error!(sop_instance_uid = %r.sop_instance_uid, %why, "commitment check found a damaged instance");
-                outcome.failed.push((r, reason::PROCESSING_FAILURE));
-            }
-            Err(e) => {
-                tracing::error!(sop_instance_uid = %r.sop_instance_uid, error = %e, "commitment check failed");
                 outcome.failed.push((r, reason::PROCESSING_FAILURE));
             }
         }

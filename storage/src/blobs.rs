@@ -136,6 +136,28 @@ impl BlobStore {
     pub async fn sha256(&self, key: &str) -> Result<(String, u64)> {
         use futures::StreamExt;
         use sha2::Digest;
+        if let Some(path) = self.local_path(key) {
+            // Local disk: one blocking task reading large chunks beats the
+            // generic stream's many small hand-offs.
+            return tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
+                use std::io::Read;
+                let mut file = std::fs::File::open(&path).map_err(Error::io("open blob", &path))?;
+                let mut hasher = sha2::Sha256::new();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut size = 0u64;
+                loop {
+                    let n = file.read(&mut buf).map_err(Error::io("read blob", &path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    size += n as u64;
+                    hasher.update(&buf[..n]);
+                }
+                Ok((hex(&hasher.finalize()), size))
+            })
+            .await
+            .map_err(|e| Error::io("hash blob", "")(std::io::Error::other(e)))?;
+        }
         let mut stream = self.store.get(&ObjectPath::from(key)).await?.into_stream();
         let mut hasher = sha2::Sha256::new();
         let mut size = 0u64;

@@ -215,25 +215,53 @@ pub enum CommitCheck {
 }
 
 impl Storage {
-    /// Re-verifies one instance for storage commitment: indexed (for
-    /// `clinic`, when given), blob present, SHA-256 recomputed and equal.
+    /// Re-verifies instances for storage commitment: each must be indexed
+    /// (for `clinic`, when given) under its SOP class, with its blob present
+    /// and its SHA-256 recomputed equal. `refs` are (SOP class, SOP instance).
+    /// Blobs are hashed a few at a time.
     pub async fn check_committed(
         &self,
         clinic: Option<&str>,
-        sop_class_uid: &str,
-        sop_instance_uid: &str,
-    ) -> Result<CommitCheck> {
-        let record = {
+        refs: &[(String, String)],
+    ) -> Result<Vec<CommitCheck>> {
+        use futures::StreamExt;
+        const CONCURRENT_HASHES: usize = 4;
+        let records = {
             let reader = self.reader()?;
-            reader.instance(sop_instance_uid)?
+            refs.iter()
+                .map(|(_, instance)| reader.instance(instance))
+                .collect::<Result<Vec<_>>>()?
         };
+        let checks: Vec<_> = refs
+            .iter()
+            .zip(records)
+            .map(|((class, _), record)| {
+                let (storage, clinic, class) =
+                    (self.clone(), clinic.map(str::to_owned), class.clone());
+                async move { storage.check_one(clinic.as_deref(), &class, record).await }
+            })
+            .collect();
+        futures::stream::iter(checks)
+            .buffered(CONCURRENT_HASHES)
+            .collect::<Vec<Result<CommitCheck>>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn check_one(
+        &self,
+        clinic: Option<&str>,
+        class: &str,
+        record: Option<InstanceRecord>,
+    ) -> Result<CommitCheck> {
         let Some(record) = record else {
             return Ok(CommitCheck::NoSuchInstance);
         };
         if clinic.is_some_and(|c| c != record.clinic_id) {
             return Ok(CommitCheck::NoSuchInstance);
         }
-        if record.sop_class_uid != sop_class_uid {
+        if record.sop_class_uid != class {
             return Ok(CommitCheck::ClassMismatch {
                 stored: record.sop_class_uid,
             });
@@ -246,6 +274,9 @@ impl Storage {
                 "stored bytes do not match their SHA-256".into(),
             )),
             Err(Error::ObjectStore(object_store::Error::NotFound { .. })) => {
+                Ok(CommitCheck::Damaged("stored object is missing".into()))
+            }
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 Ok(CommitCheck::Damaged("stored object is missing".into()))
             }
             Err(e) => Err(e),

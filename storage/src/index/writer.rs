@@ -1,9 +1,11 @@
-//! The single index writer: one thread owns the write connection and commits
-//! queued instances in batches. Before each COMMIT it fsyncs, concurrently,
-//! the batch's blob files and the directories they were renamed into, so a
-//! batch costs about one journal commit plus one WAL fsync however many
-//! instances it holds (group commit). Each job runs in its own SAVEPOINT:
-//! one bad row never fails its neighbours.
+//! The single index writer, as a two-stage pipeline. Stage one fsyncs,
+//! concurrently, a batch's blob files and the directories they were renamed
+//! into; stage two (the one thread owning the write connection) commits the
+//! batch's rows. A batch costs about one journal commit plus one WAL fsync
+//! however many instances it holds (group commit), and stage one syncs the
+//! next batch while stage two commits this one. Rows are committed only
+//! after their blobs are durable. Each job runs in its own SAVEPOINT: one
+//! bad row never fails its neighbours.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -60,43 +62,85 @@ pub(crate) enum Job {
 
 pub(crate) fn spawn(conn: Connection) -> std::io::Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel();
+    let (synced_tx, synced_rx) = mpsc::channel();
     let pool = SyncPool::new(SYNC_THREADS)?;
     std::thread::Builder::new()
+        .name("blob-sync".into())
+        .spawn(move || sync_stage(rx, pool, synced_tx))?;
+    std::thread::Builder::new()
         .name("index-writer".into())
-        .spawn(move || run(conn, rx, pool))?;
+        .spawn(move || index_stage(conn, synced_rx))?;
     Ok(tx)
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, pool: SyncPool) {
+/// A batch whose blobs went through their fsyncs.
+struct Synced {
+    jobs: Vec<Job>,
+    synced: Result<()>,
+    fsyncs: usize,
+    sync_time: std::time::Duration,
+}
+
+/// Stage one of the pipeline: fsync each batch's blobs, then hand the batch
+/// to the index stage. While the index stage commits batch N, this stage
+/// already syncs batch N+1.
+fn sync_stage(rx: mpsc::Receiver<Job>, pool: SyncPool, next: mpsc::Sender<Synced>) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &pool, batch);
+        let mut to_sync: Vec<SyncItem> = jobs
+            .iter()
+            .flat_map(|j| match j {
+                Job::Insert { to_sync, .. } => to_sync.clone(),
+                Job::Clinics { .. } => Vec::new(),
+            })
+            .collect();
+        to_sync.sort();
+        to_sync.dedup();
+        let started = std::time::Instant::now();
+        let synced = pool.sync_all(&to_sync);
+        let batch = Synced {
+            jobs,
+            synced,
+            fsyncs: to_sync.len(),
+            sync_time: started.elapsed(),
+        };
+        if next.send(batch).is_err() {
+            return;
+        }
     }
 }
 
-fn commit_batch(conn: &mut Connection, pool: &SyncPool, batch: Vec<Job>) {
-    let mut to_sync: Vec<SyncItem> = batch
-        .iter()
-        .flat_map(|j| match j {
-            Job::Insert { to_sync, .. } => to_sync.clone(),
-            Job::Clinics { .. } => Vec::new(),
-        })
-        .collect();
-    to_sync.sort();
-    to_sync.dedup();
-    let started = std::time::Instant::now();
-    let synced = pool.sync_all(&to_sync);
-    let blobs_synced = started.elapsed();
+/// Stage two: commit synced batches (several at once when they queue up).
+fn index_stage(mut conn: Connection, rx: mpsc::Receiver<Synced>) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batches.push(more);
+        }
+        commit_batches(&mut conn, batches);
+    }
+}
 
+fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
+    let started = std::time::Instant::now();
+    let fsyncs: usize = batches.iter().map(|b| b.fsyncs).sum();
+    let sync_us: u128 = batches.iter().map(|b| b.sync_time.as_micros()).sum();
+    // Jobs whose blobs failed to sync fail alone; the others are committed.
+    let mut batch = Vec::new();
+    for b in batches {
+        match b.synced {
+            Ok(()) => batch.extend(b.jobs),
+            Err(e) => fail_all(b.jobs, &e),
+        }
+    }
     let mut results = Vec::with_capacity(batch.len());
     let outcome = (|| -> Result<()> {
-        synced?;
         let mut tx = conn.transaction()?;
         for job in &batch {
             let res = match job {
@@ -135,11 +179,29 @@ fn commit_batch(conn: &mut Connection, pool: &SyncPool, batch: Vec<Job>) {
     }
     tracing::debug!(
         batch_len,
-        fsyncs = to_sync.len(),
-        blob_sync_us = blobs_synced.as_micros() as u64,
-        total_us = started.elapsed().as_micros() as u64,
+        fsyncs,
+        blob_sync_us = sync_us as u64,
+        commit_us = started.elapsed().as_micros() as u64,
         "index batch committed"
     );
+}
+
+fn fail_all(jobs: Vec<Job>, e: &Error) {
+    for job in jobs {
+        let err = || Error::Io {
+            op: "sync blobs",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        match job {
+            Job::Insert { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+            Job::Clinics { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+        }
+    }
 }
 
 fn with_savepoint<T>(

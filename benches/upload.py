@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Upload benchmark: consortium-upload against DCMTK storescu, same corpus,
+same gateway, same run.
+
+Each run starts a fresh pacs-gateway (release build, fresh data dir) and
+sends the bench corpus (sample-dicom --profile bench, ~2,500 instances,
+850 MB) with one client over 1 and 4 parallel associations:
+  - storescu: one process per association (whole studies dealt out by bytes,
+    as in benches/ingest.py), TCP_NODELAY=1; it has no storage commitment,
+    so its time is the send alone;
+  - consortium-upload --associations N, with a fresh local record, so its
+    time includes scanning (hashing every file), sending, and waiting for
+    the center's storage commitment report for every instance.
+Order alternates every round; medians over --rounds (default 3). Delivery is
+checked (index count). Run data is deleted at the end (see ingest.py on
+ext4's recently-deleted inode scans). Results: a table on stdout and
+target/bench-results/upload-<timestamp>.json.
+
+usage: python3 benches/upload.py [--rounds N] [--corpus-profile bench|small]
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ingest  # noqa: E402  (shared corpus, gateway and sender helpers)
+
+UPLOAD_BIN = ingest.RELEASE / "consortium-upload"
+
+
+def run_upload(corpus, port, parallelism, workdir):
+    cmd = [str(UPLOAD_BIN), "--port", str(port), "--calling-ae", ingest.CALLING_AE,
+           "--associations", str(parallelism), "--record", str(workdir / "record.sqlite"),
+           str(corpus.root)]
+    start = time.perf_counter()
+    with open(workdir / "upload.log", "wb") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=ingest.base_env())
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise ingest.BenchError(f"consortium-upload failed:\n{ingest.tail(workdir / 'upload.log')}")
+    return wall
+
+
+def run_storescu(corpus, port, parallelism, workdir):
+    result = ingest.send(corpus, port, parallelism, workdir)
+    if any(result.exit_codes):
+        raise ingest.BenchError(f"storescu failed: {result.exit_codes}")
+    return result.wall_s
+
+
+CLIENTS = {"upload": run_upload, "storescu": run_storescu}
+
+
+def run_once(client, corpus, parallelism, run_dirs):
+    ingest.WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"upload-{client}-p{parallelism}-", dir=ingest.WORK_ROOT))
+    run_dirs.append(workdir)
+    server = ingest.Gateway(workdir, None)
+    try:
+        server.start()
+        wall = CLIENTS[client](corpus, server.port, parallelism, workdir)
+        received = server.count_received()
+        if received < len(corpus.files):
+            raise ingest.BenchError(f"{client}: the gateway holds {received} of {len(corpus.files)}")
+        return wall
+    finally:
+        server.stop()
+        os.sync()
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--corpus-profile", choices=["bench", "small"], default="bench")
+    args = p.parse_args(argv)
+    for binary in (ingest.GATEWAY_BIN, UPLOAD_BIN):
+        if not binary.exists():
+            ingest.log(f"{binary} missing: run `cargo build --release --bins`")
+            return 1
+    corpus = ingest.ensure_corpus(args.corpus_profile)
+    ingest.warm_page_cache(corpus)
+    n, mb = len(corpus.files), corpus.total_bytes / 1e6
+    ingest.log(f"corpus: {n} instances, {mb:.0f} MB")
+    walls = {}
+    run_dirs = []
+    try:
+        for rnd in range(1, args.rounds + 1):
+            order = list(CLIENTS) if rnd % 2 else list(reversed(CLIENTS))
+            for parallelism in (1, 4):
+                for client in order:
+                    wall = run_once(client, corpus, parallelism, run_dirs)
+                    walls.setdefault((client, parallelism), []).append(wall)
+                    ingest.log(f"round {rnd} {client:<8} x{parallelism}: {n / wall:7.1f} inst/s "
+                               f"{mb / wall:6.1f} MB/s ({wall:.2f} s)")
+    except ingest.BenchError as e:
+        ingest.log(f"upload benchmark FAILED: {e}")
+        return 1
+    finally:
+        for d in run_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    print(f"Upload to pacs-gateway: {n} instances, {mb:.0f} MB, {args.rounds} round(s), medians")
+    print(f"{'client':<10}{'assoc':>6}{'inst/s':>10}{'MB/s':>9}{'wall s':>9}")
+    rows = []
+    for (client, par), ws in sorted(walls.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        med = statistics.median(ws)
+        rows.append({"client": client, "parallelism": par, "wall_s": round(med, 3),
+                     "instances_per_s": round(n / med, 1), "mb_per_s": round(mb / med, 1),
+                     "walls": [round(w, 3) for w in ws]})
+        print(f"{client:<10}{par:>6}{n / med:>10.1f}{mb / med:>9.1f}{med:>9.2f}")
+    for par in (1, 4):
+        ratio = statistics.median(walls[("storescu", par)]) / statistics.median(walls[("upload", par)])
+        met = "MET" if ratio >= 1.0 else "MISSED"
+        print(f"  {par} assoc: consortium-upload (incl. commitment) vs storescu {ratio:.2f}x "
+              f"(target >= 1.0x: {met})")
+    ingest.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = ingest.RESULTS_DIR / f"upload-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps({"corpus": {"instances": n, "bytes": corpus.total_bytes},
+                               "rounds": args.rounds, "medians": rows}, indent=2))
+    print(f"results: {out.relative_to(ingest.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

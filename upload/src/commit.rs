@@ -1,0 +1,256 @@
+//! Storage commitment, SCU side: ask the center to confirm every stored
+//! instance and wait for its N-EVENT-REPORT on the same association.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use consortium_dimse::client::{self, Association, ClientError, Proposed};
+use consortium_dimse::{Response, field, status, tag};
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use crate::Settings;
+
+pub(crate) const SOP_CLASS: &str = "1.2.840.10008.1.20.1";
+const WELL_KNOWN_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
+/// Instances per N-ACTION.
+pub(crate) const CHUNK: usize = 5_000;
+
+/// The center's answer per SOP Instance UID: `None` committed, `Some(reason)` failed.
+pub(crate) type Answers = HashMap<String, Option<u16>>;
+
+/// Requests commitment of `refs` (SOP class, SOP instance), with retries.
+pub(crate) async fn commit(
+    settings: &Settings,
+    refs: &[(String, String)],
+) -> Result<Answers, ClientError> {
+    let mut answers = Answers::new();
+    for chunk in refs.chunks(CHUNK) {
+        let mut attempt = 0;
+        loop {
+            match commit_chunk(settings, chunk).await {
+                Ok(a) => {
+                    answers.extend(a);
+                    break;
+                }
+                Err(e) if e.is_transient() && attempt < settings.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(500 << attempt.min(5))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(answers)
+}
+
+async fn commit_chunk(
+    settings: &Settings,
+    refs: &[(String, String)],
+) -> Result<Answers, ClientError> {
+    let contexts = [Proposed {
+        id: 1,
+        abstract_syntax: SOP_CLASS.to_string(),
+        transfer_syntaxes: vec!["1.2.840.10008.1.2.1".into(), "1.2.840.10008.1.2".into()],
+    }];
+    let mut assoc = client::associate(
+        (&settings.host, settings.port),
+        &settings.calling_ae,
+        &settings.called_ae,
+        &contexts,
+        settings.max_pdu,
+        settings.timeout,
+    )
+    .await?;
+    let Some((_, ts)) = assoc.accepted.get(&1).cloned() else {
+        assoc.abort().await;
+        return Err(ClientError::Protocol(
+            "the center does not offer storage commitment".into(),
+        ));
+    };
+    let answers = exchange(&mut assoc, 1, &ts, refs).await;
+    match answers {
+        Ok(a) => {
+            assoc.release().await;
+            Ok(a)
+        }
+        Err(e) => {
+            assoc.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// The commitment exchange on an open association: N-ACTION, N-ACTION-RSP,
+/// then the center's N-EVENT-REPORT and our N-EVENT-REPORT-RSP.
+pub(crate) async fn exchange(
+    assoc: &mut Association,
+    context_id: u8,
+    ts: &str,
+    refs: &[(String, String)],
+) -> Result<Answers, ClientError> {
+    let transaction_uid = new_uid();
+    let dataset = request_dataset(&transaction_uid, refs, ts)?;
+    let rq = Response::request(field::N_ACTION_RQ, 0xC0FF, true)
+        .uid(tag::REQUESTED_SOP_CLASS_UID, SOP_CLASS)
+        .uid(tag::REQUESTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE)
+        .u16(tag::ACTION_TYPE_ID, 1)
+        .encode();
+    assoc.send_command(context_id, &rq).await?;
+    assoc.send_dataset(context_id, &dataset).await?;
+    let rsp = assoc.receive(1 << 20).await?;
+    let action_status = rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF);
+    if rsp.command.command_field() != Some(field::N_ACTION_RSP) || action_status != status::SUCCESS
+    {
+        return Err(ClientError::Protocol(format!(
+            "storage commitment request refused (status 0x{action_status:04X})"
+        )));
+    }
+    // The report follows on this association.
+    let report = assoc.receive(64 << 20).await?;
+    if report.command.command_field() != Some(field::N_EVENT_REPORT_RQ) {
+        return Err(ClientError::Protocol("expected N-EVENT-REPORT".into()));
+    }
+    let event_type = report.command.u16(tag::EVENT_TYPE_ID).unwrap_or(0);
+    let answers = parse_report(
+        report.dataset.as_deref().unwrap_or(&[]),
+        ts,
+        &transaction_uid,
+    );
+    let reply = Response::new(
+        field::N_EVENT_REPORT_RSP,
+        report.command.message_id(),
+        if answers.is_ok() {
+            status::SUCCESS
+        } else {
+            status::PROCESSING_FAILURE
+        },
+    )
+    .uid(tag::AFFECTED_SOP_CLASS_UID, SOP_CLASS)
+    .uid(tag::AFFECTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE)
+    .u16(tag::EVENT_TYPE_ID, event_type)
+    .encode();
+    assoc.send_command(report.context_id, &reply).await?;
+    answers.map_err(ClientError::Protocol)
+}
+
+fn request_dataset(
+    transaction_uid: &str,
+    refs: &[(String, String)],
+    ts: &str,
+) -> Result<Vec<u8>, ClientError> {
+    let ts = TransferSyntaxRegistry
+        .get(ts)
+        .ok_or_else(|| ClientError::Protocol("unknown transfer syntax".into()))?;
+    let items: Vec<InMemDicomObject> = refs
+        .iter()
+        .map(|(class, instance)| {
+            InMemDicomObject::from_element_iter([
+                DataElement::new(
+                    tags::REFERENCED_SOP_CLASS_UID,
+                    VR::UI,
+                    PrimitiveValue::from(class.as_str()),
+                ),
+                DataElement::new(
+                    tags::REFERENCED_SOP_INSTANCE_UID,
+                    VR::UI,
+                    PrimitiveValue::from(instance.as_str()),
+                ),
+            ])
+        })
+        .collect();
+    let obj = InMemDicomObject::from_element_iter([
+        DataElement::new(
+            tags::TRANSACTION_UID,
+            VR::UI,
+            PrimitiveValue::from(transaction_uid),
+        ),
+        DataElement::new(
+            tags::REFERENCED_SOP_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(items),
+        ),
+    ]);
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, ts)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    Ok(out)
+}
+
+fn parse_report(dataset: &[u8], ts: &str, transaction_uid: &str) -> Result<Answers, String> {
+    storage::attrs::validate(dataset, ts).map_err(|e| e.to_string())?;
+    let ts = TransferSyntaxRegistry
+        .get(ts)
+        .ok_or("unknown transfer syntax")?;
+    let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).map_err(|e| e.to_string())?;
+    let text = |o: &InMemDicomObject, tag| {
+        o.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+            .unwrap_or_default()
+    };
+    if text(&obj, tags::TRANSACTION_UID) != transaction_uid {
+        return Err("the report is for another transaction".into());
+    }
+    let mut answers = Answers::new();
+    let items = |tag| {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.items())
+            .map(<[_]>::to_vec)
+            .unwrap_or_default()
+    };
+    for item in items(tags::REFERENCED_SOP_SEQUENCE) {
+        answers.insert(text(&item, tags::REFERENCED_SOP_INSTANCE_UID), None);
+    }
+    for item in items(tags::FAILED_SOP_SEQUENCE) {
+        let reason = item
+            .element_opt(tags::FAILURE_REASON)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_int::<u16>().ok())
+            .unwrap_or(0x0110);
+        answers.insert(text(&item, tags::REFERENCED_SOP_INSTANCE_UID), Some(reason));
+    }
+    Ok(answers)
+}
+
+/// A fresh UID under 2.25 from the clock, the process and a counter.
+fn new_uid() -> String {
+    use sha2::{Digest, Sha256};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let seed = format!(
+        "{nanos}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let digest = Sha256::digest(seed.as_bytes());
+    let mut n = [0u8; 16];
+    n.copy_from_slice(&digest[..16]);
+    format!("2.25.{}", u128::from_be_bytes(n) >> 1)
+}
+
+/// Failure Reason in words.
+pub(crate) fn describe_failure(reason: u16) -> &'static str {
+    match reason {
+        0x0110 => "processing failure (the center could not verify it)",
+        0x0112 => "no such instance at the center",
+        0x0119 => "stored under another SOP class",
+        0x0122 => "SOP class not supported",
+        0x0131 => "duplicate transaction UID",
+        0x0213 => "resource limitation",
+        _ => "unknown reason",
+    }
+}

@@ -1,0 +1,347 @@
+//! `consortium-upload`: send files, folders or a DICOMDIR to the county
+//! center and end with a certain answer: every instance is committed, or
+//! exactly these are not and here is why.
+//!
+//! Steps: scan (non-DICOM files listed and skipped), skip what the local
+//! record says this center already committed, send over parallel
+//! associations with retries, request storage commitment for everything
+//! stored, record what was committed, print a summary. Exit status 0 only
+//! when every DICOM instance found is committed.
+
+mod commit;
+mod progress;
+mod record;
+mod scan;
+mod send;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+const USAGE: &str = "usage: consortium-upload [options] FILE|FOLDER|DICOMDIR...
+  --host HOST            center address (default 127.0.0.1)
+  --port PORT            center DICOM port (default 11112)
+  --calling-ae AE        this workstation's AE title (registered at the center)
+  --called-ae AE         the center's AE title (default COUNTYPACS)
+  --associations N       parallel associations (default 4)
+  --retries N            retries of transient failures (default 5)
+  --record FILE          local record of committed instances
+                         (default ~/.local/share/consortium-upload/record.sqlite)
+  --config FILE          TOML file with the same keys (host, port, calling_ae, ...)
+  --dry-run              list what would be sent, send nothing";
+
+/// Connection and behaviour settings (flags override the config file).
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) calling_ae: String,
+    pub(crate) called_ae: String,
+    pub(crate) associations: usize,
+    pub(crate) retries: u32,
+    pub(crate) max_pdu: u32,
+    pub(crate) timeout: Duration,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    calling_ae: Option<String>,
+    called_ae: Option<String>,
+    associations: Option<usize>,
+    retries: Option<u32>,
+    record: Option<PathBuf>,
+}
+
+struct Args {
+    settings: Settings,
+    record: PathBuf,
+    dry_run: bool,
+    inputs: Vec<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut file = FileConfig::default();
+    let mut flags = FileConfig::default();
+    let mut dry_run = false;
+    let mut inputs = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--host" => flags.host = Some(value()?),
+            "--port" => flags.port = Some(value()?.parse().map_err(|e| format!("--port: {e}"))?),
+            "--calling-ae" => flags.calling_ae = Some(value()?),
+            "--called-ae" => flags.called_ae = Some(value()?),
+            "--associations" => {
+                flags.associations = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--associations: {e}"))?,
+                )
+            }
+            "--retries" => {
+                flags.retries = Some(value()?.parse().map_err(|e| format!("--retries: {e}"))?)
+            }
+            "--record" => flags.record = Some(PathBuf::from(value()?)),
+            "--config" => {
+                let path = value()?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read {path}: {e}"))?;
+                file = toml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+            }
+            "--dry-run" => dry_run = true,
+            "-h" | "--help" => return Err(String::new()),
+            other if other.starts_with("--") => return Err(format!("unknown option {other}")),
+            other => inputs.push(PathBuf::from(other)),
+        }
+    }
+    if inputs.is_empty() {
+        return Err("no files or folders given".into());
+    }
+    let calling_ae = flags
+        .calling_ae
+        .or(file.calling_ae)
+        .ok_or("--calling-ae is required (this workstation's registered AE title)")?;
+    let record = flags.record.or(file.record).unwrap_or_else(default_record);
+    let settings = Settings {
+        host: flags
+            .host
+            .or(file.host)
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        port: flags.port.or(file.port).unwrap_or(11112),
+        calling_ae,
+        called_ae: flags
+            .called_ae
+            .or(file.called_ae)
+            .unwrap_or_else(|| "COUNTYPACS".into()),
+        associations: flags
+            .associations
+            .or(file.associations)
+            .unwrap_or(4)
+            .clamp(1, 32),
+        retries: flags.retries.or(file.retries).unwrap_or(5),
+        max_pdu: 262_144,
+        timeout: Duration::from_secs(60),
+    };
+    for ae in [&settings.calling_ae, &settings.called_ae] {
+        if ae.is_empty()
+            || ae.len() > 16
+            || !ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+        {
+            return Err(format!(
+                "AE title {ae:?} is not 1-16 printable ASCII characters"
+            ));
+        }
+    }
+    Ok(Args {
+        settings,
+        record,
+        dry_run,
+        inputs,
+    })
+}
+
+fn default_record() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    home.join(".local/share/consortium-upload/record.sqlite")
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("consortium-upload: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let s = &args.settings;
+    let center = format!("{}:{}/{}", s.host, s.port, s.called_ae);
+    let started = std::time::Instant::now();
+    let inputs = args.inputs.clone();
+    let (candidates, skipped) = tokio::task::spawn_blocking(move || scan::scan(&inputs))
+        .await
+        .expect("scan task");
+    let scanned_in = started.elapsed();
+    let mut record = match record::Record::open(&args.record, &center) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "consortium-upload: cannot open record {}: {e}",
+                args.record.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let mut to_send = Vec::new();
+    let mut already = Vec::new();
+    for mut c in candidates {
+        // Only instances this center committed before need hashing now.
+        if record.has_uid(&c.sop_instance_uid).unwrap_or(false) {
+            if let Ok(sha) = scan::file_sha256(&c.path) {
+                c.sha256 = sha;
+            }
+            if record
+                .is_committed(&c.sop_instance_uid, &c.sha256)
+                .unwrap_or(false)
+            {
+                already.push(c);
+                continue;
+            }
+        }
+        to_send.push(c);
+    }
+    for s in &skipped {
+        let kind = if s.is_error { "ERROR  " } else { "skipped" };
+        println!("{kind} {}: {}", s.path.display(), s.reason);
+    }
+    if args.dry_run {
+        for c in &already {
+            println!("already committed {}", c.path.display());
+        }
+        for c in &to_send {
+            println!(
+                "would send {} ({} bytes, SOP class {}, transfer syntax {})",
+                c.path.display(),
+                c.size,
+                c.sop_class_uid,
+                c.transfer_syntax
+            );
+        }
+        println!(
+            "dry run: {} to send, {} already committed, {} skipped",
+            to_send.len(),
+            already.len(),
+            skipped.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+
+    let total_bytes = to_send.iter().map(|c| c.size).sum();
+    let progress = progress::Progress::new(to_send.len() as u64, total_bytes);
+    let send_started = std::time::Instant::now();
+    let commit_started = send_started;
+    let (results, mut answers) = send::send_all(s, to_send, &progress).await;
+    progress.finish();
+    let sent_in = send_started.elapsed();
+
+    let stored: Vec<(&scan::Candidate, &str)> = results
+        .iter()
+        .filter_map(|(c, o)| match o {
+            send::Outcome::Stored { sha256, .. } => Some((c, sha256.as_str())),
+            _ => None,
+        })
+        .collect();
+    // Whatever the sending associations could not get confirmed, ask again.
+    let unanswered: Vec<(String, String)> = stored
+        .iter()
+        .filter(|(c, _)| !answers.contains_key(&c.sop_instance_uid))
+        .map(|(c, _)| (c.sop_class_uid.clone(), c.sop_instance_uid.clone()))
+        .collect();
+    if !unanswered.is_empty() {
+        match commit::commit(s, &unanswered).await {
+            Ok(a) => answers.extend(a),
+            Err(e) => eprintln!("consortium-upload: storage commitment failed: {e}"),
+        }
+    }
+    let committed_in = commit_started.elapsed();
+    eprintln!(
+        "timing: scan {:.2} s, send and commit {:.2} s (last lane done at {:.2} s)",
+        scanned_in.as_secs_f64(),
+        committed_in.as_secs_f64(),
+        sent_in.as_secs_f64()
+    );
+    let committed: Vec<&(&scan::Candidate, &str)> = stored
+        .iter()
+        .filter(|(c, _)| answers.get(&c.sop_instance_uid) == Some(&None))
+        .collect();
+    if let Err(e) = record.mark_committed(
+        committed
+            .iter()
+            .map(|(c, sha)| (c.sop_instance_uid.as_str(), *sha)),
+    ) {
+        eprintln!("consortium-upload: cannot update the record: {e}");
+    }
+
+    // Per-file results that need attention.
+    let mut refused = 0;
+    let mut failed = 0;
+    for (c, outcome) in &results {
+        match outcome {
+            send::Outcome::Stored { .. } => match answers.get(&c.sop_instance_uid) {
+                Some(None) => {}
+                Some(Some(reason)) => println!(
+                    "NOT COMMITTED {}: 0x{reason:04X} {}",
+                    c.path.display(),
+                    commit::describe_failure(*reason)
+                ),
+                None => println!(
+                    "NOT COMMITTED {}: the center did not confirm it",
+                    c.path.display()
+                ),
+            },
+            send::Outcome::Refused { status, comment } => {
+                refused += 1;
+                println!(
+                    "REFUSED {}: status 0x{status:04X} {comment}",
+                    c.path.display()
+                );
+            }
+            send::Outcome::Failed { reason } => {
+                failed += 1;
+                println!("FAILED {}: {reason}", c.path.display());
+            }
+        }
+    }
+    let not_dicom = skipped.iter().filter(|s| !s.is_error).count();
+    let unusable = skipped.len() - not_dicom;
+    let not_committed = stored.len() - committed.len();
+    println!(
+        "summary: {} stored, {} committed, {} already committed before, {} refused, {} failed, {} not committed, {} unusable DICOM files, {} non-DICOM files skipped",
+        stored.len(),
+        committed.len(),
+        already.len(),
+        refused,
+        failed,
+        not_committed,
+        unusable,
+        not_dicom
+    );
+    // A refused association fails every file the same way: say it once, plainly.
+    if let Some(reason) = results.iter().find_map(|(_, o)| match o {
+        send::Outcome::Failed { reason }
+            if reason.starts_with("the center refused the association") =>
+        {
+            Some(reason.clone())
+        }
+        _ => None,
+    }) {
+        eprintln!("consortium-upload: {reason}");
+    }
+    if refused + failed + not_committed + unusable == 0 {
+        println!(
+            "all {} instances are committed at {center}",
+            committed.len() + already.len()
+        );
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,78 @@
+//! The local record of what the center has confirmed: re-runs skip files
+//! whose (SOP Instance UID, file SHA-256) the same center already committed.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+#[derive(Debug)]
+pub(crate) struct Record {
+    conn: Connection,
+    /// `host:port/AE`: a record is only valid for the center that confirmed it.
+    center: String,
+}
+
+impl Record {
+    pub(crate) fn open(path: &Path, center: &str) -> rusqlite::Result<Record> {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS committed (
+                 center           TEXT NOT NULL,
+                 sop_instance_uid TEXT NOT NULL,
+                 sha256           TEXT NOT NULL,
+                 committed_at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+                 PRIMARY KEY (center, sop_instance_uid, sha256)
+             );",
+        )?;
+        Ok(Record {
+            conn,
+            center: center.to_string(),
+        })
+    }
+
+    /// Whether any version of this instance was committed here (then the
+    /// file's hash decides).
+    pub(crate) fn has_uid(&self, sop_instance_uid: &str) -> rusqlite::Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM committed WHERE center = ?1 AND sop_instance_uid = ?2 LIMIT 1",
+            )?
+            .query_row(params![self.center, sop_instance_uid], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub(crate) fn is_committed(
+        &self,
+        sop_instance_uid: &str,
+        sha256: &str,
+    ) -> rusqlite::Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM committed WHERE center = ?1 AND sop_instance_uid = ?2 AND sha256 = ?3")?
+            .query_row(params![self.center, sop_instance_uid, sha256], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub(crate) fn mark_committed<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO committed (center, sop_instance_uid, sha256) VALUES (?1, ?2, ?3)",
+            )?;
+            for (uid, sha) in items {
+                stmt.execute(params![self.center, uid, sha])?;
+            }
+        }
+        tx.commit()
+    }
+}

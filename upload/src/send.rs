@@ -1,0 +1,355 @@
+//! Sending: several associations in parallel, each streaming files as they
+//! are (their own transfer syntax whenever the center accepts it), with
+//! retries of transient failures and no retry of refusals.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use consortium_dimse::client::{self, Association, ClientError, Proposed};
+use consortium_dimse::{Response, field, tag};
+use tokio::io::AsyncSeekExt;
+
+use sha2::Digest;
+
+use crate::Settings;
+use crate::commit;
+use crate::progress::Progress;
+use crate::scan::Candidate;
+
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+/// Datasets up to this size are read whole before sending.
+const IN_MEMORY_BYTES: u64 = 16 << 20;
+
+/// What happened to one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Success (or a warning status, which also means stored); `sha256` of
+    /// the file as sent.
+    Stored { status: u16, sha256: String },
+    /// The center refused it; sending again will not help.
+    Refused { status: u16, comment: String },
+    /// Could not be delivered (after retries).
+    Failed { reason: String },
+}
+
+/// Sends every candidate over `settings.associations` parallel associations.
+/// Each association then asks for storage commitment of what it stored;
+/// the answers it got come back too (instances without one still need it).
+pub(crate) async fn send_all(
+    settings: &Settings,
+    files: Vec<Candidate>,
+    progress: &Progress,
+) -> (Vec<(Candidate, Outcome)>, commit::Answers) {
+    let lanes = settings.associations.max(1);
+    let mut shares: Vec<(u64, Vec<Candidate>)> = (0..lanes).map(|_| (0, Vec::new())).collect();
+    let mut by_size = files;
+    by_size.sort_by_key(|c| std::cmp::Reverse(c.size));
+    for file in by_size {
+        let lightest = shares
+            .iter_mut()
+            .min_by_key(|(bytes, _)| *bytes)
+            .expect("at least one lane");
+        lightest.0 += file.size;
+        lightest.1.push(file);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (_, mut share) in shares {
+        share.sort_by(|a, b| a.path.cmp(&b.path));
+        let settings = settings.clone();
+        let progress = progress.clone();
+        tasks.spawn(async move { lane(&settings, share, &progress).await });
+    }
+    let mut results = Vec::new();
+    let mut answers = commit::Answers::new();
+    while let Some(res) = tasks.join_next().await {
+        let (r, a) = res.expect("send task panicked");
+        results.extend(r);
+        answers.extend(a);
+    }
+    (results, answers)
+}
+
+/// One association's share of the files, with retries, then storage
+/// commitment of what it stored over its last association.
+async fn lane(
+    settings: &Settings,
+    files: Vec<Candidate>,
+    progress: &Progress,
+) -> (Vec<(Candidate, Outcome)>, commit::Answers) {
+    let mut pending: VecDeque<Candidate> = files.into();
+    let mut results = Vec::new();
+    let mut stored_refs: Vec<(String, String)> = Vec::new();
+    let mut answers = commit::Answers::new();
+    let mut attempts: HashMap<String, u32> = HashMap::new();
+    let mut failures_in_a_row = 0u32;
+    while !pending.is_empty() {
+        let (contexts, batch_len) = propose(&pending);
+        let assoc = client::associate(
+            (&settings.host, settings.port),
+            &settings.calling_ae,
+            &settings.called_ae,
+            &contexts,
+            settings.max_pdu,
+            settings.timeout,
+        )
+        .await;
+        let mut assoc = match assoc {
+            Ok(a) => a,
+            Err(e) if e.is_transient() && failures_in_a_row < settings.retries => {
+                failures_in_a_row += 1;
+                progress.note(&format!(
+                    "association failed ({e}); retrying in {:?}",
+                    backoff(failures_in_a_row)
+                ));
+                tokio::time::sleep(backoff(failures_in_a_row)).await;
+                continue;
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                for file in pending.drain(..) {
+                    progress.done(&file);
+                    results.push((
+                        file,
+                        Outcome::Failed {
+                            reason: reason.clone(),
+                        },
+                    ));
+                }
+                break;
+            }
+        };
+        let mut message_id = 0u16;
+        let mut lost: Option<ClientError> = None;
+        for _ in 0..batch_len {
+            let Some(file) = pending.pop_front() else {
+                break;
+            };
+            let Some(context) = assoc.context_for(&file.sop_class_uid, &file.transfer_syntax)
+            else {
+                progress.done(&file);
+                let reason = format!(
+                    "the center accepted neither SOP class {} nor transfer syntax {} for it",
+                    file.sop_class_uid, file.transfer_syntax
+                );
+                results.push((file, Outcome::Failed { reason }));
+                continue;
+            };
+            message_id = message_id.wrapping_add(1);
+            match store_one(&mut assoc, context, message_id, &file).await {
+                Ok((status, comment, sha256)) => {
+                    failures_in_a_row = 0;
+                    match classify(status) {
+                        Class::Stored => {
+                            progress.done(&file);
+                            stored_refs
+                                .push((file.sop_class_uid.clone(), file.sop_instance_uid.clone()));
+                            results.push((file, Outcome::Stored { status, sha256 }));
+                        }
+                        Class::Transient => {
+                            let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
+                            *n += 1;
+                            if *n > settings.retries {
+                                progress.done(&file);
+                                results.push((file, Outcome::Refused { status, comment }));
+                            } else {
+                                pending.push_back(file);
+                            }
+                        }
+                        Class::Refused => {
+                            progress.done(&file);
+                            results.push((file, Outcome::Refused { status, comment }));
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The association is gone: this file and the rest go again.
+                    let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
+                    *n += 1;
+                    if *n > settings.retries {
+                        progress.done(&file);
+                        results.push((
+                            file,
+                            Outcome::Failed {
+                                reason: e.to_string(),
+                            },
+                        ));
+                    } else {
+                        pending.push_front(file);
+                    }
+                    lost = Some(e);
+                    break;
+                }
+            }
+        }
+        match lost {
+            None if pending.is_empty() => {
+                // Commitment over this association (no new connection, and
+                // the lanes' checks run in parallel at the center).
+                if let Some((ts, context)) = assoc
+                    .accepted
+                    .get(&COMMITMENT_CONTEXT)
+                    .map(|(_, ts)| (ts.clone(), COMMITMENT_CONTEXT))
+                {
+                    for chunk in stored_refs.chunks(commit::CHUNK) {
+                        match commit::exchange(&mut assoc, context, &ts, chunk).await {
+                            Ok(a) => answers.extend(a),
+                            Err(e) => {
+                                progress.note(&format!("commitment on the sending association failed ({e}); asking again"));
+                                break;
+                            }
+                        }
+                    }
+                }
+                assoc.release().await;
+            }
+            None => assoc.release().await,
+            Some(e) => {
+                failures_in_a_row += 1;
+                if failures_in_a_row > settings.retries {
+                    let reason = format!("connection lost repeatedly: {e}");
+                    for file in pending.drain(..) {
+                        progress.done(&file);
+                        results.push((
+                            file,
+                            Outcome::Failed {
+                                reason: reason.clone(),
+                            },
+                        ));
+                    }
+                    break;
+                }
+                progress.note(&format!(
+                    "connection lost ({e}); retrying in {:?}",
+                    backoff(failures_in_a_row)
+                ));
+                tokio::time::sleep(backoff(failures_in_a_row)).await;
+            }
+        }
+    }
+    (results, answers)
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(250 << attempt.min(6))
+}
+
+enum Class {
+    Stored,
+    Transient,
+    Refused,
+}
+
+/// PS3.4 B.2.3: success and warnings mean stored; 0xA7xx (out of
+/// resources) may pass; everything else is a refusal.
+fn classify(status: u16) -> Class {
+    match status {
+        0x0000 | 0x0001 | 0xB000 | 0xB006 | 0xB007 => Class::Stored,
+        0xA700..=0xA7FF => Class::Transient,
+        _ => Class::Refused,
+    }
+}
+
+/// Context id proposed for storage commitment on sending associations.
+const COMMITMENT_CONTEXT: u8 = 255;
+
+/// Presentation contexts for the first files of `pending` (at most 127, plus
+/// storage commitment): per SOP class, the files' own transfer syntaxes, and
+/// an uncompressed fallback. Returns the contexts and how many files they
+/// cover.
+fn propose(pending: &VecDeque<Candidate>) -> (Vec<Proposed>, usize) {
+    let mut pairs: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut covered = 0;
+    for file in pending {
+        let mut next = pairs.clone();
+        next.insert((file.sop_class_uid.clone(), file.transfer_syntax.clone()));
+        next.insert((file.sop_class_uid.clone(), EXPLICIT_LE.to_string()));
+        if next.len() > 127 {
+            break;
+        }
+        pairs = next;
+        covered += 1;
+    }
+    let mut contexts: Vec<Proposed> = pairs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (abstract_syntax, ts))| Proposed {
+            id: (2 * i + 1) as u8,
+            transfer_syntaxes: if ts == EXPLICIT_LE {
+                vec![EXPLICIT_LE.to_string(), IMPLICIT_LE.to_string()]
+            } else {
+                vec![ts]
+            },
+            abstract_syntax,
+        })
+        .collect();
+    contexts.push(Proposed {
+        id: COMMITMENT_CONTEXT,
+        abstract_syntax: commit::SOP_CLASS.to_string(),
+        transfer_syntaxes: vec![EXPLICIT_LE.to_string(), IMPLICIT_LE.to_string()],
+    });
+    (contexts, covered)
+}
+
+/// One C-STORE: the file's dataset streamed as is.
+async fn store_one(
+    assoc: &mut Association,
+    context: u8,
+    message_id: u16,
+    file: &Candidate,
+) -> Result<(u16, String, String), ClientError> {
+    let rq = Response::request(field::C_STORE_RQ, message_id, true)
+        .uid(tag::AFFECTED_SOP_CLASS_UID, &file.sop_class_uid)
+        .u16(tag::PRIORITY, 0)
+        .uid(tag::AFFECTED_SOP_INSTANCE_UID, &file.sop_instance_uid)
+        .encode();
+    let sha256;
+    let unreadable = |e: std::io::Error| {
+        ClientError::Protocol(format!("cannot read {}: {e}", file.path.display()))
+    };
+    if file.dataset_len() <= IN_MEMORY_BYTES {
+        // Typical instances: one read, then PDUs straight from memory.
+        let bytes = tokio::fs::read(&file.path).await.map_err(unreadable)?;
+        sha256 = storage::spool::hex(&sha2::Sha256::digest(&bytes));
+        let dataset = bytes
+            .get(file.dataset_offset as usize..)
+            .filter(|d| d.len() as u64 == file.dataset_len())
+            .ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "{} changed since it was scanned",
+                    file.path.display()
+                ))
+            })?;
+        assoc.send_command(context, &rq).await?;
+        assoc.send_dataset(context, dataset).await?;
+    } else {
+        // Large instances stream, one PDU in memory at a time.
+        let path = file.path.clone();
+        sha256 = tokio::task::spawn_blocking(move || crate::scan::file_sha256(&path))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(unreadable)?;
+        let mut source = tokio::fs::File::open(&file.path)
+            .await
+            .map_err(unreadable)?;
+        source
+            .seek(std::io::SeekFrom::Start(file.dataset_offset))
+            .await
+            .map_err(unreadable)?;
+        assoc.send_command(context, &rq).await?;
+        assoc
+            .send_dataset_from(
+                context,
+                tokio::io::BufReader::with_capacity(1 << 20, source),
+                file.dataset_len(),
+            )
+            .await?;
+    }
+    let rsp = assoc.receive(0).await?;
+    if rsp.command.command_field() != Some(field::C_STORE_RSP) {
+        return Err(ClientError::Protocol("expected C-STORE-RSP".into()));
+    }
+    let status = rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF);
+    let comment = rsp.command.uid(tag::ERROR_COMMENT).unwrap_or_default();
+    Ok((status, comment, sha256))
+}

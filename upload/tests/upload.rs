@@ -1,0 +1,316 @@
+//! The upload tool end to end against the real gateway on port 0.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+/// The gateway binary, built on demand (it belongs to another package).
+fn gateway_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("pacs-gateway");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "pacs-gateway",
+            "--bin",
+            "pacs-gateway",
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        status.success() && bin.exists(),
+        "cannot build pacs-gateway"
+    );
+    bin
+}
+
+struct Gateway {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Gateway {
+    fn start(dir: &Path, listen: &str) -> Gateway {
+        let config = dir.join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[gateway]\nae_title = \"COUNTYPACS\"\nlisten = \"{listen}\"\n\n[storage]\ndata_dir = \"{}\"\n\n\
+                 [[clinics]]\nid = \"xinzhen\"\nname = \"新镇乡卫生院\"\nae_titles = [\"XINZHEN_CT\"]\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("gateway.log"))
+            .unwrap();
+        let mut child = Command::new(gateway_bin())
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+        Gateway {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn index(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.dir.join("data/index.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap()
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        self.index().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn upload(port: u16, record: &Path, extra: &[&str], inputs: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_consortium-upload"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--calling-ae",
+            "XINZHEN_CT",
+            "--retries",
+            "2",
+        ])
+        .arg("--record")
+        .arg(record)
+        .args(extra)
+        .args(inputs)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn summary_count(out: &str, what: &str) -> usize {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("summary:"))
+        .expect("summary line");
+    line.split(", ")
+        .find(|part| part.ends_with(what))
+        .and_then(|part| part.trim_start_matches("summary: ").split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {what:?} in {line}"))
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn uploads_a_folder_commits_everything_and_reruns_send_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(21)).unwrap();
+    std::fs::write(samples.join("notes.txt"), "not DICOM").unwrap();
+    std::fs::write(samples.join("xinzhen/photo.jpg"), [0xFF, 0xD8, 0xFF, 0xE0]).unwrap();
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let record = dir.path().join("record.sqlite");
+
+    // Dry run: lists, sends nothing.
+    let dry = upload(gw.port, &record, &["--dry-run"], &[&samples]);
+    assert!(dry.status.success());
+    assert_eq!(
+        stdout(&dry)
+            .lines()
+            .filter(|l| l.starts_with("would send"))
+            .count(),
+        files.len()
+    );
+    assert_eq!(gw.count("SELECT count(*) FROM instances"), 0);
+
+    let out = upload(gw.port, &record, &[], &[&samples]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(summary_count(&text, "stored"), files.len());
+    assert_eq!(summary_count(&text, "committed"), files.len());
+    assert_eq!(summary_count(&text, "non-DICOM files skipped"), 2);
+    assert!(text.contains("notes.txt: not a DICOM Part 10 file"));
+    // The summary matches what the center holds, byte for byte.
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instances"),
+        files.len() as i64
+    );
+    let index = gw.index();
+    for f in &files {
+        let (key, offset): (String, i64) = index
+            .query_row(
+                "SELECT blob_key, dataset_offset FROM instances WHERE sop_instance_uid = ?1",
+                [&f.sop_instance_uid],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let stored = std::fs::read(dir.path().join("data/blobs").join(key)).unwrap();
+        let original = std::fs::read(&f.path).unwrap();
+        let (_, file_offset) = storage::part10::parse_file_header(&original).unwrap();
+        assert_eq!(
+            sha_hex(&stored[offset as usize..]),
+            sha_hex(&original[file_offset..]),
+            "{}",
+            f.path.display()
+        );
+    }
+
+    // A re-run skips everything confirmed.
+    let again = upload(gw.port, &record, &[], &[&samples]);
+    let text = stdout(&again);
+    assert!(again.status.success(), "{text}");
+    assert_eq!(summary_count(&text, "stored"), 0);
+    assert_eq!(
+        summary_count(&text, "already committed before"),
+        files.len()
+    );
+}
+
+#[test]
+fn bad_files_are_reported_and_the_rest_still_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(22)).unwrap();
+    // A truncated copy and an unreadable (empty) file with a DICOM name.
+    let original = std::fs::read(&files[0].path).unwrap();
+    std::fs::write(
+        samples.join("truncated.dcm"),
+        &original[..original.len() / 2],
+    )
+    .unwrap();
+    std::fs::write(samples.join("empty.dcm"), b"").unwrap();
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let out = upload(gw.port, &dir.path().join("record.sqlite"), &[], &[&samples]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("truncated.dcm: unusable DICOM file"),
+        "{text}"
+    );
+    assert_eq!(summary_count(&text, "unusable DICOM files"), 1);
+    assert_eq!(summary_count(&text, "committed"), files.len());
+}
+
+#[test]
+fn unknown_calling_ae_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    sample_dicom::generate(&samples, &sample_dicom::Options::small(23)).unwrap();
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let out = Command::new(env!("CARGO_BIN_EXE_consortium-upload"))
+        .args(["--port", &gw.port.to_string(), "--calling-ae", "STRANGER"])
+        .arg("--record")
+        .arg(dir.path().join("record.sqlite"))
+        .arg(&samples)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("calling AE title not recognized by the center"),
+        "{err}"
+    );
+    assert_eq!(gw.count("SELECT count(*) FROM instances"), 0);
+}
+
+#[test]
+fn gateway_killed_mid_upload_then_rerun_completes_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::demo(24)).unwrap();
+    let mut gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let port = gw.port;
+    let record = dir.path().join("record.sqlite");
+    let tool = Command::new(env!("CARGO_BIN_EXE_consortium-upload"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--calling-ae",
+            "XINZHEN_CT",
+            "--retries",
+            "1",
+        ])
+        .args(["--associations", "2"])
+        .arg("--record")
+        .arg(&record)
+        .arg(&samples)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gw.count("SELECT count(*) FROM instances") < 20 {
+        assert!(Instant::now() < deadline, "upload made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    gw.kill();
+    let first = tool.wait_with_output().unwrap();
+    assert!(
+        !first.status.success(),
+        "the interrupted upload must not claim success"
+    );
+    drop(gw);
+
+    // Same data, same port: re-running completes the set.
+    let gw = Gateway::start(dir.path(), &format!("127.0.0.1:{port}"));
+    let second = upload(port, &record, &[], &[&samples]);
+    let text = stdout(&second);
+    assert!(
+        second.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(
+        summary_count(&text, "committed") + summary_count(&text, "already committed before"),
+        files.len()
+    );
+    // Exactly one instance and one version per file: nothing duplicated.
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instances"),
+        files.len() as i64
+    );
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instance_versions"),
+        files.len() as i64
+    );
+}
