@@ -314,3 +314,70 @@ fn gateway_killed_mid_upload_then_rerun_completes_without_duplicates() {
         files.len() as i64
     );
 }
+
+#[test]
+fn dicomdir_and_config_file_and_missing_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(25)).unwrap();
+    // A DICOMDIR made by DCMTK over copies of the CT files (8-character file IDs).
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(media.join("IMAGES")).unwrap();
+    let cts: Vec<_> = files.iter().filter(|f| f.modality == "CT").collect();
+    for (i, f) in cts.iter().enumerate() {
+        std::fs::copy(&f.path, media.join(format!("IMAGES/IM{i:04}"))).unwrap();
+    }
+    let mkdir = Command::new("/usr/bin/dcmmkdir")
+        .args(["--recurse", "IMAGES"])
+        .current_dir(&media)
+        .output()
+        .expect("run /usr/bin/dcmmkdir (Debian dcmtk)");
+    assert!(
+        mkdir.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mkdir.stderr)
+    );
+    // One copy without its SOP Instance UID (DCMTK's dcmodify erases it).
+    let broken = dir.path().join("no-uid.dcm");
+    std::fs::copy(&cts[0].path, &broken).unwrap();
+    let modify = Command::new("/usr/bin/dcmodify")
+        .args(["-nb", "-ea", "(0008,0018)"])
+        .arg(&broken)
+        .output()
+        .expect("run /usr/bin/dcmodify (Debian dcmtk)");
+    assert!(
+        modify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&modify.stderr)
+    );
+
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let config = dir.path().join("upload.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "port = {}\ncalling_ae = \"XINZHEN_CT\"\nassociations = 2\nrecord = \"{}\"\n",
+            gw.port,
+            dir.path().join("record.sqlite").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_consortium-upload"))
+        .arg("--config")
+        .arg(&config)
+        .arg(media.join("DICOMDIR"))
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    // The DICOMDIR's instances are committed; the UID-less file is named, and fails the run.
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(summary_count(&text, "committed"), cts.len(), "{text}");
+    assert!(
+        text.contains(
+            "no-uid.dcm: unusable DICOM file: required attribute SOP Instance UID is missing"
+        ),
+        "{text}"
+    );
+    assert_eq!(gw.count("SELECT count(*) FROM instances"), cts.len() as i64);
+}
