@@ -59,6 +59,9 @@ pub struct GatewayConfig {
     /// Largest instance accepted, in bytes; bigger ones fail with 0xA700.
     #[serde(default = "defaults::max_instance_bytes")]
     pub max_instance_bytes: u64,
+    /// Most C-FIND matches returned; beyond it the query ends with 0xA700.
+    #[serde(default = "defaults::max_find_results")]
+    pub max_find_results: u64,
 }
 
 impl GatewayConfig {
@@ -140,6 +143,9 @@ mod defaults {
     }
     pub(super) fn max_instance_bytes() -> u64 {
         4 << 30
+    }
+    pub(super) fn max_find_results() -> u64 {
+        10_000
     }
 }
 

@@ -25,6 +25,8 @@ pub mod field {
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    pub const C_FIND_RQ: u16 = 0x0020;
+    pub const C_FIND_RSP: u16 = 0x8020;
     pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
     pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
     pub const N_ACTION_RQ: u16 = 0x0130;
@@ -36,6 +38,12 @@ pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     /// Refused: SOP Class not supported (command does not match its context).
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Pending: a match follows.
+    pub const PENDING: u16 = 0xFF00;
+    /// Pending, but optional keys were not supported for matching.
+    pub const PENDING_OPTIONAL_KEYS_UNSUPPORTED: u16 = 0xFF01;
+    /// Matching terminated by C-CANCEL.
+    pub const CANCEL: u16 = 0xFE00;
     /// Processing failure (N- services).
     pub const PROCESSING_FAILURE: u16 = 0x0110;
     /// No such SOP instance (N- services).
@@ -179,6 +187,16 @@ impl Response {
 
     pub fn u16(mut self, tag: u32, value: u16) -> Response {
         self.push(tag, value.to_le_bytes().to_vec());
+        self
+    }
+
+    /// Marks the response as followed by a dataset.
+    pub fn with_dataset(mut self) -> Response {
+        for (t, v) in &mut self.elements {
+            if *t == tag::COMMAND_DATA_SET_TYPE {
+                *v = 0x0000u16.to_le_bytes().to_vec();
+            }
+        }
         self
     }
 

@@ -98,6 +98,12 @@ enum Pending {
         message_id: u16,
         bytes: Vec<u8>,
     },
+    /// A C-FIND identifier, collected in memory.
+    Find {
+        context_id: u8,
+        message_id: u16,
+        bytes: Vec<u8>,
+    },
     /// A dataset we will discard, then answer with `status`.
     Discard {
         context_id: u8,
@@ -366,6 +372,22 @@ impl Connection {
                             bytes.extend_from_slice(&pdv.data);
                         }
                     }
+                    Some(Pending::Find {
+                        context_id,
+                        message_id,
+                        bytes,
+                    }) if *context_id == pdv.context_id => {
+                        if bytes.len() + pdv.data.len() > crate::find::MAX_IDENTIFIER_BYTES {
+                            *pending = Some(Pending::Discard {
+                                context_id: *context_id,
+                                message_id: *message_id,
+                                response_field: field::C_FIND_RSP,
+                                status: status::OUT_OF_RESOURCES,
+                            });
+                        } else {
+                            bytes.extend_from_slice(&pdv.data);
+                        }
+                    }
                     Some(Pending::Discard { context_id, .. }) if *context_id == pdv.context_id => {}
                     _ => {
                         return Err(End::Abort(
@@ -390,6 +412,14 @@ impl Connection {
                             bytes,
                         }) => {
                             self.on_commitment(shared, assoc, context_id, message_id, &bytes)
+                                .await?
+                        }
+                        Some(Pending::Find {
+                            context_id,
+                            message_id,
+                            bytes,
+                        }) => {
+                            self.on_find(shared, assoc, context_id, message_id, &bytes)
                                 .await?
                         }
                         Some(Pending::Discard {
@@ -450,6 +480,22 @@ impl Connection {
                 }
             }
             Some(field::C_CANCEL_RQ) => Ok(None),
+            Some(field::C_FIND_RQ) if crate::find::is_find_class(&context.abstract_syntax) => {
+                if command.has_dataset() {
+                    Ok(Some(Pending::Find {
+                        context_id,
+                        message_id,
+                        bytes: Vec::new(),
+                    }))
+                } else {
+                    let rsp =
+                        Response::new(field::C_FIND_RSP, message_id, status::DATASET_MISMATCH)
+                            .error_comment("C-FIND without an identifier")
+                            .encode();
+                    self.respond(assoc, context_id, &rsp).await?;
+                    Ok(None)
+                }
+            }
             Some(field::N_ACTION_RQ) => {
                 let status = check_commitment_request(&command, context);
                 match (status, command.has_dataset()) {
@@ -536,6 +582,225 @@ impl Connection {
             rsp = rsp.uid(tag::AFFECTED_SOP_INSTANCE_UID, &sop_instance);
         }
         self.respond(assoc, context_id, &rsp.encode()).await
+    }
+
+    /// A complete C-FIND identifier: stream the matches, watching for C-CANCEL.
+    async fn on_find(
+        &mut self,
+        shared: &Shared,
+        assoc: &Established,
+        context_id: u8,
+        message_id: u16,
+        identifier: &[u8],
+    ) -> Result<(), End> {
+        let context = assoc.contexts[&context_id].clone();
+        let scope = (!assoc.county).then(|| assoc.source.clinic_id.clone());
+        let final_rsp = |status: u16, comment: Option<&str>| {
+            let mut r = Response::new(field::C_FIND_RSP, message_id, status)
+                .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax);
+            if let Some(c) = comment {
+                r = r.error_comment(c);
+            }
+            r.encode()
+        };
+        let request = match crate::find::parse(
+            identifier,
+            &context.transfer_syntax,
+            &context.abstract_syntax,
+            scope,
+        ) {
+            Ok(r) => r,
+            Err(why) => {
+                warn!(%why, "invalid C-FIND identifier");
+                self.audit(
+                    shared,
+                    assoc,
+                    "C-FIND",
+                    &why,
+                    "refused: invalid identifier",
+                    0,
+                )
+                .await;
+                return self
+                    .respond(
+                        assoc,
+                        context_id,
+                        &final_rsp(status::DATASET_MISMATCH, Some(&why)),
+                    )
+                    .await;
+            }
+        };
+        let pending_status = if request.unmatched_keys {
+            status::PENDING_OPTIONAL_KEYS_UNSUPPORTED
+        } else {
+            status::PENDING
+        };
+        let limit = shared.config.gateway.max_find_results;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<String>>(32);
+        let storage = shared.storage.clone();
+        let query = request.query.clone();
+        let producer = tokio::task::spawn_blocking(move || {
+            storage
+                .reader()?
+                .find(&query, |row| tx.blocking_send(row).is_ok())
+        });
+
+        enum Event {
+            Incoming(Result<Option<Incoming>, ul::UlError>),
+            Row(Option<Vec<String>>),
+        }
+        let mut sent = 0u64;
+        let mut cancel_bytes = Vec::new();
+        let mut end_status = None;
+        let (mut rd, mut wr) = self.stream.split();
+        loop {
+            let event = tokio::select! {
+                biased;
+                incoming = self.reader.next(&mut rd) => Event::Incoming(incoming),
+                row = rx.recv() => Event::Row(row),
+            };
+            match event {
+                Event::Row(None) => break,
+                Event::Row(Some(values)) => {
+                    if sent >= limit {
+                        end_status = Some((
+                            status::OUT_OF_RESOURCES,
+                            "too many matches: narrow the query",
+                        ));
+                        break;
+                    }
+                    let dataset =
+                        crate::find::encode_match(&request, &values, &context.transfer_syntax)
+                            .map_err(|e| {
+                                End::Abort(
+                                    AbortReason::ReasonNotSpecified,
+                                    format!("cannot encode match: {e}"),
+                                )
+                            })?;
+                    let rsp = Response::new(field::C_FIND_RSP, message_id, pending_status)
+                        .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                        .with_dataset()
+                        .encode();
+                    let sent_ok = async {
+                        ul::send_message(&mut wr, context_id, true, &rsp, assoc.peer_max_pdu)
+                            .await?;
+                        ul::send_message(&mut wr, context_id, false, &dataset, assoc.peer_max_pdu)
+                            .await
+                    };
+                    sent_ok
+                        .await
+                        .map_err(|e| End::Lost(format!("cannot send C-FIND response: {e}")))?;
+                    sent += 1;
+                }
+                Event::Incoming(Ok(Some(Incoming::PData(body)))) => {
+                    // Only a C-CANCEL for this query may arrive now.
+                    let pdvs = ul::pdvs(body)
+                        .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
+                    for pdv in pdvs {
+                        if !pdv.is_command {
+                            return Err(End::Abort(
+                                AbortReason::UnexpectedPduParameter,
+                                "dataset during C-FIND".into(),
+                            ));
+                        }
+                        cancel_bytes.extend_from_slice(&pdv.data);
+                        if pdv.is_last {
+                            let cmd = Command::parse(&cancel_bytes).map_err(|e| {
+                                End::Abort(AbortReason::InvalidPduParameter, e.to_string())
+                            })?;
+                            if cmd.command_field() != Some(field::C_CANCEL_RQ)
+                                || cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) != Some(message_id)
+                            {
+                                return Err(End::Abort(
+                                    AbortReason::UnexpectedPduParameter,
+                                    "only C-CANCEL may interrupt a C-FIND".into(),
+                                ));
+                            }
+                            end_status = Some((status::CANCEL, ""));
+                        }
+                    }
+                    if end_status.is_some() {
+                        break;
+                    }
+                }
+                Event::Incoming(Ok(Some(Incoming::Other(Pdu::AbortRQ { .. })))) => {
+                    return Err(End::PeerAborted);
+                }
+                Event::Incoming(Ok(Some(Incoming::Other(other)))) => {
+                    return Err(End::Abort(
+                        AbortReason::UnexpectedPdu,
+                        format!(
+                            "unexpected {} during C-FIND",
+                            pdu_kind(&Incoming::Other(other))
+                        ),
+                    ));
+                }
+                Event::Incoming(Ok(None)) => return Err(End::PeerClosed),
+                Event::Incoming(Err(e)) => {
+                    return Err(match e.abort_reason() {
+                        Some(reason) => End::Abort(reason, e.to_string()),
+                        None => End::Lost(e.to_string()),
+                    });
+                }
+            }
+        }
+        drop(rx); // stops the producer at its next row
+        let produced = producer.await;
+        let (status, comment, outcome) = match (end_status, produced) {
+            (Some((status::CANCEL, _)), _) => (status::CANCEL, None, "cancelled".to_string()),
+            (Some((s, c)), _) => (s, Some(c), format!("stopped: {c}")),
+            (None, Ok(Ok(_))) => (status::SUCCESS, None, "success".to_string()),
+            (None, Ok(Err(e))) => {
+                warn!(error = %e, "C-FIND query failed");
+                (
+                    status::CANNOT_UNDERSTAND,
+                    Some("query failed"),
+                    format!("failed: {e}"),
+                )
+            }
+            (None, Err(e)) => (
+                status::CANNOT_UNDERSTAND,
+                Some("query failed"),
+                format!("failed: {e}"),
+            ),
+        };
+        info!(
+            matches = sent,
+            status = format_args!("0x{status:04X}"),
+            "C-FIND answered"
+        );
+        self.audit(shared, assoc, "C-FIND", &request.describe(), &outcome, sent)
+            .await;
+        self.respond(assoc, context_id, &final_rsp(status, comment))
+            .await
+    }
+
+    /// Records an access in the audit trail; a failure to audit is logged.
+    async fn audit(
+        &self,
+        shared: &Shared,
+        assoc: &Established,
+        action: &str,
+        detail: &str,
+        outcome: &str,
+        matches: u64,
+    ) {
+        let entry = storage::AuditEntry {
+            calling_ae: assoc.source.calling_ae.clone(),
+            clinic_id: assoc.source.clinic_id.clone(),
+            peer: self
+                .stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            action: action.to_string(),
+            detail: detail.to_string(),
+            outcome: outcome.to_string(),
+            matches,
+        };
+        if let Err(e) = shared.storage.audit(entry).await {
+            tracing::error!(error = %e, "cannot write the audit trail");
+        }
     }
 
     /// A complete N-ACTION (Request Storage Commitment): verify every

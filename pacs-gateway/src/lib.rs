@@ -11,11 +11,13 @@
 //! shared with the upload tool.
 //! - `c_store`: C-STORE into `storage`, and its error-to-status mapping.
 //! - `commitment`: Storage Commitment Push Model (N-ACTION, N-EVENT-REPORT).
+//! - `find`: C-FIND identifiers to index queries and back.
 
 mod admission;
 mod association;
 mod c_store;
 mod commitment;
+mod find;
 mod negotiate;
 pub mod server;
 

@@ -123,7 +123,7 @@ pub(crate) fn is_supported_abstract_syntax(uid: &str) -> bool {
 /// Non-storage services: their datasets are parsed, not stored, so they
 /// are offered only in the uncompressed little endian syntaxes.
 fn is_service_class(uid: &str) -> bool {
-    uid == crate::commitment::SOP_CLASS
+    uid == crate::commitment::SOP_CLASS || crate::find::is_find_class(uid)
 }
 
 fn is_service_transfer_syntax(uid: &str) -> bool {
@@ -267,7 +267,8 @@ mod tests {
         ));
         assert!(is_supported_abstract_syntax("1.3.12.2.1107.5.9.1"));
         assert!(is_supported_abstract_syntax(VERIFICATION));
-        assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.1"));
+        assert!(is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.1"));
+        assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.2"));
         assert!(is_supported_abstract_syntax("1.2.840.10008.1.20.1"));
         assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.31"));
     }

@@ -20,6 +20,7 @@ pub mod blobs;
 mod error;
 pub mod index;
 pub mod part10;
+pub mod query;
 pub mod spool;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,18 @@ pub use index::{IndexReader, InstanceRecord, StoreOutcome};
 pub use spool::{Spool, Spooled};
 
 use index::writer::{Job, NewInstance};
+
+/// One audited access to patient data.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub calling_ae: String,
+    pub clinic_id: String,
+    pub peer: String,
+    pub action: String,
+    pub detail: String,
+    pub outcome: String,
+    pub matches: u64,
+}
 
 /// The index database's file name inside the data directory.
 pub const INDEX_FILE: &str = "index.sqlite";
@@ -157,6 +170,13 @@ impl Storage {
     pub async fn sync_clinics(&self, clinics: Vec<(String, String)>) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Clinics { clinics, reply })?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Appends to the audit trail (committed with the next index batch).
+    pub async fn audit(&self, entry: AuditEntry) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Audit { entry, reply })?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 

@@ -106,6 +106,21 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (sop_instance_uid, sha256)
     );
     "#,
+    // 2: audit trail of queries and retrievals (who, what, when, outcome).
+    r#"
+    CREATE TABLE audit (
+        pk          INTEGER PRIMARY KEY,
+        at          TEXT NOT NULL,
+        calling_ae  TEXT NOT NULL,
+        clinic_id   TEXT NOT NULL,
+        peer        TEXT NOT NULL,
+        action      TEXT NOT NULL,   -- e.g. C-FIND
+        detail      TEXT NOT NULL,   -- level and query keys
+        outcome     TEXT NOT NULL,   -- success, cancelled, refused: ...
+        matches     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX audit_by_time ON audit (at);
+    "#,
 ];
 
 pub(crate) const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;

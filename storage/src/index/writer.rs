@@ -58,6 +58,10 @@ pub(crate) enum Job {
         clinics: Vec<(String, String)>,
         reply: oneshot::Sender<Result<()>>,
     },
+    Audit {
+        entry: crate::AuditEntry,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 pub(crate) fn spawn(conn: Connection) -> std::io::Result<mpsc::Sender<Job>> {
@@ -97,7 +101,7 @@ fn sync_stage(rx: mpsc::Receiver<Job>, pool: SyncPool, next: mpsc::Sender<Synced
             .iter()
             .flat_map(|j| match j {
                 Job::Insert { to_sync, .. } => to_sync.clone(),
-                Job::Clinics { .. } => Vec::new(),
+                Job::Clinics { .. } | Job::Audit { .. } => Vec::new(),
             })
             .collect();
         to_sync.sort();
@@ -150,6 +154,9 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
                 Job::Clinics { clinics, .. } => {
                     with_savepoint(&mut tx, |sp| upsert_clinics(sp, clinics)).map(|_| None)
                 }
+                Job::Audit { entry, .. } => {
+                    with_savepoint(&mut tx, |sp| insert_audit(sp, entry)).map(|_| None)
+                }
             };
             results.push(res);
         }
@@ -172,7 +179,7 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
             Job::Insert { reply, .. } => {
                 let _ = reply.send(res.map(|o| o.unwrap_or(StoreOutcome::Stored)));
             }
-            Job::Clinics { reply, .. } => {
+            Job::Clinics { reply, .. } | Job::Audit { reply, .. } => {
                 let _ = reply.send(res.map(drop));
             }
         }
@@ -197,7 +204,7 @@ fn fail_all(jobs: Vec<Job>, e: &Error) {
             Job::Insert { reply, .. } => {
                 let _ = reply.send(Err(err()));
             }
-            Job::Clinics { reply, .. } => {
+            Job::Clinics { reply, .. } | Job::Audit { reply, .. } => {
                 let _ = reply.send(Err(err()));
             }
         }
@@ -217,6 +224,24 @@ fn with_savepoint<T>(
         }
         Err(e) => Err(e), // dropping the savepoint rolls it back
     }
+}
+
+fn insert_audit(tx: &Connection, e: &crate::AuditEntry) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO audit (at, calling_ae, clinic_id, peer, action, detail, outcome, matches)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        crate::utc_timestamp(std::time::SystemTime::now()),
+        e.calling_ae,
+        e.clinic_id,
+        e.peer,
+        e.action,
+        e.detail,
+        e.outcome,
+        e.matches as i64
+    ])?;
+    Ok(())
 }
 
 fn upsert_clinics(tx: &Connection, clinics: &[(String, String)]) -> Result<()> {

@@ -1,0 +1,226 @@
+//! C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root information
+//! models, PATIENT to IMAGE level. The identifier becomes a
+//! `storage::query::Query`; each match goes back as a pending response with
+//! only the requested keys, in UTF-8 (ISO_IR 192) when any value is not ASCII.
+
+use dicom_core::header::Header;
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_encoding::text::SpecificCharacterSet;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use storage::query::{Key, Level, Matcher, Query};
+
+pub(crate) const PATIENT_ROOT: &str = "1.2.840.10008.5.1.4.1.2.1.1";
+pub(crate) const STUDY_ROOT: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+/// Largest identifier accepted.
+pub(crate) const MAX_IDENTIFIER_BYTES: usize = 1 << 20;
+
+pub(crate) fn is_find_class(uid: &str) -> bool {
+    uid == PATIENT_ROOT || uid == STUDY_ROOT
+}
+
+/// Every key the index answers, with its tag and VR.
+const KEYS: &[(Tag, VR, Key)] = &[
+    (tags::PATIENT_NAME, VR::PN, Key::PatientName),
+    (tags::PATIENT_ID, VR::LO, Key::PatientId),
+    (tags::ISSUER_OF_PATIENT_ID, VR::LO, Key::IssuerOfPatientId),
+    (tags::PATIENT_BIRTH_DATE, VR::DA, Key::PatientBirthDate),
+    (tags::PATIENT_SEX, VR::CS, Key::PatientSex),
+    (
+        tags::NUMBER_OF_PATIENT_RELATED_STUDIES,
+        VR::IS,
+        Key::NumberOfPatientRelatedStudies,
+    ),
+    (
+        tags::NUMBER_OF_PATIENT_RELATED_SERIES,
+        VR::IS,
+        Key::NumberOfPatientRelatedSeries,
+    ),
+    (
+        tags::NUMBER_OF_PATIENT_RELATED_INSTANCES,
+        VR::IS,
+        Key::NumberOfPatientRelatedInstances,
+    ),
+    (tags::STUDY_INSTANCE_UID, VR::UI, Key::StudyInstanceUid),
+    (tags::STUDY_DATE, VR::DA, Key::StudyDate),
+    (tags::STUDY_TIME, VR::TM, Key::StudyTime),
+    (tags::ACCESSION_NUMBER, VR::SH, Key::AccessionNumber),
+    (tags::STUDY_ID, VR::SH, Key::StudyId),
+    (tags::STUDY_DESCRIPTION, VR::LO, Key::StudyDescription),
+    (
+        tags::REFERRING_PHYSICIAN_NAME,
+        VR::PN,
+        Key::ReferringPhysicianName,
+    ),
+    (tags::INSTITUTION_NAME, VR::LO, Key::InstitutionName),
+    (tags::MODALITIES_IN_STUDY, VR::CS, Key::ModalitiesInStudy),
+    (tags::SOP_CLASSES_IN_STUDY, VR::UI, Key::SopClassesInStudy),
+    (
+        tags::NUMBER_OF_STUDY_RELATED_SERIES,
+        VR::IS,
+        Key::NumberOfStudyRelatedSeries,
+    ),
+    (
+        tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+        VR::IS,
+        Key::NumberOfStudyRelatedInstances,
+    ),
+    (tags::SERIES_INSTANCE_UID, VR::UI, Key::SeriesInstanceUid),
+    (tags::MODALITY, VR::CS, Key::Modality),
+    (tags::SERIES_NUMBER, VR::IS, Key::SeriesNumber),
+    (tags::SERIES_DESCRIPTION, VR::LO, Key::SeriesDescription),
+    (
+        tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
+        VR::IS,
+        Key::NumberOfSeriesRelatedInstances,
+    ),
+    (tags::SOP_INSTANCE_UID, VR::UI, Key::SopInstanceUid),
+    (tags::SOP_CLASS_UID, VR::UI, Key::SopClassUid),
+    (tags::INSTANCE_NUMBER, VR::IS, Key::InstanceNumber),
+    (tags::NUMBER_OF_FRAMES, VR::IS, Key::NumberOfFrames),
+];
+
+/// A parsed C-FIND identifier.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) query: Query,
+    level_code: String,
+    /// Tag and VR of each returned key, in `query.returns` order.
+    returned: Vec<(Tag, VR)>,
+    /// Requested keys we cannot answer: returned zero-length.
+    unsupported: Vec<(Tag, VR)>,
+    /// True when an unsupported key carried a value to match (pending
+    /// responses then say 0xFF01: optional keys not supported).
+    pub(crate) unmatched_keys: bool,
+}
+
+impl Request {
+    /// A short description for the audit trail (keys with values).
+    pub(crate) fn describe(&self) -> String {
+        let mut parts = vec![format!("level={}", self.level_code)];
+        for (key, matcher) in &self.query.conditions {
+            if *matcher != Matcher::Universal {
+                parts.push(format!("{key:?}={matcher:?}"));
+            }
+        }
+        parts.join("; ")
+    }
+}
+
+/// Parses an identifier (already bounded in size) in `transfer_syntax`.
+pub(crate) fn parse(
+    identifier: &[u8],
+    transfer_syntax: &str,
+    model: &str,
+    clinic: Option<String>,
+) -> Result<Request, String> {
+    storage::attrs::validate(identifier, transfer_syntax).map_err(|e| e.to_string())?;
+    let ts = TransferSyntaxRegistry
+        .get(transfer_syntax)
+        .ok_or("unsupported transfer syntax")?;
+    let obj = InMemDicomObject::read_dataset_with_ts(identifier, ts).map_err(|e| e.to_string())?;
+    let level_code = obj
+        .element_opt(tags::QUERY_RETRIEVE_LEVEL)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .ok_or("missing Query/Retrieve Level")?;
+    let level = Level::from_code(&level_code)
+        .ok_or_else(|| format!("invalid Query/Retrieve Level {level_code:?}"))?;
+    if model == STUDY_ROOT && level == Level::Patient {
+        return Err("PATIENT level is not part of the Study Root model".into());
+    }
+    let mut query = Query {
+        level,
+        conditions: Vec::new(),
+        returns: Vec::new(),
+        clinic,
+    };
+    let mut returned = Vec::new();
+    let mut unsupported = Vec::new();
+    let mut unmatched_keys = false;
+    for element in obj.iter() {
+        let tag = element.tag();
+        if tag == tags::QUERY_RETRIEVE_LEVEL
+            || tag == tags::SPECIFIC_CHARACTER_SET
+            || tag.group() == 0x0002
+        {
+            continue;
+        }
+        let value = element.to_str().map(|s| s.to_string()).unwrap_or_default();
+        match KEYS.iter().find(|(t, _, _)| *t == tag) {
+            Some((_, vr, key)) => {
+                let matcher = Matcher::parse(&value, matches!(vr, VR::DA | VR::TM | VR::DT));
+                query.conditions.push((*key, matcher));
+                query.returns.push(*key);
+                returned.push((tag, *vr));
+            }
+            None if element.vr() == VR::SQ => {}
+            None => {
+                unmatched_keys |= !value.trim().is_empty();
+                unsupported.push((tag, element.vr()));
+            }
+        }
+    }
+    Ok(Request {
+        query,
+        level_code,
+        returned,
+        unsupported,
+        unmatched_keys,
+    })
+}
+
+/// Encodes one match as a response identifier in `transfer_syntax`.
+pub(crate) fn encode_match(
+    request: &Request,
+    values: &[String],
+    transfer_syntax: &str,
+) -> Result<Vec<u8>, String> {
+    let ts = TransferSyntaxRegistry
+        .get(transfer_syntax)
+        .ok_or("unsupported transfer syntax")?;
+    let mut obj = InMemDicomObject::new_empty();
+    obj.put(DataElement::new(
+        tags::QUERY_RETRIEVE_LEVEL,
+        VR::CS,
+        PrimitiveValue::from(request.level_code.as_str()),
+    ));
+    let mut non_ascii = false;
+    for ((tag, vr), value) in request.returned.iter().zip(values) {
+        non_ascii |= !value.is_ascii();
+        let v = if *vr == VR::CS || *vr == VR::UI || *vr == VR::IS {
+            PrimitiveValue::Strs(value.split('\\').map(str::to_string).collect())
+        } else {
+            PrimitiveValue::from(value.as_str())
+        };
+        obj.put(DataElement::new(
+            *tag,
+            *vr,
+            if value.is_empty() {
+                PrimitiveValue::Empty
+            } else {
+                v
+            },
+        ));
+    }
+    for (tag, vr) in &request.unsupported {
+        obj.put(DataElement::new(*tag, *vr, PrimitiveValue::Empty));
+    }
+    let mut out = Vec::new();
+    if non_ascii {
+        obj.put(DataElement::new(
+            tags::SPECIFIC_CHARACTER_SET,
+            VR::CS,
+            PrimitiveValue::from("ISO_IR 192"),
+        ));
+        obj.write_dataset_with_ts_cs(&mut out, ts, SpecificCharacterSet::ISO_IR_192)
+    } else {
+        obj.write_dataset_with_ts(&mut out, ts)
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(out)
+}

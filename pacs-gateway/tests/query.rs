@@ -1,0 +1,420 @@
+//! C-FIND with clients we did not write: DCMTK findscu and pynetdicom.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Gateway, GatewaySpec};
+use sample_dicom::Options;
+
+fn propose_flag(ts: &str) -> &'static str {
+    match ts {
+        "1.2.840.10008.1.2" => "-xi",
+        "1.2.840.10008.1.2.2" => "-xb",
+        "1.2.840.10008.1.2.4.50" => "-xy",
+        "1.2.840.10008.1.2.5" => "-xr",
+        "1.2.840.10008.1.2.1.99" => "-xd",
+        _ => "-xe",
+    }
+}
+
+/// A gateway holding the demo samples, each sent by its own clinic's AE.
+fn loaded(dir: &Path, spec: &GatewaySpec) -> Gateway {
+    let files = sample_dicom::generate(&dir.join("samples"), &Options::demo(31)).unwrap();
+    let gw = Gateway::start(dir, spec);
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<PathBuf>> = Default::default();
+    for f in &files {
+        groups
+            .entry((f.clinic_ae.clone(), f.transfer_syntax.clone()))
+            .or_default()
+            .push(f.path.clone());
+    }
+    for ((ae, ts), paths) in groups {
+        let out = common::storescu(gw.port, &ae, &[propose_flag(&ts)], &paths);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(gw.instance_count(), files.len() as i64);
+    gw
+}
+
+/// Runs findscu and returns the response identifiers it wrote.
+fn findscu(
+    port: u16,
+    calling: &str,
+    keys: &[&str],
+    out_dir: &Path,
+) -> (bool, Vec<dicom_object::DefaultDicomObject>) {
+    std::fs::create_dir_all(out_dir).unwrap();
+    let mut cmd = Command::new("/usr/bin/findscu");
+    cmd.args(["-S", "-X", "-od"])
+        .arg(out_dir)
+        .args(["-aet", calling, "-aec", common::AE]);
+    for k in keys {
+        cmd.args(["-k", k]);
+    }
+    let out = cmd
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run /usr/bin/findscu (Debian dcmtk)");
+    let mut files: Vec<_> = std::fs::read_dir(out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let objs = files
+        .iter()
+        .map(|p| dicom_object::open_file(p).unwrap())
+        .collect();
+    (out.status.success(), objs)
+}
+
+fn text(obj: &dicom_object::DefaultDicomObject, tag: dicom_core::Tag) -> String {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        .unwrap_or_default()
+}
+
+fn count(gw: &Gateway, sql: &str) -> usize {
+    gw.index()
+        .query_row(sql, [], |r| r.get::<_, i64>(0))
+        .unwrap() as usize
+}
+
+#[test]
+fn findscu_queries_at_every_level_with_scope_and_audit() {
+    use dicom_dictionary_std::tags;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = loaded(dir.path(), &GatewaySpec::default());
+    let scratch = dir.path().join("find");
+
+    // County reading station: every study.
+    let (ok, studies) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "StudyInstanceUID",
+            "PatientName",
+            "ModalitiesInStudy",
+            "NumberOfStudyRelatedInstances",
+        ],
+        &scratch.join("all"),
+    );
+    assert!(ok);
+    assert_eq!(studies.len(), count(&gw, "SELECT count(*) FROM studies"));
+    // Only requested keys come back (plus the level and character set).
+    for s in &studies {
+        assert!(s.element_opt(tags::ACCESSION_NUMBER).unwrap().is_none());
+        let uid = text(s, tags::STUDY_INSTANCE_UID);
+        let n: usize = text(s, tags::NUMBER_OF_STUDY_RELATED_INSTANCES)
+            .parse()
+            .unwrap();
+        let expected = count(
+            &gw,
+            &format!(
+                "SELECT count(*) FROM instances i JOIN series se ON se.pk = i.series_pk \
+                 JOIN studies st ON st.pk = se.study_pk WHERE st.study_uid = '{uid}'"
+            ),
+        );
+        assert_eq!(n, expected, "{uid}");
+    }
+
+    // A township clinic sees only its own patients.
+    let (_, own) = findscu(
+        gw.port,
+        "XINZHEN_CT",
+        &["QueryRetrieveLevel=STUDY", "StudyInstanceUID"],
+        &scratch.join("own"),
+    );
+    assert_eq!(
+        own.len(),
+        count(
+            &gw,
+            "SELECT count(*) FROM studies st JOIN patients p ON p.pk = st.patient_pk WHERE p.clinic_id = 'xinzhen'"
+        )
+    );
+    assert!(own.len() < studies.len());
+
+    // Chinese name prefix, UTF-8 query, matched on the ideographic group.
+    let name: String = gw
+        .index()
+        .query_row(
+            "SELECT name FROM patients WHERE name LIKE '%=%' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let ideographic = name.split('=').nth(1).unwrap();
+    let family = ideographic.split('^').next().unwrap();
+    let pattern = format!("PatientName={family}*");
+    let (ok, by_name) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &[
+            "SpecificCharacterSet=ISO_IR 192",
+            "QueryRetrieveLevel=STUDY",
+            &pattern,
+            "StudyInstanceUID",
+        ],
+        &scratch.join("name"),
+    );
+    assert!(ok && !by_name.is_empty());
+    for s in &by_name {
+        let n = text(s, tags::PATIENT_NAME);
+        assert!(
+            n.split('=').any(|g| g.starts_with(family)),
+            "{n} does not match {family}*"
+        );
+        assert_eq!(text(s, tags::SPECIFIC_CHARACTER_SET), "ISO_IR 192");
+    }
+
+    // Date range with modality.
+    let (_, ranged) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "StudyDate=20230101-20241231",
+            "ModalitiesInStudy=CT",
+            "StudyInstanceUID",
+        ],
+        &scratch.join("range"),
+    );
+    let expected = count(
+        &gw,
+        "SELECT count(*) FROM studies st WHERE st.study_date BETWEEN '20230101' AND '20241231' \
+         AND EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality = 'CT')",
+    );
+    assert_eq!(ranged.len(), expected);
+    for s in &ranged {
+        let d = text(s, tags::STUDY_DATE);
+        assert!(("20230101".."20241232").contains(&d.as_str()), "{d}");
+    }
+
+    // Series and image levels within one study.
+    let study = text(&studies[0], tags::STUDY_INSTANCE_UID);
+    let (_, series) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=SERIES",
+            &format!("StudyInstanceUID={study}"),
+            "SeriesInstanceUID",
+            "Modality",
+        ],
+        &scratch.join("series"),
+    );
+    assert_eq!(
+        series.len(),
+        count(
+            &gw,
+            &format!(
+                "SELECT count(*) FROM series se JOIN studies st ON st.pk = se.study_pk WHERE st.study_uid = '{study}'"
+            )
+        )
+    );
+    let (_, images) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=IMAGE",
+            &format!("StudyInstanceUID={study}"),
+            "SOPInstanceUID",
+            "InstanceNumber",
+        ],
+        &scratch.join("images"),
+    );
+    assert_eq!(
+        images.len(),
+        count(
+            &gw,
+            &format!(
+                "SELECT count(*) FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk WHERE st.study_uid = '{study}'"
+            )
+        )
+    );
+
+    // Every query is audited with who and how many.
+    let audited = count(
+        &gw,
+        "SELECT count(*) FROM audit WHERE action = 'C-FIND' AND outcome = 'success'",
+    );
+    assert_eq!(audited, 6);
+    let (ae, matches): (String, i64) = gw
+        .index()
+        .query_row(
+            "SELECT calling_ae, matches FROM audit WHERE calling_ae = 'XINZHEN_CT'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((ae.as_str(), matches as usize), ("XINZHEN_CT", own.len()));
+    assert!(
+        !gw.log().contains(family),
+        "patient names must not appear in logs"
+    );
+}
+
+#[test]
+fn pynetdicom_gb18030_query_finds_utf8_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = loaded(dir.path(), &GatewaySpec::default());
+    let name: String = gw
+        .index()
+        .query_row("SELECT name FROM patients WHERE name_charset = 'ISO_IR 192' AND name LIKE '%=%' LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    let family = name
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .split('^')
+        .next()
+        .unwrap()
+        .to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/find_scu.py");
+    let run = |args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(script)
+            .arg(gw.port.to_string())
+            .args(args)
+            .output()
+            .expect("python3 with pynetdicom");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let found = run(&["COUNTYWS1", "GB18030", &format!("{family}*")]);
+    assert!(found.contains(&family), "{found}");
+    assert!(found.contains("\"statuses\": [65280"), "{found}");
+    assert!(found.contains(", 0], \"names\""), "final success: {found}");
+    let expected: i64 = gw
+        .index()
+        .query_row(
+            "SELECT count(*) FROM studies st JOIN patients p ON p.pk = st.patient_pk WHERE p.name LIKE ?1",
+            [format!("%={family}%")],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(found.matches("65280").count() as i64, expected, "{found}");
+}
+
+#[test]
+fn c_cancel_ends_the_stream_with_fe00() {
+    use common::scu::{self, Reply, el};
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let mut sender = scu::associate_ct(gw.port);
+    for i in 0..20 {
+        let uid = format!("2.25.{}", 8_000 + i);
+        assert_eq!(
+            sender.store(
+                1,
+                scu::CT_IMAGE_STORAGE,
+                &uid,
+                &scu::ct_dataset(&uid, "2.25.80", 64)
+            ),
+            Reply::Status(0)
+        );
+    }
+    assert!(sender.release());
+    const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+    let scu::Association::Accepted(mut scu) = scu::associate(
+        gw.port,
+        "COUNTYWS1",
+        common::AE,
+        &[(1, STUDY_ROOT_FIND, &[scu::EXPLICIT_LE])],
+    ) else {
+        panic!("association refused")
+    };
+    let find_rq = scu::command(&[
+        (0x0002, scu::uid_value(STUDY_ROOT_FIND)),
+        (0x0100, 0x0020u16.to_le_bytes().to_vec()),
+        (0x0110, 9u16.to_le_bytes().to_vec()),
+        (0x0700, 0u16.to_le_bytes().to_vec()),
+        (0x0800, 0u16.to_le_bytes().to_vec()),
+    ]);
+    let identifier = [
+        el(0x0008_0018, b"UI", b""),
+        el(0x0008_0052, b"CS", b"IMAGE"),
+    ]
+    .concat();
+    let cancel_rq = scu::command(&[
+        (0x0100, 0x0FFFu16.to_le_bytes().to_vec()),
+        (0x0120, 9u16.to_le_bytes().to_vec()),
+        (0x0800, 0x0101u16.to_le_bytes().to_vec()),
+    ]);
+    // Request and cancel in one write: the cancel is waiting before any match is sent.
+    let burst = [
+        scu::pdata(1, true, true, &find_rq),
+        scu::pdata(1, false, true, &identifier),
+        scu::pdata(1, true, true, &cancel_rq),
+    ]
+    .concat();
+    scu.send_raw(&burst).unwrap();
+    // Pending responses (if any) then the final status.
+    let mut statuses = Vec::new();
+    loop {
+        match scu.reply() {
+            Reply::Status(0xFF00) => {
+                statuses.push(0xFF00);
+                let _ = scu::read_any(&mut scu.stream); // its identifier
+            }
+            Reply::Status(s) => {
+                statuses.push(s);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(statuses.last(), Some(&0xFE00), "{statuses:x?}");
+    assert!(
+        statuses.len() < 21,
+        "the stream stopped early: {statuses:x?}"
+    );
+    assert!(scu.release());
+    let outcome: String = gw
+        .index()
+        .query_row(
+            "SELECT outcome FROM audit WHERE action = 'C-FIND'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(outcome, "cancelled");
+}
+
+#[test]
+fn match_limit_answers_a700_instead_of_exhausting_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = GatewaySpec {
+        gateway_extra: "max_find_results = 3".into(),
+        ..Default::default()
+    };
+    let gw = loaded(dir.path(), &spec);
+    let (ok, results) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &["QueryRetrieveLevel=IMAGE", "SOPInstanceUID"],
+        &dir.path().join("lim"),
+    );
+    assert!(!ok || results.len() == 3);
+    assert_eq!(results.len(), 3);
+    let outcome: String = gw
+        .index()
+        .query_row("SELECT outcome FROM audit", [], |r| r.get(0))
+        .unwrap();
+    assert!(outcome.contains("too many matches"), "{outcome}");
+}

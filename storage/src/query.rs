@@ -1,0 +1,426 @@
+//! C-FIND matching over the index (PS3.4 C.2.2.2): single value,
+//! universal, wildcard, range and UID list matching, person names matched
+//! on the whole value and per component group, case-insensitively.
+//!
+//! Queries are SQL with bound parameters only; rows stream to a callback so
+//! no result set is held in memory.
+
+use rusqlite::types::Value;
+
+use crate::error::Result;
+use crate::index::IndexReader;
+
+/// Query/Retrieve level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Patient,
+    Study,
+    Series,
+    Image,
+}
+
+impl Level {
+    pub fn from_code(code: &str) -> Option<Level> {
+        match code.trim() {
+            "PATIENT" => Some(Level::Patient),
+            "STUDY" => Some(Level::Study),
+            "SERIES" => Some(Level::Series),
+            "IMAGE" => Some(Level::Image),
+            _ => None,
+        }
+    }
+
+    fn depth(self) -> u8 {
+        match self {
+            Level::Patient => 0,
+            Level::Study => 1,
+            Level::Series => 2,
+            Level::Image => 3,
+        }
+    }
+}
+
+/// Attributes the index can match and return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key {
+    PatientName,
+    PatientId,
+    IssuerOfPatientId,
+    PatientBirthDate,
+    PatientSex,
+    NumberOfPatientRelatedStudies,
+    NumberOfPatientRelatedSeries,
+    NumberOfPatientRelatedInstances,
+    StudyInstanceUid,
+    StudyDate,
+    StudyTime,
+    AccessionNumber,
+    StudyId,
+    StudyDescription,
+    ReferringPhysicianName,
+    InstitutionName,
+    ModalitiesInStudy,
+    SopClassesInStudy,
+    NumberOfStudyRelatedSeries,
+    NumberOfStudyRelatedInstances,
+    SendingClinic,
+    SeriesInstanceUid,
+    Modality,
+    SeriesNumber,
+    SeriesDescription,
+    NumberOfSeriesRelatedInstances,
+    SopInstanceUid,
+    SopClassUid,
+    InstanceNumber,
+    NumberOfFrames,
+}
+
+/// How a key matches (PS3.4 C.2.2.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    /// Zero-length value: everything matches; the key is returned.
+    Universal,
+    Single(String),
+    /// `*` and `?` wildcards.
+    Wildcard(String),
+    /// `from-to`, either side open.
+    Range(Option<String>, Option<String>),
+    /// Backslash-separated list (UIDs, or code strings such as modalities).
+    List(Vec<String>),
+}
+
+impl Matcher {
+    /// Interprets a query value for a key of the given kind.
+    pub fn parse(value: &str, range_allowed: bool) -> Matcher {
+        let v = value.trim();
+        if v.is_empty() || v == "*" {
+            return Matcher::Universal;
+        }
+        if v.contains('\\') {
+            return Matcher::List(
+                v.split('\\')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            );
+        }
+        if range_allowed && let Some((from, to)) = v.split_once('-') {
+            let side = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
+            return Matcher::Range(side(from), side(to));
+        }
+        if v.contains(['*', '?']) {
+            return Matcher::Wildcard(v.to_string());
+        }
+        Matcher::Single(v.to_string())
+    }
+}
+
+/// A C-FIND request against the index.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub level: Level,
+    pub conditions: Vec<(Key, Matcher)>,
+    /// Keys to return, in order.
+    pub returns: Vec<Key>,
+    /// When set, only this clinic's patients (a township clinic's view).
+    pub clinic: Option<String>,
+}
+
+impl Key {
+    fn level(self) -> Level {
+        use Key::*;
+        match self {
+            PatientName
+            | PatientId
+            | IssuerOfPatientId
+            | PatientBirthDate
+            | PatientSex
+            | NumberOfPatientRelatedStudies
+            | NumberOfPatientRelatedSeries
+            | NumberOfPatientRelatedInstances => Level::Patient,
+            StudyInstanceUid
+            | StudyDate
+            | StudyTime
+            | AccessionNumber
+            | StudyId
+            | StudyDescription
+            | ReferringPhysicianName
+            | InstitutionName
+            | ModalitiesInStudy
+            | SopClassesInStudy
+            | NumberOfStudyRelatedSeries
+            | NumberOfStudyRelatedInstances
+            | SendingClinic => Level::Study,
+            SeriesInstanceUid
+            | Modality
+            | SeriesNumber
+            | SeriesDescription
+            | NumberOfSeriesRelatedInstances => Level::Series,
+            SopInstanceUid | SopClassUid | InstanceNumber | NumberOfFrames => Level::Image,
+        }
+    }
+
+    /// SQL for the returned value.
+    fn select(self) -> &'static str {
+        use Key::*;
+        match self {
+            PatientName => "p.name",
+            PatientId => "p.patient_id",
+            IssuerOfPatientId => "p.issuer",
+            PatientBirthDate => "p.birth_date",
+            PatientSex => "p.sex",
+            NumberOfPatientRelatedStudies => {
+                "(SELECT count(*) FROM studies x WHERE x.patient_pk = p.pk)"
+            }
+            NumberOfPatientRelatedSeries => {
+                "(SELECT count(*) FROM series x JOIN studies y ON y.pk = x.study_pk WHERE y.patient_pk = p.pk)"
+            }
+            NumberOfPatientRelatedInstances => {
+                "(SELECT count(*) FROM instances x JOIN series y ON y.pk = x.series_pk \
+                 JOIN studies z ON z.pk = y.study_pk WHERE z.patient_pk = p.pk)"
+            }
+            StudyInstanceUid => "st.study_uid",
+            StudyDate => "st.study_date",
+            StudyTime => "st.study_time",
+            AccessionNumber => "st.accession_number",
+            StudyId => "st.study_id",
+            StudyDescription => "st.description",
+            ReferringPhysicianName => "st.referring_physician",
+            InstitutionName => "st.institution",
+            ModalitiesInStudy => {
+                "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m FROM series x \
+                 WHERE x.study_pk = st.pk AND x.modality != '' ORDER BY 1))"
+            }
+            SopClassesInStudy => {
+                "(SELECT group_concat(c, '\\') FROM (SELECT DISTINCT x.sop_class_uid AS c FROM instances x \
+                 JOIN series y ON y.pk = x.series_pk WHERE y.study_pk = st.pk ORDER BY 1))"
+            }
+            NumberOfStudyRelatedSeries => {
+                "(SELECT count(*) FROM series x WHERE x.study_pk = st.pk)"
+            }
+            NumberOfStudyRelatedInstances => {
+                "(SELECT count(*) FROM instances x JOIN series y ON y.pk = x.series_pk WHERE y.study_pk = st.pk)"
+            }
+            SendingClinic => "st.clinic_id",
+            SeriesInstanceUid => "se.series_uid",
+            Modality => "se.modality",
+            SeriesNumber => "se.series_number",
+            SeriesDescription => "se.description",
+            NumberOfSeriesRelatedInstances => {
+                "(SELECT count(*) FROM instances x WHERE x.series_pk = se.pk)"
+            }
+            SopInstanceUid => "i.sop_instance_uid",
+            SopClassUid => "i.sop_class_uid",
+            InstanceNumber => "i.instance_number",
+            NumberOfFrames => "i.number_of_frames",
+        }
+    }
+
+    /// True when the key is computed (returned, never matched).
+    fn is_return_only(self) -> bool {
+        use Key::*;
+        matches!(
+            self,
+            NumberOfPatientRelatedStudies
+                | NumberOfPatientRelatedSeries
+                | NumberOfPatientRelatedInstances
+                | NumberOfStudyRelatedSeries
+                | NumberOfStudyRelatedInstances
+                | NumberOfSeriesRelatedInstances
+                | SopClassesInStudy
+        )
+    }
+}
+
+/// How a query ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryEnd {
+    Completed(u64),
+    /// The callback asked to stop (C-CANCEL).
+    Stopped(u64),
+}
+
+/// Converts DICOM wildcards to a GLOB pattern (`[` and `]` escaped).
+fn glob(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        match c {
+            '[' => out.push_str("[[]"),
+            ']' => out.push_str("[]]"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The part of a GLOB before its first wildcard (for an indexable prefix).
+fn condition_sql(key: Key, matcher: &Matcher, params: &mut Vec<Value>) -> Option<String> {
+    let col = key.select();
+    let mut bind = |v: String| {
+        params.push(Value::Text(v));
+        format!("?{}", params.len())
+    };
+    if key == Key::PatientName {
+        // Upper-cased, matched on the whole value or any component group.
+        let pattern = match matcher {
+            Matcher::Universal => return None,
+            Matcher::Single(v) => glob(&v.to_uppercase()),
+            Matcher::Wildcard(v) => glob(&v.to_uppercase()),
+            Matcher::List(vs) => glob(&vs.join("\\").to_uppercase()),
+            Matcher::Range(..) => return Some("0".into()),
+        };
+        let p = bind(pattern);
+        return Some(format!(
+            "(p.name_search GLOB {p} OR p.name_search GLOB {p} || '=*' OR p.name_search GLOB '*=' || {p} \
+             OR p.name_search GLOB '*=' || {p} || '=*')"
+        ));
+    }
+    if key == Key::ModalitiesInStudy {
+        let values = match matcher {
+            Matcher::Universal => return None,
+            Matcher::List(vs) => vs.clone(),
+            Matcher::Single(v) => vec![v.clone()],
+            Matcher::Wildcard(v) => {
+                let p = bind(glob(v));
+                return Some(format!(
+                    "EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality GLOB {p})"
+                ));
+            }
+            Matcher::Range(..) => return Some("0".into()),
+        };
+        let list: Vec<String> = values.into_iter().map(&mut bind).collect();
+        return Some(format!(
+            "EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality IN ({}))",
+            list.join(", ")
+        ));
+    }
+    Some(match matcher {
+        Matcher::Universal => return None,
+        Matcher::Single(v) => format!("{col} = {}", bind(v.clone())),
+        Matcher::Wildcard(v) => format!("{col} GLOB {}", bind(glob(v))),
+        Matcher::List(vs) => {
+            let list: Vec<String> = vs.iter().cloned().map(&mut bind).collect();
+            format!("{col} IN ({})", list.join(", "))
+        }
+        Matcher::Range(from, to) => {
+            // Empty values never match a range.
+            let mut parts = vec![format!("{col} != ''")];
+            if let Some(f) = from {
+                parts.push(format!("{col} >= {}", bind(f.clone())));
+            }
+            if let Some(t) = to {
+                // "20260301" as an upper bound includes the whole day or time prefix.
+                parts.push(format!("{col} <= {}", bind(format!("{t}\u{10FFFF}"))));
+            }
+            format!("({})", parts.join(" AND "))
+        }
+    })
+}
+
+impl IndexReader {
+    /// Runs `query`, calling `emit` with each match's returned values (in
+    /// `query.returns` order, empty text for absent values); `emit` returns
+    /// false to stop.
+    pub fn find(
+        &self,
+        query: &Query,
+        mut emit: impl FnMut(Vec<String>) -> bool,
+    ) -> Result<QueryEnd> {
+        let from = match query.level {
+            Level::Patient => "patients p",
+            Level::Study => "studies st JOIN patients p ON p.pk = st.patient_pk",
+            Level::Series => {
+                "series se JOIN studies st ON st.pk = se.study_pk JOIN patients p ON p.pk = st.patient_pk"
+            }
+            Level::Image => {
+                "instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk \
+                 JOIN patients p ON p.pk = st.patient_pk"
+            }
+        };
+        let mut params = Vec::new();
+        let mut wheres = Vec::new();
+        for (key, matcher) in &query.conditions {
+            if key.level().depth() > query.level.depth() || key.is_return_only() {
+                continue;
+            }
+            if let Some(sql) = condition_sql(*key, matcher, &mut params) {
+                wheres.push(sql);
+            }
+        }
+        if let Some(clinic) = &query.clinic {
+            params.push(Value::Text(clinic.clone()));
+            wheres.push(format!("p.clinic_id = ?{}", params.len()));
+        }
+        let columns: Vec<&str> = query
+            .returns
+            .iter()
+            .map(|k| {
+                if k.level().depth() > query.level.depth() {
+                    "NULL"
+                } else {
+                    k.select()
+                }
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {from}{}{}",
+            if columns.is_empty() {
+                "1".to_string()
+            } else {
+                columns.join(", ")
+            },
+            if wheres.is_empty() { "" } else { " WHERE " },
+            wheres.join(" AND ")
+        );
+        let mut stmt = self.connection().prepare(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut n = 0u64;
+        while let Some(row) = rows.next()? {
+            let values = (0..query.returns.len())
+                .map(|i| match row.get_ref(i) {
+                    Ok(rusqlite::types::ValueRef::Text(t)) => {
+                        String::from_utf8_lossy(t).into_owned()
+                    }
+                    Ok(rusqlite::types::ValueRef::Integer(v)) => v.to_string(),
+                    _ => String::new(),
+                })
+                .collect();
+            n += 1;
+            if !emit(values) {
+                return Ok(QueryEnd::Stopped(n));
+            }
+        }
+        Ok(QueryEnd::Completed(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_matchers() {
+        assert_eq!(Matcher::parse("", true), Matcher::Universal);
+        assert_eq!(
+            Matcher::parse("WANG*", false),
+            Matcher::Wildcard("WANG*".into())
+        );
+        assert_eq!(
+            Matcher::parse("20260101-", true),
+            Matcher::Range(Some("20260101".into()), None)
+        );
+        assert_eq!(
+            Matcher::parse("-20260101", true),
+            Matcher::Range(None, Some("20260101".into()))
+        );
+        assert_eq!(
+            Matcher::parse("CT\\MR", false),
+            Matcher::List(vec!["CT".into(), "MR".into()])
+        );
+        assert_eq!(
+            Matcher::parse("1.2-3", false),
+            Matcher::Single("1.2-3".into())
+        );
+        assert_eq!(glob("a[b]*"), "a[[]b[]]*");
+    }
+}
