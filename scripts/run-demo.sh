@@ -38,15 +38,18 @@ for dir in "$SAMPLES"/*/; do
     case "$clinic" in
         xinzhen) ae=XINZHEN_CT ;; baishui) ae=BAISHUI_DR ;; county) ae=COUNTYWS1 ;; *) continue ;;
     esac
-    count=$(find "$dir" -name '*.dcm' | wc -l)
-    TCP_NODELAY=1 /usr/bin/storescu -aet "$ae" -aec COUNTYPACS +sd +r -nh "$HOST" "$PORT" "$dir" \
-        && echo "sent $count instances from $clinic as $ae" \
+    echo "== $clinic, sending as $ae"
+    "$BIN/consortium-upload" --host "$HOST" --port "$PORT" --calling-ae "$ae" \
+        --record data/demo/upload-record.sqlite "$dir" 2>/dev/null | tail -2 \
         || echo "sending from $clinic reported failures (see data/demo/gateway.log)"
 done
 echo "indexed instances: $(sqlite3 data/demo/index.sqlite 'select count(*) from instances' 2>/dev/null || echo '?')"
 cat <<MSG
 
-The center is running. Send more with DCMTK, as a registered clinic AE:
+The center is running. Send more as a registered clinic AE, with the upload tool
+(any files, folders or a DICOMDIR; ends with storage commitment):
+  $BIN/consortium-upload --host $HOST --port $PORT --calling-ae XINZHEN_CT <files or folders>
+or with DCMTK:
   TCP_NODELAY=1 /usr/bin/storescu -aet XINZHEN_CT -aec COUNTYPACS +sd +r $HOST $PORT <files or folders>
 Check it answers:  /usr/bin/echoscu -aet XINZHEN_CT -aec COUNTYPACS $HOST $PORT
 gRPC (viewer-api): $(cat data/demo/viewer.out 2>/dev/null)
