@@ -18,19 +18,6 @@ fn clinic_of(ae: &str) -> &'static str {
     }
 }
 
-/// The storescu option that proposes a file's own transfer syntax first
-/// (storescu proposes only uncompressed syntaxes unless told otherwise).
-fn propose_flag(ts: &str) -> &'static str {
-    match ts {
-        "1.2.840.10008.1.2" => "-xi",
-        "1.2.840.10008.1.2.2" => "-xb",
-        "1.2.840.10008.1.2.4.50" => "-xy",
-        "1.2.840.10008.1.2.5" => "-xr",
-        "1.2.840.10008.1.2.1.99" => "-xd",
-        _ => "-xe",
-    }
-}
-
 /// Files grouped by sending AE and transfer syntax.
 fn by_sender(files: &[SampleFile]) -> BTreeMap<(String, String), Vec<PathBuf>> {
     let mut groups: BTreeMap<(String, String), Vec<PathBuf>> = BTreeMap::new();
@@ -79,7 +66,7 @@ fn every_sample_object_is_stored_byte_for_byte_and_attributed() {
     // recorded by DCMTK's own storescp in bit-preserving mode.
     let mut sent = std::collections::HashMap::new();
     for (i, ((ae, ts), paths)) in by_sender(&files).into_iter().enumerate() {
-        let flag = propose_flag(&ts);
+        let flag = common::propose_flag(&ts);
         let out = storescu(gw.port, &ae, &[flag], &paths);
         assert!(
             out.status.success(),
@@ -155,7 +142,7 @@ fn every_sample_object_is_stored_byte_for_byte_and_attributed() {
     let blobs_before = blob_files(&gw);
     for ((ae, ts), paths) in by_sender(&files) {
         assert!(
-            storescu(gw.port, &ae, &[propose_flag(&ts)], &paths)
+            storescu(gw.port, &ae, &[common::propose_flag(&ts)], &paths)
                 .status
                 .success()
         );
@@ -232,7 +219,7 @@ fn compressed_syntaxes_proposed_by_storescu_are_stored_as_received() {
     let gw = Gateway::start(dir.path(), &GatewaySpec::default());
     for f in &compressed {
         // Propose the file's compressed syntax first, for its SOP class only.
-        let flag = propose_flag(&f.transfer_syntax);
+        let flag = common::propose_flag(&f.transfer_syntax);
         let out = storescu(
             gw.port,
             &f.clinic_ae,

@@ -8,17 +8,6 @@ use std::process::Command;
 use common::{Gateway, GatewaySpec};
 use sample_dicom::Options;
 
-fn propose_flag(ts: &str) -> &'static str {
-    match ts {
-        "1.2.840.10008.1.2" => "-xi",
-        "1.2.840.10008.1.2.2" => "-xb",
-        "1.2.840.10008.1.2.4.50" => "-xy",
-        "1.2.840.10008.1.2.5" => "-xr",
-        "1.2.840.10008.1.2.1.99" => "-xd",
-        _ => "-xe",
-    }
-}
-
 /// A gateway holding the demo samples, each sent by its own clinic's AE.
 fn loaded(dir: &Path, spec: &GatewaySpec) -> Gateway {
     let files = sample_dicom::generate(&dir.join("samples"), &Options::demo(31)).unwrap();
@@ -31,7 +20,7 @@ fn loaded(dir: &Path, spec: &GatewaySpec) -> Gateway {
             .push(f.path.clone());
     }
     for ((ae, ts), paths) in groups {
-        let out = common::storescu(gw.port, &ae, &[propose_flag(&ts)], &paths);
+        let out = common::storescu(gw.port, &ae, &[common::propose_flag(&ts)], &paths);
         assert!(
             out.status.success(),
             "{}",

@@ -162,25 +162,8 @@ pub fn read_file(
 
 /// Reads the index attributes of an in-memory dataset (tests, tools).
 pub fn read_bytes(dataset: &[u8], transfer_syntax: &str) -> Result<InstanceAttrs, DatasetError> {
-    let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
     let mut collector = Collector::default();
-    if encoding.deflated {
-        let inflater = flate2::read::DeflateDecoder::new(dataset);
-        Walker::new(StreamSource(inflater), None, encoding).walk_dataset(
-            None,
-            0,
-            None,
-            &mut collector,
-        )?;
-    } else {
-        let cursor = std::io::Cursor::new(dataset);
-        Walker::new(FileSource(cursor), Some(dataset.len() as u64), encoding).walk_dataset(
-            None,
-            0,
-            None,
-            &mut collector,
-        )?;
-    }
+    walk_bytes(dataset, transfer_syntax, &mut collector)?;
     collector.finish()
 }
 
@@ -189,24 +172,22 @@ pub fn read_bytes(dataset: &[u8], transfer_syntax: &str) -> Result<InstanceAttrs
 /// attribute: for small datasets such as query identifiers and commitment
 /// requests, before a general-purpose parser allocates from their lengths.
 pub fn validate(dataset: &[u8], transfer_syntax: &str) -> Result<(), DatasetError> {
+    walk_bytes(dataset, transfer_syntax, &mut Collector::default())
+}
+
+fn walk_bytes(
+    dataset: &[u8],
+    transfer_syntax: &str,
+    collector: &mut Collector,
+) -> Result<(), DatasetError> {
     let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
-    let mut collector = Collector::default();
     if encoding.deflated {
         let inflater = flate2::read::DeflateDecoder::new(dataset);
-        Walker::new(StreamSource(inflater), None, encoding).walk_dataset(
-            None,
-            0,
-            None,
-            &mut collector,
-        )
+        Walker::new(StreamSource(inflater), None, encoding).walk_dataset(None, 0, None, collector)
     } else {
         let cursor = std::io::Cursor::new(dataset);
-        Walker::new(FileSource(cursor), Some(dataset.len() as u64), encoding).walk_dataset(
-            None,
-            0,
-            None,
-            &mut collector,
-        )
+        Walker::new(FileSource(cursor), Some(dataset.len() as u64), encoding)
+            .walk_dataset(None, 0, None, collector)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use consortium_dimse::client::{self, Association, ClientError, Proposed};
+use consortium_dimse::client::{Association, ClientError, Proposed};
 use consortium_dimse::{Response, field, status, tag};
 use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, VR};
@@ -57,15 +57,7 @@ async fn commit_chunk(
         abstract_syntax: SOP_CLASS.to_string(),
         transfer_syntaxes: vec!["1.2.840.10008.1.2.1".into(), "1.2.840.10008.1.2".into()],
     }];
-    let mut assoc = client::associate(
-        (&settings.host, settings.port),
-        &settings.calling_ae,
-        &settings.called_ae,
-        &contexts,
-        settings.max_pdu,
-        settings.timeout,
-    )
-    .await?;
+    let mut assoc = settings.associate(&contexts).await?;
     let Some((_, ts)) = assoc.accepted.get(&1).cloned() else {
         assoc.abort().await;
         return Err(ClientError::Protocol(

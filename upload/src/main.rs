@@ -45,6 +45,24 @@ pub(crate) struct Settings {
     pub(crate) timeout: Duration,
 }
 
+impl Settings {
+    /// Requests an association with the center proposing `contexts`.
+    pub(crate) async fn associate(
+        &self,
+        contexts: &[consortium_dimse::client::Proposed],
+    ) -> Result<consortium_dimse::client::Association, consortium_dimse::client::ClientError> {
+        consortium_dimse::client::associate(
+            (&self.host, self.port),
+            &self.calling_ae,
+            &self.called_ae,
+            contexts,
+            self.max_pdu,
+            self.timeout,
+        )
+        .await
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
-use consortium_dimse::client::{self, Association, ClientError, Proposed};
+use consortium_dimse::client::{Association, ClientError, Proposed};
 use consortium_dimse::{Response, field, tag};
 use tokio::io::AsyncSeekExt;
 
@@ -85,15 +85,7 @@ async fn lane(
     let mut failures_in_a_row = 0u32;
     while !pending.is_empty() {
         let (contexts, batch_len) = propose(&pending);
-        let assoc = client::associate(
-            (&settings.host, settings.port),
-            &settings.calling_ae,
-            &settings.called_ae,
-            &contexts,
-            settings.max_pdu,
-            settings.timeout,
-        )
-        .await;
+        let assoc = settings.associate(&contexts).await;
         let mut assoc = match assoc {
             Ok(a) => a,
             Err(e) if e.is_transient() && failures_in_a_row < settings.retries => {
@@ -106,16 +98,7 @@ async fn lane(
                 continue;
             }
             Err(e) => {
-                let reason = e.to_string();
-                for file in pending.drain(..) {
-                    progress.done(&file);
-                    results.push((
-                        file,
-                        Outcome::Failed {
-                            reason: reason.clone(),
-                        },
-                    ));
-                }
+                fail_pending(&mut pending, &e.to_string(), progress, &mut results);
                 break;
             }
         };
@@ -208,15 +191,7 @@ async fn lane(
                 failures_in_a_row += 1;
                 if failures_in_a_row > settings.retries {
                     let reason = format!("connection lost repeatedly: {e}");
-                    for file in pending.drain(..) {
-                        progress.done(&file);
-                        results.push((
-                            file,
-                            Outcome::Failed {
-                                reason: reason.clone(),
-                            },
-                        ));
-                    }
+                    fail_pending(&mut pending, &reason, progress, &mut results);
                     break;
                 }
                 progress.note(&format!(
@@ -228,6 +203,24 @@ async fn lane(
         }
     }
     (results, answers)
+}
+
+/// Gives up on every file still pending, with one reason.
+fn fail_pending(
+    pending: &mut VecDeque<Candidate>,
+    reason: &str,
+    progress: &Progress,
+    results: &mut Vec<(Candidate, Outcome)>,
+) {
+    for file in pending.drain(..) {
+        progress.done(&file);
+        results.push((
+            file,
+            Outcome::Failed {
+                reason: reason.to_string(),
+            },
+        ));
+    }
 }
 
 fn backoff(attempt: u32) -> Duration {

@@ -247,6 +247,19 @@ pub fn storescu(
     cmd.output().expect("run /usr/bin/storescu (Debian dcmtk)")
 }
 
+/// The storescu option that proposes a file's own transfer syntax first
+/// (storescu proposes only uncompressed syntaxes unless told otherwise).
+pub fn propose_flag(ts: &str) -> &'static str {
+    match ts {
+        "1.2.840.10008.1.2" => "-xi",
+        "1.2.840.10008.1.2.2" => "-xb",
+        "1.2.840.10008.1.2.4.50" => "-xy",
+        "1.2.840.10008.1.2.5" => "-xr",
+        "1.2.840.10008.1.2.1.99" => "-xd",
+        _ => "-xe",
+    }
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes)
