@@ -12,6 +12,13 @@ pub mod tag {
     pub const ACTION_TYPE_ID: u32 = 0x0000_1008;
     pub const COMMAND_FIELD: u32 = 0x0000_0100;
     pub const PRIORITY: u32 = 0x0000_0700;
+    pub const MOVE_DESTINATION: u32 = 0x0000_0600;
+    pub const NUMBER_OF_REMAINING_SUBOPERATIONS: u32 = 0x0000_1020;
+    pub const NUMBER_OF_COMPLETED_SUBOPERATIONS: u32 = 0x0000_1021;
+    pub const NUMBER_OF_FAILED_SUBOPERATIONS: u32 = 0x0000_1022;
+    pub const NUMBER_OF_WARNING_SUBOPERATIONS: u32 = 0x0000_1023;
+    pub const MOVE_ORIGINATOR_AE_TITLE: u32 = 0x0000_1030;
+    pub const MOVE_ORIGINATOR_MESSAGE_ID: u32 = 0x0000_1031;
     pub const MESSAGE_ID_BEING_RESPONDED_TO: u32 = 0x0000_0120;
     pub const COMMAND_DATA_SET_TYPE: u32 = 0x0000_0800;
     pub const STATUS: u32 = 0x0000_0900;
@@ -25,6 +32,10 @@ pub mod field {
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    pub const C_GET_RQ: u16 = 0x0010;
+    pub const C_GET_RSP: u16 = 0x8010;
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    pub const C_MOVE_RSP: u16 = 0x8021;
     pub const C_FIND_RQ: u16 = 0x0020;
     pub const C_FIND_RSP: u16 = 0x8020;
     pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
@@ -42,6 +53,12 @@ pub mod status {
     pub const PENDING: u16 = 0xFF00;
     /// Pending, but optional keys were not supported for matching.
     pub const PENDING_OPTIONAL_KEYS_UNSUPPORTED: u16 = 0xFF01;
+    /// Sub-operations complete, one or more failures or warnings.
+    pub const SUBOPERATIONS_WITH_FAILURES: u16 = 0xB000;
+    /// Refused: out of resources, unable to perform sub-operations.
+    pub const UNABLE_TO_PERFORM_SUBOPERATIONS: u16 = 0xA702;
+    /// Refused: move destination unknown.
+    pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
     /// Matching terminated by C-CANCEL.
     pub const CANCEL: u16 = 0xFE00;
     /// Processing failure (N- services).
@@ -204,6 +221,16 @@ impl Response {
         let mut v = uid.as_bytes().to_vec();
         if v.len() % 2 == 1 {
             v.push(0);
+        }
+        self.push(tag, v);
+        self
+    }
+
+    /// A text element (AE, CS, ...), space-padded.
+    pub fn text(mut self, tag: u32, text: &str) -> Response {
+        let mut v = text.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(b' ');
         }
         self.push(tag, v);
         self

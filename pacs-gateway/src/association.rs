@@ -19,6 +19,7 @@ use crate::admission::{Admission, Ticket};
 use crate::c_store::StoreInProgress;
 use crate::commitment;
 use crate::negotiate::{self, Context, Refusal};
+use crate::retrieve::{self, Item};
 use consortium_config::{AccessDenied, Config};
 use consortium_dimse::ul::{self, Incoming, PduReader};
 use consortium_dimse::{Command, Response, field, status, tag};
@@ -42,6 +43,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             stream,
             reader: PduReader::new(shared.config.gateway.max_pdu_length),
             last_message_id: 0,
+            pending_cancel: false,
         };
         let Some(assoc) = conn.establish(&shared, peer).await else {
             return;
@@ -55,8 +57,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
 struct Connection {
     stream: TcpStream,
     reader: PduReader,
-    /// Message ID of the last request we sent (N-EVENT-REPORT).
+    /// Message ID of the last request we sent (N-EVENT-REPORT, C-STORE).
     last_message_id: u16,
+    /// A C-CANCEL arrived for the retrieve in progress.
+    pending_cancel: bool,
 }
 
 /// Largest N-ACTION dataset collected (about 50,000 references).
@@ -102,6 +106,14 @@ enum Pending {
     Find {
         context_id: u8,
         message_id: u16,
+        bytes: Vec<u8>,
+    },
+    /// A C-GET or C-MOVE identifier, collected in memory.
+    Retrieve {
+        context_id: u8,
+        message_id: u16,
+        /// `Some(destination AE)` for C-MOVE.
+        move_to: Option<String>,
         bytes: Vec<u8>,
     },
     /// A dataset we will discard, then answer with `status`.
@@ -388,6 +400,17 @@ impl Connection {
                             bytes.extend_from_slice(&pdv.data);
                         }
                     }
+                    Some(Pending::Retrieve {
+                        context_id, bytes, ..
+                    }) if *context_id == pdv.context_id => {
+                        if bytes.len() + pdv.data.len() > crate::find::MAX_IDENTIFIER_BYTES {
+                            return Err(End::Abort(
+                                AbortReason::InvalidPduParameter,
+                                "identifier too large".into(),
+                            ));
+                        }
+                        bytes.extend_from_slice(&pdv.data);
+                    }
                     Some(Pending::Discard { context_id, .. }) if *context_id == pdv.context_id => {}
                     _ => {
                         return Err(End::Abort(
@@ -420,6 +443,15 @@ impl Connection {
                             bytes,
                         }) => {
                             self.on_find(shared, assoc, context_id, message_id, &bytes)
+                                .await?
+                        }
+                        Some(Pending::Retrieve {
+                            context_id,
+                            message_id,
+                            move_to,
+                            bytes,
+                        }) => {
+                            self.on_retrieve(shared, assoc, context_id, message_id, move_to, &bytes)
                                 .await?
                         }
                         Some(Pending::Discard {
@@ -480,6 +512,26 @@ impl Connection {
                 }
             }
             Some(field::C_CANCEL_RQ) => Ok(None),
+            Some(field::C_GET_RQ)
+                if retrieve::is_get_class(&context.abstract_syntax) && command.has_dataset() =>
+            {
+                Ok(Some(Pending::Retrieve {
+                    context_id,
+                    message_id,
+                    move_to: None,
+                    bytes: Vec::new(),
+                }))
+            }
+            Some(field::C_MOVE_RQ)
+                if retrieve::is_move_class(&context.abstract_syntax) && command.has_dataset() =>
+            {
+                Ok(Some(Pending::Retrieve {
+                    context_id,
+                    message_id,
+                    move_to: Some(command.uid(tag::MOVE_DESTINATION).unwrap_or_default()),
+                    bytes: Vec::new(),
+                }))
+            }
             Some(field::C_FIND_RQ) if crate::find::is_find_class(&context.abstract_syntax) => {
                 if command.has_dataset() {
                     Ok(Some(Pending::Find {
@@ -582,6 +634,341 @@ impl Connection {
             rsp = rsp.uid(tag::AFFECTED_SOP_INSTANCE_UID, &sop_instance);
         }
         self.respond(assoc, context_id, &rsp.encode()).await
+    }
+
+    /// A complete C-GET or C-MOVE identifier: send every named instance
+    /// (over this association for C-GET, to the destination for C-MOVE),
+    /// with pending responses counting the sub-operations.
+    async fn on_retrieve(
+        &mut self,
+        shared: &Shared,
+        assoc: &Established,
+        context_id: u8,
+        message_id: u16,
+        move_to: Option<String>,
+        identifier: &[u8],
+    ) -> Result<(), End> {
+        let context = assoc.contexts[&context_id].clone();
+        let (action, rsp_field) = match move_to {
+            Some(_) => ("C-MOVE", field::C_MOVE_RSP),
+            None => ("C-GET", field::C_GET_RSP),
+        };
+        let scope = (!assoc.county).then(|| assoc.source.clinic_id.clone());
+        let model = retrieve::find_model_of(&context.abstract_syntax);
+        let items = match retrieve::list(
+            &shared.storage,
+            identifier,
+            &context.transfer_syntax,
+            model,
+            scope,
+        ) {
+            Ok(items) => items,
+            Err(why) => {
+                warn!(%why, action, "invalid retrieve identifier");
+                self.audit(
+                    shared,
+                    assoc,
+                    action,
+                    &why,
+                    "refused: invalid identifier",
+                    0,
+                )
+                .await;
+                let rsp = Response::new(rsp_field, message_id, status::DATASET_MISMATCH)
+                    .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                    .error_comment(&why)
+                    .encode();
+                return self.respond(assoc, context_id, &rsp).await;
+            }
+        };
+        let mut destination = None;
+        if let Some(ae) = &move_to {
+            let Some(dest) = shared
+                .config
+                .destinations
+                .iter()
+                .find(|d| &d.ae_title == ae)
+            else {
+                warn!(destination = %ae, "C-MOVE to an unknown destination");
+                self.audit(
+                    shared,
+                    assoc,
+                    action,
+                    &format!("to {ae}"),
+                    "refused: destination unknown",
+                    0,
+                )
+                .await;
+                let rsp = Response::new(rsp_field, message_id, status::MOVE_DESTINATION_UNKNOWN)
+                    .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                    .error_comment("move destination unknown")
+                    .encode();
+                return self.respond(assoc, context_id, &rsp).await;
+            };
+            destination = match open_destination(shared, dest, &items).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    warn!(destination = %ae, error = %e, "cannot reach the move destination");
+                    None
+                }
+            };
+        }
+        let total = items.len();
+        let (mut completed, mut failed, mut warning) = (0u16, 0u16, 0u16);
+        let mut failed_uids = Vec::new();
+        let mut cancelled = false;
+        for (n, item) in items.iter().enumerate() {
+            if self.cancel_arrived(message_id).await? {
+                cancelled = true;
+                break;
+            }
+            let result = match (&move_to, destination.as_mut()) {
+                (None, _) => self.get_one(shared, assoc, item, message_id).await?,
+                (Some(_), Some(dest)) => {
+                    move_one(shared, dest, item, &assoc.source.calling_ae, message_id).await
+                }
+                (Some(_), None) => Err("move destination unreachable".to_string()),
+            };
+            match result {
+                Ok(0x0000) => completed += 1,
+                Ok(0xB000 | 0xB006 | 0xB007) => warning += 1,
+                Ok(other) => {
+                    warn!(sop_instance_uid = %item.sop_instance_uid, status = format_args!("0x{other:04X}"), "sub-operation refused");
+                    failed += 1;
+                    failed_uids.push(item.sop_instance_uid.clone());
+                }
+                Err(why) => {
+                    warn!(sop_instance_uid = %item.sop_instance_uid, %why, "sub-operation failed");
+                    failed += 1;
+                    failed_uids.push(item.sop_instance_uid.clone());
+                }
+            }
+            if n + 1 < total {
+                let rsp = Response::new(rsp_field, message_id, status::PENDING)
+                    .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                    .u16(
+                        tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
+                        (total - n - 1).min(0xFFFF) as u16,
+                    )
+                    .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, completed)
+                    .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, failed)
+                    .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, warning)
+                    .encode();
+                self.respond(assoc, context_id, &rsp).await?;
+            }
+        }
+        if let Some(dest) = destination {
+            dest.release().await;
+        }
+        let done = completed as usize + failed as usize + warning as usize;
+        let final_status = if cancelled {
+            status::CANCEL
+        } else if failed == 0 && warning == 0 {
+            status::SUCCESS
+        } else if completed == 0 && warning == 0 {
+            status::UNABLE_TO_PERFORM_SUBOPERATIONS
+        } else {
+            status::SUBOPERATIONS_WITH_FAILURES
+        };
+        let mut rsp = Response::new(rsp_field, message_id, final_status)
+            .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+            .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, completed)
+            .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, failed)
+            .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, warning);
+        if cancelled {
+            rsp = rsp.u16(
+                tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
+                (total - done).min(0xFFFF) as u16,
+            );
+        }
+        let failed_list = (!failed_uids.is_empty())
+            .then(|| failed_uid_list(&failed_uids, &context.transfer_syntax))
+            .flatten();
+        if failed_list.is_some() {
+            rsp = rsp.with_dataset();
+        }
+        self.respond(assoc, context_id, &rsp.encode()).await?;
+        if let Some(list) = failed_list {
+            ul::send_message(
+                &mut self.stream,
+                context_id,
+                false,
+                &list,
+                assoc.peer_max_pdu,
+            )
+            .await
+            .map_err(|e| End::Lost(e.to_string()))?;
+        }
+        let outcome = format!(
+            "completed {completed}, failed {failed}, warning {warning}, status 0x{final_status:04X}"
+        );
+        info!(
+            action,
+            total, completed, failed, warning, "retrieve finished"
+        );
+        let detail = match &move_to {
+            Some(ae) => format!("to {ae}; {total} instances"),
+            None => format!("{total} instances"),
+        };
+        self.audit(
+            shared,
+            assoc,
+            action,
+            &detail,
+            &outcome,
+            u64::from(completed),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// One C-GET sub-operation: C-STORE on this association.
+    async fn get_one(
+        &mut self,
+        shared: &Shared,
+        assoc: &Established,
+        item: &Item,
+        get_message_id: u16,
+    ) -> Result<Result<u16, String>, End> {
+        let pick = assoc
+            .contexts
+            .iter()
+            .filter(|(_, c)| c.requestor_scp && c.abstract_syntax == item.sop_class_uid)
+            .filter(|(_, c)| {
+                c.transfer_syntax == item.transfer_syntax
+                    || retrieve::can_transcode(&item.transfer_syntax, &c.transfer_syntax)
+            })
+            .min_by_key(|(id, c)| (c.transfer_syntax != item.transfer_syntax, **id))
+            .map(|(id, c)| (*id, c.transfer_syntax.clone()));
+        let Some((ctx, ts)) = pick else {
+            return Ok(Err(format!(
+                "no accepted context (with SCP role) for {} in or from {}",
+                item.sop_class_uid, item.transfer_syntax
+            )));
+        };
+        let dataset = match retrieve::dataset_for(&shared.storage, item, &ts).await {
+            Ok(d) => d,
+            Err(why) => return Ok(Err(why)),
+        };
+        self.last_message_id = self.last_message_id.wrapping_add(1);
+        let id = self.last_message_id;
+        let rq = Response::request(field::C_STORE_RQ, id, true)
+            .uid(tag::AFFECTED_SOP_CLASS_UID, &item.sop_class_uid)
+            .u16(tag::PRIORITY, 0)
+            .uid(tag::AFFECTED_SOP_INSTANCE_UID, &item.sop_instance_uid)
+            .encode();
+        self.respond(assoc, ctx, &rq).await?;
+        ul::send_message(&mut self.stream, ctx, false, &dataset, assoc.peer_max_pdu)
+            .await
+            .map_err(|e| End::Lost(e.to_string()))?;
+        // Wait for the C-STORE-RSP; a C-CANCEL may come first.
+        loop {
+            let cmd = self.next_command().await?;
+            match cmd.command_field() {
+                Some(field::C_STORE_RSP)
+                    if cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(id) =>
+                {
+                    return Ok(Ok(cmd.u16(tag::STATUS).unwrap_or(0xFFFF)));
+                }
+                Some(field::C_CANCEL_RQ)
+                    if cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(get_message_id) =>
+                {
+                    self.pending_cancel = true;
+                }
+                _ => {
+                    return Err(End::Abort(
+                        AbortReason::UnexpectedPduParameter,
+                        "expected C-STORE-RSP during C-GET".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The next command set from the peer (no dataset expected).
+    async fn next_command(&mut self) -> Result<Command, End> {
+        let mut bytes = Vec::new();
+        loop {
+            let pdu =
+                tokio::time::timeout(Duration::from_secs(60), self.reader.next(&mut self.stream))
+                    .await
+                    .map_err(|_| {
+                        End::Abort(
+                            AbortReason::ReasonNotSpecified,
+                            "peer silent during a retrieve".into(),
+                        )
+                    })?;
+            let body = match pdu {
+                Ok(Some(Incoming::PData(body))) => body,
+                Ok(Some(Incoming::Other(Pdu::AbortRQ { .. }))) => return Err(End::PeerAborted),
+                Ok(Some(Incoming::Other(_))) => {
+                    return Err(End::Abort(
+                        AbortReason::UnexpectedPdu,
+                        "unexpected PDU during a retrieve".into(),
+                    ));
+                }
+                Ok(None) => return Err(End::PeerClosed),
+                Err(e) => return Err(End::Lost(e.to_string())),
+            };
+            for pdv in ul::pdvs(body)
+                .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?
+            {
+                if !pdv.is_command {
+                    return Err(End::Abort(
+                        AbortReason::UnexpectedPduParameter,
+                        "unexpected dataset".into(),
+                    ));
+                }
+                bytes.extend_from_slice(&pdv.data);
+                if pdv.is_last {
+                    return Command::parse(&bytes)
+                        .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// True when a C-CANCEL for `message_id` has arrived (checks without waiting).
+    async fn cancel_arrived(&mut self, message_id: u16) -> Result<bool, End> {
+        if self.pending_cancel {
+            return Ok(true);
+        }
+        let ready = tokio::select! {
+            biased;
+            pdu = self.reader.next(&mut self.stream) => Some(pdu),
+            () = std::future::ready(()) => None,
+        };
+        let Some(pdu) = ready else { return Ok(false) };
+        let body = match pdu {
+            Ok(Some(Incoming::PData(body))) => body,
+            Ok(Some(Incoming::Other(Pdu::AbortRQ { .. }))) => return Err(End::PeerAborted),
+            Ok(Some(Incoming::Other(_))) => {
+                return Err(End::Abort(
+                    AbortReason::UnexpectedPdu,
+                    "unexpected PDU during a retrieve".into(),
+                ));
+            }
+            Ok(None) => return Err(End::PeerClosed),
+            Err(e) => return Err(End::Lost(e.to_string())),
+        };
+        let mut bytes = Vec::new();
+        for pdv in ul::pdvs(body)
+            .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?
+        {
+            bytes.extend_from_slice(&pdv.data);
+        }
+        let cmd = Command::parse(&bytes)
+            .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
+        if cmd.command_field() == Some(field::C_CANCEL_RQ)
+            && cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(message_id)
+        {
+            self.pending_cancel = true;
+            return Ok(true);
+        }
+        Err(End::Abort(
+            AbortReason::UnexpectedPduParameter,
+            "only C-CANCEL may interrupt a retrieve".into(),
+        ))
     }
 
     /// A complete C-FIND identifier: stream the matches, watching for C-CANCEL.
@@ -893,6 +1280,106 @@ impl Connection {
         .await
         .map_err(|e| End::Lost(format!("cannot send response: {e}")))
     }
+}
+
+/// Opens the association to a C-MOVE destination, proposing each needed
+/// (SOP class, stored transfer syntax) and an uncompressed fallback.
+async fn open_destination(
+    shared: &Shared,
+    dest: &consortium_config::Destination,
+    items: &[Item],
+) -> Result<consortium_dimse::client::Association, consortium_dimse::client::ClientError> {
+    use consortium_dimse::client::Proposed;
+    let mut pairs = std::collections::BTreeSet::new();
+    for item in items {
+        pairs.insert((item.sop_class_uid.clone(), item.transfer_syntax.clone()));
+        pairs.insert((
+            item.sop_class_uid.clone(),
+            "1.2.840.10008.1.2.1".to_string(),
+        ));
+    }
+    let contexts: Vec<Proposed> = pairs
+        .into_iter()
+        .take(128)
+        .enumerate()
+        .map(|(i, (abstract_syntax, ts))| Proposed {
+            id: (2 * i + 1) as u8,
+            transfer_syntaxes: if ts == "1.2.840.10008.1.2.1" {
+                vec![ts, "1.2.840.10008.1.2".to_string()]
+            } else {
+                vec![ts]
+            },
+            abstract_syntax,
+        })
+        .collect();
+    consortium_dimse::client::associate(
+        (dest.host.as_str(), dest.port),
+        &shared.config.gateway.ae_title,
+        &dest.ae_title,
+        &contexts,
+        shared.config.gateway.max_pdu_length,
+        Duration::from_secs(30),
+    )
+    .await
+}
+
+/// One C-MOVE sub-operation: C-STORE to the destination.
+async fn move_one(
+    shared: &Shared,
+    dest: &mut consortium_dimse::client::Association,
+    item: &Item,
+    originator_ae: &str,
+    originator_message_id: u16,
+) -> Result<u16, String> {
+    let pick = dest
+        .accepted
+        .iter()
+        .filter(|(_, (a, t))| {
+            *a == item.sop_class_uid
+                && (*t == item.transfer_syntax || retrieve::can_transcode(&item.transfer_syntax, t))
+        })
+        .min_by_key(|(id, (_, t))| (*t != item.transfer_syntax, **id))
+        .map(|(id, (_, t))| (*id, t.clone()));
+    let Some((ctx, ts)) = pick else {
+        return Err(format!(
+            "the destination accepted no context for {} in or from {}",
+            item.sop_class_uid, item.transfer_syntax
+        ));
+    };
+    let dataset = retrieve::dataset_for(&shared.storage, item, &ts).await?;
+    let rq = Response::request(field::C_STORE_RQ, originator_message_id, true)
+        .uid(tag::AFFECTED_SOP_CLASS_UID, &item.sop_class_uid)
+        .u16(tag::PRIORITY, 0)
+        .uid(tag::AFFECTED_SOP_INSTANCE_UID, &item.sop_instance_uid)
+        .text(tag::MOVE_ORIGINATOR_AE_TITLE, originator_ae)
+        .u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, originator_message_id)
+        .encode();
+    dest.send_command(ctx, &rq)
+        .await
+        .map_err(|e| e.to_string())?;
+    dest.send_dataset(ctx, &dataset)
+        .await
+        .map_err(|e| e.to_string())?;
+    let rsp = dest.receive(0).await.map_err(|e| e.to_string())?;
+    if rsp.command.command_field() != Some(field::C_STORE_RSP) {
+        return Err("the destination did not answer with C-STORE-RSP".into());
+    }
+    Ok(rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF))
+}
+
+/// The Failed SOP Instance UID List (0008,0058) identifier.
+fn failed_uid_list(uids: &[String], transfer_syntax: &str) -> Option<Vec<u8>> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(transfer_syntax)?;
+    let obj = dicom_object::InMemDicomObject::from_element_iter([DataElement::new(
+        dicom_dictionary_std::tags::FAILED_SOP_INSTANCE_UID_LIST,
+        VR::UI,
+        PrimitiveValue::Strs(uids.iter().cloned().collect()),
+    )]);
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, ts).ok()?;
+    Some(out)
 }
 
 /// `None` when an N-ACTION is a valid storage commitment request, else the

@@ -12,6 +12,7 @@
 //! - `c_store`: C-STORE into `storage`, and its error-to-status mapping.
 //! - `commitment`: Storage Commitment Push Model (N-ACTION, N-EVENT-REPORT).
 //! - `find`: C-FIND identifiers to index queries and back.
+//! - `retrieve`: what a C-GET / C-MOVE names, and each instance's bytes (as stored, or transcoded).
 
 mod admission;
 mod association;
@@ -19,6 +20,7 @@ mod c_store;
 mod commitment;
 mod find;
 mod negotiate;
+mod retrieve;
 pub mod server;
 
 pub use server::run;

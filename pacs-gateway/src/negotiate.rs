@@ -22,6 +22,8 @@ const IMPLEMENTATION_VERSION_NAME: &str = storage::part10::IMPLEMENTATION_VERSIO
 pub(crate) struct Context {
     pub(crate) abstract_syntax: String,
     pub(crate) transfer_syntax: String,
+    /// The requestor may act as SCP on this context (C-GET sub-operations).
+    pub(crate) requestor_scp: bool,
 }
 
 /// Why an association is refused, mapped once to an A-ASSOCIATE-RJ.
@@ -123,7 +125,10 @@ pub(crate) fn is_supported_abstract_syntax(uid: &str) -> bool {
 /// Non-storage services: their datasets are parsed, not stored, so they
 /// are offered only in the uncompressed little endian syntaxes.
 fn is_service_class(uid: &str) -> bool {
-    uid == crate::commitment::SOP_CLASS || crate::find::is_find_class(uid)
+    uid == crate::commitment::SOP_CLASS
+        || crate::find::is_find_class(uid)
+        || crate::retrieve::is_get_class(uid)
+        || crate::retrieve::is_move_class(uid)
 }
 
 fn is_service_transfer_syntax(uid: &str) -> bool {
@@ -181,6 +186,20 @@ pub(crate) fn accept(
     max_pdu_length: u32,
 ) -> (AssociationAC, HashMap<u8, Context>) {
     let mut accepted = HashMap::new();
+    // SCP/SCU role selection (PS3.7 D.3.3.4): a C-GET requestor asks to be
+    // the storage SCP; granted for storage classes as proposed.
+    let roles: Vec<(String, dicom_ul::pdu::RequestorRoles)> = rq
+        .user_variables
+        .iter()
+        .filter_map(|v| match v {
+            UserVariableItem::ScuScpRoleSelectionSubItem(uid, roles) => {
+                let uid = uid.trim_end_matches('\0').to_string();
+                (is_supported_abstract_syntax(&uid) && !is_service_class(&uid))
+                    .then_some((uid, *roles))
+            }
+            _ => None,
+        })
+        .collect();
     let results = rq
         .presentation_contexts
         .iter()
@@ -214,11 +233,15 @@ pub(crate) fn accept(
                 }
             };
             if let Some(ts) = &ts {
+                let requestor_scp = roles
+                    .iter()
+                    .any(|(uid, r)| *uid == abstract_syntax && r.scp);
                 accepted.insert(
                     pc.id,
                     Context {
                         abstract_syntax,
                         transfer_syntax: ts.clone(),
+                        requestor_scp,
                     },
                 );
             }
@@ -235,11 +258,18 @@ pub(crate) fn accept(
         called_ae_title: rq.called_ae_title.clone(),
         application_context_name: APPLICATION_CONTEXT.to_string(),
         presentation_contexts: results,
-        user_variables: vec![
+        user_variables: [
             UserVariableItem::MaxLength(max_pdu_length),
             UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
             UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            roles
+                .into_iter()
+                .map(|(uid, r)| UserVariableItem::ScuScpRoleSelectionSubItem(uid, r)),
+        )
+        .collect(),
     };
     (ac, accepted)
 }
@@ -268,7 +298,7 @@ mod tests {
         assert!(is_supported_abstract_syntax("1.3.12.2.1107.5.9.1"));
         assert!(is_supported_abstract_syntax(VERIFICATION));
         assert!(is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.1"));
-        assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.2"));
+        assert!(is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.2"));
         assert!(is_supported_abstract_syntax("1.2.840.10008.1.20.1"));
         assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.31"));
     }

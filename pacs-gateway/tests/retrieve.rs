@@ -1,0 +1,238 @@
+//! C-GET and C-MOVE with DCMTK getscu and movescu (storescp as the move
+//! destination): byte-identical when the receiver takes the stored syntax,
+//! pixel-identical when it had to be transcoded; unknown and unreachable
+//! destinations fail cleanly with the counts right.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::scu::{self, CT_IMAGE_STORAGE, Reply};
+use common::{Gateway, GatewaySpec, ReferenceScp};
+use dicom_dictionary_std::tags;
+
+/// A gateway holding one 5-slice CT study (explicit VR LE) sent by the
+/// county station, and a spec with `destinations` appended.
+fn with_study(dir: &Path, destinations: &str) -> (Gateway, Vec<String>) {
+    let spec = GatewaySpec {
+        clinics: format!("{}\n{destinations}", GatewaySpec::default().clinics),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir, &spec);
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE])];
+    let scu::Association::Accepted(mut sender) =
+        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!()
+    };
+    let uids: Vec<String> = (0..5).map(|i| format!("2.25.66{i}")).collect();
+    for uid in &uids {
+        assert_eq!(
+            sender.store(
+                1,
+                CT_IMAGE_STORAGE,
+                uid,
+                &scu::ct_dataset(uid, "2.25.66", 8192)
+            ),
+            Reply::Status(0)
+        );
+    }
+    assert!(sender.release());
+    (gw, uids)
+}
+
+fn stored_dataset(gw: &Gateway, uid: &str) -> Vec<u8> {
+    let (blob, offset) = gw.blob_of(uid).unwrap();
+    std::fs::read(blob).unwrap()[offset..].to_vec()
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+fn audit_outcome(gw: &Gateway, action: &str) -> String {
+    gw.index()
+        .query_row(
+            "SELECT outcome FROM audit WHERE action = ?1 ORDER BY pk DESC LIMIT 1",
+            [action],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn getscu_retrieves_a_study_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, uids) = with_study(dir.path(), "");
+    let out_dir = dir.path().join("got");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = Command::new("/usr/bin/getscu")
+        .args(["-S", "+B", "-od"])
+        .arg(&out_dir)
+        .args(["-aet", "COUNTYWS1", "-aec", common::AE])
+        .args([
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID=2.25.66",
+        ])
+        .arg("127.0.0.1")
+        .arg(gw.port.to_string())
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run /usr/bin/getscu (Debian dcmtk)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files = files_in(&out_dir);
+    assert_eq!(files.len(), uids.len());
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let ds = common::dataset_of(&bytes);
+        let attrs = storage::attrs::read_bytes(ds, &common::transfer_syntax_of(&bytes)).unwrap();
+        assert!(
+            ds == &stored_dataset(&gw, &attrs.sop_instance_uid)[..],
+            "{} differs",
+            f.display()
+        );
+    }
+    assert!(audit_outcome(&gw, "C-GET").starts_with("completed 5, failed 0"));
+}
+
+#[test]
+fn movescu_to_storescp_as_stored_and_transcoded() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two destinations: one takes what we send as is, one takes implicit VR only.
+    let plain = ReferenceScp::start(&dir.path().join("plain"), "+xa");
+    let implicit = ReferenceScp::start(&dir.path().join("implicit"), "+xi");
+    // storescp does not check the called AE title, so each gets its own name here.
+    let destinations = format!(
+        "[[destinations]]\nae_title = \"PLAINSCP\"\nhost = \"127.0.0.1\"\nport = {}\n\n\
+         [[destinations]]\nae_title = \"IMPLICITSCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
+        plain.port, implicit.port
+    );
+    let (gw, uids) = with_study(dir.path(), &destinations);
+    let movescu = |dest: &str| {
+        Command::new("/usr/bin/movescu")
+            .args(["-S", "-aet", "COUNTYWS1", "-aec", common::AE, "-aem", dest])
+            .args([
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                "StudyInstanceUID=2.25.66",
+            ])
+            .arg("127.0.0.1")
+            .arg(gw.port.to_string())
+            .env("TCP_NODELAY", "1")
+            .output()
+            .expect("run /usr/bin/movescu (Debian dcmtk)")
+    };
+    let out = movescu("PLAINSCP");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let received = plain.received();
+    assert_eq!(received.len(), uids.len());
+    for uid in &uids {
+        assert!(
+            received[uid] == stored_dataset(&gw, uid),
+            "{uid} not byte-identical"
+        );
+    }
+    let out = movescu("IMPLICITSCP");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let transcoded = implicit.received();
+    assert_eq!(transcoded.len(), uids.len());
+    for uid in &uids {
+        let ours = dicom_object::InMemDicomObject::read_dataset_with_ts(
+            &stored_dataset(&gw, uid)[..],
+            &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+        let theirs = dicom_object::InMemDicomObject::read_dataset_with_ts(
+            &transcoded[uid][..],
+            &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+        let pixels = |o: &dicom_object::InMemDicomObject| {
+            o.element(tags::PIXEL_DATA)
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(
+            pixels(&ours),
+            pixels(&theirs),
+            "{uid} pixels differ after transcoding"
+        );
+        assert_ne!(
+            transcoded[uid],
+            stored_dataset(&gw, uid),
+            "it was transcoded"
+        );
+    }
+    assert!(audit_outcome(&gw, "C-MOVE").starts_with("completed 5, failed 0"));
+}
+
+#[test]
+fn unknown_and_unreachable_destinations_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let destinations = format!(
+        "[[destinations]]\nae_title = \"DOWNSCP\"\nhost = \"127.0.0.1\"\nport = {dead_port}\n"
+    );
+    let (gw, uids) = with_study(dir.path(), &destinations);
+    let movescu = |dest: &str| {
+        Command::new("/usr/bin/movescu")
+            .args(["-S", "-aet", "COUNTYWS1", "-aec", common::AE, "-aem", dest])
+            .args([
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                "StudyInstanceUID=2.25.66",
+            ])
+            .arg("127.0.0.1")
+            .arg(gw.port.to_string())
+            .env("TCP_NODELAY", "1")
+            .output()
+            .unwrap()
+    };
+    let out = movescu("NOWHERE");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MoveDestinationUnknown"), "{err}");
+    assert_eq!(audit_outcome(&gw, "C-MOVE"), "refused: destination unknown");
+
+    let out = movescu("DOWNSCP");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Refused: OutOfResourcesSubOperations"),
+        "{err}"
+    );
+    assert_eq!(
+        audit_outcome(&gw, "C-MOVE"),
+        format!(
+            "completed 0, failed {}, warning 0, status 0xA702",
+            uids.len()
+        )
+    );
+    gw.assert_serving();
+}
