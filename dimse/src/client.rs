@@ -120,6 +120,21 @@ pub async fn associate(
     max_pdu: u32,
     timeout: Duration,
 ) -> Result<Association, ClientError> {
+    associate_with_scp_role(addr, calling_ae, called_ae, contexts, &[], max_pdu, timeout).await
+}
+
+/// Like [`associate`], also proposing the SCP role for `scp_role_for`
+/// (PS3.7 D.3.3.4), e.g. to send a storage commitment report on a new
+/// association.
+pub async fn associate_with_scp_role(
+    addr: (&str, u16),
+    calling_ae: &str,
+    called_ae: &str,
+    contexts: &[Proposed],
+    scp_role_for: &[&str],
+    max_pdu: u32,
+    timeout: Duration,
+) -> Result<Association, ClientError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ClientError::Timeout)?
@@ -145,11 +160,22 @@ pub async fn associate(
                 transfer_syntaxes: c.transfer_syntaxes.clone(),
             })
             .collect(),
-        user_variables: vec![
+        user_variables: [
             UserVariableItem::MaxLength(max_pdu),
             UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
             UserVariableItem::ImplementationVersionName("CONSORTIUM_SCU".to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(scp_role_for.iter().map(|uid| {
+            UserVariableItem::ScuScpRoleSelectionSubItem(
+                uid.to_string(),
+                dicom_ul::pdu::RequestorRoles {
+                    scu: false,
+                    scp: true,
+                },
+            )
+        }))
+        .collect(),
     });
     ul::send(&mut assoc.stream, &rq).await?;
     match assoc.next().await? {

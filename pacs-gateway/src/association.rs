@@ -44,6 +44,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             reader: PduReader::new(shared.config.gateway.max_pdu_length),
             last_message_id: 0,
             pending_cancel: false,
+            unacked_report: None,
         };
         let Some(assoc) = conn.establish(&shared, peer).await else {
             return;
@@ -61,6 +62,10 @@ struct Connection {
     last_message_id: u16,
     /// A C-CANCEL arrived for the retrieve in progress.
     pending_cancel: bool,
+    /// A storage commitment report sent here but not yet acknowledged:
+    /// (event type, dataset). If the association ends first, it is
+    /// delivered on a new association to the requester.
+    unacked_report: Option<(u16, Vec<u8>)>,
 }
 
 /// Largest N-ACTION dataset collected (about 50,000 references).
@@ -277,6 +282,15 @@ impl Connection {
                 info!(why, "releasing association");
                 self.release().await;
             }
+        }
+        if let Some((event_type, dataset)) = self.unacked_report.take() {
+            let requester = assoc.source.calling_ae.clone();
+            let config = shared.config.clone();
+            let span = tracing::Span::current();
+            tokio::spawn(
+                async move { deliver_report_later(&config, &requester, event_type, dataset).await }
+                    .instrument(span),
+            );
         }
     }
 
@@ -576,6 +590,9 @@ impl Connection {
             }
             Some(field::N_EVENT_REPORT_RSP) => {
                 let status = command.u16(tag::STATUS).unwrap_or(0xFFFF);
+                if status == status::SUCCESS {
+                    self.unacked_report = None;
+                }
                 info!(
                     status = format_args!("0x{status:04X}"),
                     "storage commitment report acknowledged"
@@ -1246,6 +1263,10 @@ impl Connection {
             .u16(tag::EVENT_TYPE_ID, outcome.event_type())
             .encode();
         self.respond(assoc, context_id, &rq).await?;
+        // Kept until acknowledged (implicit VR LE is what a new association offers).
+        let fallback =
+            commitment::event_report_dataset(&outcome, "1.2.840.10008.1.2").unwrap_or_default();
+        self.unacked_report = Some((outcome.event_type(), fallback));
         ul::send_message(
             &mut self.stream,
             context_id,
@@ -1280,6 +1301,77 @@ impl Connection {
         .await
         .map_err(|e| End::Lost(format!("cannot send response: {e}")))
     }
+}
+
+/// Delivers a storage commitment report on a new association to the
+/// requester's configured address (PS3.4 J.3.3), with a few retries.
+async fn deliver_report_later(config: &Config, requester: &str, event_type: u16, dataset: Vec<u8>) {
+    use consortium_dimse::client::{self, Proposed};
+    let Some(dest) = config.destinations.iter().find(|d| d.ae_title == requester) else {
+        warn!(
+            "storage commitment report not acknowledged and the requester has no configured address; it is lost"
+        );
+        return;
+    };
+    let contexts = [Proposed {
+        id: 1,
+        abstract_syntax: commitment::SOP_CLASS.to_string(),
+        transfer_syntaxes: vec!["1.2.840.10008.1.2".to_string()],
+    }];
+    for attempt in 0..3u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+        }
+        let assoc = client::associate_with_scp_role(
+            (dest.host.as_str(), dest.port),
+            &config.gateway.ae_title,
+            requester,
+            &contexts,
+            &[commitment::SOP_CLASS],
+            config.gateway.max_pdu_length,
+            Duration::from_secs(30),
+        )
+        .await;
+        let mut assoc = match assoc {
+            Ok(a) if a.accepted.contains_key(&1) => a,
+            Ok(a) => {
+                a.abort().await;
+                warn!("the requester refused the storage commitment context for the report");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, attempt, "cannot reach the requester for the commitment report");
+                continue;
+            }
+        };
+        let rq = Response::request(field::N_EVENT_REPORT_RQ, 1, true)
+            .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+            .uid(
+                tag::AFFECTED_SOP_INSTANCE_UID,
+                commitment::WELL_KNOWN_INSTANCE,
+            )
+            .u16(tag::EVENT_TYPE_ID, event_type)
+            .encode();
+        let sent = async {
+            assoc.send_command(1, &rq).await?;
+            assoc.send_dataset(1, &dataset).await?;
+            assoc.receive(0).await
+        }
+        .await;
+        match sent {
+            Ok(rsp) => {
+                let status = rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF);
+                info!(
+                    status = format_args!("0x{status:04X}"),
+                    "storage commitment report delivered on a new association"
+                );
+                assoc.release().await;
+                return;
+            }
+            Err(e) => warn!(error = %e, attempt, "commitment report delivery failed"),
+        }
+    }
+    warn!("giving up on delivering a storage commitment report");
 }
 
 /// Opens the association to a C-MOVE destination, proposing each needed

@@ -90,6 +90,63 @@ fn pynetdicom_commitment_reports_committed_and_failed_instances() {
     assert!(gw.log().contains("storage commitment report acknowledged"));
 }
 
+#[test]
+fn report_goes_to_a_new_association_when_the_requester_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = GatewaySpec {
+        clinics: format!(
+            "{}\n[[destinations]]\nae_title = \"COUNTYWS1\"\nhost = \"127.0.0.1\"\nport = {listen}\n",
+            GatewaySpec::default().clinics
+        ),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE])];
+    let scu::Association::Accepted(mut sender) =
+        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!()
+    };
+    let ds = scu::ct_dataset("2.25.7101", "2.25.71", 1024);
+    assert_eq!(
+        sender.store(1, CT_IMAGE_STORAGE, "2.25.7101", &ds),
+        Reply::Status(0)
+    );
+    assert!(sender.release());
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/commit_scu_release.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(gw.port.to_string())
+        .arg("COUNTYWS1")
+        .arg(listen.to_string())
+        .arg(format!("{CT_IMAGE_STORAGE}:2.25.7101"))
+        .arg(format!("{CT_IMAGE_STORAGE}:2.25.7102"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_like::parse(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report.event_type, 2, "{report:?}\n{}", gw.log());
+    assert_eq!(report.committed, vec!["2.25.7101"]);
+    assert_eq!(report.failed_reason("2.25.7102"), Some(0x0112));
+    assert!(
+        gw.log()
+            .contains("storage commitment report delivered on a new association")
+    );
+}
+
 /// The tiny JSON the script prints, parsed without a JSON dependency.
 mod serde_like {
     #![allow(unreachable_pub)]
@@ -147,7 +204,7 @@ mod serde_like {
         Report {
             action_status: field(json, "action_status").parse().unwrap(),
             event_type: field(json, "event_type").parse().unwrap(),
-            transaction_uid_matches: field(json, "transaction_uid_matches") == "true",
+            transaction_uid_matches: json.contains("\"transaction_uid_matches\": true"),
             committed: strings(field(json, "committed")),
             failed,
         }
