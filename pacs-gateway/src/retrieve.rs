@@ -1,9 +1,11 @@
 //! C-GET and C-MOVE (PS3.4 C.4.2, C.4.3): which instances an identifier
 //! names, and how each is sent: as stored whenever the receiver accepted the
-//! stored transfer syntax, otherwise transcoded between the uncompressed
-//! syntaxes (implicit/explicit VR little endian, explicit big endian,
-//! deflated as a source). Compressed pixel data is not decoded yet: such a
-//! sub-operation fails with the reason logged.
+//! stored transfer syntax, otherwise transcoded to explicit or implicit VR
+//! little endian (or explicit big endian): from the other uncompressed
+//! syntaxes and deflated by rewriting the dataset, from the compressed
+//! syntaxes dicom-rs decodes in pure Rust (JPEG baseline/extended/lossless,
+//! RLE) by decoding the pixel data. Other compressed syntaxes (JPEG-LS, JPEG
+//! 2000) fail that sub-operation with the reason logged.
 
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
@@ -89,10 +91,52 @@ const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
 const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 
-/// True when `from` can be rewritten as `to` without a pixel codec.
+/// Compressed syntaxes whose pixel data we can decode (pure Rust codecs).
+const DECODABLE: &[&str] = &[
+    "1.2.840.10008.1.2.4.50", // JPEG Baseline
+    "1.2.840.10008.1.2.4.51", // JPEG Extended (8-bit)
+    "1.2.840.10008.1.2.4.57", // JPEG Lossless
+    "1.2.840.10008.1.2.4.70", // JPEG Lossless SV1
+    "1.2.840.10008.1.2.5",    // RLE Lossless
+];
+/// Lossy sources: the transcoded object keeps Lossy Image Compression "01".
+const LOSSY: &[&str] = &["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"];
+
+fn is_uncompressed(ts: &str) -> bool {
+    matches!(ts, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE | DEFLATED)
+}
+
+/// True when `from` can be rewritten as `to` (an uncompressed syntax).
 pub(crate) fn can_transcode(from: &str, to: &str) -> bool {
-    matches!(from, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE | DEFLATED)
-        && matches!(to, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE)
+    matches!(to, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE)
+        && (is_uncompressed(from) || DECODABLE.contains(&from))
+}
+
+/// Decodes the pixel data of a compressed Part 10 blob and writes its
+/// dataset in `to`.
+fn decode_to(blob: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
+    use dicom_pixeldata::Transcode;
+    let body = blob.get(128..).ok_or("stored object too short")?;
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .from_reader(body)
+        .map_err(|e| e.to_string())?;
+    let target = TransferSyntaxRegistry
+        .get(to)
+        .ok_or("unknown target syntax")?;
+    obj.transcode(target)
+        .map_err(|e| format!("cannot decode {from}: {e}"))?;
+    if LOSSY.contains(&from) {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        obj.put(DataElement::new(
+            dicom_dictionary_std::tags::LOSSY_IMAGE_COMPRESSION,
+            VR::CS,
+            PrimitiveValue::from("01"),
+        ));
+    }
+    let mut out = Vec::with_capacity(blob.len() * 2);
+    obj.write_dataset_with_ts(&mut out, target)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// Rewrites a dataset from one uncompressed syntax to another.
@@ -138,14 +182,23 @@ pub(crate) async fn dataset_for(
     if to_ts == item.transfer_syntax {
         return Ok(stored.to_vec());
     }
-    let (stored, from, to) = (
-        stored.to_vec(),
-        item.transfer_syntax.clone(),
-        to_ts.to_string(),
+    let (from, to) = (item.transfer_syntax.clone(), to_ts.to_string());
+    tracing::info!(
+        sop_instance_uid = %item.sop_instance_uid,
+        from = %from,
+        to = %to,
+        "transcoding for a receiver that did not accept the stored syntax"
     );
-    tokio::task::spawn_blocking(move || transcode(&stored, &from, &to))
-        .await
-        .map_err(|e| e.to_string())?
+    if is_uncompressed(&from) {
+        let stored = stored.to_vec();
+        tokio::task::spawn_blocking(move || transcode(&stored, &from, &to))
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        tokio::task::spawn_blocking(move || decode_to(&blob, &from, &to))
+            .await
+            .map_err(|e| e.to_string())?
+    }
 }
 
 #[cfg(test)]
@@ -156,7 +209,8 @@ mod tests {
     fn transcodes_between_uncompressed_syntaxes_only() {
         assert!(can_transcode(EXPLICIT_LE, IMPLICIT_LE));
         assert!(can_transcode(DEFLATED, EXPLICIT_LE));
-        assert!(!can_transcode("1.2.840.10008.1.2.5", EXPLICIT_LE));
+        assert!(can_transcode("1.2.840.10008.1.2.5", EXPLICIT_LE));
+        assert!(!can_transcode("1.2.840.10008.1.2.4.90", EXPLICIT_LE));
         assert!(!can_transcode(EXPLICIT_LE, DEFLATED));
     }
 }

@@ -236,3 +236,156 @@ fn unknown_and_unreachable_destinations_fail_cleanly() {
     );
     gw.assert_serving();
 }
+
+#[test]
+fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    // storescp without +xa accepts only uncompressed syntaxes.
+    let native = ReferenceScp::start(&dir.path().join("native"), "+xe");
+    let destinations = format!(
+        "[[destinations]]\nae_title = \"NATIVESCP\"\nhost = \"127.0.0.1\"\nport = {}\n",
+        native.port
+    );
+    let spec = GatewaySpec {
+        clinics: format!("{}\n{destinations}", GatewaySpec::default().clinics),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let files = sample_dicom::generate(
+        &dir.path().join("samples"),
+        &sample_dicom::Options::small(41),
+    )
+    .unwrap();
+    let compressed: Vec<_> = files
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.transfer_syntax.as_str(),
+                "1.2.840.10008.1.2.5" | "1.2.840.10008.1.2.4.50"
+            )
+        })
+        .collect();
+    assert!(compressed.len() >= 2);
+    for f in &compressed {
+        let out = common::storescu(
+            gw.port,
+            "COUNTYWS1",
+            &["-R", common::propose_flag(&f.transfer_syntax)],
+            std::slice::from_ref(&f.path),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for f in &compressed {
+        let out = Command::new("/usr/bin/movescu")
+            .args([
+                "-S",
+                "-aet",
+                "COUNTYWS1",
+                "-aec",
+                common::AE,
+                "-aem",
+                "NATIVESCP",
+            ])
+            .args(["-k", "QueryRetrieveLevel=IMAGE"])
+            .args(["-k", &format!("StudyInstanceUID={}", f.study_instance_uid)])
+            .args([
+                "-k",
+                &format!("SeriesInstanceUID={}", series_of(&gw, &f.sop_instance_uid)),
+            ])
+            .args(["-k", &format!("SOPInstanceUID={}", f.sop_instance_uid)])
+            .arg("127.0.0.1")
+            .arg(gw.port.to_string())
+            .env("TCP_NODELAY", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gw.log()
+        );
+    }
+    let received = native.received();
+    for f in &compressed {
+        let got = &received[&f.sop_instance_uid];
+        let ours = dicom_object::InMemDicomObject::read_dataset_with_ts(
+            &got[..],
+            &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+        let pixels = ours
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .to_vec();
+        // DCMTK decodes the stored blob independently.
+        let (blob, _) = gw.blob_of(&f.sop_instance_uid).unwrap();
+        let tool = if f.transfer_syntax == "1.2.840.10008.1.2.5" {
+            "dcmdrle"
+        } else {
+            "dcmdjpeg"
+        };
+        let decoded = dir.path().join(format!("{}.native", f.sop_instance_uid));
+        let out = Command::new(format!("/usr/bin/{tool}"))
+            .arg(&blob)
+            .arg(&decoded)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reference = dicom_object::open_file(&decoded).unwrap();
+        let expected = reference
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .to_vec();
+        assert_eq!(pixels.len(), expected.len(), "{tool}");
+        if tool == "dcmdrle" {
+            assert!(pixels == expected, "RLE decode differs from DCMTK's");
+        } else {
+            // Lossy JPEG: IDCT implementations may differ by a unit or two.
+            let worst = pixels
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(
+                worst <= 3,
+                "JPEG decode differs from DCMTK's by up to {worst}"
+            );
+            assert_eq!(text_of(&ours, tags::LOSSY_IMAGE_COMPRESSION), "01");
+        }
+    }
+    assert!(
+        gw.log()
+            .contains("transcoding for a receiver that did not accept the stored syntax")
+    );
+}
+
+fn series_of(gw: &Gateway, sop_instance_uid: &str) -> String {
+    gw.index()
+        .query_row(
+            "SELECT se.series_uid FROM instances i JOIN series se ON se.pk = i.series_pk WHERE i.sop_instance_uid = ?1",
+            [sop_instance_uid],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+fn text_of(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> String {
+    obj.element(tag)
+        .ok()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
