@@ -184,10 +184,11 @@ pub async fn associate_with_scp_role(
                 if pc.reason == PresentationContextResultReason::Acceptance
                     && let Some(p) = contexts.iter().find(|c| c.id == pc.id)
                 {
-                    assoc.accepted.insert(
-                        pc.id,
-                        (p.abstract_syntax.clone(), pc.transfer_syntax.clone()),
-                    );
+                    // UIDs may arrive padded with NUL to an even length.
+                    let ts = pc.transfer_syntax.trim_end_matches(['\0', ' ']).to_string();
+                    assoc
+                        .accepted
+                        .insert(pc.id, (p.abstract_syntax.clone(), ts));
                 }
             }
             assoc.peer_max_pdu = ac
