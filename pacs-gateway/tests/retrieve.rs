@@ -389,3 +389,33 @@ fn text_of(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> String
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
+
+#[test]
+fn pynetdicom_c_get_receives_the_stored_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, uids) = with_study(dir.path(), "");
+    let out_dir = dir.path().join("py");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/get_scu.py"))
+        .arg(gw.port.to_string())
+        .arg("COUNTYWS1")
+        .arg("2.25.66")
+        .arg(&out_dir)
+        .output()
+        .expect("python3 with pynetdicom");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("\"status\": 0, \"completed\": 5, \"failed\": 0"),
+        "{text}"
+    );
+    for uid in &uids {
+        let got = std::fs::read(out_dir.join(format!("{uid}.bin"))).unwrap();
+        assert!(got == stored_dataset(&gw, uid), "{uid} differs");
+    }
+}
