@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Query and retrieve benchmark: pacs-gateway against Orthanc, same run.
+
+1. Large index (ours only): 100,000 studies / 1,000,000 instances written
+   straight into a fresh index (the gateway creates the schema; rows are
+   bulk-inserted, no pixel data), then study-level C-FIND by Patient ID, by
+   name wildcard, by date range with modality, and series/image-level
+   queries inside a study: median and p99 over one open association
+   (pynetdicom), and per findscu process.
+2. Shared size: the same 10,000 one-instance studies sent to both servers
+   (storescu, 4 associations); the same queries against both; our ratio.
+3. Retrieval: a 60-slice CT study from the bench corpus, sent to both;
+   whole-study C-GET (getscu) and C-MOVE to a DCMTK storescp (movescu);
+   MB/s and our ratio.
+Order alternates between the servers; medians. Orthanc runs with its
+shipped defaults plus the AE declarations C-GET/C-MOVE need, loopback only
+(see ingest.py for the bind shim). Results: table on stdout and
+target/bench-results/query-<timestamp>.json.
+
+usage: python3 benches/query.py [--large-studies N] [--shared-studies N] [--repeats N]
+"""
+import argparse
+import json
+import random
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ingest  # noqa: E402
+
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # noqa: E402
+
+# pynetdicom leaves Nagle's algorithm on: each request (command PDU, then
+# identifier PDU) would wait ~40 ms for a delayed ACK, for either server.
+# Like TCP_NODELAY=1 for DCMTK, take the instrument out of the measurement.
+_connect = socket.socket.connect
+
+
+def _connect_nodelay(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return _connect(sock, address)
+
+
+socket.socket.connect = _connect_nodelay
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+FAMILY = ["WANG", "LI", "ZHANG", "LIU", "CHEN", "YANG", "HUANG", "ZHAO", "WU", "ZHOU"]
+FAMILY_HAN = ["王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周"]
+GIVEN = ["WEI", "FANG", "NA", "MIN", "JING", "LEI", "QIANG", "YAN", "JUN", "YONG", "JIE", "TAO", "MING", "CHAO"]
+MODALITIES = ["CT", "MR", "DX", "CR", "US"]
+
+
+class Orthanc(ingest.Orthanc):
+    """Orthanc allowing query/retrieve from the bench AEs."""
+
+    def __init__(self, workdir, shim, dest_port=0):
+        super().__init__(workdir, shim)
+        self.dest_port = dest_port
+
+    def start(self):
+        self.port, self.http_port = ingest.free_port(), ingest.free_port()
+        config = {
+            "Name": "bench", "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"), "DicomAet": ingest.CALLED_AE,
+            "DicomPort": self.port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [], "LuaScripts": [],
+            "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
+            "DicomModalities": {"bench": [ingest.CALLING_AE, "127.0.0.1", 104],
+                                "dest": ["BENCHDEST", "127.0.0.1", self.dest_port]},
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self._spawn([ingest.ORTHANC, str(path)], self.preload_env())
+        ingest.wait_listening(self.proc, [self.port, self.http_port], self.logfile)
+
+
+class Gateway(ingest.Gateway):
+    """The gateway, registering the bench AE as a county station."""
+
+    def __init__(self, workdir, shim, dest_port=0, data=None):
+        super().__init__(workdir, shim)
+        self.dest_port, self.data = dest_port, data or workdir / "data"
+
+    def start(self):
+        config = self.workdir / "gateway.toml"
+        config.write_text(f"""[gateway]
+ae_title = "{ingest.CALLED_AE}"
+listen = "127.0.0.1:0"
+max_find_results = 1000000
+
+[storage]
+data_dir = "{self.data}"
+
+[[clinics]]
+id = "bench"
+name = "Bench"
+ae_titles = ["{ingest.CALLING_AE}"]
+role = "county"
+
+[[destinations]]
+ae_title = "BENCHDEST"
+host = "127.0.0.1"
+port = {self.dest_port}
+""")
+        out = self.workdir / "gateway.out"
+        with open(out, "wb") as stdout:
+            self._spawn([str(ingest.GATEWAY_BIN), "--config", str(config)], ingest.base_env(), stdout=stdout)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self.check_alive()
+            line = out.read_text().strip()
+            if line.startswith("listening on "):
+                self.port = int(line.rpartition(":")[2])
+                return
+            time.sleep(0.05)
+        raise ingest.BenchError("gateway did not start")
+
+
+def fill_index(db: Path, studies: int, per_study_series: int = 2, per_series: int = 5, seed: int = 7):
+    """Bulk-inserts a synthetic hierarchy; returns sample keys for queries."""
+    rnd = random.Random(seed)
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    patients = max(1, studies // 5)
+    now = "2026-11-24T00:00:00.000000Z"
+    pat_rows, names = [], []
+    for p in range(1, patients + 1):
+        f, g = rnd.randrange(10), rnd.choice(GIVEN)
+        name = f"{FAMILY[f]}^{g}={FAMILY_HAN[f]}^{g.lower()}"
+        names.append(name)
+        pat_rows.append((p, "bench", f"P{p:07d}", "bench", name, name.upper(), "ISO_IR 192",
+                         f"19{rnd.randrange(40, 99)}0101", rnd.choice("MF")))
+    conn.executemany("INSERT INTO patients (pk, clinic_id, patient_id, issuer, name, name_search, name_charset,"
+                     " birth_date, sex) VALUES (?,?,?,?,?,?,?,?,?)", pat_rows)
+    study_rows, series_rows, inst_rows = [], [], []
+    se_pk = inst_pk = 0
+    for s in range(1, studies + 1):
+        date = f"20{rnd.randrange(22, 26)}{rnd.randrange(1, 13):02d}{rnd.randrange(1, 29):02d}"
+        study_rows.append((s, f"2.25.9{s}", rnd.randrange(1, patients + 1), "bench", date, "101010",
+                           f"ACC{s:08d}", f"S{s}", "bench study", "", "", "", now, now))
+        modality = rnd.choice(MODALITIES)
+        for _ in range(per_study_series):
+            se_pk += 1
+            series_rows.append((se_pk, f"2.25.8{se_pk}", s, modality, se_pk % 100, "series"))
+            for n in range(per_series):
+                inst_pk += 1
+                inst_rows.append((inst_pk, f"2.25.7{inst_pk}", se_pk, CT, n + 1,
+                                  "1.2.840.10008.1.2.1", "instances/00/none.dcm", "0" * 64, 1, 0, "bench", "X", now))
+        if len(inst_rows) >= 200_000:
+            flush(conn, study_rows, series_rows, inst_rows)
+    flush(conn, study_rows, series_rows, inst_rows)
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return {"patient_id": f"P{rnd.randrange(1, patients + 1):07d}",
+            "name_prefix": names[0].split("^")[0] + "^" + names[0].split("^")[1][:2].split("=")[0] + "*",
+            "study": f"2.25.9{rnd.randrange(1, studies + 1)}"}
+
+
+def flush(conn, study_rows, series_rows, inst_rows):
+    conn.executemany("INSERT INTO studies (pk, study_uid, patient_pk, clinic_id, study_date, study_time,"
+                     " accession_number, study_id, description, referring_physician, institution, character_set,"
+                     " first_received_at, last_received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", study_rows)
+    conn.executemany("INSERT INTO series (pk, series_uid, study_pk, modality, series_number, description)"
+                     " VALUES (?,?,?,?,?,?)", series_rows)
+    conn.executemany("INSERT INTO instances (pk, sop_instance_uid, series_pk, sop_class_uid, instance_number,"
+                     " transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)"
+                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", inst_rows)
+    study_rows.clear(), series_rows.clear(), inst_rows.clear()
+
+
+def queries(keys):
+    """(name, dataset) pairs, Study Root."""
+    def q(level, **kv):
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for k, v in kv.items():
+            setattr(ds, k, v)
+        return ds
+    return [
+        ("study by PatientID", q("STUDY", PatientID=keys["patient_id"], StudyInstanceUID="", PatientName="")),
+        ("study by name wildcard", q("STUDY", PatientName=keys["name_prefix"], StudyInstanceUID="")),
+        ("study by date range + CT", q("STUDY", StudyDate="20240301-20240307", ModalitiesInStudy="CT",
+                                       StudyInstanceUID="")),
+        ("series in a study", q("SERIES", StudyInstanceUID=keys["study"], SeriesInstanceUID="", Modality="")),
+        ("images in a study", q("IMAGE", StudyInstanceUID=keys["study"], SOPInstanceUID="")),
+    ]
+
+
+def time_queries(port, keys, repeats):
+    ae = AE(ae_title=ingest.CALLING_AE)
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ingest.CALLED_AE)
+    if not assoc.is_established:
+        raise ingest.BenchError("C-FIND association refused")
+    out = {}
+    for name, ds in queries(keys):
+        times, matches = [], 0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matches = sum(1 for status, ident in assoc.send_c_find(ds, FIND) if ident is not None)
+            times.append((time.perf_counter() - start) * 1000)
+        times.sort()
+        out[name] = {"median_ms": round(statistics.median(times), 2),
+                     "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))], 2), "matches": matches}
+    assoc.release()
+    return out
+
+
+def time_findscu(port, keys, runs=20):
+    cmd = ["/usr/bin/findscu", "-S", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE,
+           "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={keys['patient_id']}", "-k", "StudyInstanceUID",
+           "127.0.0.1", str(port)]
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, env=ingest.base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def write_shared_corpus(root: Path, studies: int):
+    """One small instance per study, written with pydicom."""
+    if (root / ".complete").exists():
+        return sorted(root.glob("*.dcm"))
+    root.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(11)
+    for s in range(studies):
+        f, g = rnd.randrange(10), rnd.choice(GIVEN)
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.SOPClassUID, ds.SOPInstanceUID = CT, generate_uid()
+        ds.PatientName = f"{FAMILY[f]}^{g}={FAMILY_HAN[f]}^{g.lower()}"
+        ds.PatientID = f"P{s // 5:07d}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.StudyDate = f"20{rnd.randrange(22, 26)}{rnd.randrange(1, 13):02d}{rnd.randrange(1, 29):02d}"
+        ds.StudyTime, ds.Modality, ds.AccessionNumber = "101010", rnd.choice(MODALITIES), f"A{s:08d}"
+        ds.Rows = ds.Columns = 8
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = bytes(128)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CT, ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(root / f"{s:06d}.dcm", write_like_original=False)
+    (root / ".complete").write_text("ok\n")
+    return sorted(root.glob("*.dcm"))
+
+
+def send(files, port):
+    parts = [files[i::4] for i in range(4)]
+    procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE,
+                               "127.0.0.1", str(port), *map(str, p)], env=ingest.base_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in parts]
+    if any(p.wait() for p in procs):
+        raise ingest.BenchError("storescu failed")
+
+
+def retrieve(port, study_uid, workdir, dest_port, nbytes):
+    """Whole-study C-GET and C-MOVE (to storescp on dest_port): MB/s each."""
+    got = workdir / "got"
+    got.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    r = subprocess.run(["/usr/bin/getscu", "-S", "-od", str(got), "-aet", ingest.CALLING_AE, "-aec",
+                        ingest.CALLED_AE, "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                        "127.0.0.1", str(port)], env=ingest.base_env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ingest.BenchError(f"getscu failed: {r.stderr[-2000:]}")
+    get_s = time.perf_counter() - start
+    start = time.perf_counter()
+    r = subprocess.run(["/usr/bin/movescu", "-S", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE, "-aem",
+                        "BENCHDEST", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                        "127.0.0.1", str(port)], env=ingest.base_env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ingest.BenchError(f"movescu failed: {r.stderr[-2000:]}")
+    move_s = time.perf_counter() - start
+    if len(list(got.iterdir())) != 60:
+        raise ingest.BenchError(f"C-GET delivered {len(list(got.iterdir()))} of 60")
+    return {"get_mb_s": round(nbytes / 1e6 / get_s, 1), "move_mb_s": round(nbytes / 1e6 / move_s, 1)}
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--large-studies", type=int, default=100_000)
+    p.add_argument("--shared-studies", type=int, default=10_000)
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args(argv)
+    ingest.WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    shim = ingest.build_shim()
+    results = {}
+    work = Path(tempfile.mkdtemp(prefix="query-", dir=ingest.WORK_ROOT))
+    try:
+        # 1. Large index, ours only.
+        gw = Gateway(work / "large", shim)
+        (work / "large").mkdir()
+        gw.start(), gw.stop()  # creates the schema
+        t0 = time.perf_counter()
+        keys = fill_index(gw.data / "index.sqlite", args.large_studies)
+        ingest.log(f"index of {args.large_studies} studies / {args.large_studies * 10} instances "
+                   f"written in {time.perf_counter() - t0:.0f} s")
+        gw = Gateway(work / "large", shim, data=gw.data)
+        gw.start()
+        try:
+            results["large"] = {"queries": time_queries(gw.port, keys, args.repeats),
+                                "findscu_median_ms": time_findscu(gw.port, keys)}
+        finally:
+            gw.stop()
+        ingest.log(f"large: {json.dumps(results['large'])}")
+
+        # 2 and 3. Shared size and retrieval, both servers, alternating.
+        files = write_shared_corpus(ingest.TARGET / "bench-corpus-query", args.shared_studies)
+        study_dir = ingest.TARGET / "bench-corpus" / "county" / "study-0006"
+        ct = sorted(study_dir.glob("CT-*.dcm"))[:60]
+        ct_bytes = sum(f.stat().st_size for f in ct)
+        ct_study = subprocess.run(["/usr/bin/dcmdump", "+P", "0020,000d", str(ct[0])], capture_output=True,
+                                  text=True).stdout.split("[")[1].split("]")[0]
+        shared_keys = {"patient_id": "P0000042", "name_prefix": "WANG^WE*", "study": ct_study}
+        for name in ("gateway", "orthanc"):
+            dest = ingest.StoreScp(work / f"dest-{name}", shim)
+            (work / f"dest-{name}").mkdir()
+            dest.start()
+            server = (Gateway if name == "gateway" else Orthanc)(work / name, shim, dest_port=dest.port)
+            (work / name).mkdir()
+            server.start()
+            try:
+                t0 = time.perf_counter()
+                send(files, server.port)
+                send(ct, server.port)
+                ingest.log(f"{name}: {len(files) + len(ct)} instances loaded in {time.perf_counter() - t0:.0f} s")
+                results[name] = {"queries": time_queries(server.port, shared_keys, args.repeats),
+                                 "findscu_median_ms": time_findscu(server.port, shared_keys),
+                                 "retrieve": retrieve(server.port, ct_study, work / name, dest.port, ct_bytes)}
+                ingest.log(f"{name}: {json.dumps(results[name])}")
+            finally:
+                server.stop()
+                dest.stop()
+    except ingest.BenchError as e:
+        ingest.log(f"query benchmark FAILED: {e}")
+        return 1
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"C-FIND latency (pynetdicom, one association, {args.repeats} repeats; ms median / p99)")
+    print(f"{'query':<28}{'ours @' + str(args.large_studies):>18}{'ours @' + str(args.shared_studies):>18}"
+          f"{'Orthanc @' + str(args.shared_studies):>18}{'ratio':>8}")
+    for q in results["large"]["queries"]:
+        big, ours, theirs = (results[k]["queries"][q] for k in ("large", "gateway", "orthanc"))
+        print(f"{q:<28}{big['median_ms']:>9.2f} /{big['p99_ms']:>6.1f}{ours['median_ms']:>11.2f} /{ours['p99_ms']:>5.1f}"
+              f"{theirs['median_ms']:>11.2f} /{theirs['p99_ms']:>5.1f}{theirs['median_ms'] / ours['median_ms']:>7.1f}x")
+    print(f"findscu per process (ms): ours {results['gateway']['findscu_median_ms']} "
+          f"(at {args.large_studies}: {results['large']['findscu_median_ms']}), "
+          f"Orthanc {results['orthanc']['findscu_median_ms']}")
+    for k in ("get_mb_s", "move_mb_s"):
+        ours, theirs = results["gateway"]["retrieve"][k], results["orthanc"]["retrieve"][k]
+        print(f"60-slice CT {k[:-5].upper():<4}: ours {ours} MB/s, Orthanc {theirs} MB/s, ratio {ours / theirs:.1f}x "
+              f"(target >= 2.0x)")
+    ingest.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = ingest.RESULTS_DIR / f"query-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results: {out.relative_to(ingest.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
