@@ -137,7 +137,7 @@ def fill_index(db: Path, studies: int, per_study_series: int = 2, per_series: in
     now = "2026-11-24T00:00:00.000000Z"
     pat_rows, names = [], []
     for p in range(1, patients + 1):
-        f, g = rnd.randrange(10), rnd.choice(GIVEN)
+        f, g = rnd.randrange(10), rnd.choice(GIVEN) + rnd.choice(GIVEN)
         name = f"{FAMILY[f]}^{g}={FAMILY_HAN[f]}^{g.lower()}"
         names.append(name)
         pat_rows.append((p, "bench", f"P{p:07d}", "bench", name, name.upper(), "ISO_IR 192",
@@ -164,8 +164,9 @@ def fill_index(db: Path, studies: int, per_study_series: int = 2, per_series: in
     conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+    given = names[0].split("=")[0].split("^")[1]
     return {"patient_id": f"P{rnd.randrange(1, patients + 1):07d}",
-            "name_prefix": names[0].split("^")[0] + "^" + names[0].split("^")[1][:2].split("=")[0] + "*",
+            "name_prefix": names[0].split("^")[0] + "^" + given[:len(given) - 1] + "*",
             "study": f"2.25.9{rnd.randrange(1, studies + 1)}"}
 
 
@@ -238,7 +239,7 @@ def write_shared_corpus(root: Path, studies: int):
     root.mkdir(parents=True, exist_ok=True)
     rnd = random.Random(11)
     for s in range(studies):
-        f, g = rnd.randrange(10), rnd.choice(GIVEN)
+        f, g = rnd.randrange(10), rnd.choice(GIVEN) + rnd.choice(GIVEN)
         ds = Dataset()
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.SOPClassUID, ds.SOPInstanceUID = CT, generate_uid()
@@ -320,13 +321,13 @@ def main(argv):
         ingest.log(f"large: {json.dumps(results['large'])}")
 
         # 2 and 3. Shared size and retrieval, both servers, alternating.
-        files = write_shared_corpus(ingest.TARGET / "bench-corpus-query", args.shared_studies)
+        files = write_shared_corpus(ingest.TARGET / f"bench-corpus-query-{args.shared_studies}", args.shared_studies)
         study_dir = ingest.TARGET / "bench-corpus" / "county" / "study-0006"
         ct = sorted(study_dir.glob("CT-*.dcm"))[:60]
         ct_bytes = sum(f.stat().st_size for f in ct)
         ct_study = subprocess.run(["/usr/bin/dcmdump", "+P", "0020,000d", str(ct[0])], capture_output=True,
                                   text=True).stdout.split("[")[1].split("]")[0]
-        shared_keys = {"patient_id": "P0000042", "name_prefix": "WANG^WE*", "study": ct_study}
+        shared_keys = {"patient_id": "P0000042", "name_prefix": "WANG^WEIF*", "study": ct_study}
         for name in ("gateway", "orthanc"):
             dest = ingest.StoreScp(work / f"dest-{name}", shim)
             (work / f"dest-{name}").mkdir()
