@@ -239,7 +239,9 @@ def write_shared_corpus(root: Path, studies: int):
     root.mkdir(parents=True, exist_ok=True)
     rnd = random.Random(11)
     for s in range(studies):
-        f, g = rnd.randrange(10), rnd.choice(GIVEN) + rnd.choice(GIVEN)
+        # Five studies per patient, one name per patient.
+        who = random.Random(s // 5)
+        f, g = who.randrange(10), who.choice(GIVEN) + who.choice(GIVEN)
         ds = Dataset()
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.SOPClassUID, ds.SOPInstanceUID = CT, generate_uid()
