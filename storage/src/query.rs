@@ -271,8 +271,7 @@ fn condition_sql(key: Key, matcher: &Matcher, params: &mut Vec<Value>) -> Option
         };
         let p = bind(pattern);
         return Some(format!(
-            "(p.name_search GLOB {p} OR p.name_search GLOB {p} || '=*' OR p.name_search GLOB '*=' || {p} \
-             OR p.name_search GLOB '*=' || {p} || '=*')"
+            "(p.name_search GLOB {p} OR p.name_alpha GLOB {p} OR p.name_ideo GLOB {p} OR p.name_phon GLOB {p})"
         ));
     }
     if key == Key::ModalitiesInStudy {

@@ -20,6 +20,7 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     schema::migrate(&mut conn)?;
+    schema::backfill_name_groups(&conn)?;
     Ok(conn)
 }
 

@@ -327,27 +327,37 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
 
 fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
     let a = &new.attrs;
-    let pk: i64 = tx.prepare_cached(
-        "INSERT INTO patients (clinic_id, patient_id, issuer, name, name_raw, name_charset, name_search, birth_date, sex)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (clinic_id, patient_id, issuer) DO UPDATE SET
-            name = excluded.name, name_raw = excluded.name_raw, name_charset = excluded.name_charset,
-            name_search = excluded.name_search, birth_date = excluded.birth_date, sex = excluded.sex
-         RETURNING pk"
-    )?
-    .query_row(        params![
-            new.clinic_id,
-            a.patient_id,
-            a.issuer_of_patient_id,
-            a.patient_name.text,
-            a.patient_name.raw,
-            a.specific_character_set,
-            a.patient_name.text.to_uppercase(),
-            a.patient_birth_date,
-            a.patient_sex
-        ],
-        |r| r.get(0),
-    )?;
+    // Upper-cased for case-insensitive matching, whole and per component group.
+    let search = a.patient_name.text.to_uppercase();
+    let mut groups = search.split('=').map(str::to_string);
+    let pk: i64 = tx
+        .prepare_cached(
+            "INSERT INTO patients (clinic_id, patient_id, issuer, name, name_raw, name_charset, name_search,
+                birth_date, sex, name_alpha, name_ideo, name_phon)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (clinic_id, patient_id, issuer) DO UPDATE SET
+                name = excluded.name, name_raw = excluded.name_raw, name_charset = excluded.name_charset,
+                name_search = excluded.name_search, birth_date = excluded.birth_date, sex = excluded.sex,
+                name_alpha = excluded.name_alpha, name_ideo = excluded.name_ideo, name_phon = excluded.name_phon
+             RETURNING pk",
+        )?
+        .query_row(
+            params![
+                new.clinic_id,
+                a.patient_id,
+                a.issuer_of_patient_id,
+                a.patient_name.text,
+                a.patient_name.raw,
+                a.specific_character_set,
+                search,
+                a.patient_birth_date,
+                a.patient_sex,
+                groups.next().unwrap_or_default(),
+                groups.next().unwrap_or_default(),
+                groups.next().unwrap_or_default()
+            ],
+            |r| r.get(0),
+        )?;
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO patient_other_ids (patient_pk, other_id, issuer, id_type) VALUES (?1, ?2, ?3, ?4)",
     )?;
