@@ -30,7 +30,8 @@ const USAGE: &str = "usage: consortium-upload [options] FILE|FOLDER|DICOMDIR...
   --record FILE          local record of committed instances
                          (default ~/.local/share/consortium-upload/record.sqlite)
   --config FILE          TOML file with the same keys (host, port, calling_ae, ...)
-  --dry-run              list what would be sent, send nothing";
+  --dry-run              list what would be sent, send nothing
+  --report FILE          write every file's outcome (tab-separated) to FILE";
 
 /// Connection and behaviour settings (flags override the config file).
 #[derive(Debug, Clone)]
@@ -79,6 +80,7 @@ struct Args {
     settings: Settings,
     record: PathBuf,
     dry_run: bool,
+    report: Option<PathBuf>,
     inputs: Vec<PathBuf>,
 }
 
@@ -86,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
     let mut file = FileConfig::default();
     let mut flags = FileConfig::default();
     let mut dry_run = false;
+    let mut report = None;
     let mut inputs = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -113,6 +116,7 @@ fn parse_args() -> Result<Args, String> {
                 file = toml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
             }
             "--dry-run" => dry_run = true,
+            "--report" => report = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(String::new()),
             other if other.starts_with("--") => return Err(format!("unknown option {other}")),
             other => inputs.push(PathBuf::from(other)),
@@ -160,6 +164,7 @@ fn parse_args() -> Result<Args, String> {
         settings,
         record,
         dry_run,
+        report,
         inputs,
     })
 }
@@ -326,6 +331,39 @@ async fn run(args: Args) -> ExitCode {
                 failed += 1;
                 println!("FAILED {}: {reason}", c.path.display());
             }
+        }
+    }
+    if let Some(path) = &args.report {
+        let mut lines = vec!["file\toutcome\tdetail".to_string()];
+        for c in &already {
+            lines.push(format!("{}\talready committed\t", c.path.display()));
+        }
+        for (c, outcome) in &results {
+            let (what, detail) = match outcome {
+                send::Outcome::Stored { .. } => match answers.get(&c.sop_instance_uid) {
+                    Some(None) => ("committed".to_string(), String::new()),
+                    Some(Some(r)) => (
+                        "not committed".to_string(),
+                        format!("0x{r:04X} {}", commit::describe_failure(*r)),
+                    ),
+                    None => ("not committed".to_string(), "not confirmed".to_string()),
+                },
+                send::Outcome::Refused { status, comment } => {
+                    ("refused".to_string(), format!("0x{status:04X} {comment}"))
+                }
+                send::Outcome::Failed { reason } => ("failed".to_string(), reason.clone()),
+            };
+            lines.push(format!("{}\t{what}\t{detail}", c.path.display()));
+        }
+        for sk in &skipped {
+            let what = if sk.is_error { "unusable" } else { "skipped" };
+            lines.push(format!("{}\t{what}\t{}", sk.path.display(), sk.reason));
+        }
+        if let Err(e) = std::fs::write(path, lines.join("\n") + "\n") {
+            eprintln!(
+                "consortium-upload: cannot write report {}: {e}",
+                path.display()
+            );
         }
     }
     let not_dicom = skipped.iter().filter(|s| !s.is_error).count();

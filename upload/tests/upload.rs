@@ -159,7 +159,13 @@ fn uploads_a_folder_commits_everything_and_reruns_send_nothing() {
     );
     assert_eq!(gw.count("SELECT count(*) FROM instances"), 0);
 
-    let out = upload(gw.port, &record, &[], &[&samples]);
+    let report = dir.path().join("report.tsv");
+    let out = upload(
+        gw.port,
+        &record,
+        &["--report", report.to_str().unwrap()],
+        &[&samples],
+    );
     let text = stdout(&out);
     assert!(
         out.status.success(),
@@ -169,6 +175,19 @@ fn uploads_a_folder_commits_everything_and_reruns_send_nothing() {
     assert_eq!(summary_count(&text, "stored"), files.len());
     assert_eq!(summary_count(&text, "committed"), files.len());
     assert_eq!(summary_count(&text, "non-DICOM files skipped"), 2);
+    // Every file has its line in the report.
+    let report = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(
+        report
+            .lines()
+            .filter(|l| l.contains("\tcommitted\t"))
+            .count(),
+        files.len()
+    );
+    assert_eq!(
+        report.lines().filter(|l| l.contains("\tskipped\t")).count(),
+        2
+    );
     assert!(text.contains("notes.txt: not a DICOM Part 10 file"));
     // The summary matches what the center holds, byte for byte.
     assert_eq!(
