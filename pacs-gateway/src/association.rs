@@ -44,7 +44,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             reader: PduReader::new(shared.config.gateway.max_pdu_length),
             last_message_id: 0,
             pending_cancel: false,
-            unacked_report: None,
+            unacked_reports: Vec::new(),
         };
         let Some(assoc) = conn.establish(&shared, peer).await else {
             return;
@@ -65,7 +65,14 @@ struct Connection {
     /// A storage commitment report sent here but not yet acknowledged:
     /// (event type, dataset). If the association ends first, it is
     /// delivered on a new association to the requester.
-    unacked_report: Option<(u16, Vec<u8>)>,
+    unacked_reports: Vec<UnackedReport>,
+}
+
+/// A storage commitment report not yet acknowledged by its requester.
+struct UnackedReport {
+    message_id: u16,
+    event_type: u16,
+    dataset: Vec<u8>,
 }
 
 /// Largest N-ACTION dataset collected (about 50,000 references).
@@ -283,13 +290,16 @@ impl Connection {
                 self.release().await;
             }
         }
-        if let Some((event_type, dataset)) = self.unacked_report.take() {
+        for report in std::mem::take(&mut self.unacked_reports) {
             let requester = assoc.source.calling_ae.clone();
             let config = shared.config.clone();
             let span = tracing::Span::current();
             tokio::spawn(
-                async move { deliver_report_later(&config, &requester, event_type, dataset).await }
-                    .instrument(span),
+                async move {
+                    deliver_report_later(&config, &requester, report.event_type, report.dataset)
+                        .await
+                }
+                .instrument(span),
             );
         }
     }
@@ -590,8 +600,10 @@ impl Connection {
             }
             Some(field::N_EVENT_REPORT_RSP) => {
                 let status = command.u16(tag::STATUS).unwrap_or(0xFFFF);
+                let answered = command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO);
                 if status == status::SUCCESS {
-                    self.unacked_report = None;
+                    self.unacked_reports
+                        .retain(|r| Some(r.message_id) != answered);
                 }
                 info!(
                     status = format_args!("0x{status:04X}"),
@@ -731,7 +743,9 @@ impl Connection {
             };
         }
         let total = items.len();
-        let (mut completed, mut failed, mut warning) = (0u16, 0u16, 0u16);
+        // A C-CANCEL belongs to one retrieve only.
+        self.pending_cancel = false;
+        let (mut completed, mut failed, mut warning) = (0u32, 0u32, 0u32);
         let mut failed_uids = Vec::new();
         let mut cancelled = false;
         for (n, item) in items.iter().enumerate() {
@@ -767,9 +781,9 @@ impl Connection {
                         tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
                         (total - n - 1).min(0xFFFF) as u16,
                     )
-                    .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, completed)
-                    .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, failed)
-                    .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, warning)
+                    .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, saturate(completed))
+                    .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, saturate(failed))
+                    .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, saturate(warning))
                     .encode();
                 self.respond(assoc, context_id, &rsp).await?;
             }
@@ -789,9 +803,9 @@ impl Connection {
         };
         let mut rsp = Response::new(rsp_field, message_id, final_status)
             .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-            .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, completed)
-            .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, failed)
-            .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, warning);
+            .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, saturate(completed))
+            .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, saturate(failed))
+            .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, saturate(warning));
         if cancelled {
             rsp = rsp.u16(
                 tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
@@ -936,7 +950,7 @@ impl Connection {
                         "unexpected dataset".into(),
                     ));
                 }
-                bytes.extend_from_slice(&pdv.data);
+                append_command(&mut bytes, &pdv.data)?;
                 if pdv.is_last {
                     return Command::parse(&bytes)
                         .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()));
@@ -972,7 +986,13 @@ impl Connection {
         for pdv in ul::pdvs(body)
             .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?
         {
-            bytes.extend_from_slice(&pdv.data);
+            if !pdv.is_command || !pdv.is_last {
+                return Err(End::Abort(
+                    AbortReason::UnexpectedPduParameter,
+                    "only a one-PDV C-CANCEL may interrupt a retrieve".into(),
+                ));
+            }
+            append_command(&mut bytes, &pdv.data)?;
         }
         let cmd = Command::parse(&bytes)
             .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
@@ -1107,7 +1127,7 @@ impl Connection {
                                 "dataset during C-FIND".into(),
                             ));
                         }
-                        cancel_bytes.extend_from_slice(&pdv.data);
+                        append_command(&mut cancel_bytes, &pdv.data)?;
                         if pdv.is_last {
                             let cmd = Command::parse(&cancel_bytes).map_err(|e| {
                                 End::Abort(AbortReason::InvalidPduParameter, e.to_string())
@@ -1237,6 +1257,16 @@ impl Connection {
         let requested = request.references.len();
         let scope = (!assoc.county).then_some(assoc.source.clinic_id.as_str());
         let outcome = commitment::verify(&shared.storage, scope, request).await;
+        // Owed from now on: if anything below fails, the report still goes
+        // out on a new association (implicit VR LE is what that offers).
+        self.last_message_id = self.last_message_id.wrapping_add(1);
+        let report_id = self.last_message_id;
+        self.unacked_reports.push(UnackedReport {
+            message_id: report_id,
+            event_type: outcome.event_type(),
+            dataset: commitment::event_report_dataset(&outcome, "1.2.840.10008.1.2")
+                .unwrap_or_default(),
+        });
         let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
             .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
             .uid(
@@ -1253,8 +1283,7 @@ impl Connection {
                 format!("cannot encode report: {e}"),
             )
         })?;
-        self.last_message_id = self.last_message_id.wrapping_add(1);
-        let rq = Response::request(field::N_EVENT_REPORT_RQ, self.last_message_id, true)
+        let rq = Response::request(field::N_EVENT_REPORT_RQ, report_id, true)
             .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
             .uid(
                 tag::AFFECTED_SOP_INSTANCE_UID,
@@ -1263,10 +1292,6 @@ impl Connection {
             .u16(tag::EVENT_TYPE_ID, outcome.event_type())
             .encode();
         self.respond(assoc, context_id, &rq).await?;
-        // Kept until acknowledged (implicit VR LE is what a new association offers).
-        let fallback =
-            commitment::event_report_dataset(&outcome, "1.2.840.10008.1.2").unwrap_or_default();
-        self.unacked_report = Some((outcome.event_type(), fallback));
         ul::send_message(
             &mut self.stream,
             context_id,
@@ -1472,6 +1497,23 @@ fn failed_uid_list(uids: &[String], transfer_syntax: &str) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, ts).ok()?;
     Some(out)
+}
+
+/// A sub-operation count as the US element carries it.
+fn saturate(n: u32) -> u16 {
+    n.min(u32::from(u16::MAX)) as u16
+}
+
+/// Adds a command fragment, refusing command sets beyond the limit.
+fn append_command(bytes: &mut Vec<u8>, fragment: &[u8]) -> Result<(), End> {
+    if bytes.len() + fragment.len() > consortium_dimse::command::MAX_COMMAND_BYTES {
+        return Err(End::Abort(
+            AbortReason::InvalidPduParameter,
+            "command set too large".into(),
+        ));
+    }
+    bytes.extend_from_slice(fragment);
+    Ok(())
 }
 
 /// `None` when an N-ACTION is a valid storage commitment request, else the

@@ -507,6 +507,8 @@ impl<S: Source> Walker<S> {
 struct Collector {
     top: Vec<(u32, Vec<u8>)>,
     other_ids: Vec<Vec<(u32, Vec<u8>)>>,
+    /// The current Other Patient IDs item is one we keep.
+    in_kept_item: bool,
 }
 
 const TOP_TAGS: &[u32] = &[
@@ -537,17 +539,31 @@ const TOP_TAGS: &[u32] = &[
 
 const OTHER_ID_TAGS: &[u32] = &[0x0010_0020, 0x0010_0021, 0x0010_0022];
 
+/// Most Other Patient IDs kept; a forged dataset may hold millions.
+const MAX_OTHER_IDS: usize = 64;
+
 impl Collector {
+    /// Only the first occurrence of each tag is kept, so what is held is
+    /// bounded by the tag lists whatever the dataset repeats.
     fn wants(&self, depth: u32, parent: Option<u32>, tag: u32) -> bool {
         match (depth, parent) {
-            (0, None) => TOP_TAGS.contains(&tag),
-            (1, Some(OTHER_PATIENT_IDS_SEQUENCE)) => OTHER_ID_TAGS.contains(&tag),
+            (0, None) => TOP_TAGS.contains(&tag) && !self.top.iter().any(|(t, _)| *t == tag),
+            (1, Some(OTHER_PATIENT_IDS_SEQUENCE)) => {
+                self.in_kept_item
+                    && OTHER_ID_TAGS.contains(&tag)
+                    && self
+                        .other_ids
+                        .last()
+                        .is_some_and(|item| !item.iter().any(|(t, _)| *t == tag))
+            }
             _ => false,
         }
     }
 
     fn begin_item(&mut self, sequence: u32) {
-        if sequence == OTHER_PATIENT_IDS_SEQUENCE {
+        self.in_kept_item =
+            sequence == OTHER_PATIENT_IDS_SEQUENCE && self.other_ids.len() < MAX_OTHER_IDS;
+        if self.in_kept_item {
             self.other_ids.push(Vec::new());
         }
     }
@@ -608,8 +624,13 @@ impl Collector {
             })
             .filter(|o| !o.id.is_empty())
             .collect();
+        let mut seen: std::collections::HashSet<String> =
+            other_patient_ids.iter().map(|o| o.id.clone()).collect();
         for id in text(0x0010_1000).split('\\').filter(|s| !s.is_empty()) {
-            if !other_patient_ids.iter().any(|o| o.id == id) {
+            if other_patient_ids.len() >= MAX_OTHER_IDS {
+                break;
+            }
+            if seen.insert(id.to_string()) {
                 other_patient_ids.push(OtherPatientId {
                     id: id.to_string(),
                     ..Default::default()

@@ -196,30 +196,32 @@ impl BlobStore {
 /// with garbage under it).
 fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>> {
     let parent = target.parent().expect("blob keys have a directory");
+    // The whole directory chain is synced every time: another association
+    // may have created it a moment ago and not synced it yet. A directory
+    // fsync with nothing pending is cheap, and the batch shares it.
     let mut items = vec![
         SyncItem::File(target.to_owned()),
         SyncItem::Dir(parent.to_owned()),
     ];
-    if !parent.exists() {
-        // New directories: their own names must become durable too.
-        let mut p = parent;
-        while let Some(up) = p.parent() {
-            items.push(SyncItem::Dir(up.to_owned()));
-            if up.exists() {
-                break;
+    if let Some(root) = parent.parent() {
+        items.push(SyncItem::Dir(root.to_owned()));
+    }
+    std::fs::create_dir_all(parent).map_err(Error::io("create blob directory", parent))?;
+    // A hard link fails atomically when the key exists, so two associations
+    // storing the same bytes at once cannot replace each other's file.
+    match std::fs::hard_link(source, target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let existing = std::fs::metadata(target).map_err(Error::io("stat blob", target))?;
+            if existing.len() != size {
+                // A short leftover of a crash, never indexed: replace it.
+                std::fs::rename(source, target).map_err(Error::io("replace blob", target))?;
+                return Ok(items);
             }
-            p = up;
         }
-        std::fs::create_dir_all(parent).map_err(Error::io("create blob directory", parent))?;
+        Err(e) => return Err(Error::io("link blob into place", target)(e)),
     }
-    match std::fs::metadata(target) {
-        Ok(meta) if meta.len() == size => {
-            std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
-        }
-        _ => {
-            std::fs::rename(source, target).map_err(Error::io("rename blob into place", target))?
-        }
-    }
+    std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
     Ok(items)
 }
 

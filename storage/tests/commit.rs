@@ -37,6 +37,10 @@ fn dataset(sop_uid: &str, description: &str) -> Vec<u8> {
 }
 
 async fn store(storage: &Storage, ds: &[u8]) -> StoreOutcome {
+    store_as(storage, ds, "xinzhen").await
+}
+
+async fn store_as(storage: &Storage, ds: &[u8], clinic: &str) -> StoreOutcome {
     let attrs = storage::attrs::read_bytes(ds, EXPLICIT_LE).unwrap();
     let mut spool = storage
         .spool(CT, &attrs.sop_instance_uid, EXPLICIT_LE, 1 << 20)
@@ -46,8 +50,8 @@ async fn store(storage: &Storage, ds: &[u8]) -> StoreOutcome {
     }
     let spooled = storage.finish_spool(spool).unwrap();
     let source = Source {
-        clinic_id: "xinzhen".into(),
-        calling_ae: "XINZHEN_CT".into(),
+        clinic_id: clinic.into(),
+        calling_ae: format!("{}_CT", clinic.to_uppercase()),
     };
     storage.commit(spooled, attrs, &source).await.unwrap()
 }
@@ -141,4 +145,32 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clinic_cannot_take_over_a_study() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    store_as(&storage, &dataset("2.25.300", "from A"), "xinzhen").await;
+    // Clinic B reuses the Study Instance UID (and sends the same instance too).
+    store_as(&storage, &dataset("2.25.301", "from B"), "baishui").await;
+    store_as(&storage, &dataset("2.25.300", "from A"), "baishui").await;
+    let reader = storage.reader().unwrap();
+    let (clinic, description): (String, String) = reader
+        .connection()
+        .query_row(
+            "SELECT p.clinic_id, st.description FROM studies st JOIN patients p ON p.pk = st.patient_pk
+             WHERE st.study_uid = '2.25.10'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (clinic.as_str(), description.as_str()),
+        ("xinzhen", "from A")
+    );
+    assert_eq!(
+        reader.instance("2.25.300").unwrap().unwrap().clinic_id,
+        "xinzhen"
+    );
 }

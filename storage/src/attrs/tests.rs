@@ -223,3 +223,22 @@ fn reads_big_endian() {
     assert_eq!(attrs.sop_class_uid, "1.2.840.10008.5.1.4.1.1.7");
     assert_eq!(attrs.instance_number, Some(12));
 }
+
+#[test]
+fn keeps_a_bounded_number_of_other_patient_ids() {
+    let mut ds = base("ISO_IR 192", b"A^B");
+    ds.extend(undefined_sq(0x0010_1002));
+    for i in 0..10_000 {
+        ds.extend(item_header(ITEM, UNDEFINED));
+        ds.extend(el(0x0010_0020, b"LO", format!("ID{i}").as_bytes()));
+        ds.extend(el(0x0010_0020, b"LO", b"REPEATED"));
+        ds.extend(item_header(ITEM_DELIMITATION, 0));
+    }
+    ds.extend(item_header(SEQUENCE_DELIMITATION, 0));
+    // A repeated top-level tag: the first occurrence wins.
+    ds.extend(el(0x0020_0013, b"IS", b"99"));
+    let attrs = read_bytes(&ds, EXPLICIT_LE).unwrap();
+    assert_eq!(attrs.other_patient_ids.len(), MAX_OTHER_IDS);
+    assert_eq!(attrs.other_patient_ids[1].id, "ID0");
+    assert_eq!(attrs.instance_number, Some(7));
+}

@@ -301,7 +301,7 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
             instance_number = excluded.instance_number, number_of_frames = excluded.number_of_frames,
             transfer_syntax = excluded.transfer_syntax, blob_key = excluded.blob_key,
             sha256 = excluded.sha256, size = excluded.size, dataset_offset = excluded.dataset_offset,
-            clinic_id = excluded.clinic_id, calling_ae = excluded.calling_ae, received_at = excluded.received_at"
+            received_at = excluded.received_at"
     )?
     .execute(params![
             a.sop_instance_uid,
@@ -374,10 +374,19 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
             description, referring_physician, institution, character_set, first_received_at, last_received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)
          ON CONFLICT (study_uid) DO UPDATE SET
-            patient_pk = excluded.patient_pk, study_date = excluded.study_date, study_time = excluded.study_time,
-            accession_number = excluded.accession_number, study_id = excluded.study_id,
-            description = excluded.description, referring_physician = excluded.referring_physician,
-            institution = excluded.institution, character_set = excluded.character_set,
+            -- Another clinic sending the same Study Instance UID (a referral, a
+            -- reused UID root) adds to the study but never takes it over.
+            patient_pk = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.patient_pk ELSE patient_pk END,
+            study_date = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.study_date ELSE study_date END,
+            study_time = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.study_time ELSE study_time END,
+            accession_number = CASE WHEN clinic_id = excluded.clinic_id
+                THEN excluded.accession_number ELSE accession_number END,
+            study_id = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.study_id ELSE study_id END,
+            description = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.description ELSE description END,
+            referring_physician = CASE WHEN clinic_id = excluded.clinic_id
+                THEN excluded.referring_physician ELSE referring_physician END,
+            institution = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.institution ELSE institution END,
+            character_set = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.character_set ELSE character_set END,
             last_received_at = excluded.last_received_at
          RETURNING pk"
     )?
