@@ -68,6 +68,9 @@ struct Connection {
     unacked_reports: Vec<UnackedReport>,
 }
 
+/// Longest a write to the peer may take before the association is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A storage commitment report not yet acknowledged by its requester.
 struct UnackedReport {
     message_id: u16,
@@ -684,13 +687,19 @@ impl Connection {
         };
         let scope = (!assoc.county).then(|| assoc.source.clinic_id.clone());
         let model = retrieve::find_model_of(&context.abstract_syntax);
-        let items = match retrieve::list(
-            &shared.storage,
-            identifier,
-            &context.transfer_syntax,
-            model,
-            scope,
-        ) {
+        let listed = {
+            let (storage, identifier, ts) = (
+                shared.storage.clone(),
+                identifier.to_vec(),
+                context.transfer_syntax.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                retrieve::list(&storage, &identifier, &ts, model, scope)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+        };
+        let items = match listed {
             Ok(items) => items,
             Err(why) => {
                 warn!(%why, action, "invalid retrieve identifier");
@@ -1111,9 +1120,18 @@ impl Connection {
                         ul::send_message(&mut wr, context_id, false, &dataset, assoc.peer_max_pdu)
                             .await
                     };
-                    sent_ok
-                        .await
-                        .map_err(|e| End::Lost(format!("cannot send C-FIND response: {e}")))?;
+                    // A client that stops reading must not pin the query forever.
+                    match tokio::time::timeout(WRITE_TIMEOUT, sent_ok).await {
+                        Ok(res) => {
+                            res.map_err(|e| End::Lost(format!("cannot send C-FIND response: {e}")))?
+                        }
+                        Err(_) => {
+                            return Err(End::Abort(
+                                AbortReason::ReasonNotSpecified,
+                                "peer stopped reading C-FIND responses".into(),
+                            ));
+                        }
+                    }
                     sent += 1;
                 }
                 Event::Incoming(Ok(Some(Incoming::PData(body)))) => {
@@ -1316,15 +1334,17 @@ impl Connection {
         context_id: u8,
         command: &[u8],
     ) -> Result<(), End> {
-        ul::send_message(
+        let send = ul::send_message(
             &mut self.stream,
             context_id,
             true,
             command,
             assoc.peer_max_pdu,
-        )
-        .await
-        .map_err(|e| End::Lost(format!("cannot send response: {e}")))
+        );
+        match tokio::time::timeout(WRITE_TIMEOUT, send).await {
+            Ok(res) => res.map_err(|e| End::Lost(format!("cannot send response: {e}"))),
+            Err(_) => Err(End::Lost("peer stopped reading".into())),
+        }
     }
 }
 

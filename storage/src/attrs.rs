@@ -402,7 +402,8 @@ impl<S: Source> Walker<S> {
                 None => h.length == UNDEFINED || h.tag == OTHER_PATIENT_IDS_SEQUENCE,
             };
             if h.length == UNDEFINED {
-                if h.tag == PIXEL_DATA && top {
+                // Encapsulated pixel data, also inside an Icon Image Sequence (PS3.5 A.4).
+                if h.tag == PIXEL_DATA {
                     self.walk_fragments()?;
                 } else if is_sequence {
                     let saved = self.encoding;

@@ -247,10 +247,16 @@ impl Storage {
         use futures::StreamExt;
         const CONCURRENT_HASHES: usize = 4;
         let records = {
-            let reader = self.reader()?;
-            refs.iter()
-                .map(|(_, instance)| reader.instance(instance))
-                .collect::<Result<Vec<_>>>()?
+            let (storage, uids) = (
+                self.clone(),
+                refs.iter().map(|(_, i)| i.clone()).collect::<Vec<_>>(),
+            );
+            tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
+                let reader = storage.reader()?;
+                uids.iter().map(|uid| reader.instance(uid)).collect()
+            })
+            .await
+            .map_err(|e| Error::io("look up instances", "")(std::io::Error::other(e)))??
         };
         let checks: Vec<_> = refs
             .iter()
