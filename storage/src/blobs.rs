@@ -1,6 +1,6 @@
 //! Blobs: every instance as one object, keyed by the SHA-256 of its bytes.
 //!
-//! With a local data directory the spooled file is renamed into place and
+//! With a local data directory the spooled file is linked into place and
 //! the file and the directories it touched are returned as [`SyncItem`]s: the
 //! index writer fsyncs a whole batch's items concurrently, so the kernel
 //! folds them into one journal commit (group commit), before it commits the
@@ -69,7 +69,7 @@ impl BlobStore {
         let key = key_for(&spooled.sha256);
         match &self.local_root {
             Some(root) => {
-                // A rename and a stat or two: short enough to run inline.
+                // A link and a stat or two: short enough to run inline.
                 let to_sync = place_local(&spooled.path, &root.join(&key), spooled.size)?;
                 spooled.disarm();
                 Ok(PlacedBlob { key, to_sync })
@@ -184,7 +184,7 @@ impl BlobStore {
     }
 }
 
-/// Renames `source` to `target`, creating directories; returns what must be
+/// Links `source` to `target`, creating directories; returns what must be
 /// fsynced before the blob may be indexed.
 ///
 /// Not yet synced, a blob is only referenced by the index after its batch's
