@@ -120,21 +120,7 @@ fn movescu_to_storescp_as_stored_and_transcoded() {
         plain.port, implicit.port
     );
     let (gw, uids) = with_study(dir.path(), &destinations);
-    let movescu = |dest: &str| {
-        Command::new("/usr/bin/movescu")
-            .args(["-S", "-aet", "COUNTYWS1", "-aec", common::AE, "-aem", dest])
-            .args([
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                "StudyInstanceUID=2.25.66",
-            ])
-            .arg("127.0.0.1")
-            .arg(gw.port.to_string())
-            .env("TCP_NODELAY", "1")
-            .output()
-            .expect("run /usr/bin/movescu (Debian dcmtk)")
-    };
+    let movescu = |dest: &str| movescu_study(gw.port, dest);
     let out = movescu("PLAINSCP");
     assert!(
         out.status.success(),
@@ -201,21 +187,7 @@ fn unknown_and_unreachable_destinations_fail_cleanly() {
         "[[destinations]]\nae_title = \"DOWNSCP\"\nhost = \"127.0.0.1\"\nport = {dead_port}\n"
     );
     let (gw, uids) = with_study(dir.path(), &destinations);
-    let movescu = |dest: &str| {
-        Command::new("/usr/bin/movescu")
-            .args(["-S", "-aet", "COUNTYWS1", "-aec", common::AE, "-aem", dest])
-            .args([
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                "StudyInstanceUID=2.25.66",
-            ])
-            .arg("127.0.0.1")
-            .arg(gw.port.to_string())
-            .env("TCP_NODELAY", "1")
-            .output()
-            .unwrap()
-    };
+    let movescu = |dest: &str| movescu_study(gw.port, dest);
     let out = movescu("NOWHERE");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MoveDestinationUnknown"), "{err}");
@@ -418,4 +390,21 @@ fn pynetdicom_c_get_receives_the_stored_bytes() {
         let got = std::fs::read(out_dir.join(format!("{uid}.bin"))).unwrap();
         assert!(got == stored_dataset(&gw, uid), "{uid} differs");
     }
+}
+
+/// DCMTK movescu: the test study, at STUDY level, to `dest`.
+fn movescu_study(port: u16, dest: &str) -> std::process::Output {
+    Command::new("/usr/bin/movescu")
+        .args(["-S", "-aet", "COUNTYWS1", "-aec", common::AE, "-aem", dest])
+        .args([
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID=2.25.66",
+        ])
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run /usr/bin/movescu (Debian dcmtk)")
 }
