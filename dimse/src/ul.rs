@@ -205,10 +205,11 @@ pub async fn send_message<W: AsyncWrite + Unpin>(
     peer_max_pdu: u32,
 ) -> Result<(), UlError> {
     // PDV header is 6 bytes (length + context + control); 0 means unlimited.
+    // Fragments stay even-length (PS3.8 E.1), however small the peer's limit.
     let max_fragment = if peer_max_pdu == 0 {
         usize::MAX
     } else {
-        (peer_max_pdu as usize).saturating_sub(6).max(1)
+        ((peer_max_pdu as usize).saturating_sub(6) & !1).max(2)
     };
     let mut chunks = data.chunks(max_fragment).peekable();
     let mut out = Vec::with_capacity(data.len().min(max_fragment) + 12);

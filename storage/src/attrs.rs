@@ -150,7 +150,7 @@ pub fn read_file(
     let mut collector = Collector::default();
     if encoding.deflated {
         let inflater = flate2::read::DeflateDecoder::new(BufReader::with_capacity(64 * 1024, file));
-        let mut walker = Walker::new(StreamSource(inflater), None, encoding);
+        let mut walker = Walker::new(StreamSource(BufReader::new(inflater)), None, encoding);
         walker.walk_dataset(None, 0, None, &mut collector)?;
     } else {
         let reader = BufReader::with_capacity(64 * 1024, file);
@@ -183,7 +183,8 @@ fn walk_bytes(
     let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
     if encoding.deflated {
         let inflater = flate2::read::DeflateDecoder::new(dataset);
-        Walker::new(StreamSource(inflater), None, encoding).walk_dataset(None, 0, None, collector)
+        Walker::new(StreamSource(BufReader::new(inflater)), None, encoding)
+            .walk_dataset(None, 0, None, collector)
     } else {
         let cursor = std::io::Cursor::new(dataset);
         Walker::new(FileSource(cursor), Some(dataset.len() as u64), encoding)
@@ -194,6 +195,10 @@ fn walk_bytes(
 trait Source {
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError>;
     fn skip(&mut self, n: u64) -> Result<(), DatasetError>;
+    /// True when no byte is left (sources of unknown length).
+    fn at_end(&mut self) -> Result<bool, DatasetError> {
+        Ok(false)
+    }
 }
 
 /// A seekable source whose length is known (the spooled file).
@@ -216,7 +221,11 @@ impl<R: Read + Seek> Source for FileSource<R> {
 /// A forward-only source of unknown length (an inflating reader).
 struct StreamSource<R>(R);
 
-impl<R: Read> Source for StreamSource<R> {
+impl<R: std::io::BufRead> Source for StreamSource<R> {
+    fn at_end(&mut self) -> Result<bool, DatasetError> {
+        Ok(self.0.fill_buf().map_err(eof_as_truncated)?.is_empty())
+    }
+
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError> {
         self.0.read_exact(buf).map_err(eof_as_truncated)
     }
@@ -291,14 +300,12 @@ impl<S: Source> Walker<S> {
         if eof_ok && self.total.is_some_and(|t| self.pos == t) {
             return Ok(None);
         }
-        match self.read(&mut tag_bytes) {
-            Ok(()) => {}
-            Err(DatasetError::Truncated) if eof_ok && self.total.is_none() => {
-                // Stream source: a clean end is only a clean end at offset 0 of a tag.
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
+        // A stream source ends cleanly only where the deflate stream itself
+        // ends, between two elements; anything else is a truncation.
+        if eof_ok && self.total.is_none() && self.src.at_end()? {
+            return Ok(None);
         }
+        self.read(&mut tag_bytes)?;
         let group = self.u16([tag_bytes[0], tag_bytes[1]]);
         let element = self.u16([tag_bytes[2], tag_bytes[3]]);
         let tag = (u32::from(group) << 16) | u32::from(element);

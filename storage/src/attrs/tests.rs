@@ -242,3 +242,21 @@ fn keeps_a_bounded_number_of_other_patient_ids() {
     assert_eq!(attrs.other_patient_ids[1].id, "ID0");
     assert_eq!(attrs.instance_number, Some(7));
 }
+
+#[test]
+fn refuses_a_truncated_deflate_stream() {
+    use std::io::Write;
+    let mut ds = base("ISO_IR 192", b"A^B");
+    ds.extend(el(PIXEL_DATA, b"OW", &[7u8; 4096]));
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&ds).unwrap();
+    let deflated = enc.finish().unwrap();
+    assert!(read_bytes(&deflated, "1.2.840.10008.1.2.1.99").is_ok());
+    for cut in [deflated.len() - 1, deflated.len() / 2, 10] {
+        assert!(
+            read_bytes(&deflated[..cut], "1.2.840.10008.1.2.1.99").is_err(),
+            "a deflate stream cut at {cut} of {} was accepted",
+            deflated.len()
+        );
+    }
+}
