@@ -408,3 +408,36 @@ fn movescu_study(port: u16, dest: &str) -> std::process::Output {
         .output()
         .expect("run /usr/bin/movescu (Debian dcmtk)")
 }
+
+#[test]
+fn a_cancelled_c_get_does_not_cancel_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, uids) = with_study(dir.path(), "");
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/py/get_cancel_scu.py"
+        ))
+        .arg(gw.port.to_string())
+        .arg("COUNTYWS1")
+        .arg("2.25.66")
+        .output()
+        .expect("python3 with pynetdicom");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("\"first\": 65024"),
+        "the first C-GET ends cancelled: {text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "\"second\": 0, \"second_completed\": {}",
+            uids.len()
+        )),
+        "the second C-GET completes: {text}"
+    );
+}
