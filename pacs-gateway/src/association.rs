@@ -81,6 +81,35 @@ struct UnackedReport {
 /// Largest N-ACTION dataset collected (about 50,000 references).
 const MAX_ACTION_BYTES: usize = 8 << 20;
 
+/// What a collected dataset is for.
+enum Collected {
+    /// N-ACTION, Request Storage Commitment.
+    Commitment,
+    /// A C-FIND identifier.
+    Find,
+    /// A C-GET (`None`) or C-MOVE (destination AE) identifier.
+    Retrieve { move_to: Option<String> },
+}
+
+impl Collected {
+    fn limit(&self) -> usize {
+        match self {
+            Collected::Commitment => MAX_ACTION_BYTES,
+            Collected::Find | Collected::Retrieve { .. } => crate::find::MAX_IDENTIFIER_BYTES,
+        }
+    }
+
+    /// How a dataset over the limit is refused: with (response field,
+    /// status) once it has been read, or, when `None`, by aborting.
+    fn refusal(&self) -> Option<(u16, u16)> {
+        match self {
+            Collected::Commitment => Some((field::N_ACTION_RSP, status::RESOURCE_LIMITATION)),
+            Collected::Find => Some((field::C_FIND_RSP, status::OUT_OF_RESOURCES)),
+            Collected::Retrieve { .. } => None,
+        }
+    }
+}
+
 /// An established association.
 struct Established {
     contexts: HashMap<u8, Context>,
@@ -111,24 +140,11 @@ enum Pending {
         message_id: u16,
         op: Box<StoreInProgress>,
     },
-    /// An N-ACTION (storage commitment) dataset, collected in memory.
-    Action {
+    /// A small dataset collected in memory before it is acted on.
+    Collect {
         context_id: u8,
         message_id: u16,
-        bytes: Vec<u8>,
-    },
-    /// A C-FIND identifier, collected in memory.
-    Find {
-        context_id: u8,
-        message_id: u16,
-        bytes: Vec<u8>,
-    },
-    /// A C-GET or C-MOVE identifier, collected in memory.
-    Retrieve {
-        context_id: u8,
-        message_id: u16,
-        /// `Some(destination AE)` for C-MOVE.
-        move_to: Option<String>,
+        kind: Collected,
         bytes: Vec<u8>,
     },
     /// A dataset we will discard, then answer with `status`.
@@ -373,13 +389,7 @@ impl Connection {
                 let Some(Pending::Command { bytes, .. }) = pending.as_mut() else {
                     unreachable!("set just above")
                 };
-                if bytes.len() + pdv.data.len() > consortium_dimse::command::MAX_COMMAND_BYTES {
-                    return Err(End::Abort(
-                        AbortReason::InvalidPduParameter,
-                        "command set too large".into(),
-                    ));
-                }
-                bytes.extend_from_slice(&pdv.data);
+                append_command(bytes, &pdv.data)?;
                 if pdv.is_last {
                     let Some(Pending::Command { bytes, .. }) = pending.take() else {
                         unreachable!()
@@ -395,48 +405,27 @@ impl Connection {
                     {
                         op.write(&pdv.data);
                     }
-                    Some(Pending::Action {
+                    Some(Pending::Collect {
                         context_id,
                         message_id,
+                        kind,
                         bytes,
                     }) if *context_id == pdv.context_id => {
-                        if bytes.len() + pdv.data.len() > MAX_ACTION_BYTES {
+                        if bytes.len() + pdv.data.len() <= kind.limit() {
+                            bytes.extend_from_slice(&pdv.data);
+                        } else if let Some((response_field, status)) = kind.refusal() {
                             *pending = Some(Pending::Discard {
                                 context_id: *context_id,
                                 message_id: *message_id,
-                                response_field: field::N_ACTION_RSP,
-                                status: status::RESOURCE_LIMITATION,
+                                response_field,
+                                status,
                             });
                         } else {
-                            bytes.extend_from_slice(&pdv.data);
-                        }
-                    }
-                    Some(Pending::Find {
-                        context_id,
-                        message_id,
-                        bytes,
-                    }) if *context_id == pdv.context_id => {
-                        if bytes.len() + pdv.data.len() > crate::find::MAX_IDENTIFIER_BYTES {
-                            *pending = Some(Pending::Discard {
-                                context_id: *context_id,
-                                message_id: *message_id,
-                                response_field: field::C_FIND_RSP,
-                                status: status::OUT_OF_RESOURCES,
-                            });
-                        } else {
-                            bytes.extend_from_slice(&pdv.data);
-                        }
-                    }
-                    Some(Pending::Retrieve {
-                        context_id, bytes, ..
-                    }) if *context_id == pdv.context_id => {
-                        if bytes.len() + pdv.data.len() > crate::find::MAX_IDENTIFIER_BYTES {
                             return Err(End::Abort(
                                 AbortReason::InvalidPduParameter,
                                 "identifier too large".into(),
                             ));
                         }
-                        bytes.extend_from_slice(&pdv.data);
                     }
                     Some(Pending::Discard { context_id, .. }) if *context_id == pdv.context_id => {}
                     _ => {
@@ -456,31 +445,27 @@ impl Connection {
                             self.finish_store(shared, assoc, context_id, message_id, *op)
                                 .await?
                         }
-                        Some(Pending::Action {
+                        Some(Pending::Collect {
                             context_id,
                             message_id,
+                            kind,
                             bytes,
-                        }) => {
-                            self.on_commitment(shared, assoc, context_id, message_id, &bytes)
+                        }) => match kind {
+                            Collected::Commitment => {
+                                self.on_commitment(shared, assoc, context_id, message_id, &bytes)
+                                    .await?
+                            }
+                            Collected::Find => {
+                                self.on_find(shared, assoc, context_id, message_id, &bytes)
+                                    .await?
+                            }
+                            Collected::Retrieve { move_to } => {
+                                self.on_retrieve(
+                                    shared, assoc, context_id, message_id, move_to, &bytes,
+                                )
                                 .await?
-                        }
-                        Some(Pending::Find {
-                            context_id,
-                            message_id,
-                            bytes,
-                        }) => {
-                            self.on_find(shared, assoc, context_id, message_id, &bytes)
-                                .await?
-                        }
-                        Some(Pending::Retrieve {
-                            context_id,
-                            message_id,
-                            move_to,
-                            bytes,
-                        }) => {
-                            self.on_retrieve(shared, assoc, context_id, message_id, move_to, &bytes)
-                                .await?
-                        }
+                            }
+                        },
                         Some(Pending::Discard {
                             context_id,
                             message_id,
@@ -542,28 +527,31 @@ impl Connection {
             Some(field::C_GET_RQ)
                 if retrieve::is_get_class(&context.abstract_syntax) && command.has_dataset() =>
             {
-                Ok(Some(Pending::Retrieve {
+                Ok(Some(Pending::Collect {
                     context_id,
                     message_id,
-                    move_to: None,
+                    kind: Collected::Retrieve { move_to: None },
                     bytes: Vec::new(),
                 }))
             }
             Some(field::C_MOVE_RQ)
                 if retrieve::is_move_class(&context.abstract_syntax) && command.has_dataset() =>
             {
-                Ok(Some(Pending::Retrieve {
+                Ok(Some(Pending::Collect {
                     context_id,
                     message_id,
-                    move_to: Some(command.uid(tag::MOVE_DESTINATION).unwrap_or_default()),
+                    kind: Collected::Retrieve {
+                        move_to: Some(command.uid(tag::MOVE_DESTINATION).unwrap_or_default()),
+                    },
                     bytes: Vec::new(),
                 }))
             }
             Some(field::C_FIND_RQ) if crate::find::is_find_class(&context.abstract_syntax) => {
                 if command.has_dataset() {
-                    Ok(Some(Pending::Find {
+                    Ok(Some(Pending::Collect {
                         context_id,
                         message_id,
+                        kind: Collected::Find,
                         bytes: Vec::new(),
                     }))
                 } else {
@@ -578,9 +566,10 @@ impl Connection {
             Some(field::N_ACTION_RQ) => {
                 let status = check_commitment_request(&command, context);
                 match (status, command.has_dataset()) {
-                    (None, true) => Ok(Some(Pending::Action {
+                    (None, true) => Ok(Some(Pending::Collect {
                         context_id,
                         message_id,
+                        kind: Collected::Commitment,
                         bytes: Vec::new(),
                     })),
                     (status, has_dataset) => {
@@ -903,16 +892,14 @@ impl Connection {
             .map_err(|e| End::Lost(e.to_string()))?;
         // Wait for the C-STORE-RSP; a C-CANCEL may come first.
         loop {
-            let cmd = self.next_command().await?;
+            let cmd = self.next_command(Vec::new()).await?;
             match cmd.command_field() {
                 Some(field::C_STORE_RSP)
                     if cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(id) =>
                 {
                     return Ok(Ok(cmd.u16(tag::STATUS).unwrap_or(0xFFFF)));
                 }
-                Some(field::C_CANCEL_RQ)
-                    if cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(get_message_id) =>
-                {
+                Some(field::C_CANCEL_RQ) if is_cancel_for(&cmd, get_message_id) => {
                     self.pending_cancel = true;
                 }
                 _ => {
@@ -925,9 +912,9 @@ impl Connection {
         }
     }
 
-    /// The next command set from the peer (no dataset expected).
-    async fn next_command(&mut self) -> Result<Command, End> {
-        let mut bytes = Vec::new();
+    /// The next command set from the peer (no dataset expected), continuing
+    /// from fragments already in `bytes`.
+    async fn next_command(&mut self, mut bytes: Vec<u8>) -> Result<Command, End> {
         loop {
             let pdu =
                 tokio::time::timeout(Duration::from_secs(60), self.reader.next(&mut self.stream))
@@ -938,32 +925,9 @@ impl Connection {
                             "peer silent during a retrieve".into(),
                         )
                     })?;
-            let body = match pdu {
-                Ok(Some(Incoming::PData(body))) => body,
-                Ok(Some(Incoming::Other(Pdu::AbortRQ { .. }))) => return Err(End::PeerAborted),
-                Ok(Some(Incoming::Other(_))) => {
-                    return Err(End::Abort(
-                        AbortReason::UnexpectedPdu,
-                        "unexpected PDU during a retrieve".into(),
-                    ));
-                }
-                Ok(None) => return Err(End::PeerClosed),
-                Err(e) => return Err(End::Lost(e.to_string())),
-            };
-            for pdv in ul::pdvs(body)
-                .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?
-            {
-                if !pdv.is_command {
-                    return Err(End::Abort(
-                        AbortReason::UnexpectedPduParameter,
-                        "unexpected dataset".into(),
-                    ));
-                }
-                append_command(&mut bytes, &pdv.data)?;
-                if pdv.is_last {
-                    return Command::parse(&bytes)
-                        .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()));
-                }
+            let body = pdata_or_end(pdu, "a retrieve")?;
+            if let Some(command) = command_from(body, &mut bytes)? {
+                return Ok(command);
             }
         }
     }
@@ -979,42 +943,14 @@ impl Connection {
             () = std::future::ready(()) => None,
         };
         let Some(pdu) = ready else { return Ok(false) };
-        let body = match pdu {
-            Ok(Some(Incoming::PData(body))) => body,
-            Ok(Some(Incoming::Other(Pdu::AbortRQ { .. }))) => return Err(End::PeerAborted),
-            Ok(Some(Incoming::Other(_))) => {
-                return Err(End::Abort(
-                    AbortReason::UnexpectedPdu,
-                    "unexpected PDU during a retrieve".into(),
-                ));
-            }
-            Ok(None) => return Err(End::PeerClosed),
-            Err(e) => return Err(End::Lost(e.to_string())),
-        };
         let mut bytes = Vec::new();
-        for pdv in ul::pdvs(body)
-            .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?
-        {
-            if !pdv.is_command || !pdv.is_last {
-                return Err(End::Abort(
-                    AbortReason::UnexpectedPduParameter,
-                    "only a one-PDV C-CANCEL may interrupt a retrieve".into(),
-                ));
-            }
-            append_command(&mut bytes, &pdv.data)?;
-        }
-        let cmd = Command::parse(&bytes)
-            .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
-        if cmd.command_field() == Some(field::C_CANCEL_RQ)
-            && cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(message_id)
-        {
-            self.pending_cancel = true;
-            return Ok(true);
-        }
-        Err(End::Abort(
-            AbortReason::UnexpectedPduParameter,
-            "only C-CANCEL may interrupt a retrieve".into(),
-        ))
+        let command = match command_from(pdata_or_end(pdu, "a retrieve")?, &mut bytes)? {
+            Some(command) => command,
+            None => self.next_command(bytes).await?,
+        };
+        expect_cancel(&command, message_id, "a retrieve")?;
+        self.pending_cancel = true;
+        Ok(true)
     }
 
     /// A complete C-FIND identifier: stream the matches, watching for C-CANCEL.
@@ -1134,55 +1070,14 @@ impl Connection {
                     }
                     sent += 1;
                 }
-                Event::Incoming(Ok(Some(Incoming::PData(body)))) => {
+                Event::Incoming(pdu) => {
                     // Only a C-CANCEL for this query may arrive now.
-                    let pdvs = ul::pdvs(body)
-                        .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
-                    for pdv in pdvs {
-                        if !pdv.is_command {
-                            return Err(End::Abort(
-                                AbortReason::UnexpectedPduParameter,
-                                "dataset during C-FIND".into(),
-                            ));
-                        }
-                        append_command(&mut cancel_bytes, &pdv.data)?;
-                        if pdv.is_last {
-                            let cmd = Command::parse(&cancel_bytes).map_err(|e| {
-                                End::Abort(AbortReason::InvalidPduParameter, e.to_string())
-                            })?;
-                            if cmd.command_field() != Some(field::C_CANCEL_RQ)
-                                || cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) != Some(message_id)
-                            {
-                                return Err(End::Abort(
-                                    AbortReason::UnexpectedPduParameter,
-                                    "only C-CANCEL may interrupt a C-FIND".into(),
-                                ));
-                            }
-                            end_status = Some((status::CANCEL, ""));
-                        }
-                    }
-                    if end_status.is_some() {
+                    let body = pdata_or_end(pdu, "a C-FIND")?;
+                    if let Some(command) = command_from(body, &mut cancel_bytes)? {
+                        expect_cancel(&command, message_id, "a C-FIND")?;
+                        end_status = Some((status::CANCEL, ""));
                         break;
                     }
-                }
-                Event::Incoming(Ok(Some(Incoming::Other(Pdu::AbortRQ { .. })))) => {
-                    return Err(End::PeerAborted);
-                }
-                Event::Incoming(Ok(Some(Incoming::Other(other)))) => {
-                    return Err(End::Abort(
-                        AbortReason::UnexpectedPdu,
-                        format!(
-                            "unexpected {} during C-FIND",
-                            pdu_kind(&Incoming::Other(other))
-                        ),
-                    ));
-                }
-                Event::Incoming(Ok(None)) => return Err(End::PeerClosed),
-                Event::Incoming(Err(e)) => {
-                    return Err(match e.abort_reason() {
-                        Some(reason) => End::Abort(reason, e.to_string()),
-                        None => End::Lost(e.to_string()),
-                    });
                 }
             }
         }
@@ -1517,6 +1412,64 @@ fn failed_uid_list(uids: &[String], transfer_syntax: &str) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, ts).ok()?;
     Some(out)
+}
+
+/// The body of a P-DATA-TF that may arrive while an operation streams; any
+/// other PDU, or the end of the connection, ends the association.
+fn pdata_or_end(pdu: Result<Option<Incoming>, ul::UlError>, during: &str) -> Result<Bytes, End> {
+    match pdu {
+        Ok(Some(Incoming::PData(body))) => Ok(body),
+        Ok(Some(Incoming::Other(Pdu::AbortRQ { .. }))) => Err(End::PeerAborted),
+        Ok(Some(other)) => Err(End::Abort(
+            AbortReason::UnexpectedPdu,
+            format!("unexpected {} during {during}", pdu_kind(&other)),
+        )),
+        Ok(None) => Err(End::PeerClosed),
+        Err(e) => Err(match e.abort_reason() {
+            Some(reason) => End::Abort(reason, e.to_string()),
+            None => End::Lost(e.to_string()),
+        }),
+    }
+}
+
+/// Adds the command fragments of a P-DATA-TF body to `bytes`; the parsed
+/// command once its last fragment is in. Datasets are not expected here.
+fn command_from(body: Bytes, bytes: &mut Vec<u8>) -> Result<Option<Command>, End> {
+    for pdv in
+        ul::pdvs(body).map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?
+    {
+        if !pdv.is_command {
+            return Err(End::Abort(
+                AbortReason::UnexpectedPduParameter,
+                "unexpected dataset".into(),
+            ));
+        }
+        append_command(bytes, &pdv.data)?;
+        if pdv.is_last {
+            return Command::parse(bytes)
+                .map(Some)
+                .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+/// True when `command` is a C-CANCEL for the request `message_id`.
+fn is_cancel_for(command: &Command, message_id: u16) -> bool {
+    command.command_field() == Some(field::C_CANCEL_RQ)
+        && command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(message_id)
+}
+
+/// Only a C-CANCEL of the operation may arrive while it streams.
+fn expect_cancel(command: &Command, message_id: u16, during: &str) -> Result<(), End> {
+    if is_cancel_for(command, message_id) {
+        Ok(())
+    } else {
+        Err(End::Abort(
+            AbortReason::UnexpectedPduParameter,
+            format!("only C-CANCEL may interrupt {during}"),
+        ))
+    }
 }
 
 /// A sub-operation count as the US element carries it.

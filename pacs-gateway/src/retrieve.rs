@@ -170,17 +170,19 @@ pub(crate) async fn dataset_for(
     storage: &storage::Storage,
     item: &Item,
     to_ts: &str,
-) -> Result<Vec<u8>, String> {
+) -> Result<bytes::Bytes, String> {
     let blob = storage
         .blobs()
         .get(&item.blob_key)
         .await
         .map_err(|e| e.to_string())?;
-    let stored = blob
-        .get(item.dataset_offset as usize..)
-        .ok_or("stored object shorter than its header")?;
+    let offset = item.dataset_offset as usize;
+    if offset > blob.len() {
+        return Err("stored object shorter than its header".into());
+    }
     if to_ts == item.transfer_syntax {
-        return Ok(stored.to_vec());
+        // As stored: a view of the blob, no copy.
+        return Ok(blob.slice(offset..));
     }
     let (from, to) = (item.transfer_syntax.clone(), to_ts.to_string());
     tracing::info!(
@@ -189,16 +191,16 @@ pub(crate) async fn dataset_for(
         to = %to,
         "transcoding for a receiver that did not accept the stored syntax"
     );
-    if is_uncompressed(&from) {
-        let stored = stored.to_vec();
-        tokio::task::spawn_blocking(move || transcode(&stored, &from, &to))
-            .await
-            .map_err(|e| e.to_string())?
-    } else {
-        tokio::task::spawn_blocking(move || decode_to(&blob, &from, &to))
-            .await
-            .map_err(|e| e.to_string())?
-    }
+    let converted = tokio::task::spawn_blocking(move || {
+        if is_uncompressed(&from) {
+            transcode(&blob[offset..], &from, &to)
+        } else {
+            decode_to(&blob, &from, &to)
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok(converted.into())
 }
 
 #[cfg(test)]

@@ -169,20 +169,9 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
     for job in batch {
         let res = match &outcome {
             Ok(()) => results.next().unwrap_or(Err(Error::ShuttingDown)),
-            Err(e) => Err(Error::Io {
-                op: "commit index batch",
-                path: PathBuf::new(),
-                source: std::io::Error::other(e.to_string()),
-            }),
+            Err(e) => Err(batch_error("commit index batch", e)),
         };
-        match job {
-            Job::Insert { reply, .. } => {
-                let _ = reply.send(res.map(|o| o.unwrap_or(StoreOutcome::Stored)));
-            }
-            Job::Clinics { reply, .. } | Job::Audit { reply, .. } => {
-                let _ = reply.send(res.map(drop));
-            }
-        }
+        job.answer(res);
     }
     tracing::debug!(
         batch_len,
@@ -195,17 +184,28 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
 
 fn fail_all(jobs: Vec<Job>, e: &Error) {
     for job in jobs {
-        let err = || Error::Io {
-            op: "sync blobs",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        };
-        match job {
+        job.answer(Err(batch_error("sync blobs", e)));
+    }
+}
+
+/// The error every job of a failed batch gets.
+fn batch_error(op: &'static str, e: &Error) -> Error {
+    Error::Io {
+        op,
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl Job {
+    /// Sends the job's result to its waiter (`Some` only for inserts).
+    fn answer(self, res: Result<Option<StoreOutcome>>) {
+        match self {
             Job::Insert { reply, .. } => {
-                let _ = reply.send(Err(err()));
+                let _ = reply.send(res.map(|o| o.unwrap_or(StoreOutcome::Stored)));
             }
             Job::Clinics { reply, .. } | Job::Audit { reply, .. } => {
-                let _ = reply.send(Err(err()));
+                let _ = reply.send(res.map(drop));
             }
         }
     }
@@ -216,14 +216,9 @@ fn with_savepoint<T>(
     f: impl FnOnce(&Connection) -> Result<T>,
 ) -> Result<T> {
     let sp = tx.savepoint()?;
-    let res = f(&sp);
-    match res {
-        Ok(v) => {
-            sp.commit()?;
-            Ok(v)
-        }
-        Err(e) => Err(e), // dropping the savepoint rolls it back
-    }
+    let v = f(&sp)?; // on error, dropping the savepoint rolls it back
+    sp.commit()?;
+    Ok(v)
 }
 
 fn insert_audit(tx: &Connection, e: &crate::AuditEntry) -> Result<()> {
