@@ -1,5 +1,12 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::configure().compile_protos(&["consortium/v1/center.proto"], &["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // The descriptor set feeds gRPC server reflection.
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("consortium_v1_descriptor.bin"))
+        .compile_protos(
+            &["consortium/v1/center.proto", "consortium/v1/reading.proto"],
+            &["."],
+        )?;
     println!("cargo:rerun-if-changed=consortium");
     Ok(())
 }

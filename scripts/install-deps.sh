@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing need, when missing: DCMTK (reference
 # DICOM clients and storescp), dicom3tools (dciodvfy), protoc (gRPC codegen),
-# and pynetdicom (a second, independent DICOM implementation for tests).
+# pynetdicom (a second, independent DICOM implementation for tests), and
+# Python grpcio with reflection and health (a gRPC client we did not write).
 # `--bench` also installs Orthanc and hyperfine for the benchmarks.
 set -euo pipefail
 
@@ -25,6 +26,11 @@ fi
 if ! python3 -c 'import pynetdicom' 2>/dev/null; then
     echo "installing: pynetdicom (PyPI)"
     python3 -m pip install --quiet --disable-pip-version-check 'pynetdicom>=2.1,<3' 'pydicom>=2.4,<4'
+fi
+if ! python3 -c 'import grpc, grpc_reflection, grpc_health' 2>/dev/null; then
+    echo "installing: grpcio, grpcio-reflection, grpcio-health-checking (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check \
+        'grpcio>=1.60,<2' 'grpcio-reflection>=1.60,<2' 'grpcio-health-checking>=1.60,<2'
 fi
 # Orthanc's package starts a system service; benchmarks run their own instance.
 if [ "${1:-}" = "--bench" ] && command -v service >/dev/null; then

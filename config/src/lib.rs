@@ -123,9 +123,33 @@ pub struct ViewerConfig {
     pub tls_cert: Option<PathBuf>,
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Lifetime of a login token, in seconds (default 8 hours).
+    #[serde(default = "defaults::token_lifetime_s")]
+    pub token_lifetime_s: u64,
+    /// How long a worklist claim lasts unless renewed, in seconds (default 15 minutes).
+    #[serde(default = "defaults::lease_s")]
+    pub lease_s: u64,
+    /// A study enters the worklist once no instance arrived for this long (default 60 s).
+    #[serde(default = "defaults::worklist_settle_s")]
+    pub worklist_settle_s: u64,
+    /// Rendered frames kept in memory for repeated requests, in MiB (default 64).
+    #[serde(default = "defaults::render_cache_mib")]
+    pub render_cache_mib: u64,
 }
 
 mod defaults {
+    pub(super) fn token_lifetime_s() -> u64 {
+        8 * 3600
+    }
+    pub(super) fn lease_s() -> u64 {
+        15 * 60
+    }
+    pub(super) fn worklist_settle_s() -> u64 {
+        60
+    }
+    pub(super) fn render_cache_mib() -> u64 {
+        64
+    }
     pub(super) fn max_associations() -> usize {
         200
     }

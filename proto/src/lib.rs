@@ -6,4 +6,8 @@
 pub mod v1 {
     #![allow(clippy::all, unreachable_pub, missing_docs)]
     tonic::include_proto!("consortium.v1");
+
+    /// Encoded `FileDescriptorSet` of the package, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("consortium_v1_descriptor");
 }

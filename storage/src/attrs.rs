@@ -131,6 +131,8 @@ pub struct InstanceAttrs {
     pub series_description: String,
     pub instance_number: Option<i64>,
     pub number_of_frames: Option<i64>,
+    /// Requested Procedure Priority (0040,1003): STAT, HIGH, ROUTINE, MEDIUM, LOW.
+    pub requested_priority: String,
 }
 
 /// Reads the index attributes of the dataset starting at `offset` in `path`.
@@ -543,6 +545,7 @@ const TOP_TAGS: &[u32] = &[
     0x0020_0011, // Series Number
     0x0020_0013, // Instance Number
     0x0028_0008, // Number of Frames
+    0x0040_1003, // Requested Procedure Priority
 ];
 
 const OTHER_ID_TAGS: &[u32] = &[0x0010_0020, 0x0010_0021, 0x0010_0022];
@@ -674,6 +677,7 @@ impl Collector {
             series_description: text(0x0008_103E),
             instance_number: int(0x0020_0013),
             number_of_frames: int(0x0028_0008),
+            requested_priority: ascii(raw(0x0040_1003)).to_ascii_uppercase(),
         })
     }
 }

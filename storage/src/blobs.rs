@@ -57,6 +57,12 @@ impl BlobStore {
         })
     }
 
+    /// The blob store of a data directory laid out by [`crate::Storage::open`],
+    /// for services that only read blobs (the viewer-api).
+    pub fn open_local(data_dir: &Path) -> Result<BlobStore> {
+        BlobStore::local(&data_dir.join("blobs"))
+    }
+
     pub(crate) fn remote(store: Arc<dyn ObjectStore>) -> BlobStore {
         BlobStore {
             store,
@@ -130,6 +136,16 @@ impl BlobStore {
             .await?
             .bytes()
             .await?)
+    }
+
+    /// A blob as a stream of chunks (bounded memory whatever its size).
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes>>> {
+        use futures::StreamExt;
+        let stream = self.store.get(&ObjectPath::from(key)).await?.into_stream();
+        Ok(stream.map(|r| r.map_err(Error::from)).boxed())
     }
 
     /// SHA-256 (hex) and size of a blob, streamed (bounded memory).

@@ -24,6 +24,25 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Opens a read-write connection for a service beside the gateway (the
+/// viewer-api, the admin command) that keeps its own tables (users, sessions,
+/// worklist state, audit) in the index. The schema is brought up to date.
+///
+/// `synchronous=NORMAL`: a commit reaches the WAL before this returns, so it
+/// survives a crash of the process; a power loss may drop the last commits
+/// until the next checkpoint or the gateway's next (fully synced) commit.
+pub fn open_service(data_dir: &Path) -> Result<Connection> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(crate::Error::io("create data directory", data_dir))?;
+    let mut conn = Connection::open(data_dir.join(crate::INDEX_FILE))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    schema::migrate(&mut conn)?;
+    Ok(conn)
+}
+
 /// A read-only connection for queries.
 #[derive(Debug)]
 pub struct IndexReader {

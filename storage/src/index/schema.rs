@@ -132,6 +132,53 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX patients_by_name_ideo ON patients (name_ideo);
     CREATE INDEX patients_by_name_phon ON patients (name_phon);
     "#,
+    // 4: the reading service (viewer-api): users and their sessions, the
+    // worklist's state per study, the study's own requested priority, and who
+    // read which study in the audit trail, which becomes append-only.
+    r#"
+    CREATE TABLE users (
+        pk            INTEGER PRIMARY KEY,
+        username      TEXT NOT NULL UNIQUE,
+        display_name  TEXT NOT NULL DEFAULT '',
+        role          TEXT NOT NULL
+                      CHECK (role IN ('technician', 'radiologist', 'clinic_staff', 'administrator')),
+        clinic_id     TEXT NOT NULL,
+        password_hash TEXT NOT NULL,      -- argon2id, PHC string format
+        disabled      INTEGER NOT NULL DEFAULT 0,
+        created_at    TEXT NOT NULL
+    );
+
+    -- Bearer tokens are never stored: only their SHA-256.
+    CREATE TABLE sessions (
+        token_hash  TEXT PRIMARY KEY,
+        user_pk     INTEGER NOT NULL REFERENCES users (pk),
+        issued_at   INTEGER NOT NULL,     -- Unix seconds
+        expires_at  INTEGER NOT NULL,
+        revoked     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX sessions_by_user ON sessions (user_pk);
+
+    -- Reading state of a study; no row means unread with the study's own priority.
+    CREATE TABLE worklist (
+        study_pk         INTEGER PRIMARY KEY REFERENCES studies (pk),
+        priority         INTEGER,         -- set by a user: 1 STAT, 2 urgent, 3 routine
+        priority_set_by  TEXT NOT NULL DEFAULT '',
+        claimed_by       TEXT NOT NULL DEFAULT '',
+        lease_expires_at INTEGER NOT NULL DEFAULT 0,   -- Unix seconds
+        reported_at      TEXT
+    );
+
+    -- Requested Procedure Priority (0040,1003) as the study said it.
+    ALTER TABLE studies ADD COLUMN requested_priority TEXT NOT NULL DEFAULT '';
+
+    ALTER TABLE audit ADD COLUMN username TEXT NOT NULL DEFAULT '';
+    ALTER TABLE audit ADD COLUMN study_uid TEXT NOT NULL DEFAULT '';
+    ALTER TABLE audit ADD COLUMN patient_ref TEXT NOT NULL DEFAULT '';
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    "#,
 ];
 
 /// Fills the name group columns of rows written without them (rows from
@@ -159,19 +206,23 @@ pub(crate) const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema to the current version.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
-    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if found > CURRENT_VERSION {
-        return Err(Error::SchemaTooNew {
-            found,
-            supported: CURRENT_VERSION,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction()?;
+    // The gateway and the viewer-api may start together: each step reads the
+    // version inside a write transaction, so only one of them applies it.
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > CURRENT_VERSION {
+            return Err(Error::SchemaTooNew {
+                found,
+                supported: CURRENT_VERSION,
+            });
+        }
+        let Some(sql) = MIGRATIONS.get(found as usize) else {
+            return Ok(());
+        };
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.pragma_update(None, "user_version", found + 1)?;
         tx.commit()?;
-        tracing::info!(version = i + 1, "index schema migrated");
+        tracing::info!(version = found + 1, "index schema migrated");
     }
-    Ok(())
 }

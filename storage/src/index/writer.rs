@@ -366,8 +366,9 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
     let a = &new.attrs;
     Ok(tx.prepare_cached(
         "INSERT INTO studies (study_uid, patient_pk, clinic_id, study_date, study_time, accession_number, study_id,
-            description, referring_physician, institution, character_set, first_received_at, last_received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)
+            description, referring_physician, institution, character_set, first_received_at, last_received_at,
+            requested_priority)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)
          ON CONFLICT (study_uid) DO UPDATE SET
             -- Another clinic sending the same Study Instance UID (a referral, a
             -- reused UID root) adds to the study but never takes it over.
@@ -382,6 +383,8 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
                 THEN excluded.referring_physician ELSE referring_physician END,
             institution = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.institution ELSE institution END,
             character_set = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.character_set ELSE character_set END,
+            requested_priority = CASE WHEN excluded.requested_priority != '' AND clinic_id = excluded.clinic_id
+                THEN excluded.requested_priority ELSE requested_priority END,
             last_received_at = excluded.last_received_at
          RETURNING pk"
     )?
@@ -397,7 +400,8 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
             a.referring_physician_name,
             a.institution_name,
             a.specific_character_set,
-            new.received_at
+            new.received_at,
+            a.requested_priority
         ],
         |r| r.get(0),
     )?)

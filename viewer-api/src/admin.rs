@@ -1,0 +1,193 @@
+//! `viewer-api --config FILE admin <command>`: manage clinics, users and
+//! tokens, and read the audit log, directly on the index (run on the server).
+//!
+//! Passwords are read from standard input (one line), never from arguments,
+//! which other local users can see in the process list.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use consortium_config::Config;
+use rusqlite::params;
+
+use crate::auth::{self, Role};
+use crate::db::Db;
+use crate::error::{ApiError, Result};
+
+pub const USAGE: &str = "usage: viewer-api --config FILE admin <command>
+commands:
+  create-clinic ID NAME
+  create-user USERNAME --role ROLE --clinic CLINIC [--name DISPLAY_NAME]
+                        (password: first line of standard input, at least 8 characters;
+                         roles: technician, radiologist, clinic_staff, administrator)
+  set-password USERNAME  (new password on standard input)
+  disable-user USERNAME
+  list-users
+  issue-token USERNAME [--ttl SECONDS]   (prints a bearer token)
+  audit [--limit N] [--user USERNAME]    (newest first)";
+
+/// Runs one admin command; prints its result on standard output.
+pub fn run(config: &Config, args: &[String]) -> Result<()> {
+    let db = Db::open(&config.storage.data_dir)?;
+    db.write_blocking(|c| {
+        for clinic in &config.clinics {
+            c.execute(
+                "INSERT INTO clinics (id, name) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
+                params![clinic.id, clinic.name],
+            )?;
+        }
+        Ok(())
+    })?;
+    let usage = || ApiError::InvalidArgument(USAGE.into());
+    let (command, rest) = args.split_first().ok_or_else(usage)?;
+    let flag = |name: &str| -> Option<String> {
+        rest.iter()
+            .position(|a| a == name)
+            .and_then(|i| rest.get(i + 1))
+            .cloned()
+    };
+    let positional = |i: usize| rest.get(i).filter(|a| !a.starts_with("--")).cloned();
+    match command.as_str() {
+        "create-clinic" => {
+            let (id, name) = (
+                positional(0).ok_or_else(usage)?,
+                positional(1).ok_or_else(usage)?,
+            );
+            db.write_blocking(|c| {
+                c.execute(
+                    "INSERT INTO clinics (id, name) VALUES (?1, ?2)
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                    params![id, name],
+                )?;
+                Ok(())
+            })?;
+            println!("clinic {id} saved");
+        }
+        "create-user" => {
+            let username = positional(0).ok_or_else(usage)?;
+            let role = flag("--role")
+                .and_then(|r| Role::parse(&r))
+                .ok_or_else(|| ApiError::InvalidArgument(format!("--role is required\n{USAGE}")))?;
+            let clinic = flag("--clinic").ok_or_else(|| {
+                ApiError::InvalidArgument(format!("--clinic is required\n{USAGE}"))
+            })?;
+            let name = flag("--name").unwrap_or_default();
+            let password = read_password()?;
+            db.write_blocking(|c| {
+                auth::create_user(c, &username, &name, role, &clinic, &password)
+            })?;
+            println!(
+                "user {username} created ({}, clinic {clinic})",
+                role.as_str()
+            );
+        }
+        "set-password" => {
+            let username = positional(0).ok_or_else(usage)?;
+            let hash = auth::hash_password(&read_password()?)?;
+            let n = db.write_blocking(|c| {
+                Ok(c.execute(
+                    "UPDATE users SET password_hash = ?1 WHERE username = ?2",
+                    params![hash, username],
+                )?)
+            })?;
+            if n == 0 {
+                return Err(ApiError::InvalidArgument(format!("no user `{username}`")));
+            }
+            println!("password of {username} changed");
+        }
+        "disable-user" => {
+            let username = positional(0).ok_or_else(usage)?;
+            let n = db.write_blocking(|c| {
+                let n = c.execute(
+                    "UPDATE users SET disabled = 1 WHERE username = ?1",
+                    [&username],
+                )?;
+                c.execute(
+                    "UPDATE sessions SET revoked = 1
+                     WHERE user_pk = (SELECT pk FROM users WHERE username = ?1)",
+                    [&username],
+                )?;
+                Ok(n)
+            })?;
+            if n == 0 {
+                return Err(ApiError::InvalidArgument(format!("no user `{username}`")));
+            }
+            println!("user {username} disabled and their tokens revoked");
+        }
+        "list-users" => {
+            db.write_blocking(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT username, role, clinic_id, display_name, disabled FROM users ORDER BY username",
+                )?;
+                let mut rows = stmt.query([])?;
+                println!("username\trole\tclinic\tname\tdisabled");
+                while let Some(r) = rows.next()? {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        if r.get::<_, bool>(4)? { "yes" } else { "no" }
+                    );
+                }
+                Ok(())
+            })?;
+        }
+        "issue-token" => {
+            let username = positional(0).ok_or_else(usage)?;
+            let ttl = flag("--ttl")
+                .map(|t| {
+                    t.parse::<u64>()
+                        .map_err(|_| ApiError::InvalidArgument("--ttl is seconds".into()))
+                })
+                .transpose()?
+                .unwrap_or(
+                    config
+                        .viewer
+                        .as_ref()
+                        .map_or(8 * 3600, |v| v.token_lifetime_s),
+                );
+            let (token, expires) = db.write_blocking(|c| {
+                let user = auth::find_user(c, &username)?
+                    .filter(|u| !u.disabled)
+                    .ok_or_else(|| {
+                        ApiError::InvalidArgument(format!("no active user `{username}`"))
+                    })?;
+                auth::issue_token(c, user.pk, Duration::from_secs(ttl))
+            })?;
+            println!("{token}");
+            eprintln!("token for {username}, expires at Unix time {expires}");
+        }
+        "audit" => {
+            let limit: i64 = flag("--limit").and_then(|l| l.parse().ok()).unwrap_or(50);
+            let user = flag("--user").unwrap_or_default();
+            db.write_blocking(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT at, CASE WHEN username != '' THEN username ELSE calling_ae END, clinic_id, peer,
+                            action, study_uid, patient_ref, detail, outcome, matches
+                     FROM audit WHERE ?1 = '' OR username = ?1 ORDER BY pk DESC LIMIT ?2",
+                )?;
+                let mut rows = stmt.query(params![user, limit])?;
+                println!("at\twho\tclinic\tpeer\taction\tstudy\tpatient\tdetail\toutcome\tmatches");
+                while let Some(r) = rows.next()? {
+                    let cols: Vec<String> = (0..9)
+                        .map(|i| r.get::<_, String>(i))
+                        .collect::<Result<_, _>>()?;
+                    println!("{}\t{}", cols.join("\t"), r.get::<_, i64>(9)?);
+                }
+                Ok(())
+            })?;
+        }
+        _ => return Err(usage()),
+    }
+    Ok(())
+}
+
+fn read_password() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| {
+        ApiError::InvalidArgument(format!("cannot read the password from standard input: {e}"))
+    })?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}

@@ -1,0 +1,65 @@
+//! Every read of patient data, and every refused call, leaves a row in the
+//! index's append-only `audit` table: who, which patient and study, what,
+//! when, from where, and the outcome.
+
+use rusqlite::params;
+
+use crate::auth::Caller;
+use crate::db::Db;
+use crate::error::Result;
+
+/// One audited call.
+#[derive(Debug, Clone, Default)]
+pub struct Entry {
+    /// The RPC, e.g. `RenderFrame`.
+    pub action: &'static str,
+    pub username: String,
+    pub clinic_id: String,
+    pub peer: String,
+    pub study_uid: String,
+    /// `clinic:patient-id` of the patient whose data was read.
+    pub patient_ref: String,
+    /// What exactly (instance UID and frame, filter, ...), never demographics.
+    pub detail: String,
+    /// `success`, `denied: ...`, `not found: ...`, `failed: ...`.
+    pub outcome: String,
+    /// Number of items returned, where it means something.
+    pub matches: u64,
+}
+
+impl Entry {
+    pub fn new(action: &'static str, caller: &Caller) -> Entry {
+        Entry {
+            action,
+            username: caller.username.clone(),
+            clinic_id: caller.clinic_id.clone(),
+            peer: caller.peer.clone(),
+            ..Entry::default()
+        }
+    }
+}
+
+/// Appends `entry` to the audit log.
+pub async fn record(db: &Db, entry: Entry) -> Result<()> {
+    db.write(move |c| {
+        c.prepare_cached(
+            "INSERT INTO audit (at, calling_ae, clinic_id, peer, action, detail, outcome, matches,
+                                username, study_uid, patient_ref)
+             VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?
+        .execute(params![
+            storage::utc_timestamp(std::time::SystemTime::now()),
+            entry.clinic_id,
+            entry.peer,
+            entry.action,
+            entry.detail,
+            entry.outcome,
+            entry.matches as i64,
+            entry.username,
+            entry.study_uid,
+            entry.patient_ref
+        ])?;
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,447 @@
+//! Identity: users and roles, argon2 password hashes, bearer tokens, the
+//! failed-login limiter, and who a request comes from.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::db::{Db, now_unix};
+use crate::error::{ApiError, Result};
+
+/// What a user is allowed to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends studies from a township clinic; sees its own clinic's studies.
+    Technician,
+    /// Reads every study sent to the center; claims worklist items.
+    Radiologist,
+    /// A member clinic's staff; sees its own clinic's patients.
+    ClinicStaff,
+    /// Manages users, reads the audit log; no patient data.
+    Administrator,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::Technician,
+        Role::Radiologist,
+        Role::ClinicStaff,
+        Role::Administrator,
+    ];
+
+    /// The name stored in the index and used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Technician => "technician",
+            Role::Radiologist => "radiologist",
+            Role::ClinicStaff => "clinic_staff",
+            Role::Administrator => "administrator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    pub fn to_proto(self) -> consortium_proto::v1::Role {
+        use consortium_proto::v1::Role as P;
+        match self {
+            Role::Technician => P::Technician,
+            Role::Radiologist => P::Radiologist,
+            Role::ClinicStaff => P::ClinicStaff,
+            Role::Administrator => P::Administrator,
+        }
+    }
+}
+
+/// The authenticated user behind a call.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user_pk: i64,
+    pub username: String,
+    pub display_name: String,
+    pub role: Role,
+    pub clinic_id: String,
+    /// Peer address, for the audit log.
+    pub peer: String,
+    pub token_hash: String,
+    pub expires_at: i64,
+}
+
+impl Caller {
+    /// Patient data of every clinic (radiologists read what was sent to the center).
+    pub fn sees_all_clinics(&self) -> bool {
+        self.role == Role::Radiologist
+    }
+
+    /// Whether the caller may see patient data of `clinic_id`.
+    pub fn may_see_clinic(&self, clinic_id: &str) -> bool {
+        match self.role {
+            Role::Radiologist => true,
+            Role::Technician | Role::ClinicStaff => self.clinic_id == clinic_id,
+            Role::Administrator => false,
+        }
+    }
+
+    /// Refuses administrators (and any future role without patient access).
+    pub fn require_patient_access(&self) -> Result<()> {
+        if self.role == Role::Administrator {
+            return Err(ApiError::PermissionDenied(
+                "administrators have no access to patient data".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_proto(&self) -> consortium_proto::v1::User {
+        consortium_proto::v1::User {
+            username: self.username.clone(),
+            display_name: self.display_name.clone(),
+            role: self.role.to_proto() as i32,
+            clinic_id: self.clinic_id.clone(),
+        }
+    }
+}
+
+/// An argon2id hash of `password` with a fresh random salt (PHC string).
+pub fn hash_password(password: &str) -> Result<String> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| ApiError::Internal(format!("random: {e}")))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| ApiError::Internal(format!("hashing: {e}")))?
+        .to_string())
+}
+
+fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// A new bearer token: 32 random bytes, hex.
+pub fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| ApiError::Internal(format!("random: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the index keeps of a token: its SHA-256, hex.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A user row.
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub pk: i64,
+    pub username: String,
+    pub display_name: String,
+    pub role: Role,
+    pub clinic_id: String,
+    pub password_hash: String,
+    pub disabled: bool,
+}
+
+pub fn find_user(conn: &Connection, username: &str) -> Result<Option<UserRow>> {
+    Ok(conn
+        .query_row(
+            "SELECT pk, username, display_name, role, clinic_id, password_hash, disabled
+             FROM users WHERE username = ?1",
+            [username],
+            |r| {
+                Ok(UserRow {
+                    pk: r.get(0)?,
+                    username: r.get(1)?,
+                    display_name: r.get(2)?,
+                    role: Role::parse(&r.get::<_, String>(3)?).unwrap_or(Role::ClinicStaff),
+                    clinic_id: r.get(4)?,
+                    password_hash: r.get(5)?,
+                    disabled: r.get(6)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// Creates a user (admin command, demo setup). The clinic must exist.
+pub fn create_user(
+    conn: &Connection,
+    username: &str,
+    display_name: &str,
+    role: Role,
+    clinic_id: &str,
+    password: &str,
+) -> Result<()> {
+    if username.is_empty() || username.len() > 64 || username.contains(char::is_whitespace) {
+        return Err(ApiError::InvalidArgument(
+            "a user name is 1 to 64 characters without spaces".into(),
+        ));
+    }
+    if password.chars().count() < 8 {
+        return Err(ApiError::InvalidArgument(
+            "a password has at least 8 characters".into(),
+        ));
+    }
+    let clinic: Option<String> = conn
+        .query_row("SELECT id FROM clinics WHERE id = ?1", [clinic_id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if clinic.is_none() {
+        return Err(ApiError::InvalidArgument(format!(
+            "unknown clinic `{clinic_id}`"
+        )));
+    }
+    let hash = hash_password(password)?;
+    let now = storage::utc_timestamp(std::time::SystemTime::now());
+    let inserted = conn.execute(
+        "INSERT INTO users (username, display_name, role, clinic_id, password_hash, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (username) DO NOTHING",
+        params![username, display_name, role.as_str(), clinic_id, hash, now],
+    )?;
+    if inserted == 0 {
+        return Err(ApiError::InvalidArgument(format!(
+            "user `{username}` already exists"
+        )));
+    }
+    Ok(())
+}
+
+/// Issues a token for `user_pk` valid for `lifetime`; returns (token, expiry).
+pub fn issue_token(conn: &Connection, user_pk: i64, lifetime: Duration) -> Result<(String, i64)> {
+    let token = new_token()?;
+    let now = now_unix();
+    let expires = now + lifetime.as_secs() as i64;
+    conn.execute(
+        "INSERT INTO sessions (token_hash, user_pk, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        params![token_hash(&token), user_pk, now, expires],
+    )?;
+    Ok((token, expires))
+}
+
+/// Failed logins per key (user name, peer address), with a lock-out that
+/// doubles after each failure past the threshold.
+#[derive(Default)]
+struct Limiter {
+    entries: HashMap<String, Failures>,
+}
+
+struct Failures {
+    count: u32,
+    last: Instant,
+    locked_until: Option<Instant>,
+}
+
+/// Failures per user name before a lock-out.
+const USER_THRESHOLD: u32 = 5;
+/// Failures per peer address before a lock-out (many users behind one NAT).
+const PEER_THRESHOLD: u32 = 20;
+/// First lock-out; doubles with each further failure, at most `MAX_LOCK`.
+const FIRST_LOCK: Duration = Duration::from_secs(30);
+const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
+/// Failures older than this are forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
+
+impl Limiter {
+    fn locked_for(&mut self, key: &str, now: Instant) -> Option<Duration> {
+        let e = self.entries.get(key)?;
+        e.locked_until
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    fn fail(&mut self, key: String, threshold: u32, now: Instant) {
+        if self.entries.len() > 100_000 {
+            self.entries
+                .retain(|_, e| now.duration_since(e.last) < FORGET_AFTER);
+        }
+        let e = self.entries.entry(key).or_insert(Failures {
+            count: 0,
+            last: now,
+            locked_until: None,
+        });
+        if now.duration_since(e.last) > FORGET_AFTER {
+            e.count = 0;
+        }
+        e.count += 1;
+        e.last = now;
+        if e.count >= threshold {
+            let doublings = (e.count - threshold).min(10);
+            e.locked_until = Some(now + (FIRST_LOCK * (1 << doublings)).min(MAX_LOCK));
+        }
+    }
+
+    fn succeed(&mut self, key: &str) {
+        self.entries.remove(key);
+    }
+}
+
+/// Logins and token checks.
+pub struct Auth {
+    db: Db,
+    token_lifetime: Duration,
+    limiter: Mutex<Limiter>,
+    /// Verified against when the user does not exist, so a wrong user name
+    /// takes as long as a wrong password.
+    dummy_hash: String,
+}
+
+impl Auth {
+    pub fn new(db: Db, token_lifetime: Duration) -> Result<Auth> {
+        Ok(Auth {
+            db,
+            token_lifetime,
+            limiter: Mutex::new(Limiter::default()),
+            dummy_hash: hash_password("not a real password")?,
+        })
+    }
+
+    /// Checks the password and issues a token.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        peer: &str,
+    ) -> Result<(String, i64, UserRow)> {
+        let user_key = format!("user:{username}");
+        let peer_key = format!("peer:{peer}");
+        {
+            let now = Instant::now();
+            let mut limiter = self.limiter.lock().expect("limiter lock");
+            if let Some(wait) = limiter
+                .locked_for(&user_key, now)
+                .or_else(|| limiter.locked_for(&peer_key, now))
+            {
+                return Err(ApiError::TooManyAttempts(format!(
+                    "too many failed logins; try again in {} s",
+                    wait.as_secs().max(1)
+                )));
+            }
+        }
+        let name = username.to_string();
+        let user = self.db.read(move |c| find_user(c, &name)).await?;
+        let hash = user
+            .as_ref()
+            .filter(|u| !u.disabled)
+            .map_or(self.dummy_hash.clone(), |u| u.password_hash.clone());
+        let password = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await?;
+        let user = match user.filter(|u| ok && !u.disabled) {
+            Some(u) => u,
+            None => {
+                let now = Instant::now();
+                let mut limiter = self.limiter.lock().expect("limiter lock");
+                limiter.fail(user_key, USER_THRESHOLD, now);
+                limiter.fail(peer_key, PEER_THRESHOLD, now);
+                return Err(ApiError::Unauthenticated("wrong user name or password"));
+            }
+        };
+        self.limiter
+            .lock()
+            .expect("limiter lock")
+            .succeed(&user_key);
+        let (pk, lifetime) = (user.pk, self.token_lifetime);
+        let (token, expires) = self.db.write(move |c| issue_token(c, pk, lifetime)).await?;
+        Ok((token, expires, user))
+    }
+
+    /// The caller behind a request's `authorization: Bearer <token>`.
+    pub async fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        peer: String,
+    ) -> Result<Caller> {
+        let header = metadata
+            .get("authorization")
+            .ok_or(ApiError::Unauthenticated("missing authorization metadata"))?
+            .to_str()
+            .map_err(|_| ApiError::Unauthenticated("malformed authorization metadata"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or(ApiError::Unauthenticated(
+                "authorization must be `Bearer <token>`",
+            ))?;
+        let hash = token_hash(&token.to_ascii_lowercase());
+        let found = self
+            .db
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT u.pk, u.username, u.display_name, u.role, u.clinic_id, u.disabled,
+                            s.expires_at, s.revoked, s.token_hash
+                     FROM sessions s JOIN users u ON u.pk = s.user_pk WHERE s.token_hash = ?1",
+                    [hash],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, bool>(5)?,
+                            r.get::<_, i64>(6)?,
+                            r.get::<_, bool>(7)?,
+                            r.get::<_, String>(8)?,
+                        ))
+                    },
+                )
+                .optional()?)
+            })
+            .await?;
+        let Some((pk, username, display_name, role, clinic_id, disabled, expires, revoked, hash)) =
+            found
+        else {
+            return Err(ApiError::Unauthenticated("unknown token"));
+        };
+        if revoked {
+            return Err(ApiError::Unauthenticated("token revoked"));
+        }
+        if disabled {
+            return Err(ApiError::Unauthenticated("user disabled"));
+        }
+        if expires <= now_unix() {
+            return Err(ApiError::Unauthenticated("token expired; log in again"));
+        }
+        Ok(Caller {
+            user_pk: pk,
+            username,
+            display_name,
+            role: Role::parse(&role)
+                .ok_or(ApiError::Unauthenticated("user has an unknown role"))?,
+            clinic_id,
+            peer,
+            token_hash: hash,
+            expires_at: expires,
+        })
+    }
+
+    /// Revokes the caller's token.
+    pub async fn logout(&self, caller: &Caller) -> Result<()> {
+        let hash = caller.token_hash.clone();
+        self.db
+            .write(move |c| {
+                c.execute(
+                    "UPDATE sessions SET revoked = 1 WHERE token_hash = ?1",
+                    [hash],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+}

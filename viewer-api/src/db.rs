@@ -1,0 +1,100 @@
+//! The index as the viewer-api sees it: one write connection for its own
+//! tables (users, sessions, worklist state, audit) and a pool of read-only
+//! connections, used from blocking threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::{ApiError, Result};
+
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    index_path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl Db {
+    /// Opens the index under `data_dir`, creating and migrating it if needed.
+    pub fn open(data_dir: &Path) -> Result<Db> {
+        let writer = storage::index::open_service(data_dir)?;
+        Ok(Db {
+            inner: Arc::new(Inner {
+                index_path: data_dir.join(storage::INDEX_FILE),
+                writer: Mutex::new(writer),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `f` on the write connection, on a blocking thread.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner
+                .writer
+                .lock()
+                .map_err(|_| ApiError::Internal("writer lock poisoned".into()))?;
+            f(&mut conn)
+        })
+        .await?
+    }
+
+    /// Runs `f` on the write connection on this thread (start-up, admin command).
+    pub fn write_blocking<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut conn = self
+            .inner
+            .writer
+            .lock()
+            .map_err(|_| ApiError::Internal("writer lock poisoned".into()))?;
+        f(&mut conn)
+    }
+
+    /// Runs `f` on a read-only connection, on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().ok().and_then(|mut r| r.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(
+                        &inner.index_path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )?;
+                    c.busy_timeout(std::time::Duration::from_secs(10))?;
+                    c
+                }
+            };
+            let out = f(&conn);
+            if let Ok(mut readers) = inner.readers.lock()
+                && readers.len() < 8
+            {
+                readers.push(conn);
+            }
+            out
+        })
+        .await?
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

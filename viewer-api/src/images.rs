@@ -1,0 +1,292 @@
+//! Serving pixels: rendered frames through a bounded cache, decoding and
+//! encoding on blocking threads (at most one per core at a time), whole
+//! series as a stream, and raw instances in chunks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use consortium_proto::v1::{ImageFormat, RawChunk, RenderOptions, RenderedFrame, Window};
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::error::{ApiError, Result};
+use crate::render::{self, Format, RenderError, Rendered, Spec, Voi};
+use crate::studies::{InstanceRow, open_object};
+
+/// Largest raw chunk sent in one message (well under gRPC's 4 MiB default).
+pub const RAW_CHUNK: usize = 1 << 20;
+
+impl From<RenderError> for ApiError {
+    fn from(e: RenderError) -> Self {
+        match e {
+            RenderError::UnsupportedSyntax(_) => ApiError::Unimplemented(e.to_string()),
+            RenderError::FrameOutOfRange { .. } => ApiError::InvalidArgument(e.to_string()),
+            other => ApiError::FailedPrecondition(other.to_string()),
+        }
+    }
+}
+
+/// Turns the request's options into a render spec for frame index `frame`.
+pub fn spec_from(options: Option<&RenderOptions>, frame: u32) -> Result<Spec> {
+    let o = options.cloned().unwrap_or_default();
+    let format = match ImageFormat::try_from(o.format) {
+        Ok(ImageFormat::Unspecified | ImageFormat::Png) => Format::Png,
+        Ok(ImageFormat::Jpeg) => Format::Jpeg {
+            quality: if o.jpeg_quality == 0 {
+                90
+            } else {
+                o.jpeg_quality.clamp(1, 100) as u8
+            },
+        },
+        Err(_) => return Err(ApiError::InvalidArgument("unknown image format".into())),
+    };
+    let voi = match (&o.window, o.preset.as_str()) {
+        (Some(w), _) => {
+            if !(w.width.is_finite() && w.center.is_finite()) || w.width < 1.0 {
+                return Err(ApiError::InvalidArgument(
+                    "a window has a finite center and a width of at least 1".into(),
+                ));
+            }
+            Voi::Window {
+                center: w.center,
+                width: w.width,
+            }
+        }
+        (None, "") => Voi::Default,
+        (None, name) => {
+            let (preset, _, _) = render::PRESETS
+                .iter()
+                .find(|(n, _, _)| n.eq_ignore_ascii_case(name))
+                .ok_or_else(|| {
+                    let names: Vec<&str> = render::PRESETS.iter().map(|p| p.0).collect();
+                    ApiError::InvalidArgument(format!(
+                        "unknown preset; known presets: {}",
+                        names.join(", ")
+                    ))
+                })?;
+            Voi::Preset(preset)
+        }
+    };
+    let bound = |v: u32| v.min(8192);
+    Ok(Spec {
+        frame,
+        voi,
+        format,
+        max_width: bound(o.max_width),
+        max_height: bound(o.max_height),
+    })
+}
+
+pub fn to_proto(sop_uid: &str, spec: &Spec, r: &Rendered) -> RenderedFrame {
+    RenderedFrame {
+        sop_instance_uid: sop_uid.to_string(),
+        frame_number: spec.frame + 1,
+        format: match spec.format {
+            Format::Png => ImageFormat::Png as i32,
+            Format::Jpeg { .. } => ImageFormat::Jpeg as i32,
+        },
+        data: r.data.clone(),
+        width: r.width,
+        height: r.height,
+        window: r.window.map(|(center, width)| Window { center, width }),
+    }
+}
+
+/// Rendered frames, least recently used evicted past a byte budget.
+struct Cache {
+    budget: usize,
+    used: usize,
+    tick: u64,
+    entries: HashMap<String, (Arc<Rendered>, u64)>,
+}
+
+impl Cache {
+    fn get(&mut self, key: &str) -> Option<Arc<Rendered>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.get_mut(key).map(|(r, t)| {
+            *t = tick;
+            r.clone()
+        })
+    }
+
+    fn put(&mut self, key: String, value: Arc<Rendered>) {
+        let size = value.data.len();
+        if size > self.budget / 4 {
+            return;
+        }
+        self.tick += 1;
+        if let Some((old, _)) = self.entries.insert(key, (value, self.tick)) {
+            self.used -= old.data.len();
+        }
+        self.used += size;
+        while self.used > self.budget {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((r, _)) = self.entries.remove(&oldest) {
+                self.used -= r.data.len();
+            }
+        }
+    }
+}
+
+pub struct Images {
+    blobs: storage::BlobStore,
+    cache: Mutex<Cache>,
+    /// One decode/encode per core at a time; the rest wait their turn.
+    workers: Arc<Semaphore>,
+}
+
+impl Images {
+    pub fn new(blobs: storage::BlobStore, cache_bytes: usize) -> Images {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Images {
+            blobs,
+            cache: Mutex::new(Cache {
+                budget: cache_bytes,
+                used: 0,
+                tick: 0,
+                entries: HashMap::new(),
+            }),
+            workers: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    fn cache_key(instance: &InstanceRow, spec: &Spec) -> String {
+        format!("{}/{:?}", instance.sha256, spec)
+    }
+
+    /// Where a blob can be read: a local path, or its bytes.
+    pub async fn source(
+        &self,
+        key: &str,
+    ) -> Result<(Option<std::path::PathBuf>, Option<bytes::Bytes>)> {
+        match self.blobs.local_path(key) {
+            Some(p) => Ok((Some(p), None)),
+            None => Ok((None, Some(self.blobs.get(key).await?))),
+        }
+    }
+
+    /// One rendered frame, from the cache when it was rendered before.
+    pub async fn render(&self, instance: &InstanceRow, spec: Spec) -> Result<Arc<Rendered>> {
+        let key = Images::cache_key(instance, &spec);
+        if let Some(hit) = self.cache.lock().expect("cache lock").get(&key) {
+            return Ok(hit);
+        }
+        let (path, bytes) = self.source(&instance.blob_key).await?;
+        let _permit = self
+            .workers
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Internal("render workers closed".into()))?;
+        let s = spec.clone();
+        let rendered = tokio::task::spawn_blocking(move || -> Result<Rendered> {
+            let obj = open_object(path, bytes, false)?;
+            Ok(render::render(&obj, &s)?)
+        })
+        .await??;
+        let rendered = Arc::new(rendered);
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .put(key, rendered.clone());
+        Ok(rendered)
+    }
+
+    /// Renders every frame of `instances` in order into `tx`, on a blocking
+    /// thread; stops when the receiver goes away.
+    pub fn stream_series(
+        self: &Arc<Self>,
+        instances: Vec<InstanceRow>,
+        template: Spec,
+        tx: mpsc::Sender<std::result::Result<RenderedFrame, tonic::Status>>,
+    ) {
+        let me = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            for instance in instances {
+                let source = handle.block_on(me.source(&instance.blob_key));
+                let obj = match source.and_then(|(p, b)| open_object(p, b, false)) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                };
+                for frame in 0..render::number_of_frames(&obj) {
+                    let spec = Spec {
+                        frame,
+                        ..template.clone()
+                    };
+                    let key = Images::cache_key(&instance, &spec);
+                    let cached = me.cache.lock().expect("cache lock").get(&key);
+                    let rendered = match cached {
+                        Some(r) => Ok(r),
+                        None => {
+                            let permit = handle.block_on(me.workers.acquire());
+                            let r = render::render(&obj, &spec).map(Arc::new);
+                            drop(permit);
+                            if let Ok(r) = &r {
+                                me.cache.lock().expect("cache lock").put(key, r.clone());
+                            }
+                            r
+                        }
+                    };
+                    let msg = rendered
+                        .map(|r| to_proto(&instance.sop_instance_uid, &spec, &r))
+                        .map_err(|e| ApiError::from(e).into());
+                    let failed = msg.is_err();
+                    if tx.blocking_send(msg).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Streams the stored file in chunks of at most [`RAW_CHUNK`] bytes.
+    pub async fn stream_raw(
+        &self,
+        instance: InstanceRow,
+        tx: mpsc::Sender<std::result::Result<RawChunk, tonic::Status>>,
+    ) -> Result<()> {
+        let mut stream = self.blobs.get_stream(&instance.blob_key).await?;
+        let mut offset = 0u64;
+        let mut pending = bytes::BytesMut::new();
+        let mut first = true;
+        loop {
+            let next = stream.next().await.transpose()?;
+            if let Some(bytes) = &next {
+                pending.extend_from_slice(bytes);
+            }
+            while pending.len() >= RAW_CHUNK || (next.is_none() && (!pending.is_empty() || first)) {
+                let take = pending.len().min(RAW_CHUNK);
+                let data = pending.split_to(take).freeze();
+                let mut chunk = RawChunk {
+                    offset,
+                    data: data.to_vec(),
+                    ..RawChunk::default()
+                };
+                if first {
+                    chunk.total_size = instance.size;
+                    chunk.sha256 = instance.sha256.clone();
+                    chunk.transfer_syntax_uid = instance.transfer_syntax.clone();
+                    first = false;
+                }
+                offset += take as u64;
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if next.is_none() {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! From a stored instance to an 8-bit picture: decode one frame, apply the
+//! Modality LUT (rescale slope/intercept), the VOI (window), the presentation
+//! (MONOCHROME1 inverts), convert colour to RGB, scale, encode PNG or JPEG.
+//!
+//! Pure and synchronous: callers run it off the async runtime.
+
+use dicom_object::DefaultDicomObject;
+use dicom_pixeldata::{
+    DecodedPixelData, PhotometricInterpretation, PixelDecoder, PixelRepresentation,
+    PlanarConfiguration, VoiLutFunction,
+};
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::{ExtendedColorType, ImageEncoder};
+
+/// Output encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Png,
+    Jpeg { quality: u8 },
+}
+
+/// Which window (VOI) to apply to a monochrome frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Voi {
+    /// Given by the caller.
+    Window { center: f64, width: f64 },
+    /// A named preset in modality units (Hounsfield for CT).
+    Preset(&'static str),
+    /// The file's first window, else the frame's full range.
+    Default,
+}
+
+/// Named presets: (name, center, width), Hounsfield units.
+pub const PRESETS: &[(&str, f64, f64)] = &[
+    ("abdomen", 40.0, 400.0),
+    ("bone", 400.0, 1800.0),
+    ("brain", 40.0, 80.0),
+    ("lung", -600.0, 1500.0),
+    ("mediastinum", 50.0, 350.0),
+];
+
+/// What to render.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// 0-based frame index.
+    pub frame: u32,
+    pub voi: Voi,
+    pub format: Format,
+    /// Fit within these bounds (0: no bound), keeping the aspect ratio.
+    pub max_width: u32,
+    pub max_height: u32,
+}
+
+/// A rendered, encoded frame.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub data: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    /// The window applied (monochrome only).
+    pub window: Option<(f64, f64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("the instance has no pixel data")]
+    NoPixelData,
+    #[error("frame {frame} is out of range (the instance has {frames})")]
+    FrameOutOfRange { frame: u32, frames: u32 },
+    #[error("transfer syntax {0} cannot be decoded by this build")]
+    UnsupportedSyntax(String),
+    #[error("cannot render: {0}")]
+    Unsupported(String),
+    #[error("pixel data cannot be decoded: {0}")]
+    Decode(String),
+}
+
+/// Transfer syntaxes whose codecs this build leaves out (JPEG-LS needs
+/// CharLS, a C++ library; JPEG 2000 and HTJ2K are not enabled).
+const UNDECODABLE: &[&str] = &[
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+];
+
+/// Number of frames the object declares (1 when absent).
+pub fn number_of_frames(obj: &DefaultDicomObject) -> u32 {
+    obj.element_opt(dicom_dictionary_std::tags::NUMBER_OF_FRAMES)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Renders one frame of `obj` as `spec` asks.
+pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderError> {
+    let ts = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_string();
+    if UNDECODABLE.contains(&ts.as_str()) {
+        return Err(RenderError::UnsupportedSyntax(ts));
+    }
+    if obj
+        .element_opt(dicom_dictionary_std::tags::PIXEL_DATA)
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        return Err(RenderError::NoPixelData);
+    }
+    let frames = number_of_frames(obj);
+    if spec.frame >= frames {
+        return Err(RenderError::FrameOutOfRange {
+            frame: spec.frame + 1,
+            frames,
+        });
+    }
+    let decoded = obj
+        .decode_pixel_data_frame(spec.frame)
+        .map_err(|e| RenderError::Decode(e.to_string()))?;
+    let (width, height) = (decoded.columns(), decoded.rows());
+    let pixels = width as usize * height as usize;
+    if pixels == 0 {
+        return Err(RenderError::Unsupported("empty frame".into()));
+    }
+    let (samples, gray, window) = match decoded.samples_per_pixel() {
+        1 => {
+            let (samples, window) = monochrome(&decoded, &spec.voi, pixels)?;
+            (samples, true, Some(window))
+        }
+        3 => (color(&decoded, pixels)?, false, None),
+        n => {
+            return Err(RenderError::Unsupported(format!("{n} samples per pixel")));
+        }
+    };
+    let (samples, width, height) = scale(samples, gray, width, height, spec)?;
+    let data = encode(&samples, gray, width, height, spec.format)?;
+    Ok(Rendered {
+        data,
+        width,
+        height,
+        window,
+    })
+}
+
+/// Stored values to 8-bit display values through a lookup table indexed by
+/// the stored bit pattern: Modality LUT, VOI and MONOCHROME1 are folded
+/// into the table, so each pixel costs one load.
+fn monochrome(
+    decoded: &DecodedPixelData<'_>,
+    voi: &Voi,
+    pixels: usize,
+) -> Result<(Vec<u8>, (f64, f64)), RenderError> {
+    let bits_allocated = decoded.bits_allocated();
+    let bits_stored = decoded.bits_stored().clamp(1, 16);
+    let signed = decoded.pixel_representation() == PixelRepresentation::Signed;
+    let invert = *decoded.photometric_interpretation() == PhotometricInterpretation::Monochrome1;
+    if !matches!(
+        decoded.photometric_interpretation(),
+        PhotometricInterpretation::Monochrome1 | PhotometricInterpretation::Monochrome2
+    ) {
+        return Err(RenderError::Unsupported(format!(
+            "photometric interpretation {} with one sample per pixel",
+            decoded.photometric_interpretation()
+        )));
+    }
+    let data = decoded
+        .frame_data(0)
+        .map_err(|e| RenderError::Decode(e.to_string()))?;
+    let mask: u32 = (1u32 << bits_stored) - 1;
+    // Bit patterns of the frame, masked to Bits Stored.
+    let patterns: Vec<u16> = match bits_allocated {
+        8 => {
+            if data.len() < pixels {
+                return Err(RenderError::Decode(
+                    "pixel data shorter than the frame".into(),
+                ));
+            }
+            data[..pixels]
+                .iter()
+                .map(|&b| (u32::from(b) & mask) as u16)
+                .collect()
+        }
+        16 => {
+            if data.len() < pixels * 2 {
+                return Err(RenderError::Decode(
+                    "pixel data shorter than the frame".into(),
+                ));
+            }
+            data[..pixels * 2]
+                .chunks_exact(2)
+                .map(|c| (u32::from(u16::from_le_bytes([c[0], c[1]])) & mask) as u16)
+                .collect()
+        }
+        n => {
+            return Err(RenderError::Unsupported(format!(
+                "{n} bits allocated for monochrome"
+            )));
+        }
+    };
+    let rescale = decoded
+        .rescale()
+        .ok()
+        .and_then(|r| r.first().copied())
+        .map_or((1.0, 0.0), |r| (r.slope, r.intercept));
+    let value_of = |pattern: u32| -> f64 {
+        let stored = if signed && pattern & (1 << (bits_stored - 1)) != 0 {
+            i64::from(pattern) - (1i64 << bits_stored)
+        } else {
+            i64::from(pattern)
+        };
+        stored as f64 * rescale.0 + rescale.1
+    };
+    let function = decoded
+        .voi_lut_function()
+        .ok()
+        .flatten()
+        .and_then(|f| f.first().copied())
+        .unwrap_or_default();
+    let (center, width, function) = match voi {
+        Voi::Window { center, width } => (*center, *width, VoiLutFunction::Linear),
+        Voi::Preset(name) => {
+            let (_, c, w) = PRESETS
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .copied()
+                .unwrap_or(("", 40.0, 400.0));
+            (c, w, VoiLutFunction::Linear)
+        }
+        Voi::Default => match decoded
+            .window()
+            .ok()
+            .flatten()
+            .and_then(|w| w.first().copied())
+        {
+            Some(w) if w.width > 0.0 => (w.center, w.width, function),
+            _ => {
+                // The frame's full range of modality values.
+                let (lo, hi) = patterns
+                    .iter()
+                    .map(|&p| value_of(u32::from(p)))
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                        (lo.min(v), hi.max(v))
+                    });
+                (
+                    (lo + hi) / 2.0 + 0.5,
+                    (hi - lo + 1.0).max(1.0),
+                    VoiLutFunction::Linear,
+                )
+            }
+        },
+    };
+    let mut lut = vec![0u8; 1 << bits_stored];
+    for (pattern, out) in lut.iter_mut().enumerate() {
+        let y = voi_value(value_of(pattern as u32), center, width, function);
+        *out = if invert { 255 - y } else { y };
+    }
+    Ok((
+        patterns.iter().map(|&p| lut[usize::from(p)]).collect(),
+        (center, width),
+    ))
+}
+
+/// The VOI LUT functions of PS3.3 C.11.2.1.2 with an 8-bit output range.
+pub fn voi_value(x: f64, center: f64, width: f64, function: VoiLutFunction) -> u8 {
+    let y = match function {
+        VoiLutFunction::Linear => {
+            let w = width.max(1.0);
+            if x <= center - 0.5 - (w - 1.0) / 2.0 {
+                0.0
+            } else if x > center - 0.5 + (w - 1.0) / 2.0 {
+                255.0
+            } else {
+                ((x - (center - 0.5)) / (w - 1.0) + 0.5) * 255.0
+            }
+        }
+        VoiLutFunction::LinearExact => {
+            let w = width.max(f64::MIN_POSITIVE);
+            if x <= center - w / 2.0 {
+                0.0
+            } else if x > center + w / 2.0 {
+                255.0
+            } else {
+                ((x - center) / w + 0.5) * 255.0
+            }
+        }
+        VoiLutFunction::Sigmoid => 255.0 / (1.0 + (-4.0 * (x - center) / width.max(1.0)).exp()),
+    };
+    y.round().clamp(0.0, 255.0) as u8
+}
+
+/// Colour frames to interleaved 8-bit RGB.
+fn color(decoded: &DecodedPixelData<'_>, pixels: usize) -> Result<Vec<u8>, RenderError> {
+    let data = decoded
+        .frame_data(0)
+        .map_err(|e| RenderError::Decode(e.to_string()))?;
+    let bytes_per_sample = match decoded.bits_allocated() {
+        8 => 1,
+        16 => 2,
+        n => {
+            return Err(RenderError::Unsupported(format!(
+                "{n} bits allocated for colour"
+            )));
+        }
+    };
+    let sample = |i: usize| -> u8 {
+        if bytes_per_sample == 1 {
+            data[i]
+        } else {
+            // Keep the most significant byte of Bits Stored.
+            let v = u16::from_le_bytes([data[2 * i], data[2 * i + 1]]);
+            (v >> decoded.bits_stored().saturating_sub(8)) as u8
+        }
+    };
+    let pi = decoded.photometric_interpretation();
+    if *pi == PhotometricInterpretation::YbrFull422 {
+        // Native 4:2:2: Y1 Y2 Cb Cr for each pair of pixels.
+        if data.len() < pixels * 2 * bytes_per_sample {
+            return Err(RenderError::Decode(
+                "pixel data shorter than the frame".into(),
+            ));
+        }
+        let mut rgb = Vec::with_capacity(pixels * 3);
+        for pair in 0..pixels.div_ceil(2) {
+            let (cb, cr) = (sample(pair * 4 + 2), sample(pair * 4 + 3));
+            rgb.extend_from_slice(&ybr_to_rgb(sample(pair * 4), cb, cr));
+            if pair * 2 + 1 < pixels {
+                rgb.extend_from_slice(&ybr_to_rgb(sample(pair * 4 + 1), cb, cr));
+            }
+        }
+        return Ok(rgb);
+    }
+    if data.len() < pixels * 3 * bytes_per_sample {
+        return Err(RenderError::Decode(
+            "pixel data shorter than the frame".into(),
+        ));
+    }
+    let planar = decoded.planar_configuration() == PlanarConfiguration::PixelFirst;
+    let at = |p: usize, c: usize| -> u8 {
+        if planar {
+            sample(c * pixels + p)
+        } else {
+            sample(p * 3 + c)
+        }
+    };
+    let ybr = match pi {
+        PhotometricInterpretation::Rgb => false,
+        PhotometricInterpretation::YbrFull => true,
+        other => {
+            return Err(RenderError::Unsupported(format!(
+                "photometric interpretation {other}"
+            )));
+        }
+    };
+    let mut rgb = Vec::with_capacity(pixels * 3);
+    for p in 0..pixels {
+        let (a, b, c) = (at(p, 0), at(p, 1), at(p, 2));
+        if ybr {
+            rgb.extend_from_slice(&ybr_to_rgb(a, b, c));
+        } else {
+            rgb.extend_from_slice(&[a, b, c]);
+        }
+    }
+    Ok(rgb)
+}
+
+/// YBR_FULL to RGB, PS3.3 C.7.6.3.1.2.
+fn ybr_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
+    let (y, cb, cr) = (f32::from(y), f32::from(cb) - 128.0, f32::from(cr) - 128.0);
+    let clamp = |v: f32| v.round().clamp(0.0, 255.0) as u8;
+    [
+        clamp(y + 1.402 * cr),
+        clamp(y - 0.344_136 * cb - 0.714_136 * cr),
+        clamp(y + 1.772 * cb),
+    ]
+}
+
+/// Fits the picture within the requested bounds (never enlarges).
+fn scale(
+    samples: Vec<u8>,
+    gray: bool,
+    width: u32,
+    height: u32,
+    spec: &Spec,
+) -> Result<(Vec<u8>, u32, u32), RenderError> {
+    let bound_w = if spec.max_width == 0 {
+        width
+    } else {
+        spec.max_width.min(width)
+    };
+    let bound_h = if spec.max_height == 0 {
+        height
+    } else {
+        spec.max_height.min(height)
+    };
+    if bound_w == width && bound_h == height {
+        return Ok((samples, width, height));
+    }
+    let ratio = (f64::from(bound_w) / f64::from(width)).min(f64::from(bound_h) / f64::from(height));
+    let new_w = ((f64::from(width) * ratio).round() as u32).max(1);
+    let new_h = ((f64::from(height) * ratio).round() as u32).max(1);
+    let filter = image::imageops::FilterType::Triangle;
+    let bad = || RenderError::Decode("frame size does not match its pixel data".into());
+    let out = if gray {
+        let img = image::GrayImage::from_raw(width, height, samples).ok_or_else(bad)?;
+        image::imageops::resize(&img, new_w, new_h, filter).into_raw()
+    } else {
+        let img = image::RgbImage::from_raw(width, height, samples).ok_or_else(bad)?;
+        image::imageops::resize(&img, new_w, new_h, filter).into_raw()
+    };
+    Ok((out, new_w, new_h))
+}
+
+fn encode(
+    samples: &[u8],
+    gray: bool,
+    width: u32,
+    height: u32,
+    format: Format,
+) -> Result<Vec<u8>, RenderError> {
+    let color = if gray {
+        ExtendedColorType::L8
+    } else {
+        ExtendedColorType::Rgb8
+    };
+    let mut out = Vec::with_capacity(samples.len() / 2);
+    let result = match format {
+        Format::Png => {
+            PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Sub)
+                .write_image(samples, width, height, color)
+        }
+        Format::Jpeg { quality } => JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
+            .write_image(samples, width, height, color),
+    };
+    result.map_err(|e| RenderError::Decode(format!("encoding failed: {e}")))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_window_follows_the_standard() {
+        // Window 40/400: [-160, 240] spans the output range.
+        let f = VoiLutFunction::Linear;
+        assert_eq!(voi_value(-1000.0, 40.0, 400.0, f), 0);
+        assert_eq!(voi_value(-160.0, 40.0, 400.0, f), 0);
+        assert_eq!(voi_value(240.0, 40.0, 400.0, f), 255);
+        assert_eq!(voi_value(40.0, 40.0, 400.0, f), 128);
+        assert_eq!(voi_value(3000.0, 40.0, 400.0, f), 255);
+    }
+
+    #[test]
+    fn ybr_gray_is_gray() {
+        assert_eq!(ybr_to_rgb(100, 128, 128), [100, 100, 100]);
+    }
+}

@@ -1,0 +1,553 @@
+//! The gRPC services: each call is authenticated, authorized by role and
+//! clinic, and (when it touches patient data or is refused) audited.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use consortium_config::Config;
+use consortium_proto::v1 as pb;
+use consortium_proto::v1::center_service_server::CenterService;
+use consortium_proto::v1::identity_service_server::IdentityService;
+use consortium_proto::v1::image_service_server::ImageService;
+use consortium_proto::v1::study_service_server::StudyService;
+use consortium_proto::v1::worklist_service_server::WorklistService;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::audit::{self, Entry};
+use crate::auth::{Auth, Caller};
+use crate::db::Db;
+use crate::error::{ApiError, Result};
+use crate::images::{self, Images};
+use crate::studies;
+use crate::worklist::{Scope, Worklist};
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
+
+/// State shared by every service.
+pub struct App {
+    pub config: Config,
+    pub db: Db,
+    pub auth: Auth,
+    pub worklist: Arc<Worklist>,
+    pub images: Arc<Images>,
+}
+
+fn peer_of<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string())
+}
+
+impl App {
+    pub fn open(config: Config) -> Result<Arc<App>> {
+        let viewer = config.viewer.clone().ok_or_else(|| {
+            ApiError::InvalidArgument("the configuration has no [viewer] section".into())
+        })?;
+        let db = Db::open(&config.storage.data_dir)?;
+        sync_clinics(&db, &config)?;
+        let blobs = storage::BlobStore::open_local(&config.storage.data_dir)?;
+        Ok(Arc::new(App {
+            auth: Auth::new(db.clone(), Duration::from_secs(viewer.token_lifetime_s))?,
+            worklist: Worklist::new(
+                db.clone(),
+                Duration::from_secs(viewer.worklist_settle_s),
+                Duration::from_secs(viewer.lease_s),
+            ),
+            images: Arc::new(Images::new(blobs, (viewer.render_cache_mib << 20) as usize)),
+            db,
+            config,
+        }))
+    }
+
+    /// Authenticates the call; a refusal is audited.
+    async fn caller<T>(&self, req: &Request<T>, action: &'static str) -> Result<Caller, Status> {
+        let peer = peer_of(req);
+        match self.auth.authenticate(req.metadata(), peer.clone()).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let entry = Entry {
+                    action,
+                    peer,
+                    outcome: e.outcome(),
+                    ..Entry::default()
+                };
+                if let Err(a) = audit::record(&self.db, entry).await {
+                    tracing::error!(error = %a, "audit write failed");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Records the call's outcome; data is only returned once its access is audited.
+    async fn audited<T>(&self, mut entry: Entry, result: Result<T>) -> Result<T, Status> {
+        entry.outcome = match &result {
+            Ok(_) => "success".into(),
+            Err(e) => e.outcome(),
+        };
+        if let Err(e) = audit::record(&self.db, entry).await {
+            return Err(e.into());
+        }
+        result.map_err(Status::from)
+    }
+}
+
+/// The clinics of the configuration are known to the index (users belong to one).
+fn sync_clinics(db: &Db, config: &Config) -> Result<()> {
+    db.write_blocking(|c| {
+        for clinic in &config.clinics {
+            c.execute(
+                "INSERT INTO clinics (id, name) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                rusqlite::params![clinic.id, clinic.name],
+            )?;
+        }
+        Ok(())
+    })
+}
+
+pub struct Identity(pub Arc<App>);
+pub struct Worklists(pub Arc<App>);
+pub struct Studies(pub Arc<App>);
+pub struct Imaging(pub Arc<App>);
+pub struct Center(pub Arc<App>);
+
+#[tonic::async_trait]
+impl IdentityService for Identity {
+    async fn login(
+        &self,
+        req: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = req.into_inner();
+        let result = self.0.auth.login(&r.username, &r.password, &peer).await;
+        let entry = Entry {
+            action: "Login",
+            username: r.username.chars().take(64).collect(),
+            peer,
+            clinic_id: result
+                .as_ref()
+                .map(|(_, _, u)| u.clinic_id.clone())
+                .unwrap_or_default(),
+            ..Entry::default()
+        };
+        let (token, expires, user) = self.0.audited(entry, result).await?;
+        Ok(Response::new(pb::LoginResponse {
+            token,
+            expires_at_unix: expires,
+            user: Some(pb::User {
+                username: user.username,
+                display_name: user.display_name,
+                role: user.role.to_proto() as i32,
+                clinic_id: user.clinic_id,
+            }),
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = self.0.caller(&req, "WhoAmI").await?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            user: Some(caller.to_proto()),
+            expires_at_unix: caller.expires_at,
+        }))
+    }
+
+    async fn logout(
+        &self,
+        req: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let caller = self.0.caller(&req, "Logout").await?;
+        self.0.auth.logout(&caller).await?;
+        Ok(Response::new(pb::LogoutResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl WorklistService for Worklists {
+    async fn list_worklist(
+        &self,
+        req: Request<pb::ListWorklistRequest>,
+    ) -> Result<Response<pb::ListWorklistResponse>, Status> {
+        let caller = self.0.caller(&req, "ListWorklist").await?;
+        let r = req.into_inner();
+        let mut entry = Entry::new("ListWorklist", &caller);
+        entry.detail = format!("{:?}", r.filter.clone().unwrap_or_default());
+        let result = async {
+            let scope = Scope::for_caller(&caller, r.filter.as_ref())?;
+            self.0.worklist.list(scope, r.limit).await
+        }
+        .await;
+        entry.matches = result.as_ref().map_or(0, |i| i.len() as u64);
+        let items = self.0.audited(entry, result).await?;
+        Ok(Response::new(pb::ListWorklistResponse { items }))
+    }
+
+    async fn claim(
+        &self,
+        req: Request<pb::ClaimRequest>,
+    ) -> Result<Response<pb::ClaimResponse>, Status> {
+        let caller = self.0.caller(&req, "Claim").await?;
+        let uid = req.into_inner().study_instance_uid;
+        let mut entry = Entry::new("Claim", &caller);
+        let result = async {
+            studies::check_uid(&uid, "study_instance_uid")?;
+            entry.study_uid = uid.clone();
+            self.0.worklist.claim(&caller, uid.clone()).await
+        }
+        .await;
+        let item = self.0.audited(entry, result).await?;
+        Ok(Response::new(pb::ClaimResponse { item: Some(item) }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let caller = self.0.caller(&req, "Release").await?;
+        let uid = req.into_inner().study_instance_uid;
+        let mut entry = Entry::new("Release", &caller);
+        let result = async {
+            studies::check_uid(&uid, "study_instance_uid")?;
+            entry.study_uid = uid.clone();
+            self.0.worklist.release(&caller, uid.clone()).await
+        }
+        .await;
+        self.0.audited(entry, result).await?;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn set_priority(
+        &self,
+        req: Request<pb::SetPriorityRequest>,
+    ) -> Result<Response<pb::SetPriorityResponse>, Status> {
+        let caller = self.0.caller(&req, "SetPriority").await?;
+        let r = req.into_inner();
+        let mut entry = Entry::new("SetPriority", &caller);
+        entry.detail = format!("priority {}", r.priority);
+        let result = async {
+            studies::check_uid(&r.study_instance_uid, "study_instance_uid")?;
+            entry.study_uid = r.study_instance_uid.clone();
+            let priority = pb::Priority::try_from(r.priority)
+                .map_err(|_| ApiError::InvalidArgument("unknown priority".into()))?;
+            self.0
+                .worklist
+                .set_priority(&caller, r.study_instance_uid.clone(), priority)
+                .await
+        }
+        .await;
+        let item = self.0.audited(entry, result).await?;
+        Ok(Response::new(pb::SetPriorityResponse { item: Some(item) }))
+    }
+
+    type WatchWorklistStream = Streamed<pb::WorklistEvent>;
+
+    async fn watch_worklist(
+        &self,
+        req: Request<pb::WatchWorklistRequest>,
+    ) -> Result<Response<Self::WatchWorklistStream>, Status> {
+        let caller = self.0.caller(&req, "WatchWorklist").await?;
+        let r = req.into_inner();
+        let mut entry = Entry::new("WatchWorklist", &caller);
+        entry.detail = format!("{:?}", r.filter.clone().unwrap_or_default());
+        let mut changes = self.0.worklist.subscribe();
+        let result = async {
+            let scope = Scope::for_caller(&caller, r.filter.as_ref())?;
+            let current = self.0.worklist.list(scope.clone(), 500).await?;
+            Ok((scope, current))
+        }
+        .await;
+        entry.matches = result.as_ref().map_or(0, |(_, c)| c.len() as u64);
+        let (scope, current) = self.0.audited(entry, result).await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            for item in current {
+                let event = pb::WorklistEvent {
+                    kind: pb::worklist_event::Kind::Current as i32,
+                    item: Some(item),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match changes.recv().await {
+                    Ok(change) if change.visible_in(&scope) => {
+                        let event = pb::WorklistEvent {
+                            kind: change.kind as i32,
+                            item: Some(change.item),
+                        };
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(skipped = n, "worklist watcher lagged");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl StudyService for Studies {
+    async fn get_study_metadata(
+        &self,
+        req: Request<pb::GetStudyMetadataRequest>,
+    ) -> Result<Response<pb::GetStudyMetadataResponse>, Status> {
+        let caller = self.0.caller(&req, "GetStudyMetadata").await?;
+        let uid = req.into_inner().study_instance_uid;
+        let mut entry = Entry::new("GetStudyMetadata", &caller);
+        let app = self.0.clone();
+        let result = async {
+            caller.require_patient_access()?;
+            studies::check_uid(&uid, "study_instance_uid")?;
+            entry.study_uid = uid.clone();
+            let c = caller.clone();
+            let (study, instances) = app
+                .db
+                .read(move |conn| {
+                    let study = studies::find_study(conn, &c, &uid)?;
+                    let instances = studies::study_instances(conn, study.pk)?;
+                    Ok((study, instances))
+                })
+                .await?;
+            entry.patient_ref = study.patient_ref.clone();
+            let mut json = String::from("[");
+            for (i, (_, key)) in instances.iter().enumerate() {
+                let (path, bytes) = app.images.source(key).await?;
+                let one = tokio::task::spawn_blocking(move || {
+                    studies::dataset_json(&studies::open_object(path, bytes, true)?)
+                })
+                .await??;
+                if i > 0 {
+                    json.push(',');
+                }
+                json.push_str(&one);
+            }
+            json.push(']');
+            Ok(pb::GetStudyMetadataResponse {
+                dicom_json: json,
+                instances: instances.into_iter().map(|(r, _)| r).collect(),
+            })
+        }
+        .await;
+        entry.matches = result.as_ref().map_or(0, |r| r.instances.len() as u64);
+        Ok(Response::new(self.0.audited(entry, result).await?))
+    }
+
+    async fn get_priors(
+        &self,
+        req: Request<pb::GetPriorsRequest>,
+    ) -> Result<Response<pb::GetPriorsResponse>, Status> {
+        let caller = self.0.caller(&req, "GetPriors").await?;
+        let uid = req.into_inner().study_instance_uid;
+        let mut entry = Entry::new("GetPriors", &caller);
+        let result = async {
+            caller.require_patient_access()?;
+            studies::check_uid(&uid, "study_instance_uid")?;
+            entry.study_uid = uid.clone();
+            let c = caller.clone();
+            let (study, priors) = self
+                .0
+                .db
+                .read(move |conn| {
+                    let study = studies::find_study(conn, &c, &uid)?;
+                    let priors = studies::priors(conn, &c, &study)?;
+                    Ok((study, priors))
+                })
+                .await?;
+            entry.patient_ref = study.patient_ref;
+            Ok(priors)
+        }
+        .await;
+        entry.matches = result.as_ref().map_or(0, |p| p.len() as u64);
+        let priors = self.0.audited(entry, result).await?;
+        Ok(Response::new(pb::GetPriorsResponse { priors }))
+    }
+}
+
+impl App {
+    /// The instance, checked against the caller's access; fills the audit entry.
+    async fn instance(
+        &self,
+        caller: &Caller,
+        sop_uid: &str,
+        entry: &mut Entry,
+    ) -> Result<studies::InstanceRow> {
+        caller.require_patient_access()?;
+        studies::check_uid(sop_uid, "sop_instance_uid")?;
+        let (c, uid) = (caller.clone(), sop_uid.to_string());
+        let row = self
+            .db
+            .read(move |conn| studies::find_instance(conn, &c, &uid))
+            .await?;
+        entry.study_uid = row.study_uid.clone();
+        entry.patient_ref = row.patient_ref.clone();
+        Ok(row)
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for Imaging {
+    async fn render_frame(
+        &self,
+        req: Request<pb::RenderFrameRequest>,
+    ) -> Result<Response<pb::RenderedFrame>, Status> {
+        let caller = self.0.caller(&req, "RenderFrame").await?;
+        let r = req.into_inner();
+        let mut entry = Entry::new("RenderFrame", &caller);
+        let frame = r.frame_number.max(1) - 1;
+        entry.detail = format!("{} frame {}", r.sop_instance_uid, frame + 1);
+        let result = async {
+            let instance = self
+                .0
+                .instance(&caller, &r.sop_instance_uid, &mut entry)
+                .await?;
+            let spec = images::spec_from(r.options.as_ref(), frame)?;
+            if frame >= instance.number_of_frames {
+                return Err(ApiError::InvalidArgument(format!(
+                    "frame {} is out of range (the instance has {})",
+                    frame + 1,
+                    instance.number_of_frames
+                )));
+            }
+            let rendered = self.0.images.render(&instance, spec.clone()).await?;
+            Ok(images::to_proto(
+                &instance.sop_instance_uid,
+                &spec,
+                &rendered,
+            ))
+        }
+        .await;
+        Ok(Response::new(self.0.audited(entry, result).await?))
+    }
+
+    async fn get_thumbnail(
+        &self,
+        req: Request<pb::GetThumbnailRequest>,
+    ) -> Result<Response<pb::RenderedFrame>, Status> {
+        let caller = self.0.caller(&req, "GetThumbnail").await?;
+        let r = req.into_inner();
+        let mut entry = Entry::new("GetThumbnail", &caller);
+        entry.detail = r.sop_instance_uid.clone();
+        let result = async {
+            let instance = self
+                .0
+                .instance(&caller, &r.sop_instance_uid, &mut entry)
+                .await?;
+            let size = if r.size == 0 { 128 } else { r.size.min(512) };
+            let options = pb::RenderOptions {
+                max_width: size,
+                max_height: size,
+                ..pb::RenderOptions::default()
+            };
+            let spec = images::spec_from(Some(&options), 0)?;
+            let rendered = self.0.images.render(&instance, spec.clone()).await?;
+            Ok(images::to_proto(
+                &instance.sop_instance_uid,
+                &spec,
+                &rendered,
+            ))
+        }
+        .await;
+        Ok(Response::new(self.0.audited(entry, result).await?))
+    }
+
+    type StreamSeriesStream = Streamed<pb::RenderedFrame>;
+
+    async fn stream_series(
+        &self,
+        req: Request<pb::StreamSeriesRequest>,
+    ) -> Result<Response<Self::StreamSeriesStream>, Status> {
+        let caller = self.0.caller(&req, "StreamSeries").await?;
+        let r = req.into_inner();
+        let mut entry = Entry::new("StreamSeries", &caller);
+        entry.detail = r.series_instance_uid.clone();
+        let result = async {
+            caller.require_patient_access()?;
+            studies::check_uid(&r.series_instance_uid, "series_instance_uid")?;
+            let spec = images::spec_from(r.options.as_ref(), 0)?;
+            let (c, uid) = (caller.clone(), r.series_instance_uid.clone());
+            let instances = self
+                .0
+                .db
+                .read(move |conn| studies::series_instances(conn, &c, &uid))
+                .await?;
+            entry.study_uid = instances[0].study_uid.clone();
+            entry.patient_ref = instances[0].patient_ref.clone();
+            entry.matches = instances.len() as u64;
+            Ok((instances, spec))
+        }
+        .await;
+        let (instances, spec) = self.0.audited(entry, result).await?;
+        let (tx, rx) = mpsc::channel(4);
+        self.0.images.stream_series(instances, spec, tx);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type GetRawInstanceStream = Streamed<pb::RawChunk>;
+
+    async fn get_raw_instance(
+        &self,
+        req: Request<pb::GetRawInstanceRequest>,
+    ) -> Result<Response<Self::GetRawInstanceStream>, Status> {
+        let caller = self.0.caller(&req, "GetRawInstance").await?;
+        let r = req.into_inner();
+        let mut entry = Entry::new("GetRawInstance", &caller);
+        entry.detail = r.sop_instance_uid.clone();
+        let result = self
+            .0
+            .instance(&caller, &r.sop_instance_uid, &mut entry)
+            .await;
+        let instance = self.0.audited(entry, result).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let images = self.0.images.clone();
+        tokio::spawn(async move {
+            let errors = tx.clone();
+            if let Err(e) = images.stream_raw(instance, tx).await {
+                let _ = errors.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl CenterService for Center {
+    async fn get_center_info(
+        &self,
+        _request: Request<pb::GetCenterInfoRequest>,
+    ) -> Result<Response<pb::GetCenterInfoResponse>, Status> {
+        let instance_count = self
+            .0
+            .db
+            .read(
+                |c| Ok(c.query_row("SELECT count(*) FROM instances", [], |r| r.get::<_, i64>(0))?),
+            )
+            .await? as u64;
+        let config = &self.0.config;
+        Ok(Response::new(pb::GetCenterInfoResponse {
+            ae_title: config.gateway.ae_title.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            clinics: config
+                .clinics
+                .iter()
+                .map(|c| pb::Clinic {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                })
+                .collect(),
+            instance_count,
+        }))
+    }
+}

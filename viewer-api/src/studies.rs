@@ -1,0 +1,230 @@
+//! Studies and instances as the index knows them, with the caller's access
+//! checked: study lookup, ordered instances, DICOM JSON metadata, priors.
+
+use std::path::PathBuf;
+
+use consortium_proto::v1::{InstanceRef, PriorStudy};
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, Result};
+
+/// A study and whose patient it is.
+#[derive(Debug, Clone)]
+pub struct StudyRow {
+    pub pk: i64,
+    pub study_uid: String,
+    pub clinic_id: String,
+    pub patient_pk: i64,
+    /// `clinic:patient-id`, for the audit log.
+    pub patient_ref: String,
+}
+
+/// Where an instance is stored and whose it is.
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub sop_instance_uid: String,
+    pub blob_key: String,
+    pub sha256: String,
+    pub size: u64,
+    pub transfer_syntax: String,
+    pub study_uid: String,
+    pub clinic_id: String,
+    pub patient_ref: String,
+    pub number_of_frames: u32,
+}
+
+/// Checks that `uid` looks like a UID before it reaches SQL or a log.
+pub fn check_uid(uid: &str, what: &str) -> Result<()> {
+    if storage::part10::is_valid_uid(uid) {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "{what} is not a valid UID"
+        )))
+    }
+}
+
+/// The study, if it exists and the caller may see it (otherwise not found,
+/// so that other clinics' studies do not reveal themselves).
+pub fn find_study(conn: &Connection, caller: &Caller, study_uid: &str) -> Result<StudyRow> {
+    let row = conn
+        .query_row(
+            "SELECT st.pk, st.study_uid, st.clinic_id, st.patient_pk, p.clinic_id || ':' || p.patient_id
+             FROM studies st JOIN patients p ON p.pk = st.patient_pk WHERE st.study_uid = ?1",
+            [study_uid],
+            |r| {
+                Ok(StudyRow {
+                    pk: r.get(0)?,
+                    study_uid: r.get(1)?,
+                    clinic_id: r.get(2)?,
+                    patient_pk: r.get(3)?,
+                    patient_ref: r.get(4)?,
+                })
+            },
+        )
+        .optional()?;
+    match row {
+        Some(s) if caller.may_see_clinic(&s.clinic_id) => Ok(s),
+        _ => Err(ApiError::NotFound("study")),
+    }
+}
+
+const INSTANCE_SELECT: &str = "SELECT i.sop_instance_uid, i.blob_key, i.sha256, i.size, i.transfer_syntax,
+        st.study_uid, st.clinic_id, p.clinic_id || ':' || p.patient_id, COALESCE(i.number_of_frames, 1)
+     FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk
+          JOIN patients p ON p.pk = st.patient_pk";
+
+fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
+    Ok(InstanceRow {
+        sop_instance_uid: r.get(0)?,
+        blob_key: r.get(1)?,
+        sha256: r.get(2)?,
+        size: r.get::<_, i64>(3)? as u64,
+        transfer_syntax: r.get(4)?,
+        study_uid: r.get(5)?,
+        clinic_id: r.get(6)?,
+        patient_ref: r.get(7)?,
+        number_of_frames: r.get::<_, i64>(8)?.clamp(1, u32::MAX as i64) as u32,
+    })
+}
+
+/// The instance, if it exists and the caller may see it.
+pub fn find_instance(conn: &Connection, caller: &Caller, sop_uid: &str) -> Result<InstanceRow> {
+    let row = conn
+        .query_row(
+            &format!("{INSTANCE_SELECT} WHERE i.sop_instance_uid = ?1"),
+            [sop_uid],
+            instance_row,
+        )
+        .optional()?;
+    match row {
+        Some(i) if caller.may_see_clinic(&i.clinic_id) => Ok(i),
+        _ => Err(ApiError::NotFound("instance")),
+    }
+}
+
+/// A series' instances in instance-number order, if the caller may see it.
+pub fn series_instances(
+    conn: &Connection,
+    caller: &Caller,
+    series_uid: &str,
+) -> Result<Vec<InstanceRow>> {
+    let mut stmt = conn.prepare(&format!(
+        "{INSTANCE_SELECT} WHERE se.series_uid = ?1
+         ORDER BY i.instance_number IS NULL, i.instance_number, i.sop_instance_uid"
+    ))?;
+    let rows: Vec<InstanceRow> = stmt
+        .query_map([series_uid], instance_row)?
+        .collect::<Result<_, _>>()?;
+    match rows.first() {
+        Some(first) if caller.may_see_clinic(&first.clinic_id) => Ok(rows),
+        _ => Err(ApiError::NotFound("series")),
+    }
+}
+
+/// The study's instances ordered by series number, then instance number,
+/// with where each is stored.
+pub fn study_instances(conn: &Connection, study_pk: i64) -> Result<Vec<(InstanceRef, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT se.series_uid, i.sop_instance_uid, i.sop_class_uid, se.modality,
+                COALESCE(se.series_number, 0), COALESCE(i.instance_number, 0),
+                COALESCE(i.number_of_frames, 1), i.blob_key
+         FROM instances i JOIN series se ON se.pk = i.series_pk
+         WHERE se.study_pk = ?1
+         ORDER BY se.series_number IS NULL, se.series_number, se.series_uid,
+                  i.instance_number IS NULL, i.instance_number, i.sop_instance_uid",
+    )?;
+    let rows = stmt.query_map([study_pk], |r| {
+        Ok((
+            InstanceRef {
+                series_instance_uid: r.get(0)?,
+                sop_instance_uid: r.get(1)?,
+                sop_class_uid: r.get(2)?,
+                modality: r.get(3)?,
+                series_number: r.get::<_, i64>(4)? as i32,
+                instance_number: r.get::<_, i64>(5)? as i32,
+                number_of_frames: r.get::<_, i64>(6)?.max(1) as u32,
+            },
+            r.get(7)?,
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Reads a stored Part 10 object, up to (not including) Pixel Data when
+/// `header_only`.
+pub fn open_object(
+    local: Option<PathBuf>,
+    bytes: Option<bytes::Bytes>,
+    header_only: bool,
+) -> Result<DefaultDicomObject> {
+    let mut options = OpenFileOptions::new();
+    if header_only {
+        options = options.read_until(dicom_dictionary_std::tags::PIXEL_DATA);
+    }
+    let parsed = match (local, bytes) {
+        (Some(path), _) => options.open_file(path),
+        (None, Some(bytes)) => options
+            .read_preamble(dicom_object::file::ReadPreamble::Always)
+            .from_reader(&bytes[..]),
+        (None, None) => return Err(ApiError::Internal("no blob to open".into())),
+    };
+    parsed.map_err(|e| {
+        ApiError::FailedPrecondition(format!("the stored instance cannot be parsed: {e}"))
+    })
+}
+
+/// DICOM JSON (PS3.18 F.2) of one dataset, without its file meta group.
+pub fn dataset_json(obj: &DefaultDicomObject) -> Result<String> {
+    let dataset: &dicom_object::InMemDicomObject = obj;
+    dicom_json::to_string(dataset).map_err(|e| ApiError::Internal(format!("DICOM JSON: {e}")))
+}
+
+/// Studies of the same person: linked through identifiers that carry an
+/// issuer (Other Patient IDs, or Patient ID with Issuer of Patient ID), or
+/// the same patient record. Never through names. Newest first, limited to
+/// what the caller may see.
+pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Vec<PriorStudy>> {
+    let mut stmt = conn.prepare_cached(
+        "WITH keys (id, issuer) AS (
+             SELECT other_id, issuer FROM patient_other_ids WHERE patient_pk = ?1 AND issuer != ''
+             UNION SELECT patient_id, issuer FROM patients WHERE pk = ?1 AND issuer != ''),
+         ids (patient_pk, id, issuer) AS (
+             SELECT patient_pk, other_id, issuer FROM patient_other_ids
+             UNION ALL SELECT pk, patient_id, issuer FROM patients),
+         linked (patient_pk, how) AS (
+             SELECT ?1, 'same patient record'
+             UNION SELECT ids.patient_pk, 'ID ' || keys.id || ' (issuer ' || keys.issuer || ')'
+             FROM keys JOIN ids ON ids.id = keys.id AND ids.issuer = keys.issuer)
+         SELECT st.study_uid, st.clinic_id, st.study_date, st.description, min(l.how),
+                (SELECT group_concat(m, '\\') FROM (SELECT DISTINCT se.modality AS m FROM series se
+                   WHERE se.study_pk = st.pk AND se.modality != '' ORDER BY 1))
+         FROM linked l JOIN studies st ON st.patient_pk = l.patient_pk
+         WHERE st.pk != ?2
+         GROUP BY st.pk
+         ORDER BY st.study_date DESC, st.study_time DESC, st.study_uid",
+    )?;
+    let rows = stmt.query_map(rusqlite::params![study.patient_pk, study.pk], |r| {
+        let modalities: Option<String> = r.get(5)?;
+        Ok(PriorStudy {
+            study_instance_uid: r.get(0)?,
+            clinic_id: r.get(1)?,
+            study_date: r.get(2)?,
+            study_description: r.get(3)?,
+            matched_on: r.get(4)?,
+            modalities: modalities
+                .unwrap_or_default()
+                .split('\\')
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    })?;
+    let all: Vec<PriorStudy> = rows.collect::<Result<_, _>>()?;
+    Ok(all
+        .into_iter()
+        .filter(|p| caller.may_see_clinic(&p.clinic_id))
+        .collect())
+}

@@ -1,0 +1,422 @@
+//! Identity and access: each role's allowed and denied calls and the audit
+//! rows they leave; missing, forged, expired and revoked tokens; failed-login
+//! limits.
+
+mod common;
+
+use common::{authed, center_with, demo_samples, with_clinic};
+use consortium_proto::v1::{
+    GetPriorsRequest, GetRawInstanceRequest, GetStudyMetadataRequest, ListWorklistRequest,
+    LoginRequest, LogoutRequest, Role, WhoAmIRequest, WorklistFilter,
+};
+use tonic::Code;
+
+/// One CT study from each township clinic.
+fn two_clinics() -> (Vec<(std::path::PathBuf, String)>, String, String) {
+    let (_, files) = demo_samples();
+    let pick = |clinic: &str| {
+        let first = files
+            .iter()
+            .find(|f| f.issuer_of_patient_id == clinic && f.modality == "CT")
+            .unwrap_or_else(|| {
+                files
+                    .iter()
+                    .find(|f| f.issuer_of_patient_id == clinic)
+                    .unwrap()
+            });
+        first.study_instance_uid.clone()
+    };
+    let (x, b) = (pick("xinzhen"), pick("baishui"));
+    let chosen = files
+        .iter()
+        .filter(|f| f.study_instance_uid == x || f.study_instance_uid == b);
+    (with_clinic(chosen), x, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_see_what_they_may_and_every_read_is_audited() {
+    let (files, xinzhen_study, baishui_study) = two_clinics();
+    let server = center_with(&files, "").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await; // settle
+    let mut c = server.clients().await;
+
+    // A radiologist sees both clinics' studies.
+    let rad = server.login("rad1").await;
+    let items = c
+        .worklist
+        .list_worklist(authed(ListWorklistRequest::default(), &rad))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    let uids: Vec<&str> = items
+        .iter()
+        .map(|i| i.study_instance_uid.as_str())
+        .collect();
+    assert!(uids.contains(&xinzhen_study.as_str()) && uids.contains(&baishui_study.as_str()));
+    c.studies
+        .get_study_metadata(authed(
+            GetStudyMetadataRequest {
+                study_instance_uid: baishui_study.clone(),
+            },
+            &rad,
+        ))
+        .await
+        .unwrap();
+
+    // A xinzhen technician sees only xinzhen; asking for baishui is refused.
+    let tech = server.login("tech_x").await;
+    let items = c
+        .worklist
+        .list_worklist(authed(ListWorklistRequest::default(), &tech))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(!items.is_empty());
+    assert!(items.iter().all(|i| i.clinic_id == "xinzhen"));
+    let err = c
+        .worklist
+        .list_worklist(authed(
+            ListWorklistRequest {
+                filter: Some(WorklistFilter {
+                    clinic_id: "baishui".into(),
+                    ..Default::default()
+                }),
+                limit: 0,
+            },
+            &tech,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Baishui's clinic staff cannot see a xinzhen study: not found, not "forbidden".
+    let staff = server.login("staff_b").await;
+    let err = c
+        .studies
+        .get_study_metadata(authed(
+            GetStudyMetadataRequest {
+                study_instance_uid: xinzhen_study.clone(),
+            },
+            &staff,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        !err.message().contains('/'),
+        "no paths in errors: {}",
+        err.message()
+    );
+    c.studies
+        .get_priors(authed(
+            GetPriorsRequest {
+                study_instance_uid: baishui_study.clone(),
+            },
+            &staff,
+        ))
+        .await
+        .unwrap();
+
+    // Clinic staff cannot claim; administrators see no patient data.
+    let err = c
+        .worklist
+        .claim(authed(
+            consortium_proto::v1::ClaimRequest {
+                study_instance_uid: baishui_study.clone(),
+            },
+            &staff,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let admin = server.login("admin").await;
+    let err = c
+        .worklist
+        .list_worklist(authed(ListWorklistRequest::default(), &admin))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let sop = demo_samples()
+        .1
+        .iter()
+        .find(|f| f.study_instance_uid == xinzhen_study)
+        .unwrap()
+        .sop_instance_uid
+        .clone();
+    let err = c
+        .images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: sop.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // WhoAmI names the user and role.
+    let me = c
+        .identity
+        .who_am_i(authed(WhoAmIRequest {}, &tech))
+        .await
+        .unwrap()
+        .into_inner();
+    let user = me.user.unwrap();
+    assert_eq!(user.username, "tech_x");
+    assert_eq!(user.role, Role::Technician as i32);
+    assert_eq!(user.clinic_id, "xinzhen");
+
+    // The audit log holds each of these, allowed and denied, with who and which study.
+    let audit = server.audit();
+    let has = |user: &str, action: &str, study: &str, outcome: &str| {
+        audit.iter().any(|(u, a, s, o)| {
+            u == user && a == action && (study.is_empty() || s == study) && o.starts_with(outcome)
+        })
+    };
+    assert!(has("rad1", "ListWorklist", "", "success"), "{audit:#?}");
+    assert!(has("rad1", "GetStudyMetadata", &baishui_study, "success"));
+    assert!(has("tech_x", "ListWorklist", "", "denied"));
+    assert!(has(
+        "staff_b",
+        "GetStudyMetadata",
+        &xinzhen_study,
+        "not found"
+    ));
+    assert!(has("staff_b", "GetPriors", &baishui_study, "success"));
+    assert!(has("staff_b", "Claim", &baishui_study, "denied"));
+    assert!(has("admin", "ListWorklist", "", "denied"));
+    assert!(has("admin", "GetRawInstance", "", "denied"));
+    assert!(has("rad1", "Login", "", "success"));
+
+    // The audit log is append-only, even for someone with the database file.
+    let conn = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
+    assert!(conn.execute("DELETE FROM audit", []).is_err());
+    assert!(conn.execute("UPDATE audit SET outcome = 'x'", []).is_err());
+
+    // Patient demographics never reach the log.
+    let log = server.log();
+    let conn_names: Vec<String> = {
+        let mut stmt = conn
+            .prepare("SELECT name, patient_id FROM patients")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .unwrap()
+            .flat_map(|r| {
+                let (n, id) = r.unwrap();
+                [n, id]
+            })
+            .filter(|s| s.len() > 3)
+            .collect()
+    };
+    assert!(!conn_names.is_empty());
+    for secret in conn_names
+        .iter()
+        .chain([&rad, &"password-rad1".to_string()])
+    {
+        assert!(!log.contains(secret.as_str()), "log leaks {secret}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_forged_expired_and_revoked_tokens_are_refused() {
+    let (files, xinzhen_study, _) = two_clinics();
+    let server = center_with(&files[..1], "").await;
+    let mut c = server.clients().await;
+    let request = || GetStudyMetadataRequest {
+        study_instance_uid: xinzhen_study.clone(),
+    };
+
+    let err = c
+        .studies
+        .get_study_metadata(tonic::Request::new(request()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let forged = "ab".repeat(32);
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(), &forged))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("unknown token"));
+
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(), "not-a-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // A token issued by the admin command with no lifetime left.
+    let out = server.admin(&["issue-token", "rad1", "--ttl", "0"], "");
+    assert!(out.status.success());
+    let expired = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(), &expired))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("expired"), "{}", err.message());
+
+    // An admin-issued token with a lifetime works; after logout it does not.
+    let out = server.admin(&["issue-token", "rad1", "--ttl", "600"], "");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    c.studies
+        .get_study_metadata(authed(request(), &token))
+        .await
+        .unwrap();
+    c.identity
+        .logout(authed(LogoutRequest {}, &token))
+        .await
+        .unwrap();
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("revoked"));
+
+    // A disabled user's tokens stop working.
+    let token = server.login("rad2").await;
+    assert!(server.admin(&["disable-user", "rad2"], "").status.success());
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Refusals are audited with the peer address.
+    let audit = server.audit();
+    let denied = audit
+        .iter()
+        .filter(|(_, a, _, o)| a == "GetStudyMetadata" && o.starts_with("denied"))
+        .count();
+    assert!(denied >= 5, "{audit:#?}");
+    // Only hashes of tokens are stored.
+    let conn = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
+    let stored: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sessions WHERE token_hash = ?1",
+            [&token],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_limited() {
+    let server = center_with(&[], "").await;
+    let mut c = server.clients().await;
+    let login = |password: &str| LoginRequest {
+        username: "rad1".into(),
+        password: password.into(),
+    };
+    let err = c.identity.login(login("wrong")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = c
+        .identity
+        .login(LoginRequest {
+            username: "nobody".into(),
+            password: "whatever".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // The same message for an unknown user as for a wrong password.
+    assert_eq!(err.message(), "wrong user name or password");
+    for _ in 0..4 {
+        let err = c.identity.login(login("wrong")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    // Locked out now, even with the right password.
+    let err = c.identity.login(login("password-rad1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("try again"));
+    // Another user is not affected.
+    let ok = c
+        .identity
+        .login(LoginRequest {
+            username: "rad2".into(),
+            password: "password-rad2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.token.len(), 64);
+    assert!(ok.expires_at_unix > 0);
+    let audit = server.audit();
+    assert!(
+        audit
+            .iter()
+            .filter(|(u, a, _, o)| u == "rad1" && a == "Login" && o.starts_with("denied"))
+            .count()
+            >= 5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_command_manages_users_and_lists_the_audit_log() {
+    let server = center_with(&[], "").await;
+    let out = server.admin(
+        &[
+            "create-user",
+            "x",
+            "--role",
+            "radiologist",
+            "--clinic",
+            "nowhere",
+        ],
+        "password-x\n",
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown clinic"));
+    let out = server.admin(
+        &[
+            "create-user",
+            "short",
+            "--role",
+            "radiologist",
+            "--clinic",
+            "county",
+        ],
+        "abc\n",
+    );
+    assert!(!out.status.success());
+    assert!(
+        server
+            .admin(&["create-clinic", "hilltop", "Hilltop clinic"], "")
+            .status
+            .success()
+    );
+    server.user("hill_staff", "clinic_staff", "hilltop");
+    let out = server.admin(&["list-users"], "");
+    let users = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        users.contains("hill_staff\tclinic_staff\thilltop"),
+        "{users}"
+    );
+    // The password hash is argon2id, never the password.
+    let conn = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
+    let hash: String = conn
+        .query_row(
+            "SELECT password_hash FROM users WHERE username = 'hill_staff'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(hash.starts_with("$argon2id$"));
+    assert!(!hash.contains("password-hill_staff"));
+    server.login("hill_staff").await;
+    let out = server.admin(&["audit", "--user", "hill_staff"], "");
+    let audit = String::from_utf8(out.stdout).unwrap();
+    assert!(audit.lines().nth(1).unwrap().contains("Login"), "{audit}");
+}

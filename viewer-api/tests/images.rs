@@ -1,0 +1,524 @@
+//! Images and studies: rendered frames checked against known pixel values
+//! and against DCMTK's `dcmj2pnm`, MONOCHROME1, JPEG Lossless, thumbnails,
+//! series streams, raw instances, DICOM JSON metadata, and priors across
+//! clinics.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{authed, center_with, demo_samples, with_clinic};
+use consortium_proto::v1::{
+    GetPriorsRequest, GetRawInstanceRequest, GetStudyMetadataRequest, GetThumbnailRequest,
+    ImageFormat, RenderFrameRequest, RenderOptions, StreamSeriesRequest, Window,
+};
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+use sha2::{Digest, Sha256};
+use tonic::Code;
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+/// A 256 x 4 CT whose column x holds -200 + 2x HU (stored x*2 + 824 with
+/// intercept -1024), window 40/400 in the file.
+fn gradient(path: &Path, sop_uid: &str, photometric: &str) {
+    let (rows, cols) = (4u16, 256u16);
+    let mut pixels = Vec::new();
+    for _ in 0..rows {
+        for x in 0..cols {
+            pixels.push(824 + 2 * x);
+        }
+    }
+    let mut obj = InMemDicomObject::new_empty();
+    let mut s = |tag, vr, v: &str| {
+        obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+    };
+    s(tags::SOP_CLASS_UID, VR::UI, CT);
+    s(tags::SOP_INSTANCE_UID, VR::UI, sop_uid);
+    s(tags::STUDY_INSTANCE_UID, VR::UI, "2.25.4242");
+    s(tags::SERIES_INSTANCE_UID, VR::UI, "2.25.4243");
+    s(tags::MODALITY, VR::CS, "CT");
+    s(tags::PATIENT_NAME, VR::PN, "GRADIENT^TEST");
+    s(tags::PATIENT_ID, VR::LO, "GRAD-1");
+    s(tags::STUDY_DATE, VR::DA, "20250101");
+    s(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, photometric);
+    s(tags::RESCALE_INTERCEPT, VR::DS, "-1024");
+    s(tags::RESCALE_SLOPE, VR::DS, "1");
+    s(tags::WINDOW_CENTER, VR::DS, "40");
+    s(tags::WINDOW_WIDTH, VR::DS, "400");
+    s(
+        tags::INSTANCE_NUMBER,
+        VR::IS,
+        if photometric == "MONOCHROME1" {
+            "2"
+        } else {
+            "1"
+        },
+    );
+    let mut u = |tag, v: u16| {
+        obj.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+    };
+    u(tags::SAMPLES_PER_PIXEL, 1);
+    u(tags::ROWS, rows);
+    u(tags::COLUMNS, cols);
+    u(tags::BITS_ALLOCATED, 16);
+    u(tags::BITS_STORED, 12);
+    u(tags::HIGH_BIT, 11);
+    u(tags::PIXEL_REPRESENTATION, 0);
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U16(pixels.into()),
+    ));
+    obj.with_meta(
+        FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(CT)
+            .media_storage_sop_instance_uid(sop_uid)
+            .transfer_syntax(EXPLICIT_LE),
+    )
+    .unwrap()
+    .write_to_file(path)
+    .unwrap();
+}
+
+fn decode_png(bytes: &[u8]) -> image::DynamicImage {
+    image::load_from_memory_with_format(bytes, image::ImageFormat::Png).unwrap()
+}
+
+async fn render(
+    c: &mut common::Clients,
+    token: &str,
+    sop: &str,
+    options: RenderOptions,
+) -> Result<consortium_proto::v1::RenderedFrame, tonic::Status> {
+    c.images
+        .render_frame(authed(
+            RenderFrameRequest {
+                sop_instance_uid: sop.into(),
+                frame_number: 1,
+                options: Some(options),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_pixels_follow_the_window_and_monochrome1_inverts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mono2 = dir.path().join("mono2.dcm");
+    let mono1 = dir.path().join("mono1.dcm");
+    let lossless = dir.path().join("lossless.dcm");
+    gradient(&mono2, "2.25.5001", "MONOCHROME2");
+    gradient(&mono1, "2.25.5002", "MONOCHROME1");
+    // JPEG Lossless SV1 by DCMTK, under its own SOP Instance UID.
+    let relabelled = dir.path().join("mono2b.dcm");
+    gradient(&relabelled, "2.25.5003", "MONOCHROME2");
+    let status = Command::new("/usr/bin/dcmcjpeg")
+        .args(["+e1"])
+        .arg(&relabelled)
+        .arg(&lossless)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let files: Vec<(PathBuf, String)> = [&mono2, &mono1, &lossless]
+        .iter()
+        .map(|p| (p.to_path_buf(), "xinzhen".to_string()))
+        .collect();
+    let server = center_with(&files, "").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+
+    // The file's window 40/400 (linear, PS3.3 C.11.2.1.2.1): -160 HU and
+    // below are black, above 239 HU white, 40 HU is ((40-39.5)/399+0.5)*255.
+    let expected: &[(u32, u8)] = &[
+        (0, 0),     // -200 HU
+        (20, 0),    // -160 HU: at the lower edge
+        (21, 1),    // -158 HU: 1.28
+        (60, 51),   // -80 HU: 51.13
+        (120, 128), // 40 HU: 127.82
+        (219, 254), // 238 HU: 254.36
+        (220, 255), // 240 HU: past the upper edge
+        (255, 255), // 310 HU
+    ];
+    let frame = render(&mut c, &token, "2.25.5001", RenderOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((frame.width, frame.height), (256, 4));
+    let window = frame.window.unwrap();
+    assert_eq!((window.center, window.width), (40.0, 400.0));
+    let img = decode_png(&frame.data).to_luma8();
+    for &(x, value) in expected {
+        for y in 0..4 {
+            assert_eq!(img.get_pixel(x, y)[0], value, "x={x}");
+        }
+    }
+
+    // MONOCHROME1: the same values inverted.
+    let frame = render(&mut c, &token, "2.25.5002", RenderOptions::default())
+        .await
+        .unwrap();
+    let inverted = decode_png(&frame.data).to_luma8();
+    for x in 0..256 {
+        assert_eq!(inverted.get_pixel(x, 1)[0], 255 - img.get_pixel(x, 1)[0]);
+    }
+
+    // JPEG Lossless decodes to exactly the native pixels.
+    let frame = render(&mut c, &token, "2.25.5003", RenderOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(decode_png(&frame.data).to_luma8(), img);
+
+    // A caller-given window: 0/100 puts -50..49 HU on the ramp.
+    let frame = render(
+        &mut c,
+        &token,
+        "2.25.5001",
+        RenderOptions {
+            window: Some(Window {
+                center: 0.0,
+                width: 100.0,
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let narrow = decode_png(&frame.data).to_luma8();
+    assert_eq!(narrow.get_pixel(74, 0)[0], 0); // -52 HU
+    assert_eq!(narrow.get_pixel(125, 0)[0], 255); // 50 HU
+    // A preset, and JPEG output at a requested size.
+    let frame = render(
+        &mut c,
+        &token,
+        "2.25.5001",
+        RenderOptions {
+            preset: "lung".into(),
+            format: ImageFormat::Jpeg as i32,
+            max_width: 128,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((frame.width, frame.height), (128, 2));
+    assert_eq!(&frame.data[..2], &[0xFF, 0xD8]);
+    assert_eq!(frame.window.unwrap().center, -600.0);
+    let err = render(
+        &mut c,
+        &token,
+        "2.25.5001",
+        RenderOptions {
+            preset: "no-such".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .images
+        .render_frame(authed(
+            RenderFrameRequest {
+                sop_instance_uid: "2.25.5001".into(),
+                frame_number: 2,
+                options: None,
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("out of range"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_ct_matches_dcmtk_dcmj2pnm_and_every_kind_renders() {
+    let (_, samples) = demo_samples();
+    let files = with_clinic(
+        samples
+            .iter()
+            .filter(|f| f.issuer_of_patient_id == "xinzhen"),
+    );
+    let server = center_with(&files, "").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+
+    let ct = samples
+        .iter()
+        .find(|f| f.issuer_of_patient_id == "xinzhen" && f.modality == "CT")
+        .unwrap();
+    let ours = render(
+        &mut c,
+        &token,
+        &ct.sop_instance_uid,
+        RenderOptions::default(),
+    )
+    .await
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let theirs_path = out.path().join("dcmtk.png");
+    let status = Command::new("/usr/bin/dcmj2pnm")
+        .args(["+Wi", "1", "+on"])
+        .arg(&ct.path)
+        .arg(&theirs_path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let theirs = image::open(&theirs_path).unwrap().to_luma8();
+    let ours = decode_png(&ours.data).to_luma8();
+    assert_eq!(ours.dimensions(), theirs.dimensions());
+    let max_diff = ours
+        .pixels()
+        .zip(theirs.pixels())
+        .map(|(a, b)| (i16::from(a[0]) - i16::from(b[0])).abs())
+        .max()
+        .unwrap();
+    assert!(
+        max_diff <= 1,
+        "largest difference from dcmj2pnm: {max_diff}"
+    );
+
+    // Every image of the clinic renders (or says clearly why not), and
+    // thumbnails fit 128 pixels.
+    for f in samples
+        .iter()
+        .filter(|f| f.issuer_of_patient_id == "xinzhen")
+    {
+        let thumb = c
+            .images
+            .get_thumbnail(authed(
+                GetThumbnailRequest {
+                    sop_instance_uid: f.sop_instance_uid.clone(),
+                    size: 0,
+                },
+                &token,
+            ))
+            .await;
+        match thumb {
+            Ok(t) => {
+                let t = t.into_inner();
+                assert!(
+                    t.width <= 128 && t.height <= 128,
+                    "{}x{}",
+                    t.width,
+                    t.height
+                );
+                let img = decode_png(&t.data);
+                assert_eq!((img.width(), img.height()), (t.width, t.height));
+            }
+            Err(e) => {
+                // Waveforms and PDFs have no pixel data.
+                const ECG: &str = "1.2.840.10008.5.1.4.1.1.9.1.1";
+                const PDF: &str = "1.2.840.10008.5.1.4.1.1.104.1";
+                assert!(
+                    f.sop_class_uid == ECG || f.sop_class_uid == PDF,
+                    "{} ({}, {}): {e:?}",
+                    f.modality,
+                    f.sop_class_uid,
+                    f.transfer_syntax
+                );
+                assert_eq!(e.code(), Code::FailedPrecondition);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_stream_raw_instances_metadata_and_priors() {
+    let (_, samples) = demo_samples();
+    // A person seen at two clinics (same resident ID, different local IDs).
+    let person = samples
+        .iter()
+        .find(|a| {
+            samples.iter().any(|b| {
+                b.resident_id == a.resident_id && b.issuer_of_patient_id != a.issuer_of_patient_id
+            })
+        })
+        .expect("the demo set has a patient seen at two clinics");
+    let theirs: Vec<_> = samples
+        .iter()
+        .filter(|f| f.resident_id == person.resident_id)
+        .collect();
+    let server = center_with(&with_clinic(theirs.iter().copied()), "").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+
+    // Priors: the other clinic's studies, linked by resident ID.
+    let priors = c
+        .studies
+        .get_priors(authed(
+            GetPriorsRequest {
+                study_instance_uid: person.study_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .priors;
+    let other_clinic: Vec<_> = priors
+        .iter()
+        .filter(|p| p.clinic_id != person.issuer_of_patient_id)
+        .collect();
+    assert!(!other_clinic.is_empty(), "{priors:#?}");
+    assert!(other_clinic[0].matched_on.contains(&person.resident_id));
+    assert!(
+        priors
+            .iter()
+            .all(|p| p.study_instance_uid != person.study_instance_uid)
+    );
+    // A clinic's staff see only their own clinic's priors.
+    let home = person.issuer_of_patient_id.clone();
+    server.user("home_staff", "clinic_staff", &home);
+    let staff = server.login("home_staff").await;
+    let own = c
+        .studies
+        .get_priors(authed(
+            GetPriorsRequest {
+                study_instance_uid: person.study_instance_uid.clone(),
+            },
+            &staff,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .priors;
+    assert!(own.iter().all(|p| p.clinic_id == home));
+
+    // Metadata: DICOM JSON in series then instance order, without pixel data.
+    let meta = c
+        .studies
+        .get_study_metadata(authed(
+            GetStudyMetadataRequest {
+                study_instance_uid: person.study_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let json: serde_json::Value = serde_json::from_str(&meta.dicom_json).unwrap();
+    let objects = json.as_array().unwrap();
+    assert_eq!(objects.len(), meta.instances.len());
+    let in_study = theirs
+        .iter()
+        .filter(|f| f.study_instance_uid == person.study_instance_uid)
+        .count();
+    assert_eq!(objects.len(), in_study);
+    for (o, r) in objects.iter().zip(&meta.instances) {
+        assert_eq!(o["00080018"]["Value"][0], r.sop_instance_uid.as_str());
+        assert_eq!(
+            o["0020000D"]["Value"][0],
+            person.study_instance_uid.as_str()
+        );
+        assert!(o.get("7FE00010").is_none());
+    }
+    let order: Vec<(i32, i32)> = meta
+        .instances
+        .iter()
+        .map(|r| (r.series_number, r.instance_number))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
+
+    // Raw instances: byte-identical to the stored file, in chunks under 4 MiB.
+    for f in &theirs {
+        let mut stream = c
+            .images
+            .get_raw_instance(authed(
+                GetRawInstanceRequest {
+                    sop_instance_uid: f.sop_instance_uid.clone(),
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut bytes = Vec::new();
+        let mut sha = String::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            assert_eq!(chunk.offset, bytes.len() as u64);
+            assert!(chunk.data.len() <= 1 << 20);
+            if chunk.offset == 0 {
+                sha = chunk.sha256.clone();
+                assert_eq!(chunk.transfer_syntax_uid, f.transfer_syntax);
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let stored = std::fs::read(server.data_dir().join("blobs").join(format!(
+            "instances/{}/{}.dcm",
+            &sha[..2],
+            sha
+        )))
+        .unwrap();
+        assert_eq!(bytes, stored);
+        let digest: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(digest, sha);
+        // The dataset is exactly what the clinic sent.
+        let original = std::fs::read(&f.path).unwrap();
+        let (_, off) = storage::part10::parse_file_header(&original).unwrap();
+        let (_, off2) = storage::part10::parse_file_header(&bytes).unwrap();
+        assert_eq!(&bytes[off2..], &original[off..]);
+    }
+
+    // A whole series streams frame by frame, in instance order.
+    let series = &meta.instances[0].series_instance_uid;
+    let expected: u32 = meta
+        .instances
+        .iter()
+        .filter(|r| &r.series_instance_uid == series)
+        .map(|r| r.number_of_frames)
+        .sum();
+    let mut stream = c
+        .images
+        .stream_series(authed(
+            StreamSeriesRequest {
+                series_instance_uid: series.clone(),
+                options: Some(RenderOptions {
+                    max_width: 64,
+                    max_height: 64,
+                    ..Default::default()
+                }),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut frames = 0;
+    while let Some(frame) = stream.message().await.transpose() {
+        match frame {
+            Ok(f) => {
+                assert!(f.width <= 64 && f.height <= 64);
+                frames += 1;
+            }
+            Err(e) => panic!("series frame failed: {e:?}"),
+        }
+    }
+    assert_eq!(frames, expected);
+
+    let audit = server.audit();
+    for action in [
+        "GetPriors",
+        "GetStudyMetadata",
+        "GetRawInstance",
+        "StreamSeries",
+    ] {
+        assert!(
+            audit.iter().any(|(u, a, s, o)| u == "rad1"
+                && a == action
+                && s == &person.study_instance_uid
+                && o == "success"),
+            "{action} audited: {audit:#?}"
+        );
+    }
+}
