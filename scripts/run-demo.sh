@@ -29,6 +29,16 @@ GATEWAY=$(sed -n 's/^listening on //p' data/demo/gateway.out)
 
 "$BIN/viewer-api" --config "$CONFIG" > data/demo/viewer.out 2> data/demo/viewer.log &
 pids+=($!)
+for _ in $(seq 100); do grep -q "listening on" data/demo/viewer.out 2>/dev/null && break; sleep 0.1; done
+VIEWER=$(sed -n 's/^listening on //p' data/demo/viewer.out)
+[ -n "$VIEWER" ] || { echo "viewer-api did not start; see data/demo/viewer.log"; exit 1; }
+# Demo accounts (kept if they exist): a county radiologist and a township technician.
+DEMO_PASSWORD=demo-reading-2026
+for user in "dr.wang radiologist county" "tech.li technician xinzhen"; do
+    set -- $user
+    echo "$DEMO_PASSWORD" | "$BIN/viewer-api" --config "$CONFIG" admin create-user "$1" \
+        --role "$2" --clinic "$3" >/dev/null 2>&1 || true
+done
 
 HOST=${GATEWAY%:*}; PORT=${GATEWAY##*:}
 echo "gateway listening on $GATEWAY (AE title COUNTYPACS); log: data/demo/gateway.log"
@@ -52,7 +62,13 @@ The center is running. Send more as a registered clinic AE, with the upload tool
 or with DCMTK:
   TCP_NODELAY=1 /usr/bin/storescu -aet XINZHEN_CT -aec COUNTYPACS +sd +r $HOST $PORT <files or folders>
 Check it answers:  /usr/bin/echoscu -aet XINZHEN_CT -aec COUNTYPACS $HOST $PORT
-gRPC (viewer-api): $(cat data/demo/viewer.out 2>/dev/null)
+Read them over gRPC (viewer-api on $VIEWER; studies enter the worklist once settled):
+  echo $DEMO_PASSWORD | $BIN/consortium-cli --server http://$VIEWER login dr.wang
+  $BIN/consortium-cli --server http://$VIEWER worklist
+  $BIN/consortium-cli --server http://$VIEWER claim <study UID>
+  $BIN/consortium-cli --server http://$VIEWER study <study UID>
+  $BIN/consortium-cli --server http://$VIEWER render <SOP instance UID> --out frame.png
+(tech.li, a xinzhen technician, has the same demo password.)
 Press Ctrl-C to stop.
 MSG
 wait
