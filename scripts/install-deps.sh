@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing need, when missing: DCMTK (reference
 # DICOM clients and storescp), dicom3tools (dciodvfy), protoc (gRPC codegen),
+# cmake and g++ (CharLS, the JPEG-LS codec), gdcmconv (JPEG 2000 test files),
 # pynetdicom (a second, independent DICOM implementation for tests), and
 # Python grpcio with reflection and health (a gRPC client we did not write).
 # `--bench` also installs Orthanc and hyperfine for the benchmarks.
@@ -11,6 +12,11 @@ need=()
 [ -x /usr/bin/dciodvfy ] || need+=(dicom3tools)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
+# CharLS (JPEG-LS decoding, via dicom-rs's `charls` feature) is C++ built with CMake.
+command -v cmake >/dev/null || need+=(cmake)
+command -v g++ >/dev/null || need+=(g++)
+# gdcmconv writes JPEG 2000 test files (DCMTK has no JPEG 2000 encoder).
+[ -x /usr/bin/gdcmconv ] || need+=(libgdcm-tools)
 if [ "${1:-}" = "--bench" ]; then
     [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
     command -v curl >/dev/null || need+=(curl)

@@ -3,9 +3,10 @@
 //! stored transfer syntax, otherwise transcoded to explicit or implicit VR
 //! little endian (or explicit big endian): from the other uncompressed
 //! syntaxes and deflated by rewriting the dataset, from the compressed
-//! syntaxes dicom-rs decodes in pure Rust (JPEG baseline/extended/lossless,
-//! RLE) by decoding the pixel data. Other compressed syntaxes (JPEG-LS, JPEG
-//! 2000) fail that sub-operation with the reason logged.
+//! syntaxes dicom-rs decodes (JPEG baseline/extended/lossless, RLE, JPEG-LS
+//! through CharLS, JPEG 2000 through openjp2) by decoding the pixel data.
+//! Others (HTJ2K, JPEG XL, MPEG) fail that sub-operation with the reason
+//! logged.
 
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
@@ -91,16 +92,25 @@ const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
 const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 
-/// Compressed syntaxes whose pixel data we can decode (pure Rust codecs).
+/// Compressed syntaxes whose pixel data we can decode.
 const DECODABLE: &[&str] = &[
     "1.2.840.10008.1.2.4.50", // JPEG Baseline
     "1.2.840.10008.1.2.4.51", // JPEG Extended (8-bit)
     "1.2.840.10008.1.2.4.57", // JPEG Lossless
     "1.2.840.10008.1.2.4.70", // JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80", // JPEG-LS Lossless (CharLS)
+    "1.2.840.10008.1.2.4.81", // JPEG-LS Near-Lossless (CharLS)
+    "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless (openjp2)
+    "1.2.840.10008.1.2.4.91", // JPEG 2000 (openjp2)
     "1.2.840.10008.1.2.5",    // RLE Lossless
 ];
 /// Lossy sources: the transcoded object keeps Lossy Image Compression "01".
-const LOSSY: &[&str] = &["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"];
+const LOSSY: &[&str] = &[
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91",
+];
 
 fn is_uncompressed(ts: &str) -> bool {
     matches!(ts, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE | DEFLATED)
@@ -212,7 +222,9 @@ mod tests {
         assert!(can_transcode(EXPLICIT_LE, IMPLICIT_LE));
         assert!(can_transcode(DEFLATED, EXPLICIT_LE));
         assert!(can_transcode("1.2.840.10008.1.2.5", EXPLICIT_LE));
-        assert!(!can_transcode("1.2.840.10008.1.2.4.90", EXPLICIT_LE));
+        assert!(can_transcode("1.2.840.10008.1.2.4.90", EXPLICIT_LE));
+        assert!(can_transcode("1.2.840.10008.1.2.4.80", EXPLICIT_LE));
+        assert!(!can_transcode("1.2.840.10008.1.2.4.201", EXPLICIT_LE));
         assert!(!can_transcode(EXPLICIT_LE, DEFLATED));
     }
 }

@@ -228,7 +228,7 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
         &sample_dicom::Options::small(41),
     )
     .unwrap();
-    let compressed: Vec<_> = files
+    let mut compressed: Vec<sample_dicom::SampleFile> = files
         .iter()
         .filter(|f| {
             matches!(
@@ -236,8 +236,38 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
                 "1.2.840.10008.1.2.5" | "1.2.840.10008.1.2.4.50"
             )
         })
+        .cloned()
         .collect();
     assert!(compressed.len() >= 2);
+    // Two uncompressed CT slices recompressed by other tools: JPEG-LS
+    // Lossless by DCMTK's dcmcjpls, JPEG 2000 Lossless by GDCM's gdcmconv.
+    let cts: Vec<_> = files
+        .iter()
+        .filter(|f| f.modality == "CT" && f.transfer_syntax == "1.2.840.10008.1.2.1")
+        .collect();
+    assert!(cts.len() >= 2);
+    for (f, tool, args, ts) in [
+        (cts[0], "dcmcjpls", &[][..], "1.2.840.10008.1.2.4.80"),
+        (cts[1], "gdcmconv", &["--j2k"][..], "1.2.840.10008.1.2.4.90"),
+    ] {
+        let path = dir.path().join(format!("{tool}.dcm"));
+        let out = Command::new(format!("/usr/bin/{tool}"))
+            .args(args)
+            .arg(&f.path)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        compressed.push(sample_dicom::SampleFile {
+            path,
+            transfer_syntax: ts.to_string(),
+            ..f.clone()
+        });
+    }
     for f in &compressed {
         let out = common::storescu(
             gw.port,
@@ -297,13 +327,15 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
             .to_vec();
         // DCMTK decodes the stored blob independently.
         let (blob, _) = gw.blob_of(&f.sop_instance_uid).unwrap();
-        let tool = if f.transfer_syntax == "1.2.840.10008.1.2.5" {
-            "dcmdrle"
-        } else {
-            "dcmdjpeg"
+        let (tool, args): (&str, &[&str]) = match f.transfer_syntax.as_str() {
+            "1.2.840.10008.1.2.5" => ("dcmdrle", &[]),
+            "1.2.840.10008.1.2.4.80" => ("dcmdjpls", &[]),
+            "1.2.840.10008.1.2.4.90" => ("gdcmconv", &["--raw"]),
+            _ => ("dcmdjpeg", &[]),
         };
         let decoded = dir.path().join(format!("{}.native", f.sop_instance_uid));
         let out = Command::new(format!("/usr/bin/{tool}"))
+            .args(args)
             .arg(&blob)
             .arg(&decoded)
             .output()
@@ -321,8 +353,9 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
             .unwrap()
             .to_vec();
         assert_eq!(pixels.len(), expected.len(), "{tool}");
-        if tool == "dcmdrle" {
-            assert!(pixels == expected, "RLE decode differs from DCMTK's");
+        if tool != "dcmdjpeg" {
+            // Lossless: exactly the pixels the other tool decodes.
+            assert!(pixels == expected, "{tool}: lossless decode differs");
         } else {
             // Lossy JPEG: IDCT implementations may differ by a unit or two.
             let worst = pixels

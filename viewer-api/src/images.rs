@@ -187,8 +187,16 @@ impl Images {
             .map_err(|_| ApiError::Internal("render workers closed".into()))?;
         let s = spec.clone();
         let rendered = tokio::task::spawn_blocking(move || -> Result<Rendered> {
+            let started = std::time::Instant::now();
             let obj = open_object(path, bytes, false)?;
-            Ok(render::render(&obj, &s)?)
+            let opened = started.elapsed();
+            let rendered = render::render(&obj, &s)?;
+            tracing::debug!(
+                open_us = opened.as_micros() as u64,
+                render_us = (started.elapsed() - opened).as_micros() as u64,
+                "rendered"
+            );
+            Ok(rendered)
         })
         .await??;
         let rendered = Arc::new(rendered);

@@ -76,18 +76,6 @@ pub enum RenderError {
     Decode(String),
 }
 
-/// Transfer syntaxes whose codecs this build leaves out (JPEG-LS needs
-/// CharLS, a C++ library; JPEG 2000 and HTJ2K are not enabled).
-const UNDECODABLE: &[&str] = &[
-    "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.90",
-    "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.4.201",
-    "1.2.840.10008.1.2.4.202",
-    "1.2.840.10008.1.2.4.203",
-];
-
 /// Number of frames the object declares (1 when absent).
 pub fn number_of_frames(obj: &DefaultDicomObject) -> u32 {
     obj.element_opt(dicom_dictionary_std::tags::NUMBER_OF_FRAMES)
@@ -105,7 +93,13 @@ pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderE
         .transfer_syntax()
         .trim_end_matches('\0')
         .to_string();
-    if UNDECODABLE.contains(&ts.as_str()) {
+    // Decodable: uncompressed, deflated, JPEG (baseline, extended,
+    // lossless), RLE, JPEG-LS (CharLS) and JPEG 2000 (openjp2).
+    use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+    let decodable = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(&ts)
+        .is_some_and(|t| t.can_decode_all());
+    if !decodable {
         return Err(RenderError::UnsupportedSyntax(ts));
     }
     if obj
@@ -123,9 +117,11 @@ pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderE
             frames,
         });
     }
+    let started = std::time::Instant::now();
     let decoded = obj
         .decode_pixel_data_frame(spec.frame)
         .map_err(|e| RenderError::Decode(e.to_string()))?;
+    let decoded_at = std::time::Instant::now();
     let (width, height) = (decoded.columns(), decoded.rows());
     let pixels = width as usize * height as usize;
     if pixels == 0 {
@@ -141,8 +137,17 @@ pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderE
             return Err(RenderError::Unsupported(format!("{n} samples per pixel")));
         }
     };
+    let lut_done = std::time::Instant::now();
     let (samples, width, height) = scale(samples, gray, width, height, spec)?;
+    let scaled = std::time::Instant::now();
     let data = encode(&samples, gray, width, height, spec.format)?;
+    tracing::trace!(
+        decode_us = (decoded_at - started).as_micros() as u64,
+        lut_us = (lut_done - decoded_at).as_micros() as u64,
+        scale_us = (scaled - lut_done).as_micros() as u64,
+        encode_us = scaled.elapsed().as_micros() as u64,
+        "render stages"
+    );
     Ok(Rendered {
         data,
         width,
@@ -175,35 +180,24 @@ fn monochrome(
     let data = decoded
         .frame_data(0)
         .map_err(|e| RenderError::Decode(e.to_string()))?;
-    let mask: u32 = (1u32 << bits_stored) - 1;
-    // Bit patterns of the frame, masked to Bits Stored.
-    let patterns: Vec<u16> = match bits_allocated {
-        8 => {
-            if data.len() < pixels {
-                return Err(RenderError::Decode(
-                    "pixel data shorter than the frame".into(),
-                ));
-            }
-            data[..pixels]
-                .iter()
-                .map(|&b| (u32::from(b) & mask) as u16)
-                .collect()
-        }
-        16 => {
-            if data.len() < pixels * 2 {
-                return Err(RenderError::Decode(
-                    "pixel data shorter than the frame".into(),
-                ));
-            }
-            data[..pixels * 2]
-                .chunks_exact(2)
-                .map(|c| (u32::from(u16::from_le_bytes([c[0], c[1]])) & mask) as u16)
-                .collect()
-        }
+    let mask = ((1u32 << bits_stored) - 1) as u16;
+    let short = || RenderError::Decode("pixel data shorter than the frame".into());
+    match bits_allocated {
+        8 if data.len() < pixels => return Err(short()),
+        16 if data.len() < pixels * 2 => return Err(short()),
+        8 | 16 => {}
         n => {
             return Err(RenderError::Unsupported(format!(
                 "{n} bits allocated for monochrome"
             )));
+        }
+    }
+    // The frame's stored bit patterns, masked to Bits Stored.
+    let pattern = |i: usize| -> u16 {
+        if bits_allocated == 8 {
+            u16::from(data[i]) & mask
+        } else {
+            u16::from_le_bytes([data[2 * i], data[2 * i + 1]]) & mask
         }
     };
     let rescale = decoded
@@ -244,9 +238,8 @@ fn monochrome(
             Some(w) if w.width > 0.0 => (w.center, w.width, function),
             _ => {
                 // The frame's full range of modality values.
-                let (lo, hi) = patterns
-                    .iter()
-                    .map(|&p| value_of(u32::from(p)))
+                let (lo, hi) = (0..pixels)
+                    .map(|i| value_of(u32::from(pattern(i))))
                     .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
                         (lo.min(v), hi.max(v))
                     });
@@ -263,10 +256,18 @@ fn monochrome(
         let y = voi_value(value_of(pattern as u32), center, width, function);
         *out = if invert { 255 - y } else { y };
     }
-    Ok((
-        patterns.iter().map(|&p| lut[usize::from(p)]).collect(),
-        (center, width),
-    ))
+    let out: Vec<u8> = if bits_allocated == 8 {
+        data[..pixels]
+            .iter()
+            .map(|&b| lut[usize::from(u16::from(b) & mask)])
+            .collect()
+    } else {
+        data[..pixels * 2]
+            .chunks_exact(2)
+            .map(|c| lut[usize::from(u16::from_le_bytes([c[0], c[1]]) & mask)])
+            .collect()
+    };
+    Ok((out, (center, width)))
 }
 
 /// The VOI LUT functions of PS3.3 C.11.2.1.2 with an 8-bit output range.
@@ -407,6 +408,23 @@ fn scale(
     let ratio = (f64::from(bound_w) / f64::from(width)).min(f64::from(bound_h) / f64::from(height));
     let new_w = ((f64::from(width) * ratio).round() as u32).max(1);
     let new_h = ((f64::from(height) * ratio).round() as u32).max(1);
+    let channels = if gray { 1 } else { 3 };
+    if samples.len() < width as usize * height as usize * channels {
+        return Err(RenderError::Decode(
+            "frame size does not match its pixel data".into(),
+        ));
+    }
+    // Whole-factor reductions average k x k blocks (cheap, no aliasing);
+    // what remains is interpolated.
+    let k = (width / new_w).min(height / new_h);
+    let (samples, width, height) = if k >= 2 {
+        box_reduce(&samples, channels, width, height, k)
+    } else {
+        (samples, width, height)
+    };
+    if (width, height) == (new_w, new_h) {
+        return Ok((samples, width, height));
+    }
     let filter = image::imageops::FilterType::Triangle;
     let bad = || RenderError::Decode("frame size does not match its pixel data".into());
     let out = if gray {
@@ -417,6 +435,40 @@ fn scale(
         image::imageops::resize(&img, new_w, new_h, filter).into_raw()
     };
     Ok((out, new_w, new_h))
+}
+
+/// Averages `k` x `k` blocks (a trailing partial block is dropped).
+fn box_reduce(
+    samples: &[u8],
+    channels: usize,
+    width: u32,
+    height: u32,
+    k: u32,
+) -> (Vec<u8>, u32, u32) {
+    let (out_w, out_h) = ((width / k) as usize, (height / k) as usize);
+    let (k, width) = (k as usize, width as usize);
+    let area = (k * k) as u32;
+    let mut out = Vec::with_capacity(out_w * out_h * channels);
+    let mut sums = vec![0u32; out_w * channels];
+    for oy in 0..out_h {
+        sums.iter_mut().for_each(|s| *s = 0);
+        for y in oy * k..oy * k + k {
+            let row = &samples[y * width * channels..][..out_w * k * channels];
+            if channels == 1 {
+                for (sum, block) in sums.iter_mut().zip(row.chunks_exact(k)) {
+                    *sum += block.iter().map(|&v| u32::from(v)).sum::<u32>();
+                }
+            } else {
+                for (ox, block) in row.chunks_exact(k * channels).enumerate() {
+                    for (i, &v) in block.iter().enumerate() {
+                        sums[ox * channels + i % channels] += u32::from(v);
+                    }
+                }
+            }
+        }
+        out.extend(sums.iter().map(|s| ((s + area / 2) / area) as u8));
+    }
+    (out, out_w as u32, out_h as u32)
 }
 
 fn encode(
@@ -457,6 +509,15 @@ mod tests {
         assert_eq!(voi_value(240.0, 40.0, 400.0, f), 255);
         assert_eq!(voi_value(40.0, 40.0, 400.0, f), 128);
         assert_eq!(voi_value(3000.0, 40.0, 400.0, f), 255);
+    }
+
+    #[test]
+    fn whole_factor_reduction_averages_blocks() {
+        // 4x2 gray, reduced by 2: two blocks.
+        let px = vec![0, 10, 200, 201, 20, 30, 202, 203];
+        let (out, w, h) = box_reduce(&px, 1, 4, 2, 2);
+        assert_eq!((w, h), (2, 1));
+        assert_eq!(out, vec![15, 202]);
     }
 
     #[test]

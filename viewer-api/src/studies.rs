@@ -50,9 +50,11 @@ pub fn check_uid(uid: &str, what: &str) -> Result<()> {
 /// so that other clinics' studies do not reveal themselves).
 pub fn find_study(conn: &Connection, caller: &Caller, study_uid: &str) -> Result<StudyRow> {
     let row = conn
-        .query_row(
+        .prepare_cached(
             "SELECT st.pk, st.study_uid, st.clinic_id, st.patient_pk, p.clinic_id || ':' || p.patient_id
              FROM studies st JOIN patients p ON p.pk = st.patient_pk WHERE st.study_uid = ?1",
+        )?
+        .query_row(
             [study_uid],
             |r| {
                 Ok(StudyRow {
@@ -93,11 +95,8 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
 /// The instance, if it exists and the caller may see it.
 pub fn find_instance(conn: &Connection, caller: &Caller, sop_uid: &str) -> Result<InstanceRow> {
     let row = conn
-        .query_row(
-            &format!("{INSTANCE_SELECT} WHERE i.sop_instance_uid = ?1"),
-            [sop_uid],
-            instance_row,
-        )
+        .prepare_cached(&format!("{INSTANCE_SELECT} WHERE i.sop_instance_uid = ?1"))?
+        .query_row([sop_uid], instance_row)
         .optional()?;
     match row {
         Some(i) if caller.may_see_clinic(&i.clinic_id) => Ok(i),

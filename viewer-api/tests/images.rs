@@ -1,5 +1,6 @@
 //! Images and studies: rendered frames checked against known pixel values
-//! and against DCMTK's `dcmj2pnm`, MONOCHROME1, JPEG Lossless, thumbnails,
+//! and against DCMTK's `dcmj2pnm`, MONOCHROME1, JPEG Lossless, JPEG-LS and
+//! JPEG 2000 made by DCMTK and GDCM, thumbnails,
 //! series streams, raw instances, DICOM JSON metadata, and priors across
 //! clinics.
 
@@ -125,7 +126,35 @@ async fn rendered_pixels_follow_the_window_and_monochrome1_inverts() {
         .status()
         .unwrap();
     assert!(status.success());
-    let files: Vec<(PathBuf, String)> = [&mono2, &mono1, &lossless]
+    // JPEG-LS Lossless by DCMTK, JPEG 2000 Lossless by GDCM.
+    let jls = dir.path().join("jls.dcm");
+    let jls_src = dir.path().join("mono2c.dcm");
+    gradient(&jls_src, "2.25.5004", "MONOCHROME2");
+    let status = Command::new("/usr/bin/dcmcjpls")
+        .arg(&jls_src)
+        .arg(&jls)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let j2k = dir.path().join("j2k.dcm");
+    let j2k_src = dir.path().join("mono2d.dcm");
+    gradient(&j2k_src, "2.25.5005", "MONOCHROME2");
+    let status = Command::new("/usr/bin/gdcmconv")
+        .arg("--j2k")
+        .arg(&j2k_src)
+        .arg(&j2k)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (path, ts) in [
+        (&jls, "1.2.840.10008.1.2.4.80"),
+        (&j2k, "1.2.840.10008.1.2.4.90"),
+    ] {
+        let bytes = std::fs::read(path).unwrap();
+        let (found, _) = storage::part10::parse_file_header(&bytes).unwrap();
+        assert_eq!(found, ts);
+    }
+    let files: Vec<(PathBuf, String)> = [&mono2, &mono1, &lossless, &jls, &j2k]
         .iter()
         .map(|p| (p.to_path_buf(), "xinzhen".to_string()))
         .collect();
@@ -172,6 +201,13 @@ async fn rendered_pixels_follow_the_window_and_monochrome1_inverts() {
         .await
         .unwrap();
     assert_eq!(decode_png(&frame.data).to_luma8(), img);
+    // So do JPEG-LS Lossless and JPEG 2000 Lossless.
+    for sop in ["2.25.5004", "2.25.5005"] {
+        let frame = render(&mut c, &token, sop, RenderOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(decode_png(&frame.data).to_luma8(), img, "{sop}");
+    }
 
     // A caller-given window: 0/100 puts -50..49 HU on the ramp.
     let frame = render(
