@@ -23,13 +23,14 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Benchmarks (not tests): ingest vs DCMTK storescp and Orthanc; upload tool vs storescu; query/retrieve vs Orthanc.
+## Benchmarks (not tests): ingest vs DCMTK storescp and Orthanc; upload tool vs storescu; query/retrieve vs Orthanc; rendering vs dcmj2pnm and Orthanc.
 bench:
 	scripts/install-deps.sh --bench
 	$(CARGO) build --release --bins
 	python3 benches/ingest.py
 	python3 benches/upload.py
 	python3 benches/query.py
+	python3 benches/render.py
 
 clean-data:
 	rm -rf data/demo
