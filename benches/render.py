@@ -48,6 +48,7 @@ DCMJ2PNM = "/usr/bin/dcmj2pnm"
 SAMPLE_DICOM = RELEASE / "sample-dicom"
 VIEWER = RELEASE / "viewer-api"
 PASSWORD = "bench-password-1"
+CACHE_MIB = 0
 
 
 def log(msg: str) -> None:
@@ -135,7 +136,7 @@ class Center:
         gw_config = (self.gateway.workdir / "gateway.toml").read_text()
         self.config.write_text(
             gw_config.replace("[storage]", "[viewer]\nlisten = \"127.0.0.1:0\"\n"
-                              "render_cache_mib = 0\nworklist_settle_s = 0\n\n[storage]")
+                              f"render_cache_mib = {CACHE_MIB}\nworklist_settle_s = 0\n\n[storage]")
             + '\n[[clinics]]\nid = "county"\nname = "County"\nae_titles = ["COUNTYWS1"]\nrole = "county"\n')
         out = self.work / "viewer.out"
         with open(out, "wb") as stdout, open(self.work / "viewer.log", "wb") as err:
@@ -255,9 +256,16 @@ class OrthancRenderer:
         return ids
 
     def get(self, path: str) -> bytes:
-        c = self.conn()
-        c.request("GET", path, headers={"Accept": "image/png"})
-        r = c.getresponse()
+        try:
+            c = self.conn()
+            c.request("GET", path, headers={"Accept": "image/png"})
+            r = c.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionError):
+            # Orthanc closes idle keep-alive connections: reconnect once.
+            del self.local.conn
+            c = self.conn()
+            c.request("GET", path, headers={"Accept": "image/png"})
+            r = c.getresponse()
         data = r.read()
         if r.status != 200:
             raise RuntimeError(f"Orthanc {path}: HTTP {r.status}")
@@ -374,7 +382,11 @@ def main(argv) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=150, help="requests per server per round")
     p.add_argument("--files", type=int, default=30)
+    p.add_argument("--cache-mib", type=int, default=0,
+                   help="viewer-api render cache (0: every request renders; 64 is its default)")
     args = p.parse_args(argv)
+    global CACHE_MIB
+    CACHE_MIB = args.cache_mib
     for tool in (VIEWER, SAMPLE_DICOM, Path(DCMJ2PNM), Path(ingest.ORTHANC), Path(ingest.STORESCU)):
         if not os.access(tool, os.X_OK):
             log(f"missing {tool}: run `make bench`")
@@ -431,7 +443,8 @@ def main(argv) -> int:
                              "p90_ms": round(statistics.quantiles(lat[name][kind], n=10)[-1], 2),
                              "frames_per_s": round(statistics.median(tput[name][kind]), 1)}
                       for kind in ("render", "thumbnail")} for name in lat}
-    print(f"\nrendered frames, 512x512 CT -> 8-bit PNG ({len(uids)} files, {args.rounds} rounds, medians)")
+    print(f"\nrendered frames, 512x512 CT -> 8-bit PNG ({len(uids)} files, {args.rounds} rounds, medians, "
+          f"viewer-api render cache {args.cache_mib} MiB)")
     print(f"{'':<12}{'renderer':<12}{'median ms':>10}{'p90 ms':>9}{'frames/s (2 client processes)':>31}")
     for kind in ("render", "thumbnail"):
         for name in summary:
@@ -456,6 +469,7 @@ def main(argv) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"render-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps({"summary": summary, "ratios": ratios, "agreement": agreement,
+                                "cache_mib": args.cache_mib,
                                 "files": len(uids), "rounds": args.rounds}, indent=2))
     print(f"\nJSON: {path}")
     return 0

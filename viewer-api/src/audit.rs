@@ -41,7 +41,13 @@ impl Entry {
 
 /// Appends `entry` to the audit log.
 pub async fn record(db: &Db, entry: Entry) -> Result<()> {
-    db.write(move |c| {
+    let db2 = db.clone();
+    tokio::task::spawn_blocking(move || record_blocking(&db2, entry)).await?
+}
+
+/// [`record`] on this (blocking) thread.
+pub fn record_blocking(db: &Db, entry: Entry) -> Result<()> {
+    db.write_blocking(move |c| {
         c.prepare_cached(
             "INSERT INTO audit (at, calling_ae, clinic_id, peer, action, detail, outcome, matches,
                                 username, study_uid, patient_ref)
@@ -61,5 +67,4 @@ pub async fn record(db: &Db, entry: Entry) -> Result<()> {
         ])?;
         Ok(())
     })
-    .await
 }

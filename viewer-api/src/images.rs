@@ -10,7 +10,8 @@ use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::error::{ApiError, Result};
-use crate::render::{self, Format, RenderError, Rendered, Spec, Voi};
+pub use crate::render::Spec;
+use crate::render::{self, Format, RenderError, Rendered, Voi};
 use crate::studies::{InstanceRow, open_object};
 
 /// Largest raw chunk sent in one message (well under gRPC's 4 MiB default).
@@ -173,33 +174,32 @@ impl Images {
         }
     }
 
-    /// One rendered frame, from the cache when it was rendered before.
-    pub async fn render(&self, instance: &InstanceRow, spec: Spec) -> Result<Arc<Rendered>> {
-        let key = Images::cache_key(instance, &spec);
+    /// One rendered frame, from the cache when it was rendered before; runs
+    /// on a blocking thread, `handle` runs the waits (a worker permit, a
+    /// remote blob).
+    pub fn render_blocking(
+        &self,
+        instance: &InstanceRow,
+        spec: &Spec,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Arc<Rendered>> {
+        let key = Images::cache_key(instance, spec);
         if let Some(hit) = self.cache.lock().expect("cache lock").get(&key) {
             return Ok(hit);
         }
-        let (path, bytes) = self.source(&instance.blob_key).await?;
-        let _permit = self
-            .workers
-            .acquire()
-            .await
+        let (path, bytes) = handle.block_on(self.source(&instance.blob_key))?;
+        let _permit = handle
+            .block_on(self.workers.acquire())
             .map_err(|_| ApiError::Internal("render workers closed".into()))?;
-        let s = spec.clone();
-        let rendered = tokio::task::spawn_blocking(move || -> Result<Rendered> {
-            let started = std::time::Instant::now();
-            let obj = open_object(path, bytes, false)?;
-            let opened = started.elapsed();
-            let rendered = render::render(&obj, &s)?;
-            tracing::debug!(
-                open_us = opened.as_micros() as u64,
-                render_us = (started.elapsed() - opened).as_micros() as u64,
-                "rendered"
-            );
-            Ok(rendered)
-        })
-        .await??;
-        let rendered = Arc::new(rendered);
+        let started = std::time::Instant::now();
+        let obj = open_object(path, bytes, false)?;
+        let opened = started.elapsed();
+        let rendered = Arc::new(render::render(&obj, spec)?);
+        tracing::debug!(
+            open_us = opened.as_micros() as u64,
+            render_us = (started.elapsed() - opened).as_micros() as u64,
+            "rendered"
+        );
         self.cache
             .lock()
             .expect("cache lock")

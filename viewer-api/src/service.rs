@@ -377,6 +377,66 @@ impl StudyService for Studies {
 }
 
 impl App {
+    /// Finds the instance with the caller's access check, renders the frame
+    /// (or takes it from the cache) and writes the audit row, in one
+    /// blocking task: one thread hop per frame instead of three.
+    async fn render_audited(
+        self: &Arc<Self>,
+        caller: Caller,
+        action: &'static str,
+        sop_uid: String,
+        spec: Result<images::Spec>,
+    ) -> Result<pb::RenderedFrame, Status> {
+        let app = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut entry = Entry::new(action, &caller);
+            let frame = spec.as_ref().map_or(1, |s| s.frame + 1);
+            entry.detail = format!("{sop_uid} frame {frame}");
+            let result = app.render_blocking(&caller, &sop_uid, spec, &mut entry, &handle);
+            entry.outcome = match &result {
+                Ok(_) => "success".into(),
+                Err(e) => e.outcome(),
+            };
+            audit::record_blocking(&app.db, entry)?;
+            result
+        })
+        .await
+        .map_err(ApiError::from)?
+        .map_err(Status::from)
+    }
+
+    fn render_blocking(
+        &self,
+        caller: &Caller,
+        sop_uid: &str,
+        spec: Result<images::Spec>,
+        entry: &mut Entry,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<pb::RenderedFrame> {
+        caller.require_patient_access()?;
+        studies::check_uid(sop_uid, "sop_instance_uid")?;
+        let instance = self
+            .db
+            .read_blocking(|c| studies::find_instance(c, caller, sop_uid))?;
+        entry.study_uid = instance.study_uid.clone();
+        entry.patient_ref = instance.patient_ref.clone();
+        let spec = spec?;
+        if spec.frame >= instance.number_of_frames {
+            return Err(ApiError::InvalidArgument(format!(
+                "frame {} is out of range (the instance has {})",
+                spec.frame + 1,
+                instance.number_of_frames
+            )));
+        }
+        let rendered = self.images.render_blocking(&instance, &spec, handle)?;
+        Ok(images::to_proto(
+            &instance.sop_instance_uid,
+            &spec,
+            &rendered,
+        ))
+    }
+
     /// The instance, checked against the caller's access; fills the audit entry.
     async fn instance(
         &self,
@@ -405,31 +465,12 @@ impl ImageService for Imaging {
     ) -> Result<Response<pb::RenderedFrame>, Status> {
         let caller = self.0.caller(&req, "RenderFrame").await?;
         let r = req.into_inner();
-        let mut entry = Entry::new("RenderFrame", &caller);
-        let frame = r.frame_number.max(1) - 1;
-        entry.detail = format!("{} frame {}", r.sop_instance_uid, frame + 1);
-        let result = async {
-            let instance = self
-                .0
-                .instance(&caller, &r.sop_instance_uid, &mut entry)
-                .await?;
-            let spec = images::spec_from(r.options.as_ref(), frame)?;
-            if frame >= instance.number_of_frames {
-                return Err(ApiError::InvalidArgument(format!(
-                    "frame {} is out of range (the instance has {})",
-                    frame + 1,
-                    instance.number_of_frames
-                )));
-            }
-            let rendered = self.0.images.render(&instance, spec.clone()).await?;
-            Ok(images::to_proto(
-                &instance.sop_instance_uid,
-                &spec,
-                &rendered,
-            ))
-        }
-        .await;
-        Ok(Response::new(self.0.audited(entry, result).await?))
+        let spec = images::spec_from(r.options.as_ref(), r.frame_number.max(1) - 1);
+        let frame = self
+            .0
+            .render_audited(caller, "RenderFrame", r.sop_instance_uid, spec)
+            .await?;
+        Ok(Response::new(frame))
     }
 
     async fn get_thumbnail(
@@ -438,29 +479,18 @@ impl ImageService for Imaging {
     ) -> Result<Response<pb::RenderedFrame>, Status> {
         let caller = self.0.caller(&req, "GetThumbnail").await?;
         let r = req.into_inner();
-        let mut entry = Entry::new("GetThumbnail", &caller);
-        entry.detail = r.sop_instance_uid.clone();
-        let result = async {
-            let instance = self
-                .0
-                .instance(&caller, &r.sop_instance_uid, &mut entry)
-                .await?;
-            let size = if r.size == 0 { 128 } else { r.size.min(512) };
-            let options = pb::RenderOptions {
-                max_width: size,
-                max_height: size,
-                ..pb::RenderOptions::default()
-            };
-            let spec = images::spec_from(Some(&options), 0)?;
-            let rendered = self.0.images.render(&instance, spec.clone()).await?;
-            Ok(images::to_proto(
-                &instance.sop_instance_uid,
-                &spec,
-                &rendered,
-            ))
-        }
-        .await;
-        Ok(Response::new(self.0.audited(entry, result).await?))
+        let size = if r.size == 0 { 128 } else { r.size.min(512) };
+        let options = pb::RenderOptions {
+            max_width: size,
+            max_height: size,
+            ..pb::RenderOptions::default()
+        };
+        let spec = images::spec_from(Some(&options), 0);
+        let frame = self
+            .0
+            .render_audited(caller, "GetThumbnail", r.sop_instance_uid, spec)
+            .await?;
+        Ok(Response::new(frame))
     }
 
     type StreamSeriesStream = Streamed<pb::RenderedFrame>;

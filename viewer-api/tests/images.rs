@@ -319,6 +319,63 @@ async fn sample_ct_matches_dcmtk_dcmj2pnm_and_every_kind_renders() {
         "largest difference from dcmj2pnm: {max_diff}"
     );
 
+    // Multi-frame: every frame of an ultrasound cine renders; one past the end does not.
+    let us = samples
+        .iter()
+        .find(|f| f.issuer_of_patient_id == "xinzhen" && f.modality == "US")
+        .expect("a xinzhen ultrasound");
+    let meta = c
+        .studies
+        .get_study_metadata(authed(
+            consortium_proto::v1::GetStudyMetadataRequest {
+                study_instance_uid: us.study_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let cine = meta
+        .instances
+        .iter()
+        .find(|i| i.number_of_frames > 1)
+        .expect("a multi-frame instance");
+    let mut previous: Option<Vec<u8>> = None;
+    let mut differ = false;
+    for n in 1..=cine.number_of_frames {
+        let frame = c
+            .images
+            .render_frame(authed(
+                RenderFrameRequest {
+                    sop_instance_uid: cine.sop_instance_uid.clone(),
+                    frame_number: n,
+                    options: None,
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(frame.frame_number, n);
+        let pixels = decode_png(&frame.data).to_rgb8().into_raw();
+        differ |= previous.as_ref().is_some_and(|p| *p != pixels);
+        previous = Some(pixels);
+    }
+    assert!(differ, "the frames of a cine are not all the same picture");
+    let err = c
+        .images
+        .render_frame(authed(
+            RenderFrameRequest {
+                sop_instance_uid: cine.sop_instance_uid.clone(),
+                frame_number: cine.number_of_frames + 1,
+                options: None,
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
     // Every image of the clinic renders (or says clearly why not), and
     // thumbnails fit 128 pixels.
     for f in samples

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::{authed, center_with, demo_samples, ingest, with_clinic};
@@ -374,4 +375,47 @@ async fn next_where(
             return e;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_that_says_stat_comes_first() {
+    let (files, uids) = studies_of("xinzhen", 2);
+    // The later study says Requested Procedure Priority STAT (set with DCMTK's dcmodify).
+    let tmp = tempfile::tempdir().unwrap();
+    let mut marked = Vec::new();
+    for (path, clinic) in &files {
+        let f = demo_samples().1.iter().find(|f| &f.path == path).unwrap();
+        if f.study_instance_uid != uids[1] {
+            marked.push((path.clone(), clinic.clone()));
+            continue;
+        }
+        let copy = tmp.path().join(path.file_name().unwrap());
+        std::fs::copy(path, &copy).unwrap();
+        let out = Command::new("/usr/bin/dcmodify")
+            .args(["-nb", "-i", "(0040,1003)=STAT"])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        marked.push((copy, clinic.clone()));
+    }
+    let server = center_with(&marked, "").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let rad = server.login("rad1").await;
+    let mut c = server.clients().await;
+    let items = c
+        .worklist
+        .list_worklist(authed(ListWorklistRequest::default(), &rad))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0].study_instance_uid, uids[1]);
+    assert_eq!(items[0].priority, Priority::Stat as i32);
+    assert_eq!(items[1].priority, Priority::Routine as i32);
 }
