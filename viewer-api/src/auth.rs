@@ -226,6 +226,8 @@ pub fn issue_token(conn: &Connection, user_pk: i64, lifetime: Duration) -> Resul
     let token = new_token()?;
     let now = now_unix();
     let expires = now + lifetime.as_secs() as i64;
+    // Sessions expired for a day are of no use to anyone: drop them here.
+    conn.execute("DELETE FROM sessions WHERE expires_at < ?1", [now - 86_400])?;
     conn.execute(
         "INSERT INTO sessions (token_hash, user_pk, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
         params![token_hash(&token), user_pk, now, expires],

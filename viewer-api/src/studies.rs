@@ -171,7 +171,9 @@ pub fn open_object(
         (None, None) => return Err(ApiError::Internal("no blob to open".into())),
     };
     parsed.map_err(|e| {
-        ApiError::FailedPrecondition(format!("the stored instance cannot be parsed: {e}"))
+        // The parser's message may name the blob's path: log it, do not send it.
+        tracing::warn!(error = %e, "stored instance cannot be parsed");
+        ApiError::FailedPrecondition("the stored instance cannot be parsed".into())
     })
 }
 
