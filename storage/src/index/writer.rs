@@ -136,12 +136,30 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
     let fsyncs: usize = batches.iter().map(|b| b.fsyncs).sum();
     let sync_us: u128 = batches.iter().map(|b| b.sync_time.as_micros()).sum();
     // Jobs whose blobs failed to sync fail alone; the others are committed.
+    // A failed fsync may have dropped the file's dirty pages while leaving
+    // the file in place, and a later fsync of it can report success: so the
+    // unreferenced files of a failed batch are removed, and a job whose blob
+    // is gone (another sender's identical bytes, removed here) fails too
+    // instead of indexing a row without a blob.
     let mut batch = Vec::new();
     for b in batches {
         match b.synced {
             Ok(()) => batch.extend(b.jobs),
-            Err(e) => fail_all(b.jobs, &e),
+            Err(e) => {
+                discard_unsynced(conn, &b.jobs);
+                fail_all(b.jobs, &e);
+            }
         }
+    }
+    let (batch, vanished): (Vec<Job>, Vec<Job>) = batch
+        .into_iter()
+        .partition(|job| blob_files(job).all(|p| p.exists()));
+    for job in vanished {
+        job.answer(Err(Error::Io {
+            op: "find blob after a failed fsync of the same bytes",
+            path: PathBuf::new(),
+            source: std::io::Error::other("send the instance again"),
+        }));
     }
     let mut results = Vec::with_capacity(batch.len());
     let outcome = (|| -> Result<()> {
@@ -180,6 +198,50 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
         commit_us = started.elapsed().as_micros() as u64,
         "index batch committed"
     );
+}
+
+/// The blob files an insert job placed (none for remote object stores).
+fn blob_files(job: &Job) -> impl Iterator<Item = &PathBuf> {
+    let items: &[SyncItem] = match job {
+        Job::Insert { to_sync, .. } => to_sync,
+        Job::Clinics { .. } | Job::Audit { .. } => &[],
+    };
+    items.iter().filter_map(|i| match i {
+        SyncItem::File(p) => Some(p),
+        SyncItem::Dir(_) => None,
+    })
+}
+
+/// Removes the blob files of a batch whose fsync failed, unless a committed
+/// row references them (then they were durable before this batch).
+fn discard_unsynced(conn: &Connection, jobs: &[Job]) {
+    for job in jobs {
+        let Job::Insert { instance, .. } = job else {
+            continue;
+        };
+        let referenced = conn
+            .query_row(
+                "SELECT 1 FROM instance_versions WHERE blob_key = ?1 LIMIT 1",
+                [&instance.blob_key],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_or(true, |r| r.is_some());
+        if referenced {
+            continue;
+        }
+        for path in blob_files(job) {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    tracing::warn!(key = %instance.blob_key, "removed a blob whose fsync failed")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(key = %instance.blob_key, error = %e, "cannot remove a blob whose fsync failed")
+                }
+            }
+        }
+    }
 }
 
 fn fail_all(jobs: Vec<Job>, e: &Error) {
@@ -427,4 +489,89 @@ fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i6
             ],
             |r| r.get(0),
         )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert_job(
+        blob: &std::path::Path,
+        key: &str,
+    ) -> (Job, oneshot::Receiver<Result<StoreOutcome>>) {
+        let (reply, rx) = oneshot::channel();
+        let attrs = InstanceAttrs {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: "2.25.1".into(),
+            study_instance_uid: "2.25.2".into(),
+            series_instance_uid: "2.25.3".into(),
+            patient_id: "P1".into(),
+            ..InstanceAttrs::default()
+        };
+        let job = Job::Insert {
+            instance: Box::new(NewInstance {
+                attrs,
+                clinic_id: "c".into(),
+                calling_ae: "AE".into(),
+                blob_key: key.into(),
+                sha256: "ab".into(),
+                size: 4,
+                dataset_offset: 0,
+                transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                received_at: "2026-01-01T00:00:00.000000Z".into(),
+            }),
+            to_sync: vec![SyncItem::File(blob.to_owned())],
+            reply,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn a_failed_fsync_removes_the_blob_and_its_twin_is_not_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::index::open_writer(&dir.path().join("index.sqlite")).unwrap();
+        let blob = dir.path().join("blob.dcm");
+        std::fs::write(&blob, b"DICM").unwrap();
+        let (failed, failed_rx) = insert_job(&blob, "instances/ab/ab.dcm");
+        // A second sender's identical bytes found the file in place and
+        // synced it "successfully" after the first fsync had failed.
+        let (twin, twin_rx) = insert_job(&blob, "instances/ab/ab.dcm");
+        let synced = |jobs, synced| Synced {
+            jobs,
+            synced,
+            fsyncs: 1,
+            sync_time: std::time::Duration::ZERO,
+        };
+        let eio = Error::Io {
+            op: "fsync blob",
+            path: blob.clone(),
+            source: std::io::Error::other("EIO"),
+        };
+        commit_batches(
+            &mut conn,
+            vec![synced(vec![failed], Err(eio)), synced(vec![twin], Ok(()))],
+        );
+        assert!(failed_rx.blocking_recv().unwrap().is_err());
+        assert!(twin_rx.blocking_recv().unwrap().is_err());
+        assert!(!blob.exists(), "the unsynced blob is removed");
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM instances", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0, "no row points at a blob that may not be durable");
+
+        // A blob an indexed row references is kept even if a re-sync fails.
+        std::fs::write(&blob, b"DICM").unwrap();
+        let (ok, ok_rx) = insert_job(&blob, "instances/ab/ab.dcm");
+        commit_batches(&mut conn, vec![synced(vec![ok], Ok(()))]);
+        assert!(ok_rx.blocking_recv().unwrap().is_ok());
+        let (again, again_rx) = insert_job(&blob, "instances/ab/ab.dcm");
+        let eio = Error::Io {
+            op: "fsync blob",
+            path: blob.clone(),
+            source: std::io::Error::other("EIO"),
+        };
+        commit_batches(&mut conn, vec![synced(vec![again], Err(eio))]);
+        assert!(again_rx.blocking_recv().unwrap().is_err());
+        assert!(blob.exists(), "a referenced blob is never removed");
+    }
 }
