@@ -298,3 +298,49 @@ impl Images {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(bytes: usize) -> Arc<Rendered> {
+        Arc::new(Rendered {
+            data: vec![0; bytes],
+            width: 1,
+            height: 1,
+            window: None,
+        })
+    }
+
+    #[test]
+    fn the_cache_keeps_recent_frames_within_its_budget() {
+        let mut cache = Cache {
+            budget: 1000,
+            used: 0,
+            tick: 0,
+            entries: HashMap::new(),
+        };
+        cache.put("a".into(), frame(200));
+        cache.put("b".into(), frame(200));
+        cache.put("c".into(), frame(200));
+        assert!(cache.get("a").is_some()); // a is now the most recent
+        cache.put("d".into(), frame(200));
+        cache.put("e".into(), frame(200)); // 1000 bytes: still fits
+        cache.put("f".into(), frame(200)); // evicts the least recent: b
+        assert!(cache.get("b").is_none());
+        assert!(cache.get("a").is_some());
+        assert!(cache.used <= 1000);
+        // Larger than a quarter of the budget: not cached at all.
+        cache.put("huge".into(), frame(300));
+        assert!(cache.get("huge").is_none());
+        // A zero budget caches nothing.
+        let mut off = Cache {
+            budget: 0,
+            used: 0,
+            tick: 0,
+            entries: HashMap::new(),
+        };
+        off.put("a".into(), frame(1));
+        assert!(off.get("a").is_none());
+    }
+}

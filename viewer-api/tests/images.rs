@@ -483,6 +483,59 @@ async fn series_stream_raw_instances_metadata_and_priors() {
         .priors;
     assert!(own.iter().all(|p| p.clinic_id == home));
 
+    // Someone else with the very same name, at the other clinic, is never a prior.
+    let stranger = samples
+        .iter()
+        .find(|f| f.resident_id != person.resident_id && f.issuer_of_patient_id != home)
+        .unwrap();
+    let namesake = server.dir.join("namesake.dcm");
+    std::fs::copy(&stranger.path, &namesake).unwrap();
+    let name = Command::new("/usr/bin/dcmdump")
+        .args(["-q", "+P", "PatientName"])
+        .arg(&person.path)
+        .output()
+        .unwrap();
+    let name = String::from_utf8_lossy(&name.stdout)
+        .split('[')
+        .nth(1)
+        .and_then(|v| v.split(']').next())
+        .unwrap()
+        .to_string();
+    let out = Command::new("/usr/bin/dcmodify")
+        .args(["-nb", "-m", &format!("PatientName={name}")])
+        .args(["-m", "StudyInstanceUID=2.25.999000111"])
+        .arg(&namesake)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::ingest(
+        &server.data_dir(),
+        &[(namesake, stranger.issuer_of_patient_id.clone())],
+    )
+    .await;
+    let again = c
+        .studies
+        .get_priors(authed(
+            GetPriorsRequest {
+                study_instance_uid: person.study_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .priors;
+    assert_eq!(again.len(), priors.len(), "a namesake is not a prior");
+    assert!(
+        again
+            .iter()
+            .all(|p| p.study_instance_uid != "2.25.999000111")
+    );
+
     // Metadata: DICOM JSON in series then instance order, without pixel data.
     let meta = c
         .studies

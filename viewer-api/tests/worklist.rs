@@ -269,6 +269,46 @@ async fn studies_settle_then_sort_by_priority_then_waiting_time() {
         .items;
     assert!(!by_modality.is_empty());
     assert!(by_modality.iter().all(|i| i.modalities.contains(&modality)));
+    // Study date range, inclusive.
+    let date = items[1].study_date.clone();
+    let on_day = c
+        .worklist
+        .list_worklist(authed(
+            ListWorklistRequest {
+                filter: Some(WorklistFilter {
+                    study_date_from: date.clone(),
+                    study_date_to: date.clone(),
+                    ..Default::default()
+                }),
+                limit: 0,
+            },
+            &rad,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(
+        on_day
+            .iter()
+            .any(|i| i.study_instance_uid == items[1].study_instance_uid)
+    );
+    assert!(on_day.iter().all(|i| i.study_date == date));
+    let err = c
+        .worklist
+        .list_worklist(authed(
+            ListWorklistRequest {
+                filter: Some(WorklistFilter {
+                    study_date_from: "2024-01-01".into(),
+                    ..Default::default()
+                }),
+                limit: 0,
+            },
+            &rad,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
     // Another clinic's technician may not change its priority.
     server.user("tech_b", "technician", "baishui");
     let tech_b = server.login("tech_b").await;
