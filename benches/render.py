@@ -154,25 +154,7 @@ class Center:
         subprocess.run([str(VIEWER), "--config", str(self.config), "admin", "create-user", "bench",
                         "--role", "radiologist", "--clinic", "county"],
                        input=PASSWORD + "\n", text=True, check=True, capture_output=True)
-        self.channel = grpc.insecure_channel(self.addr, options=[
-            ("grpc.max_receive_message_length", 64 << 20)])
-        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
-
-        def method(path):
-            service, name = path.rsplit("/", 1)
-            m = pool.FindServiceByName(service).FindMethodByName(name)
-            req = message_factory.GetMessageClass(m.input_type)
-            resp = message_factory.GetMessageClass(m.output_type)
-            call = self.channel.unary_unary(f"/{service}/{name}",
-                                            request_serializer=req.SerializeToString,
-                                            response_deserializer=resp.FromString)
-            return req, call
-
-        login_req, login = method("consortium.v1.IdentityService/Login")
-        self.token = login(login_req(username="bench", password=PASSWORD)).token
-        self.metadata = (("authorization", f"Bearer {self.token}"),)
-        self.render_req, self.render_call = method("consortium.v1.ImageService/RenderFrame")
-        self.thumb_req, self.thumb_call = method("consortium.v1.ImageService/GetThumbnail")
+        self.connect_client(None)
 
     def client_spec(self) -> tuple:
         return ("viewer-api", self.addr, self.token)
@@ -184,7 +166,8 @@ class Center:
         c.connect_client(token)
         return c
 
-    def connect_client(self, token: str) -> None:
+    def connect_client(self, token: str | None) -> None:
+        """Channel and calls; logs in first when no token is given."""
         self.channel = grpc.insecure_channel(self.addr, options=[
             ("grpc.max_receive_message_length", 64 << 20)])
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
@@ -199,6 +182,9 @@ class Center:
                                             response_deserializer=resp.FromString)
             return req, call
 
+        if token is None:
+            login_req, login = method("consortium.v1.IdentityService/Login")
+            token = login(login_req(username="bench", password=PASSWORD)).token
         self.token = token
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.render_req, self.render_call = method("consortium.v1.ImageService/RenderFrame")

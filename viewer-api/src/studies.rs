@@ -35,6 +35,22 @@ pub struct InstanceRow {
     pub number_of_frames: u32,
 }
 
+/// SQL giving a study's distinct modalities as one `\`-separated value
+/// (study row alias `st`); [`split_modalities`] reads it back.
+pub const MODALITIES_OF_STUDY: &str =
+    "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT se.modality AS m
+    FROM series se WHERE se.study_pk = st.pk AND se.modality != '' ORDER BY 1))";
+
+/// The modalities of [`MODALITIES_OF_STUDY`] as a list.
+pub fn split_modalities(joined: Option<String>) -> Vec<String> {
+    joined
+        .unwrap_or_default()
+        .split('\\')
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Checks that `uid` looks like a UID before it reaches SQL or a log.
 pub fn check_uid(uid: &str, what: &str) -> Result<()> {
     if storage::part10::is_valid_uid(uid) {
@@ -188,7 +204,7 @@ pub fn dataset_json(obj: &DefaultDicomObject) -> Result<String> {
 /// the same patient record. Never through names. Newest first, limited to
 /// what the caller may see.
 pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Vec<PriorStudy>> {
-    let mut stmt = conn.prepare_cached(
+    let mut stmt = conn.prepare_cached(&format!(
         "WITH keys (id, issuer) AS (
              SELECT other_id, issuer FROM patient_other_ids WHERE patient_pk = ?1 AND issuer != ''
              UNION SELECT patient_id, issuer FROM patients WHERE pk = ?1 AND issuer != ''),
@@ -200,27 +216,21 @@ pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Ve
              UNION SELECT ids.patient_pk, 'ID ' || keys.id || ' (issuer ' || keys.issuer || ')'
              FROM keys JOIN ids ON ids.id = keys.id AND ids.issuer = keys.issuer)
          SELECT st.study_uid, st.clinic_id, st.study_date, st.description, min(l.how),
-                (SELECT group_concat(m, '\\') FROM (SELECT DISTINCT se.modality AS m FROM series se
-                   WHERE se.study_pk = st.pk AND se.modality != '' ORDER BY 1))
+                {MODALITIES_OF_STUDY}
          FROM linked l JOIN studies st ON st.patient_pk = l.patient_pk
          WHERE st.pk != ?2
          GROUP BY st.pk
-         ORDER BY st.study_date DESC, st.study_time DESC, st.study_uid",
-    )?;
+         ORDER BY st.study_date DESC, st.study_time DESC, st.study_uid"
+    ))?;
     let rows = stmt.query_map(rusqlite::params![study.patient_pk, study.pk], |r| {
-        let modalities: Option<String> = r.get(5)?;
+        let modalities = r.get(5)?;
         Ok(PriorStudy {
             study_instance_uid: r.get(0)?,
             clinic_id: r.get(1)?,
             study_date: r.get(2)?,
             study_description: r.get(3)?,
             matched_on: r.get(4)?,
-            modalities: modalities
-                .unwrap_or_default()
-                .split('\\')
-                .filter(|m| !m.is_empty())
-                .map(str::to_string)
-                .collect(),
+            modalities: split_modalities(modalities),
         })
     })?;
     let all: Vec<PriorStudy> = rows.collect::<Result<_, _>>()?;

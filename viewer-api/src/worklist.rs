@@ -15,6 +15,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::auth::{Caller, Role};
 use crate::db::{Db, now_unix};
 use crate::error::{ApiError, Result};
+use crate::studies::{MODALITIES_OF_STUDY, split_modalities};
 
 /// One change seen by the poller.
 #[derive(Debug, Clone)]
@@ -104,12 +105,11 @@ fn query_items(
 ) -> Result<Vec<WorklistItem>> {
     let now = now_unix();
     let cutoff = storage::utc_timestamp(SystemTime::now() - settle);
-    let mut stmt = conn.prepare_cached(
+    let mut stmt = conn.prepare_cached(&format!(
         "SELECT * FROM (
            SELECT st.study_uid, st.clinic_id, p.name, p.patient_id, st.study_date, st.description,
                   st.accession_number,
-                  (SELECT group_concat(m, '\\') FROM (SELECT DISTINCT se.modality AS m FROM series se
-                     WHERE se.study_pk = st.pk AND se.modality != '' ORDER BY 1)) AS modalities,
+                  {MODALITIES_OF_STUDY} AS modalities,
                   (SELECT count(*) FROM series se JOIN instances i ON i.series_pk = se.pk
                      WHERE se.study_pk = st.pk) AS n,
                   COALESCE(w.priority, CASE st.requested_priority
@@ -129,8 +129,8 @@ fn query_items(
              AND (?7 = '' OR st.study_uid = ?7))
          WHERE (?8 = '' OR instr(?8, ',' || status || ',') > 0)
          ORDER BY prio, last_at, study_uid
-         LIMIT ?9",
-    )?;
+         LIMIT ?9"
+    ))?;
     let rows = stmt.query_map(
         params![
             now,
@@ -146,7 +146,7 @@ fn query_items(
         |r| {
             let status: i32 = r.get(10)?;
             let claimed = status == ItemStatus::Claimed as i32;
-            let modalities: Option<String> = r.get(7)?;
+            let modalities = r.get(7)?;
             Ok(WorklistItem {
                 study_instance_uid: r.get(0)?,
                 clinic_id: r.get(1)?,
@@ -155,12 +155,7 @@ fn query_items(
                 study_date: r.get(4)?,
                 study_description: r.get(5)?,
                 accession_number: r.get(6)?,
-                modalities: modalities
-                    .unwrap_or_default()
-                    .split('\\')
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_string)
-                    .collect(),
+                modalities: split_modalities(modalities),
                 instance_count: r.get::<_, i64>(8)? as u32,
                 priority: r.get(9)?,
                 status,
