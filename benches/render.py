@@ -3,8 +3,10 @@
 same 512x512 CT files, same run.
 
 - viewer-api: `ImageService/RenderFrame` (PNG, the file's window) and
-  `GetThumbnail` (128 px) over one gRPC channel, render cache off (every
-  request decodes and encodes), Python grpcio client.
+  `GetThumbnail` (128 px) over one gRPC channel, Python grpcio client; by
+  default the render cache is off (every request applies the window and
+  encodes) and the decoded-frame cache is on, as Orthanc keeps its own cache
+  of parsed files; `--frame-cache-mib 0` makes every request decode too.
 - Orthanc (Debian 1.10): `/instances/{id}/frames/0/rendered` (and with
   `?width=128&height=128` for thumbnails) over a keep-alive HTTP connection.
 - dcmj2pnm: one process per frame, `+Wi 1 +on` (thumbnails: `+Sxv 128`).
@@ -49,6 +51,7 @@ SAMPLE_DICOM = RELEASE / "sample-dicom"
 VIEWER = RELEASE / "viewer-api"
 PASSWORD = "bench-password-1"
 CACHE_MIB = 0
+FRAME_CACHE_MIB = 256
 
 
 def log(msg: str) -> None:
@@ -136,7 +139,8 @@ class Center:
         gw_config = (self.gateway.workdir / "gateway.toml").read_text()
         self.config.write_text(
             gw_config.replace("[storage]", "[viewer]\nlisten = \"127.0.0.1:0\"\n"
-                              f"render_cache_mib = {CACHE_MIB}\nworklist_settle_s = 0\n\n[storage]")
+                              f"render_cache_mib = {CACHE_MIB}\nframe_cache_mib = {FRAME_CACHE_MIB}\n"
+                              "worklist_settle_s = 0\n\n[storage]")
             + '\n[[clinics]]\nid = "county"\nname = "County"\nae_titles = ["COUNTYWS1"]\nrole = "county"\n')
         out = self.work / "viewer.out"
         with open(out, "wb") as stdout, open(self.work / "viewer.log", "wb") as err:
@@ -370,9 +374,12 @@ def main(argv) -> int:
     p.add_argument("--files", type=int, default=30)
     p.add_argument("--cache-mib", type=int, default=0,
                    help="viewer-api render cache (0: every request renders; 64 is its default)")
+    p.add_argument("--frame-cache-mib", type=int, default=256,
+                   help="viewer-api decoded-frame cache (256, its default, is like Orthanc's own "
+                        "cache of parsed files; 0: every request decodes)")
     args = p.parse_args(argv)
-    global CACHE_MIB
-    CACHE_MIB = args.cache_mib
+    global CACHE_MIB, FRAME_CACHE_MIB
+    CACHE_MIB, FRAME_CACHE_MIB = args.cache_mib, args.frame_cache_mib
     for tool in (VIEWER, SAMPLE_DICOM, Path(DCMJ2PNM), Path(ingest.ORTHANC), Path(ingest.STORESCU)):
         if not os.access(tool, os.X_OK):
             log(f"missing {tool}: run `make bench`")
@@ -430,7 +437,7 @@ def main(argv) -> int:
                              "frames_per_s": round(statistics.median(tput[name][kind]), 1)}
                       for kind in ("render", "thumbnail")} for name in lat}
     print(f"\nrendered frames, 512x512 CT -> 8-bit PNG ({len(uids)} files, {args.rounds} rounds, medians, "
-          f"viewer-api render cache {args.cache_mib} MiB)")
+          f"viewer-api render cache {args.cache_mib} MiB, frame cache {args.frame_cache_mib} MiB)")
     print(f"{'':<12}{'renderer':<12}{'median ms':>10}{'p90 ms':>9}{'frames/s (2 client processes)':>31}")
     for kind in ("render", "thumbnail"):
         for name in summary:
@@ -455,7 +462,7 @@ def main(argv) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"render-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps({"summary": summary, "ratios": ratios, "agreement": agreement,
-                                "cache_mib": args.cache_mib,
+                                "cache_mib": args.cache_mib, "frame_cache_mib": args.frame_cache_mib,
                                 "files": len(uids), "rounds": args.rounds}, indent=2))
     print(f"\nJSON: {path}")
     return 0

@@ -135,6 +135,10 @@ pub struct ViewerConfig {
     /// Rendered frames kept in memory for repeated requests, in MiB (default 64).
     #[serde(default = "defaults::render_cache_mib")]
     pub render_cache_mib: u64,
+    /// Decoded frames kept in memory, so a new window or size skips the
+    /// decode, in MiB (default 256).
+    #[serde(default = "defaults::frame_cache_mib")]
+    pub frame_cache_mib: u64,
 }
 
 mod defaults {
@@ -149,6 +153,9 @@ mod defaults {
     }
     pub(super) fn render_cache_mib() -> u64 {
         64
+    }
+    pub(super) fn frame_cache_mib() -> u64 {
+        256
     }
     pub(super) fn max_associations() -> usize {
         200

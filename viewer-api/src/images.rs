@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::error::{ApiError, Result};
 pub use crate::render::Spec;
-use crate::render::{self, Format, RenderError, Rendered, Voi};
+use crate::render::{self, Format, Frame, RenderError, Rendered, Voi};
 use crate::studies::{InstanceRow, open_object};
 
 /// Largest raw chunk sent in one message (well under gRPC's 4 MiB default).
@@ -93,16 +93,42 @@ pub fn to_proto(sop_uid: &str, spec: &Spec, r: &Rendered) -> RenderedFrame {
     }
 }
 
-/// Rendered frames, least recently used evicted past a byte budget.
-struct Cache {
+/// What a cache entry weighs against its budget.
+trait Weight {
+    fn weight(&self) -> usize;
+}
+
+impl Weight for Rendered {
+    fn weight(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl Weight for Frame {
+    fn weight(&self) -> usize {
+        self.bytes()
+    }
+}
+
+/// Least recently used entries evicted past a byte budget.
+struct Cache<T> {
     budget: usize,
     used: usize,
     tick: u64,
-    entries: HashMap<String, (Arc<Rendered>, u64)>,
+    entries: HashMap<String, (Arc<T>, u64)>,
 }
 
-impl Cache {
-    fn get(&mut self, key: &str) -> Option<Arc<Rendered>> {
+impl<T: Weight> Cache<T> {
+    fn new(budget: usize) -> Cache<T> {
+        Cache {
+            budget,
+            used: 0,
+            tick: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<Arc<T>> {
         self.tick += 1;
         let tick = self.tick;
         self.entries.get_mut(key).map(|(r, t)| {
@@ -111,14 +137,14 @@ impl Cache {
         })
     }
 
-    fn put(&mut self, key: String, value: Arc<Rendered>) {
-        let size = value.data.len();
+    fn put(&mut self, key: String, value: Arc<T>) {
+        let size = value.weight();
         if size > self.budget / 4 {
             return;
         }
         self.tick += 1;
         if let Some((old, _)) = self.entries.insert(key, (value, self.tick)) {
-            self.used -= old.data.len();
+            self.used -= old.weight();
         }
         self.used += size;
         while self.used > self.budget {
@@ -131,7 +157,7 @@ impl Cache {
                 break;
             };
             if let Some((r, _)) = self.entries.remove(&oldest) {
-                self.used -= r.data.len();
+                self.used -= r.weight();
             }
         }
     }
@@ -139,28 +165,50 @@ impl Cache {
 
 pub struct Images {
     blobs: storage::BlobStore,
-    cache: Mutex<Cache>,
+    /// Encoded frames, for repeated identical requests.
+    cache: Mutex<Cache<Rendered>>,
+    /// Decoded frames, so a new window, size or format skips the decode.
+    frames: Mutex<Cache<Frame>>,
     /// One decode/encode per core at a time; the rest wait their turn.
     workers: Arc<Semaphore>,
 }
 
 impl Images {
-    pub fn new(blobs: storage::BlobStore, cache_bytes: usize) -> Images {
+    pub fn new(blobs: storage::BlobStore, cache_bytes: usize, frame_cache_bytes: usize) -> Images {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Images {
             blobs,
-            cache: Mutex::new(Cache {
-                budget: cache_bytes,
-                used: 0,
-                tick: 0,
-                entries: HashMap::new(),
-            }),
+            cache: Mutex::new(Cache::new(cache_bytes)),
+            frames: Mutex::new(Cache::new(frame_cache_bytes)),
             workers: Arc::new(Semaphore::new(cores)),
         }
     }
 
     fn cache_key(instance: &InstanceRow, spec: &Spec) -> String {
         format!("{}/{:?}", instance.sha256, spec)
+    }
+
+    fn frame_key(instance: &InstanceRow, frame: u32) -> String {
+        format!("{}/{frame}", instance.sha256)
+    }
+
+    /// A decoded frame from the cache, after `load` decoded it if needed.
+    fn decoded(
+        &self,
+        instance: &InstanceRow,
+        frame: u32,
+        load: impl FnOnce() -> Result<Frame>,
+    ) -> Result<Arc<Frame>> {
+        let key = Images::frame_key(instance, frame);
+        if let Some(hit) = self.frames.lock().expect("frame cache lock").get(&key) {
+            return Ok(hit);
+        }
+        let decoded = Arc::new(load()?);
+        self.frames
+            .lock()
+            .expect("frame cache lock")
+            .put(key, decoded.clone());
+        Ok(decoded)
     }
 
     /// Where a blob can be read: a local path, or its bytes.
@@ -187,17 +235,20 @@ impl Images {
         if let Some(hit) = self.cache.lock().expect("cache lock").get(&key) {
             return Ok(hit);
         }
-        let (path, bytes) = handle.block_on(self.source(&instance.blob_key))?;
         let _permit = handle
             .block_on(self.workers.acquire())
             .map_err(|_| ApiError::Internal("render workers closed".into()))?;
         let started = std::time::Instant::now();
-        let obj = open_object(path, bytes, false)?;
-        let opened = started.elapsed();
-        let rendered = Arc::new(render::render(&obj, spec)?);
+        let frame = self.decoded(instance, spec.frame, || {
+            let (path, bytes) = handle.block_on(self.source(&instance.blob_key))?;
+            let obj = open_object(path, bytes, false)?;
+            Ok(render::decode(&obj, spec.frame)?)
+        })?;
+        let decoded = started.elapsed();
+        let rendered = Arc::new(render::display(&frame, spec)?);
         tracing::debug!(
-            open_us = opened.as_micros() as u64,
-            render_us = (started.elapsed() - opened).as_micros() as u64,
+            decode_us = decoded.as_micros() as u64,
+            display_us = (started.elapsed() - decoded).as_micros() as u64,
             "rendered"
         );
         self.cache
@@ -238,7 +289,10 @@ impl Images {
                         Some(r) => Ok(r),
                         None => {
                             let permit = handle.block_on(me.workers.acquire());
-                            let r = render::render(&obj, &spec).map(Arc::new);
+                            // Decoded frames are kept: the reader scrolls back.
+                            let r = me
+                                .decoded(&instance, frame, || Ok(render::decode(&obj, frame)?))
+                                .and_then(|f| Ok(Arc::new(render::display(&f, &spec)?)));
                             drop(permit);
                             if let Ok(r) = &r {
                                 me.cache.lock().expect("cache lock").put(key, r.clone());
@@ -248,7 +302,7 @@ impl Images {
                     };
                     let msg = rendered
                         .map(|r| to_proto(&instance.sop_instance_uid, &spec, &r))
-                        .map_err(|e| ApiError::from(e).into());
+                        .map_err(tonic::Status::from);
                     let failed = msg.is_err();
                     if tx.blocking_send(msg).is_err() || failed {
                         return;
@@ -314,12 +368,7 @@ mod tests {
 
     #[test]
     fn the_cache_keeps_recent_frames_within_its_budget() {
-        let mut cache = Cache {
-            budget: 1000,
-            used: 0,
-            tick: 0,
-            entries: HashMap::new(),
-        };
+        let mut cache = Cache::new(1000);
         cache.put("a".into(), frame(200));
         cache.put("b".into(), frame(200));
         cache.put("c".into(), frame(200));
@@ -334,12 +383,7 @@ mod tests {
         cache.put("huge".into(), frame(300));
         assert!(cache.get("huge").is_none());
         // A zero budget caches nothing.
-        let mut off = Cache {
-            budget: 0,
-            used: 0,
-            tick: 0,
-            entries: HashMap::new(),
-        };
+        let mut off: Cache<Rendered> = Cache::new(0);
         off.put("a".into(), frame(1));
         assert!(off.get("a").is_none());
     }

@@ -86,8 +86,55 @@ pub fn number_of_frames(obj: &DefaultDicomObject) -> u32 {
         .max(1)
 }
 
+/// One decoded frame before any display choice: what the frame cache keeps,
+/// so that a new window, size or format needs no second decode.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub width: u32,
+    pub height: u32,
+    pixels: Pixels,
+}
+
+#[derive(Debug, Clone)]
+enum Pixels {
+    Mono(Mono),
+    /// Interleaved 8-bit RGB.
+    Rgb(Vec<u8>),
+}
+
+/// Monochrome stored values and what turns them into display values.
+#[derive(Debug, Clone)]
+struct Mono {
+    /// Stored bit patterns, masked to Bits Stored (at most 16).
+    patterns: Vec<u16>,
+    bits_stored: u16,
+    signed: bool,
+    /// Rescale slope and intercept (the Modality LUT).
+    rescale: (f64, f64),
+    /// The file's first window, and its VOI LUT function.
+    file_window: Option<(f64, f64)>,
+    function: VoiLutFunction,
+    /// MONOCHROME1: low values are white.
+    invert: bool,
+}
+
+impl Frame {
+    /// Memory held, for the cache's budget.
+    pub fn bytes(&self) -> usize {
+        match &self.pixels {
+            Pixels::Mono(m) => m.patterns.len() * 2,
+            Pixels::Rgb(v) => v.len(),
+        }
+    }
+}
+
 /// Renders one frame of `obj` as `spec` asks.
 pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderError> {
+    display(&decode(obj, spec.frame)?, spec)
+}
+
+/// Decodes frame `frame` (0-based) of `obj`.
+pub fn decode(obj: &DefaultDicomObject, frame: u32) -> Result<Frame, RenderError> {
     let ts = obj
         .meta()
         .transfer_syntax()
@@ -111,42 +158,72 @@ pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderE
         return Err(RenderError::NoPixelData);
     }
     let frames = number_of_frames(obj);
-    if spec.frame >= frames {
+    if frame >= frames {
         return Err(RenderError::FrameOutOfRange {
-            frame: spec.frame + 1,
+            frame: frame + 1,
             frames,
         });
     }
-    let started = std::time::Instant::now();
     let decoded = obj
-        .decode_pixel_data_frame(spec.frame)
+        .decode_pixel_data_frame(frame)
         .map_err(|e| RenderError::Decode(e.to_string()))?;
-    let decoded_at = std::time::Instant::now();
     let (width, height) = (decoded.columns(), decoded.rows());
     let pixels = width as usize * height as usize;
     if pixels == 0 {
         return Err(RenderError::Unsupported("empty frame".into()));
     }
-    let (samples, gray, window) = match decoded.samples_per_pixel() {
-        1 => {
-            let (samples, window) = monochrome(&decoded, &spec.voi, pixels)?;
-            (samples, true, Some(window))
-        }
-        3 => (color(&decoded, pixels)?, false, None),
+    let pixels = match decoded.samples_per_pixel() {
+        1 => Pixels::Mono(monochrome(&decoded, pixels)?),
+        3 => Pixels::Rgb(color(&decoded, pixels)?),
         n => {
             return Err(RenderError::Unsupported(format!("{n} samples per pixel")));
         }
     };
-    let lut_done = std::time::Instant::now();
-    let (samples, width, height) = scale(samples, gray, width, height, spec)?;
+    Ok(Frame {
+        width,
+        height,
+        pixels,
+    })
+}
+
+/// Applies the display choices of `spec` to a decoded frame: VOI through a
+/// lookup table (monochrome), scaling, encoding.
+pub fn display(frame: &Frame, spec: &Spec) -> Result<Rendered, RenderError> {
+    let started = std::time::Instant::now();
+    let (new_w, new_h) = fit(frame.width, frame.height, spec);
+    let (samples, gray, width, height, window) = match &frame.pixels {
+        Pixels::Mono(m) => {
+            let (lut, window) = m.lut(&spec.voi);
+            // Whole-factor reductions average k x k blocks of display values
+            // in the same pass as the lookup.
+            let k = (frame.width / new_w).min(frame.height / new_h);
+            let (samples, w, h) = if k >= 2 {
+                lut_box_reduce(&m.patterns, &lut, frame.width, frame.height, k)
+            } else {
+                let all = m.patterns.iter().map(|&p| lut[usize::from(p)]).collect();
+                (all, frame.width, frame.height)
+            };
+            (samples, true, w, h, Some(window))
+        }
+        Pixels::Rgb(rgb) => {
+            let k = (frame.width / new_w).min(frame.height / new_h);
+            let (samples, w, h) = if k >= 2 {
+                box_reduce(rgb, 3, frame.width, frame.height, k)
+            } else {
+                (rgb.clone(), frame.width, frame.height)
+            };
+            (samples, false, w, h, None)
+        }
+    };
+    let looked_up = std::time::Instant::now();
+    let (samples, width, height) = resize(samples, gray, width, height, new_w, new_h)?;
     let scaled = std::time::Instant::now();
     let data = encode(&samples, gray, width, height, spec.format)?;
     tracing::trace!(
-        decode_us = (decoded_at - started).as_micros() as u64,
-        lut_us = (lut_done - decoded_at).as_micros() as u64,
-        scale_us = (scaled - lut_done).as_micros() as u64,
+        lut_us = (looked_up - started).as_micros() as u64,
+        scale_us = (scaled - looked_up).as_micros() as u64,
         encode_us = scaled.elapsed().as_micros() as u64,
-        "render stages"
+        "display stages"
     );
     Ok(Rendered {
         data,
@@ -156,18 +233,10 @@ pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderE
     })
 }
 
-/// Stored values to 8-bit display values through a lookup table indexed by
-/// the stored bit pattern: Modality LUT, VOI and MONOCHROME1 are folded
-/// into the table, so each pixel costs one load.
-fn monochrome(
-    decoded: &DecodedPixelData<'_>,
-    voi: &Voi,
-    pixels: usize,
-) -> Result<(Vec<u8>, (f64, f64)), RenderError> {
+/// The stored bit patterns of a monochrome frame, masked to Bits Stored.
+fn monochrome(decoded: &DecodedPixelData<'_>, pixels: usize) -> Result<Mono, RenderError> {
     let bits_allocated = decoded.bits_allocated();
     let bits_stored = decoded.bits_stored().clamp(1, 16);
-    let signed = decoded.pixel_representation() == PixelRepresentation::Signed;
-    let invert = *decoded.photometric_interpretation() == PhotometricInterpretation::Monochrome1;
     if !matches!(
         decoded.photometric_interpretation(),
         PhotometricInterpretation::Monochrome1 | PhotometricInterpretation::Monochrome2
@@ -182,92 +251,100 @@ fn monochrome(
         .map_err(|e| RenderError::Decode(e.to_string()))?;
     let mask = ((1u32 << bits_stored) - 1) as u16;
     let short = || RenderError::Decode("pixel data shorter than the frame".into());
-    match bits_allocated {
+    let patterns: Vec<u16> = match bits_allocated {
         8 if data.len() < pixels => return Err(short()),
         16 if data.len() < pixels * 2 => return Err(short()),
-        8 | 16 => {}
+        8 => data[..pixels]
+            .iter()
+            .map(|&b| u16::from(b) & mask)
+            .collect(),
+        16 => data[..pixels * 2]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) & mask)
+            .collect(),
         n => {
             return Err(RenderError::Unsupported(format!(
                 "{n} bits allocated for monochrome"
             )));
         }
-    }
-    // The frame's stored bit patterns, masked to Bits Stored.
-    let pattern = |i: usize| -> u16 {
-        if bits_allocated == 8 {
-            u16::from(data[i]) & mask
-        } else {
-            u16::from_le_bytes([data[2 * i], data[2 * i + 1]]) & mask
-        }
     };
-    let rescale = decoded
-        .rescale()
-        .ok()
-        .and_then(|r| r.first().copied())
-        .map_or((1.0, 0.0), |r| (r.slope, r.intercept));
-    let value_of = |pattern: u32| -> f64 {
-        let stored = if signed && pattern & (1 << (bits_stored - 1)) != 0 {
-            i64::from(pattern) - (1i64 << bits_stored)
-        } else {
-            i64::from(pattern)
-        };
-        stored as f64 * rescale.0 + rescale.1
-    };
-    let function = decoded
-        .voi_lut_function()
-        .ok()
-        .flatten()
-        .and_then(|f| f.first().copied())
-        .unwrap_or_default();
-    let (center, width, function) = match voi {
-        Voi::Window { center, width } => (*center, *width, VoiLutFunction::Linear),
-        Voi::Preset(name) => {
-            let (_, c, w) = PRESETS
-                .iter()
-                .find(|(n, _, _)| n == name)
-                .copied()
-                .unwrap_or(("", 40.0, 400.0));
-            (c, w, VoiLutFunction::Linear)
-        }
-        Voi::Default => match decoded
+    Ok(Mono {
+        patterns,
+        bits_stored,
+        signed: decoded.pixel_representation() == PixelRepresentation::Signed,
+        rescale: decoded
+            .rescale()
+            .ok()
+            .and_then(|r| r.first().copied())
+            .map_or((1.0, 0.0), |r| (r.slope, r.intercept)),
+        file_window: decoded
             .window()
             .ok()
             .flatten()
             .and_then(|w| w.first().copied())
-        {
-            Some(w) if w.width > 0.0 => (w.center, w.width, function),
-            _ => {
-                // The frame's full range of modality values.
-                let (lo, hi) = (0..pixels)
-                    .map(|i| value_of(u32::from(pattern(i))))
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                        (lo.min(v), hi.max(v))
-                    });
-                (
-                    (lo + hi) / 2.0 + 0.5,
-                    (hi - lo + 1.0).max(1.0),
-                    VoiLutFunction::Linear,
-                )
-            }
-        },
-    };
-    let mut lut = vec![0u8; 1 << bits_stored];
-    for (pattern, out) in lut.iter_mut().enumerate() {
-        let y = voi_value(value_of(pattern as u32), center, width, function);
-        *out = if invert { 255 - y } else { y };
+            .filter(|w| w.width > 0.0)
+            .map(|w| (w.center, w.width)),
+        function: decoded
+            .voi_lut_function()
+            .ok()
+            .flatten()
+            .and_then(|f| f.first().copied())
+            .unwrap_or_default(),
+        invert: *decoded.photometric_interpretation() == PhotometricInterpretation::Monochrome1,
+    })
+}
+
+impl Mono {
+    /// The modality value (after rescale) of a stored bit pattern.
+    fn value_of(&self, pattern: u32) -> f64 {
+        let bits = self.bits_stored;
+        let stored = if self.signed && pattern & (1 << (bits - 1)) != 0 {
+            i64::from(pattern) - (1i64 << bits)
+        } else {
+            i64::from(pattern)
+        };
+        stored as f64 * self.rescale.0 + self.rescale.1
     }
-    let out: Vec<u8> = if bits_allocated == 8 {
-        data[..pixels]
-            .iter()
-            .map(|&b| lut[usize::from(u16::from(b) & mask)])
-            .collect()
-    } else {
-        data[..pixels * 2]
-            .chunks_exact(2)
-            .map(|c| lut[usize::from(u16::from_le_bytes([c[0], c[1]]) & mask)])
-            .collect()
-    };
-    Ok((out, (center, width)))
+
+    /// A table from stored bit pattern to display value, with Modality LUT,
+    /// VOI and MONOCHROME1 folded in (one load per pixel), and the window used.
+    fn lut(&self, voi: &Voi) -> (Vec<u8>, (f64, f64)) {
+        let (center, width, function) = match voi {
+            Voi::Window { center, width } => (*center, *width, VoiLutFunction::Linear),
+            Voi::Preset(name) => {
+                let (_, c, w) = PRESETS
+                    .iter()
+                    .find(|(n, _, _)| n == name)
+                    .copied()
+                    .unwrap_or(("", 40.0, 400.0));
+                (c, w, VoiLutFunction::Linear)
+            }
+            Voi::Default => match self.file_window {
+                Some((c, w)) => (c, w, self.function),
+                None => {
+                    // The frame's full range of modality values.
+                    let (lo, hi) = self
+                        .patterns
+                        .iter()
+                        .map(|&p| self.value_of(u32::from(p)))
+                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                            (lo.min(v), hi.max(v))
+                        });
+                    (
+                        (lo + hi) / 2.0 + 0.5,
+                        (hi - lo + 1.0).max(1.0),
+                        VoiLutFunction::Linear,
+                    )
+                }
+            },
+        };
+        let mut lut = vec![0u8; 1 << self.bits_stored];
+        for (pattern, out) in lut.iter_mut().enumerate() {
+            let y = voi_value(self.value_of(pattern as u32), center, width, function);
+            *out = if self.invert { 255 - y } else { y };
+        }
+        (lut, (center, width))
+    }
 }
 
 /// The VOI LUT functions of PS3.3 C.11.2.1.2 with an 8-bit output range.
@@ -384,14 +461,9 @@ fn ybr_to_rgb(y: u8, cb: u8, cr: u8) -> [u8; 3] {
     ]
 }
 
-/// Fits the picture within the requested bounds (never enlarges).
-fn scale(
-    samples: Vec<u8>,
-    gray: bool,
-    width: u32,
-    height: u32,
-    spec: &Spec,
-) -> Result<(Vec<u8>, u32, u32), RenderError> {
+/// The size that fits the requested bounds, keeping the aspect ratio
+/// (never enlarging).
+fn fit(width: u32, height: u32, spec: &Spec) -> (u32, u32) {
     let bound_w = if spec.max_width == 0 {
         width
     } else {
@@ -403,25 +475,24 @@ fn scale(
         spec.max_height.min(height)
     };
     if bound_w == width && bound_h == height {
-        return Ok((samples, width, height));
+        return (width, height);
     }
     let ratio = (f64::from(bound_w) / f64::from(width)).min(f64::from(bound_h) / f64::from(height));
-    let new_w = ((f64::from(width) * ratio).round() as u32).max(1);
-    let new_h = ((f64::from(height) * ratio).round() as u32).max(1);
-    let channels = if gray { 1 } else { 3 };
-    if samples.len() < width as usize * height as usize * channels {
-        return Err(RenderError::Decode(
-            "frame size does not match its pixel data".into(),
-        ));
-    }
-    // Whole-factor reductions average k x k blocks (cheap, no aliasing);
-    // what remains is interpolated.
-    let k = (width / new_w).min(height / new_h);
-    let (samples, width, height) = if k >= 2 {
-        box_reduce(&samples, channels, width, height, k)
-    } else {
-        (samples, width, height)
-    };
+    (
+        ((f64::from(width) * ratio).round() as u32).max(1),
+        ((f64::from(height) * ratio).round() as u32).max(1),
+    )
+}
+
+/// Interpolates to the final size what whole-factor reduction left over.
+fn resize(
+    samples: Vec<u8>,
+    gray: bool,
+    width: u32,
+    height: u32,
+    new_w: u32,
+    new_h: u32,
+) -> Result<(Vec<u8>, u32, u32), RenderError> {
     if (width, height) == (new_w, new_h) {
         return Ok((samples, width, height));
     }
@@ -435,6 +506,35 @@ fn scale(
         image::imageops::resize(&img, new_w, new_h, filter).into_raw()
     };
     Ok((out, new_w, new_h))
+}
+
+/// Looks up and averages `k` x `k` blocks of a monochrome frame in one pass.
+fn lut_box_reduce(
+    patterns: &[u16],
+    lut: &[u8],
+    width: u32,
+    height: u32,
+    k: u32,
+) -> (Vec<u8>, u32, u32) {
+    let (out_w, out_h) = ((width / k) as usize, (height / k) as usize);
+    let (k, width) = (k as usize, width as usize);
+    let area = (k * k) as u32;
+    let mut out = Vec::with_capacity(out_w * out_h);
+    let mut sums = vec![0u32; out_w];
+    for oy in 0..out_h {
+        sums.iter_mut().for_each(|s| *s = 0);
+        for y in oy * k..oy * k + k {
+            let row = &patterns[y * width..][..out_w * k];
+            for (sum, block) in sums.iter_mut().zip(row.chunks_exact(k)) {
+                *sum += block
+                    .iter()
+                    .map(|&p| u32::from(lut[usize::from(p)]))
+                    .sum::<u32>();
+            }
+        }
+        out.extend(sums.iter().map(|s| ((s + area / 2) / area) as u8));
+    }
+    (out, out_w as u32, out_h as u32)
 }
 
 /// Averages `k` x `k` blocks (a trailing partial block is dropped).
@@ -518,6 +618,18 @@ mod tests {
         let (out, w, h) = box_reduce(&px, 1, 4, 2, 2);
         assert_eq!((w, h), (2, 1));
         assert_eq!(out, vec![15, 202]);
+    }
+
+    #[test]
+    fn lookup_and_reduce_in_one_pass_equals_lookup_then_reduce() {
+        let (w, h, k) = (12u32, 8u32, 4u32);
+        let patterns: Vec<u16> = (0..w * h).map(|i| ((i * 37) % 4096) as u16).collect();
+        let lut: Vec<u8> = (0..4096u32).map(|p| (p * 255 / 4095) as u8).collect();
+        let looked_up: Vec<u8> = patterns.iter().map(|&p| lut[usize::from(p)]).collect();
+        assert_eq!(
+            lut_box_reduce(&patterns, &lut, w, h, k),
+            box_reduce(&looked_up, 1, w, h, k)
+        );
     }
 
     #[test]

@@ -56,7 +56,11 @@ impl App {
                 Duration::from_secs(viewer.worklist_settle_s),
                 Duration::from_secs(viewer.lease_s),
             ),
-            images: Arc::new(Images::new(blobs, (viewer.render_cache_mib << 20) as usize)),
+            images: Arc::new(Images::new(
+                blobs,
+                (viewer.render_cache_mib << 20) as usize,
+                (viewer.frame_cache_mib << 20) as usize,
+            )),
             db,
             config,
         }))
