@@ -1,5 +1,7 @@
 //! C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root information
-//! models, PATIENT to IMAGE level. The identifier becomes a
+//! models, PATIENT to IMAGE level, plus one private STUDY-level key: the
+//! sending clinic's id, `(0009,xx01)` LO in a block reserved for private
+//! creator "CONSORTIUM CENTER". The identifier becomes a
 //! `storage::query::Query`; each match goes back as a pending response with
 //! only the requested keys, in UTF-8 (ISO_IR 192) when any value is not ASCII.
 
@@ -82,6 +84,12 @@ const KEYS: &[(Tag, VR, Key)] = &[
     (tags::NUMBER_OF_FRAMES, VR::IS, Key::NumberOfFrames),
 ];
 
+/// Private creator of the center's own query keys (group 0009).
+pub(crate) const PRIVATE_CREATOR: &str = "CONSORTIUM CENTER";
+/// Element offset, inside the private block, of the sending clinic's id
+/// (LO): `(0009,xx01)` where `(0009,00xx)` holds [`PRIVATE_CREATOR`].
+const SENDING_CLINIC_OFFSET: u16 = 0x01;
+
 /// A parsed C-FIND identifier.
 #[derive(Debug)]
 pub(crate) struct Request {
@@ -94,6 +102,8 @@ pub(crate) struct Request {
     /// True when an unsupported key carried a value to match (pending
     /// responses then say 0xFF01: optional keys not supported).
     pub(crate) unmatched_keys: bool,
+    /// The private creator element of our block, echoed in responses.
+    private_creator: Option<Tag>,
 }
 
 impl Request {
@@ -142,16 +152,38 @@ pub(crate) fn parse(
     let mut returned = Vec::new();
     let mut unsupported = Vec::new();
     let mut unmatched_keys = false;
+    // Our private block, if the requester reserved one for our creator.
+    let private_creator = obj
+        .iter()
+        .find(|e| {
+            let t = e.tag();
+            t.group() == 0x0009
+                && (0x0010..=0x00FF).contains(&t.element())
+                && e.to_str().is_ok_and(|v| v.trim() == PRIVATE_CREATOR)
+        })
+        .map(|e| e.tag());
+    let sending_clinic =
+        private_creator.map(|c| Tag(0x0009, (c.element() << 8) | SENDING_CLINIC_OFFSET));
     for element in obj.iter() {
         let tag = element.tag();
         if tag == tags::QUERY_RETRIEVE_LEVEL
             || tag == tags::SPECIFIC_CHARACTER_SET
             || tag.group() == 0x0002
+            || Some(tag) == private_creator
         {
             continue;
         }
-        let value = element.to_str().map(|s| s.to_string()).unwrap_or_default();
-        match KEYS.iter().find(|(t, _, _)| *t == tag) {
+        let mut value = element.to_str().map(|s| s.to_string()).unwrap_or_default();
+        if Some(tag) == sending_clinic {
+            // Requesters without our dictionary send it as UN, padded with NUL.
+            value = value.trim_end_matches(['\0', ' ']).to_string();
+        }
+        let known = if Some(tag) == sending_clinic {
+            Some((tag, VR::LO, Key::SendingClinic))
+        } else {
+            KEYS.iter().find(|(t, _, _)| *t == tag).copied()
+        };
+        match known.as_ref() {
             Some((_, vr, key)) => {
                 let matcher = Matcher::parse(&value, matches!(vr, VR::DA | VR::TM | VR::DT));
                 query.conditions.push((*key, matcher));
@@ -171,6 +203,7 @@ pub(crate) fn parse(
         returned,
         unsupported,
         unmatched_keys,
+        private_creator,
     })
 }
 
@@ -189,6 +222,13 @@ pub(crate) fn encode_match(
         VR::CS,
         PrimitiveValue::from(request.level_code.as_str()),
     ));
+    if let Some(creator) = request.private_creator {
+        obj.put(DataElement::new(
+            creator,
+            VR::LO,
+            PrimitiveValue::from(PRIVATE_CREATOR),
+        ));
+    }
     let mut non_ascii = false;
     for ((tag, vr), value) in request.returned.iter().zip(values) {
         non_ascii |= !value.is_ascii();

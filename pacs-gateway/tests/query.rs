@@ -50,6 +50,7 @@ fn findscu(
         .arg("127.0.0.1")
         .arg(port.to_string())
         .env("TCP_NODELAY", "1")
+        .env("DCMDICTPATH", dcmtk_dictionaries())
         .output()
         .expect("run /usr/bin/findscu (Debian dcmtk)");
     let mut files: Vec<_> = std::fs::read_dir(out_dir)
@@ -62,6 +63,20 @@ fn findscu(
         .map(|p| dicom_object::open_file(p).unwrap())
         .collect();
     (out.status.success(), objs)
+}
+
+/// DCMTK's standard dictionary plus ours (the private sending-clinic key).
+fn dcmtk_dictionaries() -> String {
+    let standard = std::fs::read_dir("/usr/share")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("dicom.dic"))
+        .find(|p| p.exists() && p.to_string_lossy().contains("libdcmtk"))
+        .expect("DCMTK's dicom.dic");
+    let ours = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/dcmtk/consortium.dic"
+    );
+    format!("{}:{ours}", standard.display())
 }
 
 fn text(obj: &dicom_object::DefaultDicomObject, tag: dicom_core::Tag) -> String {
@@ -133,6 +148,57 @@ fn findscu_queries_at_every_level_with_scope_and_audit() {
         )
     );
     assert!(own.len() < studies.len());
+
+    // The sending clinic, a private key in the block of "CONSORTIUM CENTER"
+    // (block 0x10 here: (0009,0010) creator, (0009,1001) clinic id).
+    let (ok, from_baishui) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "StudyInstanceUID",
+            "(0009,0010)=CONSORTIUM CENTER",
+            "(0009,1001)=baishui",
+        ],
+        &scratch.join("by-clinic"),
+    );
+    assert!(ok);
+    assert_eq!(
+        from_baishui.len(),
+        count(
+            &gw,
+            "SELECT count(*) FROM studies WHERE clinic_id = 'baishui'"
+        )
+    );
+    assert!(!from_baishui.is_empty() && from_baishui.len() < studies.len());
+    for s in &from_baishui {
+        assert_eq!(
+            text(s, dicom_core::Tag(0x0009, 0x0010)),
+            "CONSORTIUM CENTER"
+        );
+        assert_eq!(text(s, dicom_core::Tag(0x0009, 0x1001)), "baishui");
+    }
+    // Universal: returned for every study, under another block number.
+    let (_, labelled) = findscu(
+        gw.port,
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=STUDY",
+            "StudyInstanceUID",
+            "(0009,0042)=CONSORTIUM CENTER",
+            "(0009,4201)",
+        ],
+        &scratch.join("labelled"),
+    );
+    assert_eq!(labelled.len(), studies.len());
+    let clinics: std::collections::BTreeSet<String> = labelled
+        .iter()
+        .map(|s| text(s, dicom_core::Tag(0x0009, 0x4201)))
+        .collect();
+    assert!(
+        clinics.contains("xinzhen") && clinics.contains("baishui"),
+        "{clinics:?}"
+    );
 
     // Chinese name prefix, UTF-8 query, matched on the ideographic group.
     let name: String = gw
@@ -238,7 +304,7 @@ fn findscu_queries_at_every_level_with_scope_and_audit() {
         &gw,
         "SELECT count(*) FROM audit WHERE action = 'C-FIND' AND outcome = 'success'",
     );
-    assert_eq!(audited, 6);
+    assert_eq!(audited, 8);
     let (ae, matches): (String, i64) = gw
         .index()
         .query_row(
