@@ -39,7 +39,14 @@ pub(crate) enum Refusal {
     ClinicLimit,
     /// Every association slot is busy (transient).
     TotalLimit,
+    /// The requestor's maximum PDU length is below [`MIN_PEER_MAX_PDU`].
+    TinyMaxPdu,
 }
+
+/// Smallest maximum PDU length accepted from a requestor (DCMTK's own
+/// minimum): below it, every megabyte sent back would cost thousands of
+/// PDUs, which is how a peer could pin the center's CPU.
+pub(crate) const MIN_PEER_MAX_PDU: u32 = 4096;
 
 impl Refusal {
     pub(crate) fn to_rj(self) -> AssociationRJ {
@@ -64,6 +71,10 @@ impl Refusal {
                 Permanent,
                 AssociationRJSource::ServiceUser(User::CallingAETitleNotRecognized),
             ),
+            Refusal::TinyMaxPdu => (
+                Permanent,
+                AssociationRJSource::ServiceUser(User::NoReasonGiven),
+            ),
             Refusal::ClinicLimit | Refusal::TotalLimit => (
                 Transient,
                 AssociationRJSource::ServiceProviderPresentation(
@@ -83,6 +94,7 @@ impl Refusal {
             Refusal::AddressNotAllowed => "calling AE title not allowed from this address",
             Refusal::ClinicLimit => "clinic association limit reached",
             Refusal::TotalLimit => "association limit reached and no idle association to release",
+            Refusal::TinyMaxPdu => "maximum PDU length below 4096 bytes",
         }
     }
 }
@@ -97,6 +109,10 @@ pub(crate) fn check_request(rq: &AssociationRQ, our_ae: &str) -> Result<(), Refu
     }
     if rq.called_ae_title != our_ae {
         return Err(Refusal::CalledAeTitle);
+    }
+    let max_pdu = peer_max_pdu(rq);
+    if max_pdu != 0 && max_pdu < MIN_PEER_MAX_PDU {
+        return Err(Refusal::TinyMaxPdu);
     }
     Ok(())
 }

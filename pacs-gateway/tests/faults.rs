@@ -355,6 +355,35 @@ fn unknown_calling_wrong_called_and_disallowed_address_are_refused() {
             _ => panic!("{calling}->{called} was not rejected"),
         }
     }
+    // A requestor that would take only tiny PDUs back is refused; 0 (no
+    // limit) and DCMTK's minimum, 4096, are fine.
+    for (max_pdu, refused) in [(256u32, true), (4095, true), (4096, false), (0, false)] {
+        let mut stream = scu::connect(gw.port);
+        std::io::Write::write_all(
+            &mut stream,
+            &scu::encode(&scu::request_with_max_pdu(
+                "XINZHEN_CT",
+                common::AE,
+                contexts,
+                max_pdu,
+            )),
+        )
+        .unwrap();
+        match scu::read_any(&mut stream) {
+            Some(scu::RawPdu::Other(dicom_ul::pdu::Pdu::AssociationRJ(rj))) => {
+                assert!(refused, "max PDU {max_pdu} was refused");
+                assert_eq!(rj.result, AssociationRJResult::Permanent);
+                assert_eq!(
+                    rj.source,
+                    AssociationRJSource::ServiceUser(Reason::NoReasonGiven)
+                );
+            }
+            Some(scu::RawPdu::Other(dicom_ul::pdu::Pdu::AssociationAC(_))) => {
+                assert!(!refused, "max PDU {max_pdu} was accepted");
+            }
+            _ => panic!("no answer for max PDU {max_pdu}"),
+        }
+    }
     // DCMTK's echoscu sees the same.
     assert!(
         !common::echoscu(gw.port, "NOBODY", common::AE)

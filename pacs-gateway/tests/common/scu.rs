@@ -48,6 +48,15 @@ pub fn encode(pdu: &Pdu) -> Vec<u8> {
 }
 
 pub fn request(calling: &str, called: &str, contexts: &[(u8, &str, &[&str])]) -> Pdu {
+    request_with_max_pdu(calling, called, contexts, 65_536)
+}
+
+pub fn request_with_max_pdu(
+    calling: &str,
+    called: &str,
+    contexts: &[(u8, &str, &[&str])],
+    max_pdu: u32,
+) -> Pdu {
     Pdu::AssociationRQ(AssociationRQ {
         protocol_version: 1,
         calling_ae_title: calling.into(),
@@ -62,7 +71,7 @@ pub fn request(calling: &str, called: &str, contexts: &[(u8, &str, &[&str])]) ->
             })
             .collect(),
         user_variables: vec![
-            UserVariableItem::MaxLength(65_536),
+            UserVariableItem::MaxLength(max_pdu),
             UserVariableItem::ImplementationClassUID("1.2.3.4.5".into()),
         ],
     })
