@@ -247,13 +247,26 @@ impl Storage {
         use futures::StreamExt;
         const CONCURRENT_HASHES: usize = 4;
         let records = {
-            let (storage, uids) = (
+            let (storage, uids, asking) = (
                 self.clone(),
                 refs.iter().map(|(_, i)| i.clone()).collect::<Vec<_>>(),
+                clinic.map(str::to_owned),
             );
+            // An instance is the asking clinic's when it sent the current
+            // bytes, even if another clinic sent them first.
             tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
                 let reader = storage.reader()?;
-                uids.iter().map(|uid| reader.instance(uid)).collect()
+                uids.iter()
+                    .map(|uid| {
+                        let record = reader.instance(uid)?;
+                        Ok(match (record, &asking) {
+                            (Some(r), Some(c)) if *c != r.clinic_id => {
+                                reader.sent_by(uid, &r.sha256, c)?.then_some(r)
+                            }
+                            (record, _) => record,
+                        })
+                    })
+                    .collect()
             })
             .await
             .map_err(|e| Error::io("look up instances", "")(std::io::Error::other(e)))??
@@ -262,9 +275,8 @@ impl Storage {
             .iter()
             .zip(records)
             .map(|((class, _), record)| {
-                let (storage, clinic, class) =
-                    (self.clone(), clinic.map(str::to_owned), class.clone());
-                async move { storage.check_one(clinic.as_deref(), &class, record).await }
+                let (storage, class) = (self.clone(), class.clone());
+                async move { storage.check_one(&class, record).await }
             })
             .collect();
         futures::stream::iter(checks)
@@ -275,18 +287,12 @@ impl Storage {
             .collect()
     }
 
-    async fn check_one(
-        &self,
-        clinic: Option<&str>,
-        class: &str,
-        record: Option<InstanceRecord>,
-    ) -> Result<CommitCheck> {
+    /// `record` is None when the instance is not indexed, or the asking
+    /// clinic did not send its current bytes.
+    async fn check_one(&self, class: &str, record: Option<InstanceRecord>) -> Result<CommitCheck> {
         let Some(record) = record else {
             return Ok(CommitCheck::NoSuchInstance);
         };
-        if clinic.is_some_and(|c| c != record.clinic_id) {
-            return Ok(CommitCheck::NoSuchInstance);
-        }
         if record.sop_class_uid != class {
             return Ok(CommitCheck::ClassMismatch {
                 stored: record.sop_class_uid,

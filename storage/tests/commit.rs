@@ -173,4 +173,21 @@ async fn another_clinic_cannot_take_over_a_study() {
         reader.instance("2.25.300").unwrap().unwrap().clinic_id,
         "xinzhen"
     );
+    // Both senders of those bytes get them committed; a third clinic does not.
+    let refs = [(CT.to_string(), "2.25.300".to_string())];
+    for (clinic, expected) in [
+        ("xinzhen", storage::CommitCheck::Committed),
+        ("baishui", storage::CommitCheck::Committed),
+        ("county", storage::CommitCheck::NoSuchInstance),
+    ] {
+        let checks = storage.check_committed(Some(clinic), &refs).await.unwrap();
+        assert_eq!(checks, vec![expected], "{clinic}");
+    }
+    // A new version from xinzhen: baishui sent the old bytes, not these.
+    store_as(&storage, &dataset("2.25.300", "from A, again"), "xinzhen").await;
+    let checks = storage
+        .check_committed(Some("baishui"), &refs)
+        .await
+        .unwrap();
+    assert_eq!(checks, vec![storage::CommitCheck::NoSuchInstance]);
 }

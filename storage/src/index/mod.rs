@@ -142,6 +142,19 @@ impl IndexReader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Whether `clinic_id` sent these exact bytes (SHA-256) of the instance.
+    pub fn sent_by(&self, sop_instance_uid: &str, sha256: &str, clinic_id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM instance_senders
+                 WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND clinic_id = ?3",
+            )?
+            .query_row([sop_instance_uid, sha256, clinic_id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     /// Number of (current) instances.
     pub fn instance_count(&self) -> Result<u64> {
         Ok(self

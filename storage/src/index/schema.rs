@@ -179,6 +179,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     "#,
+    // 5: every clinic that sent each version, not only the first: a clinic
+    // sending bytes another clinic already sent gets them committed too.
+    r#"
+    CREATE TABLE instance_senders (
+        sop_instance_uid  TEXT NOT NULL,
+        sha256            TEXT NOT NULL,
+        clinic_id         TEXT NOT NULL,
+        calling_ae        TEXT NOT NULL,
+        first_received_at TEXT NOT NULL,
+        PRIMARY KEY (sop_instance_uid, sha256, clinic_id)
+    );
+    INSERT OR IGNORE INTO instance_senders
+        SELECT sop_instance_uid, sha256, clinic_id, calling_ae, received_at FROM instance_versions;
+    "#,
 ];
 
 /// Fills the name group columns of rows written without them (rows from

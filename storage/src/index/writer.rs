@@ -314,6 +314,18 @@ fn upsert_clinics(tx: &Connection, clinics: &[(String, String)]) -> Result<()> {
 
 fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
     let a = &new.attrs;
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO instance_senders
+            (sop_instance_uid, sha256, clinic_id, calling_ae, first_received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        a.sop_instance_uid,
+        new.sha256,
+        new.clinic_id,
+        new.calling_ae,
+        new.received_at
+    ])?;
     let current: Option<String> = tx
         .prepare_cached("SELECT sha256 FROM instances WHERE sop_instance_uid = ?1")?
         .query_row([&a.sop_instance_uid], |r| r.get(0))
