@@ -321,7 +321,7 @@ impl StudyService for Studies {
                 .db
                 .read(move |conn| {
                     let study = studies::find_study(conn, &c, &uid)?;
-                    let instances = studies::study_instances(conn, study.pk)?;
+                    let instances = studies::study_instances(conn, &c, study.pk)?;
                     Ok((study, instances))
                 })
                 .await?;

@@ -62,8 +62,34 @@ pub fn check_uid(uid: &str, what: &str) -> Result<()> {
     }
 }
 
+/// Whether the caller may see an instance: radiologists see all; clinic
+/// roles see the instances their clinic sent (these exact bytes), whatever
+/// study or series another sender may have put them in.
+pub fn may_see_instance(
+    conn: &Connection,
+    caller: &Caller,
+    sop_uid: &str,
+    sha256: &str,
+) -> Result<bool> {
+    if caller.sees_all_clinics() {
+        return Ok(true);
+    }
+    if caller.require_patient_access().is_err() {
+        return Ok(false);
+    }
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM instance_senders
+             WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND clinic_id = ?3",
+        )?
+        .query_row([sop_uid, sha256, caller.clinic_id.as_str()], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// The study, if it exists and the caller may see it (otherwise not found,
-/// so that other clinics' studies do not reveal themselves).
+/// so that other clinics' studies do not reveal themselves): its own
+/// clinic's, or one holding an instance the caller's clinic sent.
 pub fn find_study(conn: &Connection, caller: &Caller, study_uid: &str) -> Result<StudyRow> {
     let row = conn
         .prepare_cached(
@@ -83,9 +109,24 @@ pub fn find_study(conn: &Connection, caller: &Caller, study_uid: &str) -> Result
             },
         )
         .optional()?;
-    match row {
-        Some(s) if caller.may_see_clinic(&s.clinic_id) => Ok(s),
-        _ => Err(ApiError::NotFound("study")),
+    let Some(study) = row else {
+        return Err(ApiError::NotFound("study"));
+    };
+    if caller.may_see_clinic(&study.clinic_id) {
+        return Ok(study);
+    }
+    caller.require_patient_access()?;
+    let sent_some: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM instances i JOIN series se ON se.pk = i.series_pk
+                JOIN instance_senders s ON s.sop_instance_uid = i.sop_instance_uid AND s.sha256 = i.sha256
+             WHERE se.study_pk = ?1 AND s.clinic_id = ?2)",
+        )?
+        .query_row(rusqlite::params![study.pk, caller.clinic_id], |r| r.get(0))?;
+    if sent_some {
+        Ok(study)
+    } else {
+        Err(ApiError::NotFound("study"))
     }
 }
 
@@ -115,7 +156,7 @@ pub fn find_instance(conn: &Connection, caller: &Caller, sop_uid: &str) -> Resul
         .query_row([sop_uid], instance_row)
         .optional()?;
     match row {
-        Some(i) if caller.may_see_clinic(&i.clinic_id) => Ok(i),
+        Some(i) if may_see_instance(conn, caller, &i.sop_instance_uid, &i.sha256)? => Ok(i),
         _ => Err(ApiError::NotFound("instance")),
     }
 }
@@ -133,19 +174,29 @@ pub fn series_instances(
     let rows: Vec<InstanceRow> = stmt
         .query_map([series_uid], instance_row)?
         .collect::<Result<_, _>>()?;
-    match rows.first() {
-        Some(first) if caller.may_see_clinic(&first.clinic_id) => Ok(rows),
-        _ => Err(ApiError::NotFound("series")),
+    let mut visible = Vec::with_capacity(rows.len());
+    for row in rows {
+        if may_see_instance(conn, caller, &row.sop_instance_uid, &row.sha256)? {
+            visible.push(row);
+        }
     }
+    if visible.is_empty() {
+        return Err(ApiError::NotFound("series"));
+    }
+    Ok(visible)
 }
 
-/// The study's instances ordered by series number, then instance number,
-/// with where each is stored.
-pub fn study_instances(conn: &Connection, study_pk: i64) -> Result<Vec<(InstanceRef, String)>> {
+/// The study's instances the caller may see, ordered by series number, then
+/// instance number, with where each is stored.
+pub fn study_instances(
+    conn: &Connection,
+    caller: &Caller,
+    study_pk: i64,
+) -> Result<Vec<(InstanceRef, String)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT se.series_uid, i.sop_instance_uid, i.sop_class_uid, se.modality,
                 COALESCE(se.series_number, 0), COALESCE(i.instance_number, 0),
-                COALESCE(i.number_of_frames, 1), i.blob_key
+                COALESCE(i.number_of_frames, 1), i.blob_key, i.sha256
          FROM instances i JOIN series se ON se.pk = i.series_pk
          WHERE se.study_pk = ?1
          ORDER BY se.series_number IS NULL, se.series_number, se.series_uid,
@@ -162,10 +213,18 @@ pub fn study_instances(conn: &Connection, study_pk: i64) -> Result<Vec<(Instance
                 instance_number: r.get::<_, i64>(5)? as i32,
                 number_of_frames: r.get::<_, i64>(6)?.max(1) as u32,
             },
-            r.get(7)?,
+            r.get::<_, String>(7)?,
+            r.get::<_, String>(8)?,
         ))
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut visible = Vec::new();
+    for row in rows {
+        let (instance, key, sha) = row?;
+        if may_see_instance(conn, caller, &instance.sop_instance_uid, &sha)? {
+            visible.push((instance, key));
+        }
+    }
+    Ok(visible)
 }
 
 /// Reads a stored Part 10 object, up to (not including) Pixel Data when

@@ -420,3 +420,110 @@ async fn admin_command_manages_users_and_lists_the_audit_log() {
     let audit = String::from_utf8(out.stdout).unwrap();
     assert!(audit.lines().nth(1).unwrap().contains("Login"), "{audit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
+    use dicom_dictionary_std::tags;
+    let (_, samples) = demo_samples();
+    let a = samples
+        .iter()
+        .find(|f| f.issuer_of_patient_id == "xinzhen" && f.modality == "CT")
+        .unwrap();
+    let b = samples
+        .iter()
+        .find(|f| f.issuer_of_patient_id == "baishui" && f.modality != "ECG")
+        .unwrap();
+    let a_obj = dicom_object::open_file(&a.path).unwrap();
+    let a_series = a_obj
+        .element(tags::SERIES_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    // Clinic B sends one of its own instances naming A's series (and B's own study).
+    let dir = tempfile::tempdir().unwrap();
+    let forged = dir.path().join("forged.dcm");
+    std::fs::copy(&b.path, &forged).unwrap();
+    let out = std::process::Command::new("/usr/bin/dcmodify")
+        .args(["-nb", "-m", &format!("SeriesInstanceUID={a_series}")])
+        .arg(&forged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a_study: Vec<_> = samples
+        .iter()
+        .filter(|f| f.study_instance_uid == a.study_instance_uid)
+        .collect();
+    let mut files = with_clinic(a_study.iter().copied());
+    files.push((forged, "baishui".to_string()));
+    let server = center_with(&files, "").await;
+    let mut c = server.clients().await;
+    let staff = server.login("staff_b").await;
+
+    // A's instances stay out of reach of B's staff, by UID, series or study.
+    let err = c
+        .images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: a.sop_instance_uid.clone(),
+            },
+            &staff,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let meta = c
+        .studies
+        .get_study_metadata(authed(
+            GetStudyMetadataRequest {
+                study_instance_uid: a.study_instance_uid.clone(),
+            },
+            &staff,
+        ))
+        .await;
+    if let Ok(meta) = meta {
+        let meta = meta.into_inner();
+        assert!(
+            meta.instances
+                .iter()
+                .all(|i| i.sop_instance_uid == b.sop_instance_uid),
+            "B's staff see only what B sent: {:?}",
+            meta.instances
+        );
+        assert!(!meta.dicom_json.contains(&a.sop_instance_uid));
+    }
+    // The series was not moved under B's study.
+    let conn = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
+    let owner: String = conn
+        .query_row(
+            "SELECT st.study_uid FROM series se JOIN studies st ON st.pk = se.study_pk
+             WHERE se.series_uid = ?1",
+            [&a_series],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(owner, a.study_instance_uid);
+    // A radiologist still sees all of A's study.
+    let rad = server.login("rad1").await;
+    let meta = c
+        .studies
+        .get_study_metadata(authed(
+            GetStudyMetadataRequest {
+                study_instance_uid: a.study_instance_uid.clone(),
+            },
+            &rad,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        meta.instances
+            .iter()
+            .any(|i| i.sop_instance_uid == a.sop_instance_uid)
+    );
+}

@@ -366,7 +366,11 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
             transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (sop_instance_uid) DO UPDATE SET
-            series_pk = excluded.series_pk, sop_class_uid = excluded.sop_class_uid,
+            -- Another clinic's version never moves the instance out of its
+            -- first sender's series.
+            series_pk = CASE WHEN instances.clinic_id = excluded.clinic_id
+                THEN excluded.series_pk ELSE instances.series_pk END,
+            sop_class_uid = excluded.sop_class_uid,
             instance_number = excluded.instance_number, number_of_frames = excluded.number_of_frames,
             transfer_syntax = excluded.transfer_syntax, blob_key = excluded.blob_key,
             sha256 = excluded.sha256, size = excluded.size, dataset_offset = excluded.dataset_offset,
@@ -487,7 +491,12 @@ fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i6
             "INSERT INTO series (series_uid, study_pk, modality, series_number, description)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (series_uid) DO UPDATE SET
-            study_pk = excluded.study_pk, modality = excluded.modality,
+            -- A series moves to another study only within one clinic: no
+            -- sender can pull another clinic's series under its own study.
+            study_pk = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk)
+                               = (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk)
+                THEN excluded.study_pk ELSE series.study_pk END,
+            modality = excluded.modality,
             series_number = excluded.series_number, description = excluded.description
          RETURNING pk",
         )?
