@@ -5,6 +5,8 @@
 //! keeps the token in `--token-file` (default `~/.consortium-token`, mode 0600).
 
 use std::io::{BufRead, Write};
+
+use sha2::Digest;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -84,7 +86,29 @@ fn status_text(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
+/// Passwords and tokens go in clear over `http://`: only to this machine.
+fn check_plaintext(server: &str) -> Result<(), String> {
+    let Some(rest) = server.strip_prefix("http://") else {
+        return Ok(());
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing to send a password or token in clear to {host}; use https:// (with --ca)"
+        ))
+    }
+}
+
 async fn connect(server: &str, ca: Option<String>) -> Result<Channel, String> {
+    check_plaintext(server)?;
     let mut endpoint = Channel::from_shared(server.to_string()).map_err(|e| e.to_string())?;
     if server.starts_with("https://") {
         // The consortium's own CA (`--ca`); no public roots are built in.
@@ -474,15 +498,36 @@ async fn run(args: &mut Args) -> Result<(), String> {
                 .into_inner();
             let mut file =
                 std::fs::File::create(&out).map_err(|e| format!("cannot create {out}: {e}"))?;
-            let (mut total, mut sha) = (0u64, String::new());
+            let (mut total, mut expected_size, mut expected_sha) = (0u64, 0u64, String::new());
+            let mut hasher = sha2::Sha256::new();
             while let Some(chunk) = stream.message().await.map_err(status_text)? {
                 if chunk.offset == 0 {
-                    sha = chunk.sha256.clone();
+                    expected_sha = chunk.sha256.clone();
+                    expected_size = chunk.total_size;
                 }
+                if chunk.offset != total {
+                    return Err(format!(
+                        "chunk at offset {} where {total} was expected",
+                        chunk.offset
+                    ));
+                }
+                hasher.update(&chunk.data);
                 file.write_all(&chunk.data).map_err(|e| e.to_string())?;
                 total += chunk.data.len() as u64;
             }
-            println!("{out}: {total} bytes, SHA-256 {sha}");
+            let sha: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if total != expected_size || sha != expected_sha {
+                let _ = std::fs::remove_file(&out);
+                return Err(format!(
+                    "received {total} bytes with SHA-256 {sha}, the center announced {expected_size} bytes with {expected_sha}; nothing kept"
+                ));
+            }
+            file.sync_all().map_err(|e| e.to_string())?;
+            println!("{out}: {total} bytes, SHA-256 {sha} (verified)");
         }
         other => return Err(format!("unknown command `{other}`\n{USAGE}")),
     }
@@ -535,5 +580,9 @@ fn save_token(path: &PathBuf, token: &str) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("cannot save the token in {}: {e}", path.display()))?;
+    // An existing file keeps its mode on open: make it private in any case.
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
     f.write_all(token.as_bytes()).map_err(|e| e.to_string())
 }

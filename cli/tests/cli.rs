@@ -248,17 +248,35 @@ async fn a_radiologist_reads_a_study_from_the_command_line() {
     assert!(expected > 0);
 
     let raw = dir.join("raw.dcm");
-    ok(cli(
+    let said = ok(cli(
         dir,
         addr,
         &["raw", &ct.sop_instance_uid, "--out", raw.to_str().unwrap()],
         "",
     ));
+    assert!(said.contains("(verified)"), "{said}");
     let got = std::fs::read(&raw).unwrap();
     let original = std::fs::read(&ct.path).unwrap();
     let (_, a) = storage::part10::parse_file_header(&got).unwrap();
     let (_, b) = storage::part10::parse_file_header(&original).unwrap();
     assert_eq!(&got[a..], &original[b..], "the dataset exactly as sent");
+
+    // Plaintext to another machine is refused before anything is sent.
+    let out = Command::new(env!("CARGO_BIN_EXE_consortium-cli"))
+        .args(["--server", "http://192.0.2.10:50051", "--token-file"])
+        .arg(dir.join("token"))
+        .arg("whoami")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to send"));
+    // The token file is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 
     assert!(ok(cli(dir, addr, &["logout"], "")).contains("logged out"));
     let out = cli(dir, addr, &["whoami"], "");

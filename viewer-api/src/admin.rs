@@ -53,6 +53,16 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                 positional(0).ok_or_else(usage)?,
                 positional(1).ok_or_else(usage)?,
             );
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ApiError::InvalidArgument(
+                    "a clinic id is 1 to 64 of A-Z, a-z, 0-9, _ and -".into(),
+                ));
+            }
             db.write_blocking(|c| {
                 c.execute(
                     "INSERT INTO clinics (id, name) VALUES (?1, ?2)
@@ -85,15 +95,22 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
             let username = positional(0).ok_or_else(usage)?;
             let hash = auth::hash_password(&read_password()?)?;
             let n = db.write_blocking(|c| {
-                Ok(c.execute(
+                let n = c.execute(
                     "UPDATE users SET password_hash = ?1 WHERE username = ?2",
                     params![hash, username],
-                )?)
+                )?;
+                // A new password is often the answer to a leak: old tokens go too.
+                c.execute(
+                    "UPDATE sessions SET revoked = 1
+                     WHERE user_pk = (SELECT pk FROM users WHERE username = ?1)",
+                    [&username],
+                )?;
+                Ok(n)
             })?;
             if n == 0 {
                 return Err(ApiError::InvalidArgument(format!("no user `{username}`")));
             }
-            println!("password of {username} changed");
+            println!("password of {username} changed and their tokens revoked");
         }
         "disable-user" => {
             let username = positional(0).ok_or_else(usage)?;

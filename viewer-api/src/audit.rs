@@ -45,8 +45,25 @@ pub async fn record(db: &Db, entry: Entry) -> Result<()> {
     tokio::task::spawn_blocking(move || record_blocking(&db2, entry)).await?
 }
 
+/// At most this many characters of a client-given field are kept.
+const MAX_FIELD: usize = 256;
+
+fn bounded(s: String) -> String {
+    if s.chars().count() <= MAX_FIELD {
+        s
+    } else {
+        s.chars().take(MAX_FIELD).chain("…".chars()).collect()
+    }
+}
+
 /// [`record`] on this (blocking) thread.
 pub fn record_blocking(db: &Db, entry: Entry) -> Result<()> {
+    let entry = Entry {
+        detail: bounded(entry.detail),
+        username: bounded(entry.username),
+        study_uid: bounded(entry.study_uid),
+        ..entry
+    };
     db.write_blocking(move |c| {
         c.prepare_cached(
             "INSERT INTO audit (at, calling_ae, clinic_id, peer, action, detail, outcome, matches,

@@ -248,7 +248,7 @@ struct Failures {
     locked_until: Option<Instant>,
 }
 
-/// Failures per user name before a lock-out.
+/// Failures per user name (from one address) before a lock-out.
 const USER_THRESHOLD: u32 = 5;
 /// Failures per peer address before a lock-out (many users behind one NAT).
 const PEER_THRESHOLD: u32 = 20;
@@ -290,6 +290,13 @@ impl Limiter {
     fn succeed(&mut self, key: &str) {
         self.entries.remove(key);
     }
+
+    /// Takes back one counted attempt that turned out to succeed.
+    fn unfail(&mut self, key: &str) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.count = e.count.saturating_sub(1);
+        }
+    }
 }
 
 /// How long a checked token is trusted without asking the index again.
@@ -304,6 +311,8 @@ pub struct Auth {
     /// round trip per call. Logout here evicts at once; a revocation by the
     /// admin command (another process) takes effect within that time.
     recent: Mutex<HashMap<String, (Caller, Instant)>>,
+    /// Password checks running at once (one per core).
+    hashing: tokio::sync::Semaphore,
     /// Verified against when the user does not exist, so a wrong user name
     /// takes as long as a wrong password.
     dummy_hash: String,
@@ -316,6 +325,9 @@ impl Auth {
             token_lifetime,
             limiter: Mutex::new(Limiter::default()),
             recent: Mutex::new(HashMap::new()),
+            hashing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
             dummy_hash: hash_password("not a real password")?,
         })
     }
@@ -327,7 +339,13 @@ impl Auth {
         password: &str,
         peer: &str,
     ) -> Result<(String, i64, UserRow)> {
-        let user_key = format!("user:{username}");
+        if username.is_empty() || username.len() > 64 || password.len() > 1024 {
+            return Err(ApiError::Unauthenticated("wrong user name or password"));
+        }
+        // Lock-outs are per user name *from one address*, so nobody can lock
+        // a radiologist out from elsewhere; each address also has its own
+        // limit across user names.
+        let user_key = format!("user:{username}@{peer}");
         let peer_key = format!("peer:{peer}");
         {
             let now = Instant::now();
@@ -341,7 +359,17 @@ impl Auth {
                     wait.as_secs().max(1)
                 )));
             }
+            // Count the attempt before checking it, so parallel attempts
+            // cannot all pass the lock; a success takes it back below.
+            limiter.fail(user_key.clone(), USER_THRESHOLD, now);
+            limiter.fail(peer_key.clone(), PEER_THRESHOLD, now);
         }
+        // argon2 takes ~19 MiB and a core per check: a few at a time.
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Internal("hashing closed".into()))?;
         let name = username.to_string();
         let user = self.db.read(move |c| find_user(c, &name)).await?;
         let hash = user
@@ -352,18 +380,13 @@ impl Auth {
         let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await?;
         let user = match user.filter(|u| ok && !u.disabled) {
             Some(u) => u,
-            None => {
-                let now = Instant::now();
-                let mut limiter = self.limiter.lock().expect("limiter lock");
-                limiter.fail(user_key, USER_THRESHOLD, now);
-                limiter.fail(peer_key, PEER_THRESHOLD, now);
-                return Err(ApiError::Unauthenticated("wrong user name or password"));
-            }
+            None => return Err(ApiError::Unauthenticated("wrong user name or password")),
         };
-        self.limiter
-            .lock()
-            .expect("limiter lock")
-            .succeed(&user_key);
+        {
+            let mut limiter = self.limiter.lock().expect("limiter lock");
+            limiter.succeed(&user_key);
+            limiter.unfail(&peer_key);
+        }
         let (pk, lifetime) = (user.pk, self.token_lifetime);
         let (token, expires) = self.db.write(move |c| issue_token(c, pk, lifetime)).await?;
         Ok((token, expires, user))
@@ -454,6 +477,26 @@ impl Auth {
         }
         recent.insert(hash, (caller.clone(), Instant::now()));
         Ok(caller)
+    }
+
+    /// Whether the caller's token still stands (not revoked, not expired,
+    /// user not disabled), asking the index, for long-lived streams.
+    pub async fn still_valid(&self, caller: &Caller) -> bool {
+        let hash = caller.token_hash.clone();
+        let now = now_unix();
+        self.db
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM sessions s JOIN users u ON u.pk = s.user_pk
+                     WHERE s.token_hash = ?1 AND s.revoked = 0 AND s.expires_at > ?2 AND u.disabled = 0",
+                    rusqlite::params![hash, now],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+            })
+            .await
+            .unwrap_or(false)
     }
 
     /// Revokes the caller's token.

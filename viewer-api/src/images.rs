@@ -258,8 +258,10 @@ impl Images {
         Ok(rendered)
     }
 
-    /// Renders every frame of `instances` in order into `tx`, on a blocking
-    /// thread; stops when the receiver goes away.
+    /// Renders every frame of `instances` in order into `tx`: an async task
+    /// that takes a blocking thread only to open an instance or render one
+    /// frame, so a client that stops reading holds no thread. Stops when the
+    /// receiver goes away or a frame fails (the error is the last message).
     pub fn stream_series(
         self: &Arc<Self>,
         instances: Vec<InstanceRow>,
@@ -267,49 +269,61 @@ impl Images {
         tx: mpsc::Sender<std::result::Result<RenderedFrame, tonic::Status>>,
     ) {
         let me = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             for instance in instances {
-                let source = handle.block_on(me.source(&instance.blob_key));
-                let obj = match source.and_then(|(p, b)| open_object(p, b, false)) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
-                        return;
-                    }
-                };
-                for frame in 0..render::number_of_frames(&obj) {
-                    let spec = Spec {
-                        frame,
-                        ..template.clone()
-                    };
-                    let key = Images::cache_key(&instance, &spec);
-                    let cached = me.cache.lock().expect("cache lock").get(&key);
-                    let rendered = match cached {
-                        Some(r) => Ok(r),
-                        None => {
-                            let permit = handle.block_on(me.workers.acquire());
-                            // Decoded frames are kept: the reader scrolls back.
-                            let r = me
-                                .decoded(&instance, frame, || Ok(render::decode(&obj, frame)?))
-                                .and_then(|f| Ok(Arc::new(render::display(&f, &spec)?)));
-                            drop(permit);
-                            if let Ok(r) = &r {
-                                me.cache.lock().expect("cache lock").put(key, r.clone());
-                            }
-                            r
-                        }
-                    };
-                    let msg = rendered
-                        .map(|r| to_proto(&instance.sop_instance_uid, &spec, &r))
-                        .map_err(tonic::Status::from);
-                    let failed = msg.is_err();
-                    if tx.blocking_send(msg).is_err() || failed {
-                        return;
-                    }
+                if let Err(e) = me.stream_instance(&instance, &template, &tx).await {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                if tx.is_closed() {
+                    return;
                 }
             }
         });
+    }
+
+    async fn stream_instance(
+        self: &Arc<Self>,
+        instance: &InstanceRow,
+        template: &Spec,
+        tx: &mpsc::Sender<std::result::Result<RenderedFrame, tonic::Status>>,
+    ) -> Result<()> {
+        let (path, bytes) = self.source(&instance.blob_key).await?;
+        let obj =
+            Arc::new(tokio::task::spawn_blocking(move || open_object(path, bytes, false)).await??);
+        for frame in 0..render::number_of_frames(&obj) {
+            let spec = Spec {
+                frame,
+                ..template.clone()
+            };
+            let key = Images::cache_key(instance, &spec);
+            let cached = self.cache.lock().expect("cache lock").get(&key);
+            let rendered = match cached {
+                Some(r) => r,
+                None => {
+                    let _permit = self
+                        .workers
+                        .acquire()
+                        .await
+                        .map_err(|_| ApiError::Internal("render workers closed".into()))?;
+                    let (me, obj, row, s) =
+                        (self.clone(), obj.clone(), instance.clone(), spec.clone());
+                    // Decoded frames are kept: the reader scrolls back.
+                    let r = tokio::task::spawn_blocking(move || -> Result<Arc<Rendered>> {
+                        let f = me.decoded(&row, frame, || Ok(render::decode(&obj, frame)?))?;
+                        Ok(Arc::new(render::display(&f, &s)?))
+                    })
+                    .await??;
+                    self.cache.lock().expect("cache lock").put(key, r.clone());
+                    r
+                }
+            };
+            let msg = to_proto(&instance.sop_instance_uid, &spec, &rendered);
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// Streams the stored file in chunks of at most [`RAW_CHUNK`] bytes.

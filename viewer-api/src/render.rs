@@ -164,6 +164,28 @@ pub fn decode(obj: &DefaultDicomObject, frame: u32) -> Result<Frame, RenderError
             frames,
         });
     }
+    let stored_pi = obj
+        .element_opt(dicom_dictionary_std::tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    const RLE: &str = "1.2.840.10008.1.2.5";
+    let native = matches!(
+        ts.as_str(),
+        "1.2.840.10008.1.2"
+            | "1.2.840.10008.1.2.1"
+            | "1.2.840.10008.1.2.2"
+            | "1.2.840.10008.1.2.1.99"
+    );
+    if native && stored_pi == "YBR_FULL_422" && frames > 1 {
+        // dicom-pixeldata slices native frames as three full samples per
+        // pixel; 4:2:2 frames are two thirds of that.
+        return Err(RenderError::Unsupported(
+            "multi-frame YBR_FULL_422 without compression".into(),
+        ));
+    }
     let decoded = obj
         .decode_pixel_data_frame(frame)
         .map_err(|e| RenderError::Decode(e.to_string()))?;
@@ -174,7 +196,16 @@ pub fn decode(obj: &DefaultDicomObject, frame: u32) -> Result<Frame, RenderError
     }
     let pixels = match decoded.samples_per_pixel() {
         1 => Pixels::Mono(monochrome(&decoded, pixels)?),
-        3 => Pixels::Rgb(color(&decoded, pixels)?),
+        3 => {
+            let mut rgb = color(&decoded, pixels)?;
+            // The RLE decoder reports RGB but leaves YBR_FULL samples as they were.
+            if ts == RLE && stored_pi == "YBR_FULL" {
+                for px in rgb.chunks_exact_mut(3) {
+                    px.copy_from_slice(&ybr_to_rgb(px[0], px[1], px[2]));
+                }
+            }
+            Pixels::Rgb(rgb)
+        }
         n => {
             return Err(RenderError::Unsupported(format!("{n} samples per pixel")));
         }
@@ -401,7 +432,7 @@ fn color(decoded: &DecodedPixelData<'_>, pixels: usize) -> Result<Vec<u8>, Rende
     let pi = decoded.photometric_interpretation();
     if *pi == PhotometricInterpretation::YbrFull422 {
         // Native 4:2:2: Y1 Y2 Cb Cr for each pair of pixels.
-        if data.len() < pixels * 2 * bytes_per_sample {
+        if data.len() < pixels.div_ceil(2) * 4 * bytes_per_sample {
             return Err(RenderError::Decode(
                 "pixel data shorter than the frame".into(),
             ));
@@ -518,9 +549,9 @@ fn lut_box_reduce(
 ) -> (Vec<u8>, u32, u32) {
     let (out_w, out_h) = ((width / k) as usize, (height / k) as usize);
     let (k, width) = (k as usize, width as usize);
-    let area = (k * k) as u32;
+    let area = (k * k) as u64;
     let mut out = Vec::with_capacity(out_w * out_h);
-    let mut sums = vec![0u32; out_w];
+    let mut sums = vec![0u64; out_w];
     for oy in 0..out_h {
         sums.iter_mut().for_each(|s| *s = 0);
         for y in oy * k..oy * k + k {
@@ -528,8 +559,8 @@ fn lut_box_reduce(
             for (sum, block) in sums.iter_mut().zip(row.chunks_exact(k)) {
                 *sum += block
                     .iter()
-                    .map(|&p| u32::from(lut[usize::from(p)]))
-                    .sum::<u32>();
+                    .map(|&p| u64::from(lut[usize::from(p)]))
+                    .sum::<u64>();
             }
         }
         out.extend(sums.iter().map(|s| ((s + area / 2) / area) as u8));
@@ -547,21 +578,21 @@ fn box_reduce(
 ) -> (Vec<u8>, u32, u32) {
     let (out_w, out_h) = ((width / k) as usize, (height / k) as usize);
     let (k, width) = (k as usize, width as usize);
-    let area = (k * k) as u32;
+    let area = (k * k) as u64;
     let mut out = Vec::with_capacity(out_w * out_h * channels);
-    let mut sums = vec![0u32; out_w * channels];
+    let mut sums = vec![0u64; out_w * channels];
     for oy in 0..out_h {
         sums.iter_mut().for_each(|s| *s = 0);
         for y in oy * k..oy * k + k {
             let row = &samples[y * width * channels..][..out_w * k * channels];
             if channels == 1 {
                 for (sum, block) in sums.iter_mut().zip(row.chunks_exact(k)) {
-                    *sum += block.iter().map(|&v| u32::from(v)).sum::<u32>();
+                    *sum += block.iter().map(|&v| u64::from(v)).sum::<u64>();
                 }
             } else {
                 for (ox, block) in row.chunks_exact(k * channels).enumerate() {
                     for (i, &v) in block.iter().enumerate() {
-                        sums[ox * channels + i % channels] += u32::from(v);
+                        sums[ox * channels + i % channels] += u64::from(v);
                     }
                 }
             }

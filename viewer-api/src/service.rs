@@ -27,6 +27,9 @@ use crate::worklist::{Scope, Worklist};
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
+/// How often a running watch checks its token again.
+const WATCH_RECHECK: Duration = Duration::from_secs(2);
+
 /// State shared by every service.
 pub struct App {
     pub config: Config,
@@ -269,7 +272,9 @@ impl WorklistService for Worklists {
         entry.matches = result.as_ref().map_or(0, |(_, c)| c.len() as u64);
         let (scope, current) = self.0.audited(entry, result).await?;
         let (tx, rx) = mpsc::channel(64);
+        let app = self.0.clone();
         tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
             for item in current {
                 let event = pb::WorklistEvent {
                     kind: pb::worklist_event::Kind::Current as i32,
@@ -279,22 +284,41 @@ impl WorklistService for Worklists {
                     return;
                 }
             }
+            // The token is checked again while the stream lives: logout,
+            // revocation, a disabled user or expiry end it.
+            let mut recheck = tokio::time::interval(WATCH_RECHECK);
             loop {
-                match changes.recv().await {
-                    Ok(change) if change.visible_in(&scope) => {
-                        let event = pb::WorklistEvent {
-                            kind: change.kind as i32,
-                            item: Some(change.item),
-                        };
-                        if tx.send(Ok(event)).await.is_err() {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = recheck.tick() => {
+                        if !app.auth.still_valid(&caller).await {
+                            let _ = tx
+                                .send(Err(Status::unauthenticated("the token is no longer valid; log in again")))
+                                .await;
                             return;
                         }
                     }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(skipped = n, "worklist watcher lagged");
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    change = changes.recv() => match change {
+                        Ok(change) => {
+                            let Some(kind) = change.for_scope(&scope) else { continue };
+                            let event = pb::WorklistEvent {
+                                kind: kind as i32,
+                                item: Some(change.item),
+                            };
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(RecvError::Lagged(n)) => {
+                            // Events were lost: the client's list is wrong now.
+                            tracing::warn!(skipped = n, "worklist watcher lagged");
+                            let _ = tx
+                                .send(Err(Status::aborted("the watch fell behind; start it again")))
+                                .await;
+                            return;
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
                 }
             }
         });

@@ -195,12 +195,15 @@ impl Worklist {
             .await
     }
 
+    /// The item as it is now, settled or not (a priority may be set on a
+    /// study still arriving, and an instance may arrive right after a claim).
     async fn item(&self, study_uid: String) -> Result<WorklistItem> {
         let scope = Scope {
             study_uid,
             ..Scope::default()
         };
-        self.list(scope, 1)
+        self.db
+            .read(move |c| query_items(c, Duration::ZERO, &scope, 1))
             .await?
             .pop()
             .ok_or(ApiError::NotFound("worklist item"))
@@ -422,11 +425,17 @@ impl Worklist {
 }
 
 impl Change {
-    /// Whether a watcher with `scope` may and wants to see this change.
-    pub fn visible_in(&self, scope: &Scope) -> bool {
-        if self.kind == worklist_event::Kind::Removed {
-            return scope.clinic_id.is_empty() || self.item.clinic_id == scope.clinic_id;
+    /// What a watcher with `scope` sees of this change, if anything: a
+    /// change that takes an item out of the filter (claimed, for a watcher
+    /// of unread items) is a removal for that watcher.
+    pub fn for_scope(&self, scope: &Scope) -> Option<worklist_event::Kind> {
+        use worklist_event::Kind;
+        let clinic_visible = scope.clinic_id.is_empty() || self.item.clinic_id == scope.clinic_id;
+        match self.kind {
+            Kind::Removed => clinic_visible.then_some(Kind::Removed),
+            kind if scope.admits(&self.item) => Some(kind),
+            Kind::Changed => clinic_visible.then_some(Kind::Removed),
+            _ => None,
         }
-        scope.admits(&self.item)
     }
 }

@@ -387,6 +387,23 @@ async fn watchers_see_current_items_new_studies_and_claims() {
     assert_eq!(e.kind, Kind::Added as i32, "{e:?}");
     assert_eq!(e.item.unwrap().study_instance_uid, uids[1]);
 
+    // Logging out ends the watch: no more patient data on that stream.
+    c.identity
+        .logout(authed(consortium_proto::v1::LogoutRequest {}, &rad))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends within 6 s of logout");
+    assert_eq!(ended.unwrap_err().code(), Code::Unauthenticated);
+
     // A xinzhen technician's watch never shows baishui studies.
     let tech = server.login("tech_x").await;
     let mut theirs = c
