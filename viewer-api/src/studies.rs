@@ -274,7 +274,8 @@ pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Ve
              SELECT ?1, 'same patient record'
              UNION SELECT ids.patient_pk, 'ID ' || keys.id || ' (issuer ' || keys.issuer || ')'
              FROM keys JOIN ids ON ids.id = keys.id AND ids.issuer = keys.issuer)
-         SELECT st.study_uid, st.clinic_id, st.study_date, st.description, min(l.how),
+         SELECT st.study_uid, st.clinic_id, st.study_date, st.description,
+                substr(min(CASE WHEN l.how = 'same patient record' THEN '0' ELSE '1' END || l.how), 2),
                 {MODALITIES_OF_STUDY}
          FROM linked l JOIN studies st ON st.patient_pk = l.patient_pk
          WHERE st.pk != ?2
