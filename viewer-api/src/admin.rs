@@ -94,41 +94,23 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
         "set-password" => {
             let username = positional(0).ok_or_else(usage)?;
             let hash = auth::hash_password(&read_password()?)?;
-            let n = db.write_blocking(|c| {
-                let n = c.execute(
-                    "UPDATE users SET password_hash = ?1 WHERE username = ?2",
-                    params![hash, username],
-                )?;
-                // A new password is often the answer to a leak: old tokens go too.
-                c.execute(
-                    "UPDATE sessions SET revoked = 1
-                     WHERE user_pk = (SELECT pk FROM users WHERE username = ?1)",
-                    [&username],
-                )?;
-                Ok(n)
-            })?;
-            if n == 0 {
-                return Err(ApiError::InvalidArgument(format!("no user `{username}`")));
-            }
+            // A new password is often the answer to a leak: old tokens go too.
+            update_user_and_revoke(
+                &db,
+                "UPDATE users SET password_hash = ?2 WHERE username = ?1",
+                &username,
+                Some(&hash),
+            )?;
             println!("password of {username} changed and their tokens revoked");
         }
         "disable-user" => {
             let username = positional(0).ok_or_else(usage)?;
-            let n = db.write_blocking(|c| {
-                let n = c.execute(
-                    "UPDATE users SET disabled = 1 WHERE username = ?1",
-                    [&username],
-                )?;
-                c.execute(
-                    "UPDATE sessions SET revoked = 1
-                     WHERE user_pk = (SELECT pk FROM users WHERE username = ?1)",
-                    [&username],
-                )?;
-                Ok(n)
-            })?;
-            if n == 0 {
-                return Err(ApiError::InvalidArgument(format!("no user `{username}`")));
-            }
+            update_user_and_revoke(
+                &db,
+                "UPDATE users SET disabled = 1 WHERE username = ?1",
+                &username,
+                None,
+            )?;
             println!("user {username} disabled and their tokens revoked");
         }
         "list-users" => {
@@ -199,6 +181,33 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
         _ => return Err(usage()),
     }
     Ok(())
+}
+
+/// Runs `update` on a user (`?1` its name, `?2` the optional value) and
+/// revokes every token the user holds, in one transaction.
+fn update_user_and_revoke(
+    db: &Db,
+    update: &str,
+    username: &str,
+    value: Option<&str>,
+) -> Result<()> {
+    db.write_blocking(|c| {
+        let tx = c.transaction()?;
+        let n = match value {
+            Some(v) => tx.execute(update, params![username, v])?,
+            None => tx.execute(update, params![username])?,
+        };
+        if n == 0 {
+            return Err(ApiError::InvalidArgument(format!("no user `{username}`")));
+        }
+        tx.execute(
+            "UPDATE sessions SET revoked = 1
+             WHERE user_pk = (SELECT pk FROM users WHERE username = ?1)",
+            [username],
+        )?;
+        tx.commit()?;
+        Ok(())
+    })
 }
 
 fn read_password() -> Result<String> {

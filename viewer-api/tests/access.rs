@@ -415,7 +415,34 @@ async fn admin_command_manages_users_and_lists_the_audit_log() {
         .unwrap();
     assert!(hash.starts_with("$argon2id$"));
     assert!(!hash.contains("password-hill_staff"));
-    server.login("hill_staff").await;
+    let old_token = server.login("hill_staff").await;
+    // A new password revokes the tokens the user had.
+    let out = server.admin(&["set-password", "hill_staff"], "a new long password\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = server.clients().await;
+    let err = c
+        .identity
+        .who_am_i(authed(WhoAmIRequest {}, &old_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    c.identity
+        .login(LoginRequest {
+            username: "hill_staff".into(),
+            password: "a new long password".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !server
+            .admin(&["set-password", "nobody"], "whatever long\n")
+            .status
+            .success()
+    );
     let out = server.admin(&["audit", "--user", "hill_staff"], "");
     let audit = String::from_utf8(out.stdout).unwrap();
     assert!(audit.lines().nth(1).unwrap().contains("Login"), "{audit}");
