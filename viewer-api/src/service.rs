@@ -1,9 +1,10 @@
 //! The gRPC services: each call is authenticated, authorized by role and
 //! clinic, and (when it touches patient data or is refused) audited.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use consortium_config::Config;
 use consortium_proto::v1 as pb;
@@ -37,7 +38,20 @@ pub struct App {
     pub auth: Auth,
     pub worklist: Arc<Worklist>,
     pub images: Arc<Images>,
+    /// Unauthenticated refusals audited per peer address and minute.
+    refusals: std::sync::Mutex<HashMap<String, RefusalWindow>>,
 }
+
+/// Refused unauthenticated calls from one address in the current minute.
+struct RefusalWindow {
+    started: Instant,
+    audited: u32,
+    suppressed: u32,
+}
+
+/// Unauthenticated refusals audited one by one per address and minute;
+/// beyond that they are counted, and the count is audited once.
+const REFUSALS_AUDITED_PER_MINUTE: u32 = 60;
 
 fn peer_of<T>(req: &Request<T>) -> String {
     req.remote_addr()
@@ -59,6 +73,7 @@ impl App {
                 Duration::from_secs(viewer.worklist_settle_s),
                 Duration::from_secs(viewer.lease_s),
             ),
+            refusals: std::sync::Mutex::new(HashMap::new()),
             images: Arc::new(Images::new(
                 blobs,
                 (viewer.render_cache_mib << 20) as usize,
@@ -75,18 +90,54 @@ impl App {
         match self.auth.authenticate(req.metadata(), peer.clone()).await {
             Ok(c) => Ok(c),
             Err(e) => {
-                let entry = Entry {
-                    action,
-                    peer,
-                    outcome: e.outcome(),
-                    ..Entry::default()
-                };
-                if let Err(a) = audit::record(&self.db, entry).await {
-                    tracing::error!(error = %a, "audit write failed");
+                if let Some(entry) = self.refusal_entry(action, &peer, &e) {
+                    if let Err(a) = audit::record(&self.db, entry).await {
+                        tracing::error!(error = %a, "audit write failed");
+                    }
                 }
                 Err(e.into())
             }
         }
+    }
+
+    /// The audit row for an unauthenticated refusal, unless this address
+    /// already had its share this minute (then it is only counted, and the
+    /// count is written with the first refusal of a later minute).
+    fn refusal_entry(&self, action: &'static str, peer: &str, e: &ApiError) -> Option<Entry> {
+        let mut windows = self.refusals.lock().expect("refusals lock");
+        if windows.len() > 10_000 {
+            windows.retain(|_, w| w.started.elapsed() < Duration::from_secs(60));
+        }
+        let w = windows.entry(peer.to_string()).or_insert(RefusalWindow {
+            started: Instant::now(),
+            audited: 0,
+            suppressed: 0,
+        });
+        let mut outcome = e.outcome();
+        if w.started.elapsed() >= Duration::from_secs(60) {
+            if w.suppressed > 0 {
+                outcome = format!(
+                    "{outcome} (and {} earlier refusals not listed)",
+                    w.suppressed
+                );
+            }
+            *w = RefusalWindow {
+                started: Instant::now(),
+                audited: 0,
+                suppressed: 0,
+            };
+        }
+        if w.audited >= REFUSALS_AUDITED_PER_MINUTE {
+            w.suppressed += 1;
+            return None;
+        }
+        w.audited += 1;
+        Some(Entry {
+            action,
+            peer: peer.to_string(),
+            outcome,
+            ..Entry::default()
+        })
     }
 
     /// Records the call's outcome; data is only returned once its access is audited.

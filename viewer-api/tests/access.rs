@@ -300,6 +300,21 @@ async fn missing_forged_expired_and_revoked_tokens_are_refused() {
         .filter(|(_, a, _, o)| a == "GetStudyMetadata" && o.starts_with("denied"))
         .count();
     assert!(denied >= 5, "{audit:#?}");
+    // A flood of refused calls from one address is counted, not listed:
+    // at most 60 rows a minute.
+    for _ in 0..80 {
+        let _ = c
+            .studies
+            .get_study_metadata(authed(request(), &forged))
+            .await;
+    }
+    let refused_rows = server
+        .audit()
+        .iter()
+        .filter(|(u, _, _, o)| u.is_empty() && o.starts_with("denied"))
+        .count();
+    assert_eq!(refused_rows, 60, "refusals audited in the first minute");
+
     // Only hashes of tokens are stored.
     let conn = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
     let stored: i64 = conn
