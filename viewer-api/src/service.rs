@@ -90,10 +90,10 @@ impl App {
         match self.auth.authenticate(req.metadata(), peer.clone()).await {
             Ok(c) => Ok(c),
             Err(e) => {
-                if let Some(entry) = self.refusal_entry(action, &peer, &e) {
-                    if let Err(a) = audit::record(&self.db, entry).await {
-                        tracing::error!(error = %a, "audit write failed");
-                    }
+                if let Some(entry) = self.refusal_entry(action, &peer, &e)
+                    && let Err(a) = audit::record(&self.db, entry).await
+                {
+                    tracing::error!(error = %a, "audit write failed");
                 }
                 Err(e.into())
             }
