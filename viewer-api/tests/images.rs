@@ -668,3 +668,59 @@ async fn series_stream_raw_instances_metadata_and_priors() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_instance_streams_in_many_chunks_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("large.dcm");
+    // About 6 MiB: more than gRPC's default 4 MiB message limit.
+    let large = sample_dicom::write_large_instance(&path, 6 << 20, 3).unwrap();
+    let server = center_with(&[(path.clone(), "xinzhen".to_string())], "").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+    let mut stream = c
+        .images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: large.sop_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut bytes, mut chunks, mut announced) = (Vec::new(), 0, 0);
+    while let Some(chunk) = stream.message().await.unwrap() {
+        assert_eq!(chunk.offset, bytes.len() as u64);
+        assert!(chunk.data.len() <= 1 << 20);
+        if chunks == 0 {
+            announced = chunk.total_size;
+        }
+        bytes.extend_from_slice(&chunk.data);
+        chunks += 1;
+    }
+    assert!(chunks >= 6, "{chunks} chunks");
+    assert_eq!(bytes.len() as u64, announced);
+    let original = std::fs::read(&path).unwrap();
+    let (_, a) = storage::part10::parse_file_header(&bytes).unwrap();
+    let (_, b) = storage::part10::parse_file_header(&original).unwrap();
+    assert!(bytes[a..] == original[b..], "the dataset exactly as sent");
+    // Its frames render one by one too (a multi-frame word image).
+    let frame = c
+        .images
+        .render_frame(authed(
+            RenderFrameRequest {
+                sop_instance_uid: large.sop_instance_uid.clone(),
+                frame_number: 3,
+                options: Some(RenderOptions {
+                    max_width: 128,
+                    ..Default::default()
+                }),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((frame.width, frame.height), (128, 128));
+}
