@@ -174,11 +174,9 @@ pub(crate) fn parse(
             continue;
         }
         let mut value = element.to_str().map(|s| s.to_string()).unwrap_or_default();
-        if Some(tag) == sending_clinic {
+        let known = if Some(tag) == sending_clinic {
             // Requesters without our dictionary send it as UN, padded with NUL.
             value = value.trim_end_matches(['\0', ' ']).to_string();
-        }
-        let known = if Some(tag) == sending_clinic {
             Some((tag, VR::LO, Key::SendingClinic))
         } else {
             KEYS.iter().find(|(t, _, _)| *t == tag).copied()

@@ -253,16 +253,14 @@ impl Storage {
                 clinic.map(str::to_owned),
             );
             // An instance is the asking clinic's when it sent the current
-            // bytes, even if another clinic sent them first.
+            // bytes, whoever sent them first.
             tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
                 let reader = storage.reader()?;
                 uids.iter()
                     .map(|uid| {
                         let record = reader.instance(uid)?;
                         Ok(match (record, &asking) {
-                            (Some(r), Some(c)) if *c != r.clinic_id => {
-                                reader.sent_by(uid, &r.sha256, c)?.then_some(r)
-                            }
+                            (Some(r), Some(c)) => reader.sent_by(uid, &r.sha256, c)?.then_some(r),
                             (record, _) => record,
                         })
                     })

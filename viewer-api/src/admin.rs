@@ -29,15 +29,12 @@ commands:
 /// Runs one admin command; prints its result on standard output.
 pub fn run(config: &Config, args: &[String]) -> Result<()> {
     let db = Db::open(&config.storage.data_dir)?;
-    db.write_blocking(|c| {
-        for clinic in &config.clinics {
-            c.execute(
-                "INSERT INTO clinics (id, name) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING",
-                params![clinic.id, clinic.name],
-            )?;
-        }
-        Ok(())
-    })?;
+    db.save_clinics(
+        config
+            .clinics
+            .iter()
+            .map(|c| (c.id.as_str(), c.name.as_str())),
+    )?;
     let usage = || ApiError::InvalidArgument(USAGE.into());
     let (command, rest) = args.split_first().ok_or_else(usage)?;
     let flag = |name: &str| -> Option<String> {
@@ -63,14 +60,7 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                     "a clinic id is 1 to 64 of A-Z, a-z, 0-9, _ and -".into(),
                 ));
             }
-            db.write_blocking(|c| {
-                c.execute(
-                    "INSERT INTO clinics (id, name) VALUES (?1, ?2)
-                     ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-                    params![id, name],
-                )?;
-                Ok(())
-            })?;
+            db.save_clinics([(id.as_str(), name.as_str())])?;
             println!("clinic {id} saved");
         }
         "create-user" => {

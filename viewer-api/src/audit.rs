@@ -28,6 +28,14 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Sets the outcome column from a call's result.
+    pub fn set_outcome<T>(&mut self, result: &crate::error::Result<T>) {
+        self.outcome = match result {
+            Ok(_) => "success".into(),
+            Err(e) => e.outcome(),
+        };
+    }
+
     pub fn new(action: &'static str, caller: &Caller) -> Entry {
         Entry {
             action,

@@ -133,15 +133,12 @@ fn verify_password(hash: &str, password: &str) -> bool {
 pub fn new_token() -> Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| ApiError::Internal(format!("random: {e}")))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(storage::spool::hex(&bytes))
 }
 
 /// What the index keeps of a token: its SHA-256, hex.
 pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    storage::spool::hex(&Sha256::digest(token.as_bytes()))
 }
 
 /// A user row.

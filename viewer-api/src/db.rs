@@ -39,18 +39,11 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner
-                .writer
-                .lock()
-                .map_err(|_| ApiError::Internal("writer lock poisoned".into()))?;
-            f(&mut conn)
-        })
-        .await?
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.write_blocking(f)).await?
     }
 
-    /// Runs `f` on the write connection on this thread (start-up, admin command).
+    /// Runs `f` on the write connection on this (blocking) thread.
     pub fn write_blocking<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let mut conn = self
             .inner
@@ -58,6 +51,23 @@ impl Db {
             .lock()
             .map_err(|_| ApiError::Internal("writer lock poisoned".into()))?;
         f(&mut conn)
+    }
+
+    /// Adds clinics `(id, name)` to the index, or renames them.
+    pub fn save_clinics<'a>(
+        &self,
+        clinics: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<()> {
+        self.write_blocking(|c| {
+            let mut stmt = c.prepare_cached(
+                "INSERT INTO clinics (id, name) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+            )?;
+            for (id, name) in clinics {
+                stmt.execute([id, name])?;
+            }
+            Ok(())
+        })
     }
 
     /// Runs `f` on a read-only connection, on a blocking thread.

@@ -346,7 +346,7 @@ impl Images {
                 let data = pending.split_to(take).freeze();
                 let mut chunk = RawChunk {
                     offset,
-                    data: data.to_vec(),
+                    data,
                     ..RawChunk::default()
                 };
                 if first {
@@ -373,7 +373,7 @@ mod tests {
 
     fn frame(bytes: usize) -> Arc<Rendered> {
         Arc::new(Rendered {
-            data: vec![0; bytes],
+            data: vec![0; bytes].into(),
             width: 1,
             height: 1,
             window: None,

@@ -4,6 +4,8 @@
 //!
 //! Pure and synchronous: callers run it off the async runtime.
 
+use std::borrow::Cow;
+
 use dicom_object::DefaultDicomObject;
 use dicom_pixeldata::{
     DecodedPixelData, PhotometricInterpretation, PixelDecoder, PixelRepresentation,
@@ -55,7 +57,8 @@ pub struct Spec {
 /// A rendered, encoded frame.
 #[derive(Debug, Clone)]
 pub struct Rendered {
-    pub data: Vec<u8>,
+    /// Shared, so a cached frame goes out without a copy.
+    pub data: bytes::Bytes,
     pub width: u32,
     pub height: u32,
     /// The window applied (monochrome only).
@@ -126,11 +129,6 @@ impl Frame {
             Pixels::Rgb(v) => v.len(),
         }
     }
-}
-
-/// Renders one frame of `obj` as `spec` asks.
-pub fn render(obj: &DefaultDicomObject, spec: &Spec) -> Result<Rendered, RenderError> {
-    display(&decode(obj, spec.frame)?, spec)
 }
 
 /// Decodes frame `frame` (0-based) of `obj`.
@@ -222,29 +220,31 @@ pub fn decode(obj: &DefaultDicomObject, frame: u32) -> Result<Frame, RenderError
 pub fn display(frame: &Frame, spec: &Spec) -> Result<Rendered, RenderError> {
     let started = std::time::Instant::now();
     let (new_w, new_h) = fit(frame.width, frame.height, spec);
-    let (samples, gray, width, height, window) = match &frame.pixels {
+    // Whole-factor reductions average k x k blocks (for monochrome, of
+    // display values, in the same pass as the lookup).
+    let k = (frame.width / new_w).min(frame.height / new_h);
+    let (samples, gray, width, height, window): (Cow<'_, [u8]>, _, _, _, _) = match &frame.pixels {
         Pixels::Mono(m) => {
             let (lut, window) = m.lut(&spec.voi);
-            // Whole-factor reductions average k x k blocks of display values
-            // in the same pass as the lookup.
-            let k = (frame.width / new_w).min(frame.height / new_h);
             let (samples, w, h) = if k >= 2 {
                 lut_box_reduce(&m.patterns, &lut, frame.width, frame.height, k)
             } else {
                 let all = m.patterns.iter().map(|&p| lut[usize::from(p)]).collect();
                 (all, frame.width, frame.height)
             };
-            (samples, true, w, h, Some(window))
+            (Cow::Owned(samples), true, w, h, Some(window))
         }
-        Pixels::Rgb(rgb) => {
-            let k = (frame.width / new_w).min(frame.height / new_h);
-            let (samples, w, h) = if k >= 2 {
-                box_reduce(rgb, 3, frame.width, frame.height, k)
-            } else {
-                (rgb.clone(), frame.width, frame.height)
-            };
-            (samples, false, w, h, None)
+        Pixels::Rgb(rgb) if k >= 2 => {
+            let (samples, w, h) = box_reduce(rgb, 3, frame.width, frame.height, k);
+            (Cow::Owned(samples), false, w, h, None)
         }
+        Pixels::Rgb(rgb) => (
+            Cow::Borrowed(&rgb[..]),
+            false,
+            frame.width,
+            frame.height,
+            None,
+        ),
     };
     let looked_up = std::time::Instant::now();
     let (samples, width, height) = resize(samples, gray, width, height, new_w, new_h)?;
@@ -257,7 +257,7 @@ pub fn display(frame: &Frame, spec: &Spec) -> Result<Rendered, RenderError> {
         "display stages"
     );
     Ok(Rendered {
-        data,
+        data: data.into(),
         width,
         height,
         window,
@@ -517,16 +517,17 @@ fn fit(width: u32, height: u32, spec: &Spec) -> (u32, u32) {
 
 /// Interpolates to the final size what whole-factor reduction left over.
 fn resize(
-    samples: Vec<u8>,
+    samples: Cow<'_, [u8]>,
     gray: bool,
     width: u32,
     height: u32,
     new_w: u32,
     new_h: u32,
-) -> Result<(Vec<u8>, u32, u32), RenderError> {
+) -> Result<(Cow<'_, [u8]>, u32, u32), RenderError> {
     if (width, height) == (new_w, new_h) {
         return Ok((samples, width, height));
     }
+    let samples = samples.into_owned();
     let filter = image::imageops::FilterType::Triangle;
     let bad = || RenderError::Decode("frame size does not match its pixel data".into());
     let out = if gray {
@@ -536,7 +537,7 @@ fn resize(
         let img = image::RgbImage::from_raw(width, height, samples).ok_or_else(bad)?;
         image::imageops::resize(&img, new_w, new_h, filter).into_raw()
     };
-    Ok((out, new_w, new_h))
+    Ok((Cow::Owned(out), new_w, new_h))
 }
 
 /// Looks up and averages `k` x `k` blocks of a monochrome frame in one pass.
@@ -585,15 +586,9 @@ fn box_reduce(
         sums.iter_mut().for_each(|s| *s = 0);
         for y in oy * k..oy * k + k {
             let row = &samples[y * width * channels..][..out_w * k * channels];
-            if channels == 1 {
-                for (sum, block) in sums.iter_mut().zip(row.chunks_exact(k)) {
-                    *sum += block.iter().map(|&v| u64::from(v)).sum::<u64>();
-                }
-            } else {
-                for (ox, block) in row.chunks_exact(k * channels).enumerate() {
-                    for (i, &v) in block.iter().enumerate() {
-                        sums[ox * channels + i % channels] += u64::from(v);
-                    }
+            for (ox, block) in row.chunks_exact(k * channels).enumerate() {
+                for (i, &v) in block.iter().enumerate() {
+                    sums[ox * channels + i % channels] += u64::from(v);
                 }
             }
         }

@@ -64,7 +64,13 @@ impl App {
             ApiError::InvalidArgument("the configuration has no [viewer] section".into())
         })?;
         let db = Db::open(&config.storage.data_dir)?;
-        sync_clinics(&db, &config)?;
+        // The configuration's clinics are known to the index (users belong to one).
+        db.save_clinics(
+            config
+                .clinics
+                .iter()
+                .map(|c| (c.id.as_str(), c.name.as_str())),
+        )?;
         let blobs = storage::BlobStore::open_local(&config.storage.data_dir)?;
         Ok(Arc::new(App {
             auth: Auth::new(db.clone(), Duration::from_secs(viewer.token_lifetime_s))?,
@@ -142,29 +148,12 @@ impl App {
 
     /// Records the call's outcome; data is only returned once its access is audited.
     async fn audited<T>(&self, mut entry: Entry, result: Result<T>) -> Result<T, Status> {
-        entry.outcome = match &result {
-            Ok(_) => "success".into(),
-            Err(e) => e.outcome(),
-        };
+        entry.set_outcome(&result);
         if let Err(e) = audit::record(&self.db, entry).await {
             return Err(e.into());
         }
         result.map_err(Status::from)
     }
-}
-
-/// The clinics of the configuration are known to the index (users belong to one).
-fn sync_clinics(db: &Db, config: &Config) -> Result<()> {
-    db.write_blocking(|c| {
-        for clinic in &config.clinics {
-            c.execute(
-                "INSERT INTO clinics (id, name) VALUES (?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-                rusqlite::params![clinic.id, clinic.name],
-            )?;
-        }
-        Ok(())
-    })
 }
 
 pub struct Identity(pub Arc<App>);
@@ -473,10 +462,7 @@ impl App {
             let frame = spec.as_ref().map_or(1, |s| s.frame + 1);
             entry.detail = format!("{sop_uid} frame {frame}");
             let result = app.render_blocking(&caller, &sop_uid, spec, &mut entry, &handle);
-            entry.outcome = match &result {
-                Ok(_) => "success".into(),
-                Err(e) => e.outcome(),
-            };
+            entry.set_outcome(&result);
             audit::record_blocking(&app.db, entry)?;
             result
         })
@@ -493,13 +479,7 @@ impl App {
         entry: &mut Entry,
         handle: &tokio::runtime::Handle,
     ) -> Result<pb::RenderedFrame> {
-        caller.require_patient_access()?;
-        studies::check_uid(sop_uid, "sop_instance_uid")?;
-        let instance = self
-            .db
-            .read_blocking(|c| studies::find_instance(c, caller, sop_uid))?;
-        entry.study_uid = instance.study_uid.clone();
-        entry.patient_ref = instance.patient_ref.clone();
+        let instance = self.instance_blocking(caller, sop_uid, entry)?;
         let spec = spec?;
         if spec.frame >= instance.number_of_frames {
             return Err(ApiError::InvalidArgument(format!(
@@ -516,8 +496,9 @@ impl App {
         ))
     }
 
-    /// The instance, checked against the caller's access; fills the audit entry.
-    async fn instance(
+    /// The instance, checked against the caller's access; fills the audit
+    /// entry. On a blocking thread.
+    fn instance_blocking(
         &self,
         caller: &Caller,
         sop_uid: &str,
@@ -525,11 +506,9 @@ impl App {
     ) -> Result<studies::InstanceRow> {
         caller.require_patient_access()?;
         studies::check_uid(sop_uid, "sop_instance_uid")?;
-        let (c, uid) = (caller.clone(), sop_uid.to_string());
         let row = self
             .db
-            .read(move |conn| studies::find_instance(conn, &c, &uid))
-            .await?;
+            .read_blocking(|c| studies::find_instance(c, caller, sop_uid))?;
         entry.study_uid = row.study_uid.clone();
         entry.patient_ref = row.patient_ref.clone();
         Ok(row)
@@ -614,10 +593,13 @@ impl ImageService for Imaging {
         let r = req.into_inner();
         let mut entry = Entry::new("GetRawInstance", &caller);
         entry.detail = r.sop_instance_uid.clone();
-        let result = self
-            .0
-            .instance(&caller, &r.sop_instance_uid, &mut entry)
-            .await;
+        let app = self.0.clone();
+        let (result, entry) = tokio::task::spawn_blocking(move || {
+            let result = app.instance_blocking(&caller, &r.sop_instance_uid, &mut entry);
+            (result, entry)
+        })
+        .await
+        .map_err(ApiError::from)?;
         let instance = self.0.audited(entry, result).await?;
         let (tx, rx) = mpsc::channel(4);
         let images = self.0.images.clone();

@@ -209,7 +209,8 @@ impl Worklist {
             .ok_or(ApiError::NotFound("worklist item"))
     }
 
-    /// Looks up a study for a worklist change: its pk, clinic and whether it has settled.
+    /// The pk of a study the caller may change in the worklist, refused while
+    /// it is still arriving (no instance for `settle`).
     fn locate(tx: &Connection, study_uid: &str, settle: Duration, caller: &Caller) -> Result<i64> {
         let row: Option<(i64, String, String)> = tx
             .query_row(
