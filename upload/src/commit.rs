@@ -48,22 +48,29 @@ pub(crate) async fn commit(
     Ok(answers)
 }
 
-async fn commit_chunk(
-    settings: &Settings,
-    refs: &[(String, String)],
-) -> Result<Answers, ClientError> {
+/// An association for storage commitment only; returns it with the
+/// accepted transfer syntax of its one context.
+async fn associate(settings: &Settings) -> Result<(Association, String), ClientError> {
     let contexts = [Proposed {
         id: 1,
         abstract_syntax: SOP_CLASS.to_string(),
         transfer_syntaxes: vec!["1.2.840.10008.1.2.1".into(), "1.2.840.10008.1.2".into()],
     }];
-    let mut assoc = settings.associate(&contexts).await?;
+    let assoc = settings.associate(&contexts).await?;
     let Some((_, ts)) = assoc.accepted.get(&1).cloned() else {
         assoc.abort().await;
         return Err(ClientError::Protocol(
             "the center does not offer storage commitment".into(),
         ));
     };
+    Ok((assoc, ts))
+}
+
+async fn commit_chunk(
+    settings: &Settings,
+    refs: &[(String, String)],
+) -> Result<Answers, ClientError> {
+    let (mut assoc, ts) = associate(settings).await?;
     let answers = exchange(&mut assoc, 1, &ts, refs).await;
     match answers {
         Ok(a) => {
@@ -75,6 +82,94 @@ async fn commit_chunk(
             Err(e)
         }
     }
+}
+
+/// Storage commitment beside the sending lanes: each stored instance is
+/// handed over at once, and one association of its own asks the center
+/// about whatever has gathered while its previous request was being
+/// checked. The center's re-verification (reading and hashing every
+/// instance) so overlaps the sending instead of following it; what remains
+/// at the end is the last batch. Instances whose request failed are not in
+/// the answers: the caller asks again for them.
+pub(crate) struct Committer {
+    stored: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    task: tokio::task::JoinHandle<Answers>,
+}
+
+/// A batch waits for more instances at most this long while sending goes on.
+const GATHER: Duration = Duration::from_millis(100);
+/// ... unless it has this many already.
+const GATHER_ENOUGH: usize = 256;
+
+impl Committer {
+    pub(crate) fn start(settings: &Settings) -> Self {
+        let (stored, received) = tokio::sync::mpsc::unbounded_channel();
+        let settings = settings.clone();
+        let task = tokio::spawn(async move { run_committer(&settings, received).await });
+        Self { stored, task }
+    }
+
+    /// Asks for commitment of one stored instance (SOP class, instance).
+    pub(crate) fn stored(&self) -> tokio::sync::mpsc::UnboundedSender<(String, String)> {
+        self.stored.clone()
+    }
+
+    /// Waits for the answers to everything handed over.
+    pub(crate) async fn finish(self) -> Answers {
+        drop(self.stored);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+async fn run_committer(
+    settings: &Settings,
+    mut received: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) -> Answers {
+    let mut answers = Answers::new();
+    let mut assoc: Option<(Association, String)> = None;
+    let mut batch: Vec<(String, String)> = Vec::new();
+    let mut sending = true;
+    while sending || !batch.is_empty() {
+        if sending && batch.is_empty() {
+            match received.recv().await {
+                Some(r) => batch.push(r),
+                None => sending = false,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + GATHER;
+        while sending && batch.len() < GATHER_ENOUGH {
+            match tokio::time::timeout_at(deadline, received.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) => sending = false,
+                Err(_) => break,
+            }
+        }
+        while let Ok(r) = received.try_recv() {
+            batch.push(r);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let chunk: Vec<_> = batch.drain(..batch.len().min(CHUNK)).collect();
+        if assoc.is_none() {
+            assoc = associate(settings).await.ok();
+        }
+        let Some((a, ts)) = assoc.as_mut() else {
+            continue; // unanswered: the caller asks again
+        };
+        match exchange(a, 1, ts, &chunk).await {
+            Ok(a) => answers.extend(a),
+            Err(_) => {
+                if let Some((a, _)) = assoc.take() {
+                    a.abort().await;
+                }
+            }
+        }
+    }
+    if let Some((a, _)) = assoc {
+        a.release().await;
+    }
+    answers
 }
 
 /// The commitment exchange on an open association: N-ACTION, N-ACTION-RSP,

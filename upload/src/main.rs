@@ -261,9 +261,11 @@ async fn run(args: Args) -> ExitCode {
     let progress = progress::Progress::new(to_send.len() as u64, total_bytes);
     let send_started = std::time::Instant::now();
     let commit_started = send_started;
-    let (results, mut answers) = send::send_all(s, to_send, &progress).await;
+    let committer = commit::Committer::start(s);
+    let results = send::send_all(s, to_send, &progress, &committer).await;
     progress.finish();
     let sent_in = send_started.elapsed();
+    let mut answers = committer.finish().await;
 
     let stored: Vec<(&scan::Candidate, &str)> = results
         .iter()

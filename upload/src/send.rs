@@ -33,14 +33,15 @@ pub(crate) enum Outcome {
     Failed { reason: String },
 }
 
-/// Sends every candidate over `settings.associations` parallel associations.
-/// Each association then asks for storage commitment of what it stored;
-/// the answers it got come back too (instances without one still need it).
+/// Sends every candidate over `settings.associations` parallel associations,
+/// handing each stored instance to `committer` as soon as the center
+/// answered its C-STORE.
 pub(crate) async fn send_all(
     settings: &Settings,
     files: Vec<Candidate>,
     progress: &Progress,
-) -> (Vec<(Candidate, Outcome)>, commit::Answers) {
+    committer: &commit::Committer,
+) -> Vec<(Candidate, Outcome)> {
     let lanes = settings.associations.max(1);
     let mut shares: Vec<(u64, Vec<Candidate>)> = (0..lanes).map(|_| (0, Vec::new())).collect();
     let mut by_size = files;
@@ -58,29 +59,26 @@ pub(crate) async fn send_all(
         share.sort_by(|a, b| a.path.cmp(&b.path));
         let settings = settings.clone();
         let progress = progress.clone();
-        tasks.spawn(async move { lane(&settings, share, &progress).await });
+        let stored = committer.stored();
+        tasks.spawn(async move { lane(&settings, share, &progress, &stored).await });
     }
     let mut results = Vec::new();
-    let mut answers = commit::Answers::new();
     while let Some(res) = tasks.join_next().await {
-        let (r, a) = res.expect("send task panicked");
-        results.extend(r);
-        answers.extend(a);
+        results.extend(res.expect("send task panicked"));
     }
-    (results, answers)
+    results
 }
 
-/// One association's share of the files, with retries, then storage
-/// commitment of what it stored over its last association.
+/// One association's share of the files, with retries.
 async fn lane(
     settings: &Settings,
     files: Vec<Candidate>,
     progress: &Progress,
-) -> (Vec<(Candidate, Outcome)>, commit::Answers) {
+    stored: &tokio::sync::mpsc::UnboundedSender<(String, String)>,
+) -> Vec<(Candidate, Outcome)> {
     let mut pending: VecDeque<Candidate> = files.into();
     let mut results = Vec::new();
-    let mut stored_refs: Vec<(String, String)> = Vec::new();
-    let mut answers = commit::Answers::new();
+    let mut prefetched: Option<Prefetch> = None;
     let mut attempts: HashMap<String, u32> = HashMap::new();
     let mut failures_in_a_row = 0u32;
     while !pending.is_empty() {
@@ -119,14 +117,25 @@ async fn lane(
                 continue;
             };
             message_id = message_id.wrapping_add(1);
-            match store_one(&mut assoc, context, message_id, &file).await {
+            let next = pending.front();
+            match store_one(
+                &mut assoc,
+                context,
+                message_id,
+                &file,
+                &mut prefetched,
+                next,
+            )
+            .await
+            {
                 Ok((status, comment, sha256)) => {
                     failures_in_a_row = 0;
                     match classify(status) {
                         Class::Stored => {
                             progress.done(&file);
-                            stored_refs
-                                .push((file.sop_class_uid.clone(), file.sop_instance_uid.clone()));
+                            // The committer outlives the lanes.
+                            let _ = stored
+                                .send((file.sop_class_uid.clone(), file.sop_instance_uid.clone()));
                             results.push((file, Outcome::Stored { status, sha256 }));
                         }
                         Class::Transient => {
@@ -166,26 +175,6 @@ async fn lane(
             }
         }
         match lost {
-            None if pending.is_empty() => {
-                // Commitment over this association (no new connection, and
-                // the lanes' checks run in parallel at the center).
-                if let Some((ts, context)) = assoc
-                    .accepted
-                    .get(&COMMITMENT_CONTEXT)
-                    .map(|(_, ts)| (ts.clone(), COMMITMENT_CONTEXT))
-                {
-                    for chunk in stored_refs.chunks(commit::CHUNK) {
-                        match commit::exchange(&mut assoc, context, &ts, chunk).await {
-                            Ok(a) => answers.extend(a),
-                            Err(e) => {
-                                progress.note(&format!("commitment on the sending association failed ({e}); asking again"));
-                                break;
-                            }
-                        }
-                    }
-                }
-                assoc.release().await;
-            }
             None => assoc.release().await,
             Some(e) => {
                 failures_in_a_row += 1;
@@ -202,7 +191,7 @@ async fn lane(
             }
         }
     }
-    (results, answers)
+    results
 }
 
 /// Gives up on every file still pending, with one reason.
@@ -243,13 +232,9 @@ fn classify(status: u16) -> Class {
     }
 }
 
-/// Context id proposed for storage commitment on sending associations.
-const COMMITMENT_CONTEXT: u8 = 255;
-
-/// Presentation contexts for the first files of `pending` (at most 127, plus
-/// storage commitment): per SOP class, the files' own transfer syntaxes, and
-/// an uncompressed fallback. Returns the contexts and how many files they
-/// cover.
+/// Presentation contexts for the first files of `pending` (at most 128):
+/// per SOP class, the files' own transfer syntaxes, and an uncompressed
+/// fallback. Returns the contexts and how many files they cover.
 fn propose(pending: &VecDeque<Candidate>) -> (Vec<Proposed>, usize) {
     let mut pairs: BTreeSet<(String, String)> = BTreeSet::new();
     let mut covered = 0;
@@ -257,13 +242,13 @@ fn propose(pending: &VecDeque<Candidate>) -> (Vec<Proposed>, usize) {
         let mut next = pairs.clone();
         next.insert((file.sop_class_uid.clone(), file.transfer_syntax.clone()));
         next.insert((file.sop_class_uid.clone(), EXPLICIT_LE.to_string()));
-        if next.len() > 127 {
+        if next.len() > 128 {
             break;
         }
         pairs = next;
         covered += 1;
     }
-    let mut contexts: Vec<Proposed> = pairs
+    let contexts: Vec<Proposed> = pairs
         .into_iter()
         .enumerate()
         .map(|(i, (abstract_syntax, ts))| Proposed {
@@ -276,20 +261,44 @@ fn propose(pending: &VecDeque<Candidate>) -> (Vec<Proposed>, usize) {
             abstract_syntax,
         })
         .collect();
-    contexts.push(Proposed {
-        id: COMMITMENT_CONTEXT,
-        abstract_syntax: commit::SOP_CLASS.to_string(),
-        transfer_syntaxes: vec![EXPLICIT_LE.to_string(), IMPLICIT_LE.to_string()],
-    });
     (contexts, covered)
 }
 
-/// One C-STORE: the file's dataset streamed as is.
+/// A file being read and hashed ahead of its turn: `path`, then its bytes
+/// and their SHA-256.
+struct Prefetch {
+    path: std::path::PathBuf,
+    read: tokio::task::JoinHandle<std::io::Result<(Vec<u8>, String)>>,
+}
+
+impl Prefetch {
+    fn start(path: &std::path::Path) -> Self {
+        let path = path.to_path_buf();
+        let reading = path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&reading)?;
+            let sha256 = storage::spool::hex(&sha2::Sha256::digest(&bytes));
+            Ok((bytes, sha256))
+        });
+        Self { path, read }
+    }
+
+    async fn take(self) -> std::io::Result<(Vec<u8>, String)> {
+        self.read.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// One C-STORE: the file's dataset streamed as is. Typical files are read
+/// and hashed off the runtime while the previous one is on the wire; the
+/// next file (`next`) starts reading as soon as this one is sent, while the
+/// center writes and syncs it.
 async fn store_one(
     assoc: &mut Association,
     context: u8,
     message_id: u16,
     file: &Candidate,
+    prefetched: &mut Option<Prefetch>,
+    next: Option<&Candidate>,
 ) -> Result<(u16, String, String), ClientError> {
     let rq = Response::request(field::C_STORE_RQ, message_id, true)
         .uid(tag::AFFECTED_SOP_CLASS_UID, &file.sop_class_uid)
@@ -302,8 +311,12 @@ async fn store_one(
     };
     if file.dataset_len() <= IN_MEMORY_BYTES {
         // Typical instances: one read, then PDUs straight from memory.
-        let bytes = tokio::fs::read(&file.path).await.map_err(unreadable)?;
-        sha256 = storage::spool::hex(&sha2::Sha256::digest(&bytes));
+        let ahead = prefetched
+            .take()
+            .filter(|p| p.path == file.path)
+            .unwrap_or_else(|| Prefetch::start(&file.path));
+        let (bytes, sha) = ahead.take().await.map_err(unreadable)?;
+        sha256 = sha;
         let dataset = bytes
             .get(file.dataset_offset as usize..)
             .filter(|d| d.len() as u64 == file.dataset_len())
@@ -315,6 +328,9 @@ async fn store_one(
             })?;
         assoc.send_command(context, &rq).await?;
         assoc.send_dataset(context, dataset).await?;
+        *prefetched = next
+            .filter(|n| n.dataset_len() <= IN_MEMORY_BYTES)
+            .map(|n| Prefetch::start(&n.path));
     } else {
         // Large instances stream, one PDU in memory at a time.
         let path = file.path.clone();
