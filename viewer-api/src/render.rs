@@ -5,6 +5,7 @@
 //! Pure and synchronous: callers run it off the async runtime.
 
 use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 
 use dicom_object::DefaultDicomObject;
 use dicom_pixeldata::{
@@ -119,13 +120,21 @@ struct Mono {
     function: VoiLutFunction,
     /// MONOCHROME1: low values are white.
     invert: bool,
+    /// The frame reduced by [`OVERVIEW`] in each direction, made by the
+    /// first reduction that needs it and kept with the frame (in the frame
+    /// cache), so thumbnails of a cached frame read 1/16 of its pixels.
+    overview: std::sync::OnceLock<(Vec<u16>, u32, u32)>,
 }
 
+/// The reduction factor of [`Mono::overview`].
+const OVERVIEW: u32 = 4;
+
 impl Frame {
-    /// Memory held, for the cache's budget.
+    /// Memory held, for the cache's budget (a monochrome frame's overview
+    /// included before it exists).
     pub fn bytes(&self) -> usize {
         match &self.pixels {
-            Pixels::Mono(m) => m.patterns.len() * 2,
+            Pixels::Mono(m) => m.patterns.len() * 2 * 17 / 16,
             Pixels::Rgb(v) => v.len(),
         }
     }
@@ -220,14 +229,17 @@ pub fn decode(obj: &DefaultDicomObject, frame: u32) -> Result<Frame, RenderError
 pub fn display(frame: &Frame, spec: &Spec) -> Result<Rendered, RenderError> {
     let started = std::time::Instant::now();
     let (new_w, new_h) = fit(frame.width, frame.height, spec);
-    // Whole-factor reductions average k x k blocks (for monochrome, of
-    // display values, in the same pass as the lookup).
+    // Whole-factor reductions average k x k blocks: for monochrome, of
+    // stored values before the lookup (as DCMTK scales before its VOI
+    // transformation), so a thumbnail looks up 1/k^2 of the pixels.
     let k = (frame.width / new_w).min(frame.height / new_h);
     let (samples, gray, width, height, window): (Cow<'_, [u8]>, _, _, _, _) = match &frame.pixels {
         Pixels::Mono(m) => {
             let (lut, window) = m.lut(&spec.voi);
             let (samples, w, h) = if k >= 2 {
-                lut_box_reduce(&m.patterns, &lut, frame.width, frame.height, k)
+                let (reduced, w, h) = m.reduce(frame.width, frame.height, k);
+                let looked_up = reduced.iter().map(|&p| lut[usize::from(p)]).collect();
+                (looked_up, w, h)
             } else {
                 let all = m.patterns.iter().map(|&p| lut[usize::from(p)]).collect();
                 (all, frame.width, frame.height)
@@ -322,10 +334,83 @@ fn monochrome(decoded: &DecodedPixelData<'_>, pixels: usize) -> Result<Mono, Ren
             .and_then(|f| f.first().copied())
             .unwrap_or_default(),
         invert: *decoded.photometric_interpretation() == PhotometricInterpretation::Monochrome1,
+        overview: std::sync::OnceLock::new(),
     })
 }
 
 impl Mono {
+    /// The frame's stored values averaged over `k` x `k` blocks. Factors
+    /// that are multiples of [`OVERVIEW`] start from the overview (so the
+    /// same request always takes the same path, cached or not).
+    fn reduce(&self, width: u32, height: u32, k: u32) -> (Cow<'_, [u16]>, u32, u32) {
+        if !k.is_multiple_of(OVERVIEW) {
+            let (v, w, h) = self.box_reduce(&self.patterns, width, height, k);
+            return (Cow::Owned(v), w, h);
+        }
+        let (overview, ow, oh) = self
+            .overview
+            .get_or_init(|| self.box_reduce(&self.patterns, width, height, OVERVIEW));
+        if k == OVERVIEW {
+            return (Cow::Borrowed(overview), *ow, *oh);
+        }
+        let (v, w, h) = self.box_reduce(overview, *ow, *oh, k / OVERVIEW);
+        (Cow::Owned(v), w, h)
+    }
+
+    /// Averages `k` x `k` blocks of `patterns` (stored values, two's
+    /// complement when signed), rounding to nearest, and returns their bit
+    /// patterns; a trailing partial block is dropped. Columns are summed a
+    /// whole row at a time so the compiler can vectorize the bulk of it.
+    fn box_reduce(
+        &self,
+        patterns: &[u16],
+        width: u32,
+        height: u32,
+        k: u32,
+    ) -> (Vec<u16>, u32, u32) {
+        let (out_w, out_h) = ((width / k) as usize, (height / k) as usize);
+        let (k, width) = (k as usize, width as usize);
+        let area = (k * k) as i64;
+        // Sign extension by shifts: (p << s) as i16 >> s.
+        let shift = if self.signed {
+            16 - u32::from(self.bits_stored)
+        } else {
+            0
+        };
+        let mask = (1u32 << self.bits_stored) - 1;
+        let by_shift = (area as u64)
+            .is_power_of_two()
+            .then(|| area.trailing_zeros());
+        let mut out = Vec::with_capacity(out_w * out_h);
+        let mut columns = vec![0i32; out_w * k];
+        for oy in 0..out_h {
+            columns.iter_mut().for_each(|c| *c = 0);
+            for y in oy * k..oy * k + k {
+                let row = &patterns[y * width..][..out_w * k];
+                if self.signed {
+                    for (c, &p) in columns.iter_mut().zip(row) {
+                        *c += i32::from(((p << shift) as i16) >> shift);
+                    }
+                } else {
+                    for (c, &p) in columns.iter_mut().zip(row) {
+                        *c += i32::from(p);
+                    }
+                }
+            }
+            out.extend(columns.chunks_exact(k).map(|block| {
+                let sum: i64 = block.iter().map(|&c| i64::from(c)).sum::<i64>() + area / 2;
+                // A shift is the same floor as div_euclid, without a division
+                // per output pixel, for the usual 2x2, 4x4, 8x8 blocks.
+                let mean = match by_shift {
+                    Some(bits) => sum >> bits,
+                    None => sum.div_euclid(area),
+                };
+                (mean as u32 & mask) as u16
+            }));
+        }
+        (out, out_w as u32, out_h as u32)
+    }
+
     /// The modality value (after rescale) of a stored bit pattern.
     fn value_of(&self, pattern: u32) -> f64 {
         let bits = self.bits_stored;
@@ -339,7 +424,7 @@ impl Mono {
 
     /// A table from stored bit pattern to display value, with Modality LUT,
     /// VOI and MONOCHROME1 folded in (one load per pixel), and the window used.
-    fn lut(&self, voi: &Voi) -> (Vec<u8>, (f64, f64)) {
+    fn lut(&self, voi: &Voi) -> (Arc<[u8]>, (f64, f64)) {
         let (center, width, function) = match voi {
             Voi::Window { center, width } => (*center, *width, VoiLutFunction::Linear),
             Voi::Preset(name) => {
@@ -369,14 +454,50 @@ impl Mono {
                 }
             },
         };
+        let key = LutKey {
+            bits_stored: self.bits_stored,
+            signed: self.signed,
+            invert: self.invert,
+            function: std::mem::discriminant(&function),
+            numbers: [self.rescale.0, self.rescale.1, center, width].map(f64::to_bits),
+        };
+        let mut recent = RECENT_LUTS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = recent.iter().position(|(k, _)| *k == key) {
+            let entry = recent.remove(i);
+            let lut = entry.1.clone();
+            recent.push(entry);
+            return (lut, (center, width));
+        }
+        drop(recent);
         let mut lut = vec![0u8; 1 << self.bits_stored];
         for (pattern, out) in lut.iter_mut().enumerate() {
             let y = voi_value(self.value_of(pattern as u32), center, width, function);
             *out = if self.invert { 255 - y } else { y };
         }
+        let lut: Arc<[u8]> = lut.into();
+        let mut recent = RECENT_LUTS.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= LUTS_KEPT {
+            recent.remove(0);
+        }
+        recent.push((key, lut.clone()));
         (lut, (center, width))
     }
 }
+
+/// What a display table depends on (floats by their bits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LutKey {
+    bits_stored: u16,
+    signed: bool,
+    invert: bool,
+    function: std::mem::Discriminant<VoiLutFunction>,
+    numbers: [u64; 4],
+}
+
+/// Display tables built recently, least recent first: the frames of a
+/// series share one (at most 64 KiB each).
+static RECENT_LUTS: Mutex<Vec<(LutKey, Arc<[u8]>)>> = Mutex::new(Vec::new());
+const LUTS_KEPT: usize = 16;
 
 /// The VOI LUT functions of PS3.3 C.11.2.1.2 with an 8-bit output range.
 pub fn voi_value(x: f64, center: f64, width: f64, function: VoiLutFunction) -> u8 {
@@ -540,35 +661,6 @@ fn resize(
     Ok((Cow::Owned(out), new_w, new_h))
 }
 
-/// Looks up and averages `k` x `k` blocks of a monochrome frame in one pass.
-fn lut_box_reduce(
-    patterns: &[u16],
-    lut: &[u8],
-    width: u32,
-    height: u32,
-    k: u32,
-) -> (Vec<u8>, u32, u32) {
-    let (out_w, out_h) = ((width / k) as usize, (height / k) as usize);
-    let (k, width) = (k as usize, width as usize);
-    let area = (k * k) as u64;
-    let mut out = Vec::with_capacity(out_w * out_h);
-    let mut sums = vec![0u64; out_w];
-    for oy in 0..out_h {
-        sums.iter_mut().for_each(|s| *s = 0);
-        for y in oy * k..oy * k + k {
-            let row = &patterns[y * width..][..out_w * k];
-            for (sum, block) in sums.iter_mut().zip(row.chunks_exact(k)) {
-                *sum += block
-                    .iter()
-                    .map(|&p| u64::from(lut[usize::from(p)]))
-                    .sum::<u64>();
-            }
-        }
-        out.extend(sums.iter().map(|s| ((s + area / 2) / area) as u8));
-    }
-    (out, out_w as u32, out_h as u32)
-}
-
 /// Averages `k` x `k` blocks (a trailing partial block is dropped).
 fn box_reduce(
     samples: &[u8],
@@ -646,15 +738,89 @@ mod tests {
         assert_eq!(out, vec![15, 202]);
     }
 
+    fn mono(patterns: Vec<u16>, bits_stored: u16, signed: bool) -> Mono {
+        Mono {
+            patterns,
+            bits_stored,
+            signed,
+            rescale: (1.0, 0.0),
+            file_window: None,
+            function: VoiLutFunction::Linear,
+            invert: false,
+            overview: std::sync::OnceLock::new(),
+        }
+    }
+
     #[test]
-    fn lookup_and_reduce_in_one_pass_equals_lookup_then_reduce() {
-        let (w, h, k) = (12u32, 8u32, 4u32);
-        let patterns: Vec<u16> = (0..w * h).map(|i| ((i * 37) % 4096) as u16).collect();
-        let lut: Vec<u8> = (0..4096u32).map(|p| (p * 255 / 4095) as u8).collect();
-        let looked_up: Vec<u8> = patterns.iter().map(|&p| lut[usize::from(p)]).collect();
+    fn reduction_averages_stored_values() {
+        // 4x2, 12-bit unsigned, reduced by 2: means 15.5 -> 16 and 201.5 -> 202.
+        let m = mono(vec![0, 10, 200, 201, 20, 32, 202, 203], 12, false);
+        assert_eq!(m.box_reduce(&m.patterns, 4, 2, 2), (vec![16, 202], 2, 1));
+        // 12-bit signed: -2, -1, 1, 0 (patterns 0xFFE, 0xFFF, 1, 0) average
+        // to -0.5, rounded up to 0; -4 x 4 stays -4 (pattern 0xFFC).
+        let s = mono(
+            vec![0xFFE, 0xFFF, 0xFFC, 0xFFC, 1, 0, 0xFFC, 0xFFC],
+            12,
+            true,
+        );
+        assert_eq!(s.box_reduce(&s.patterns, 4, 2, 2), (vec![0, 0xFFC], 2, 1));
+        // 16-bit signed extremes do not overflow.
+        let e = mono(vec![0x8000; 16], 16, true);
+        assert_eq!(e.box_reduce(&e.patterns, 4, 4, 4), (vec![0x8000], 1, 1));
+        // 3x3 blocks divide: a sum of -13 over 9 rounds to -1; 2 stays 2.
+        #[rustfmt::skip]
+        let d = mono(vec![
+            0xFFF, 0xFFF, 0xFFE, 2, 2, 2,
+            0xFFF, 0xFFF, 0xFFE, 2, 2, 2,
+            0xFFF, 0xFFE, 0xFFE, 2, 2, 2,
+        ], 12, true);
+        assert_eq!(d.box_reduce(&d.patterns, 6, 3, 3).0, vec![0xFFF, 2]);
+        // A trailing partial block is dropped.
+        let t = mono((0..15).collect(), 12, false);
+        assert_eq!(t.box_reduce(&t.patterns, 5, 3, 2), (vec![3, 5], 2, 1));
+    }
+
+    #[test]
+    fn display_tables_are_shared_only_by_equal_parameters() {
+        let a = mono(vec![0; 4], 12, false);
+        let b = mono(vec![7; 4], 12, false);
+        let window = Voi::Window {
+            center: 2047.0,
+            width: 1000.0,
+        };
+        let (t1, _) = a.lut(&window);
+        let (t2, _) = b.lut(&window);
+        assert!(Arc::ptr_eq(&t1, &t2), "same parameters, one table");
+        let inverted = Mono {
+            invert: true,
+            ..mono(vec![0; 4], 12, false)
+        };
+        let (t3, _) = inverted.lut(&window);
+        assert_eq!(t3[0], 255 - t1[0]);
+        let (t4, _) = a.lut(&Voi::Window {
+            center: 100.0,
+            width: 1000.0,
+        });
+        assert_ne!(t4[600], t1[600]);
+    }
+
+    #[test]
+    fn reductions_by_multiples_of_four_go_through_the_overview() {
+        // 16x16 ramp: reduced by 8 = the overview (by 4) reduced by 2.
+        let m = mono((0..256).collect(), 12, false);
+        let (by8, w, h) = m.reduce(16, 16, 8);
+        let (overview, ow, oh) = m.box_reduce(&m.patterns, 16, 16, 4);
+        assert_eq!((w, h), (2, 2));
+        assert_eq!(by8.into_owned(), m.box_reduce(&overview, ow, oh, 2).0);
         assert_eq!(
-            lut_box_reduce(&patterns, &lut, w, h, k),
-            box_reduce(&looked_up, 1, w, h, k)
+            m.overview.get().map(|o| o.0.clone()),
+            Some(overview.clone())
+        );
+        // By 4 is the overview itself; by 3 reads the full frame.
+        assert_eq!(m.reduce(16, 16, 4).0.into_owned(), overview);
+        assert_eq!(
+            m.reduce(16, 16, 3).0.into_owned(),
+            m.box_reduce(&m.patterns, 16, 16, 3).0
         );
     }
 
