@@ -39,7 +39,7 @@ pub use spool::{Spool, Spooled};
 use index::writer::{Job, NewInstance};
 
 /// One audited access to patient data.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AuditEntry {
     pub calling_ae: String,
     pub clinic_id: String,
@@ -72,6 +72,39 @@ struct Inner {
     spool_dir: PathBuf,
     index_path: PathBuf,
     writer: std::sync::Mutex<mpsc::Sender<Job>>,
+    /// Read-only connections kept for the next query (opening one and
+    /// loading the schema costs more than a selective query).
+    readers: std::sync::Mutex<Vec<IndexReader>>,
+}
+
+/// Read-only connections kept by [`Storage::reader`].
+const READERS_KEPT: usize = 8;
+
+/// A read-only connection to the index; goes back to the storage's pool
+/// when dropped.
+#[derive(Debug)]
+pub struct PooledReader {
+    reader: Option<IndexReader>,
+    storage: Storage,
+}
+
+impl std::ops::Deref for PooledReader {
+    type Target = IndexReader;
+
+    fn deref(&self) -> &IndexReader {
+        self.reader.as_ref().expect("reader present until dropped")
+    }
+}
+
+impl Drop for PooledReader {
+    fn drop(&mut self) {
+        if let Some(reader) = self.reader.take()
+            && let Ok(mut pool) = self.storage.inner.readers.lock()
+            && pool.len() < READERS_KEPT
+        {
+            pool.push(reader);
+        }
+    }
 }
 
 impl Storage {
@@ -108,6 +141,7 @@ impl Storage {
                 spool_dir,
                 index_path,
                 writer: std::sync::Mutex::new(writer),
+                readers: std::sync::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -189,9 +223,17 @@ impl Storage {
             .map_err(|_| Error::ShuttingDown)
     }
 
-    /// A new read-only connection to the index.
-    pub fn reader(&self) -> Result<IndexReader> {
-        IndexReader::open(&self.inner.index_path)
+    /// A read-only connection to the index, from the pool when one is free.
+    pub fn reader(&self) -> Result<PooledReader> {
+        let pooled = self.inner.readers.lock().ok().and_then(|mut p| p.pop());
+        let reader = match pooled {
+            Some(r) => r,
+            None => IndexReader::open(&self.inner.index_path)?,
+        };
+        Ok(PooledReader {
+            reader: Some(reader),
+            storage: self.clone(),
+        })
     }
 
     pub fn blobs(&self) -> &BlobStore {

@@ -371,7 +371,8 @@ impl IndexReader {
             if wheres.is_empty() { "" } else { " WHERE " },
             wheres.join(" AND ")
         );
-        let mut stmt = self.connection().prepare(&sql)?;
+        // Queries of the same shape share one prepared statement.
+        let mut stmt = self.connection().prepare_cached(&sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
         let mut n = 0u64;
         while let Some(row) = rows.next()? {

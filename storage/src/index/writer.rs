@@ -162,6 +162,15 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
         }));
     }
     let mut results = Vec::with_capacity(batch.len());
+    // A batch of audit rows alone is committed to the WAL without an fsync
+    // (the next instance batch's fsync, or a checkpoint, covers it): the row
+    // is written before the answer goes out and survives a crash of the
+    // process, as the viewer's audit rows do, and a query does not wait for
+    // the disk. Instance rows are always committed with synchronous=FULL.
+    let audit_only = batch.iter().all(|job| matches!(job, Job::Audit { .. }));
+    if audit_only && let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+        tracing::warn!(error = %e, "cannot relax synchronous for an audit batch");
+    }
     let outcome = (|| -> Result<()> {
         let mut tx = conn.transaction()?;
         for job in &batch {
@@ -181,6 +190,11 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
         tx.commit()?;
         Ok(())
     })();
+    if audit_only && let Err(e) = conn.pragma_update(None, "synchronous", "FULL") {
+        // Instances must never be acknowledged on a relaxed connection:
+        // stop the writer, so every later store fails instead.
+        panic!("cannot restore synchronous=FULL on the index writer: {e}");
+    }
 
     let batch_len = batch.len();
     let mut results = results.into_iter();
@@ -594,5 +608,52 @@ mod tests {
         commit_batches(&mut conn, vec![synced(vec![again], Err(eio))]);
         assert!(again_rx.blocking_recv().unwrap().is_err());
         assert!(blob.exists(), "a referenced blob is never removed");
+    }
+
+    #[test]
+    fn audit_batches_skip_the_fsync_and_instance_batches_keep_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::index::open_writer(&dir.path().join("index.sqlite")).unwrap();
+        let synchronous = |c: &Connection| -> i64 {
+            c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+        };
+        let synced = |jobs| Synced {
+            jobs,
+            synced: Ok(()),
+            fsyncs: 0,
+            sync_time: std::time::Duration::ZERO,
+        };
+        let audit = || {
+            let (reply, rx) = oneshot::channel();
+            let entry = crate::AuditEntry {
+                calling_ae: "AE".into(),
+                action: "C-FIND".into(),
+                ..crate::AuditEntry::default()
+            };
+            (Job::Audit { entry, reply }, rx)
+        };
+        let ((a1, a1_rx), (a2, a2_rx)) = (audit(), audit());
+        commit_batches(&mut conn, vec![synced(vec![a1, a2])]);
+        assert!(a1_rx.blocking_recv().unwrap().is_ok());
+        assert!(a2_rx.blocking_recv().unwrap().is_ok());
+        assert_eq!(synchronous(&conn), 2, "FULL again after an audit batch");
+        let rows: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM audit WHERE action = 'C-FIND'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 2);
+        // A batch mixing audit rows and an instance is committed with FULL
+        // throughout (and stays so).
+        let blob = dir.path().join("blob.dcm");
+        std::fs::write(&blob, b"DICM").unwrap();
+        let (insert, insert_rx) = insert_job(&blob, "instances/ab/ab.dcm");
+        let (a3, a3_rx) = audit();
+        commit_batches(&mut conn, vec![synced(vec![a3, insert])]);
+        assert!(insert_rx.blocking_recv().unwrap().is_ok());
+        assert!(a3_rx.blocking_recv().unwrap().is_ok());
+        assert_eq!(synchronous(&conn), 2);
     }
 }
