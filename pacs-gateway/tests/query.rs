@@ -256,6 +256,36 @@ fn findscu_queries_at_every_level_with_scope_and_audit() {
         assert!(("20230101".."20241232").contains(&d.as_str()), "{d}");
     }
 
+    // Modality alone (searched from the series' modality index), a list too.
+    for (modalities, sql) in [("US", "= 'US'"), ("CT\\MR", "IN ('CT', 'MR')")] {
+        let (_, found) = findscu(
+            gw.port,
+            "COUNTYWS1",
+            &[
+                "QueryRetrieveLevel=STUDY",
+                &format!("ModalitiesInStudy={modalities}"),
+                "StudyInstanceUID",
+            ],
+            &scratch.join(format!("modality-{}", modalities.len())),
+        );
+        let expected = count(
+            &gw,
+            &format!(
+                "SELECT count(*) FROM studies st WHERE EXISTS \
+                 (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality {sql})"
+            ),
+        );
+        assert!(expected > 0, "the samples have {modalities} studies");
+        assert_eq!(found.len(), expected, "{modalities}");
+        for s in &found {
+            let m = text(s, tags::MODALITIES_IN_STUDY);
+            assert!(
+                m.split('\\').any(|x| modalities.split('\\').any(|y| x == y)),
+                "{m}"
+            );
+        }
+    }
+
     // Series and image levels within one study.
     let study = text(&studies[0], tags::STUDY_INSTANCE_UID);
     let (_, series) = findscu(
@@ -304,7 +334,7 @@ fn findscu_queries_at_every_level_with_scope_and_audit() {
         &gw,
         "SELECT count(*) FROM audit WHERE action = 'C-FIND' AND outcome = 'success'",
     );
-    assert_eq!(audited, 8);
+    assert_eq!(audited, 10);
     let (ae, matches): (String, i64) = gw
         .index()
         .query_row(

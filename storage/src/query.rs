@@ -253,8 +253,15 @@ fn glob(pattern: &str) -> String {
     out
 }
 
-/// The part of a GLOB before its first wildcard (for an indexable prefix).
-fn condition_sql(key: Key, matcher: &Matcher, params: &mut Vec<Value>) -> Option<String> {
+/// The SQL condition for one key, its values appended to `params`.
+/// `narrowed`: another condition already picks out few studies through an
+/// index, so ModalitiesInStudy filters them instead of driving the search.
+fn condition_sql(
+    key: Key,
+    matcher: &Matcher,
+    params: &mut Vec<Value>,
+    narrowed: bool,
+) -> Option<String> {
     let col = key.select();
     let mut bind = |v: String| {
         params.push(Value::Text(v));
@@ -281,16 +288,14 @@ fn condition_sql(key: Key, matcher: &Matcher, params: &mut Vec<Value>) -> Option
             Matcher::Single(v) => vec![v.clone()],
             Matcher::Wildcard(v) => {
                 let p = bind(glob(v));
-                return Some(format!(
-                    "EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality GLOB {p})"
-                ));
+                return Some(modality_in_study(&format!("GLOB {p}"), narrowed));
             }
             Matcher::Range(..) => return Some("0".into()),
         };
         let list: Vec<String> = values.into_iter().map(&mut bind).collect();
-        return Some(format!(
-            "EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality IN ({}))",
-            list.join(", ")
+        return Some(modality_in_study(
+            &format!("IN ({})", list.join(", ")),
+            narrowed,
         ));
     }
     Some(match matcher {
@@ -316,6 +321,95 @@ fn condition_sql(key: Key, matcher: &Matcher, params: &mut Vec<Value>) -> Option
     })
 }
 
+/// "A series of the study has a modality `test`". Alone, an IN subquery
+/// starts from the series' modality index (a correlated EXISTS would scan
+/// every study); after a narrower condition, EXISTS checks just the few
+/// studies found (an IN subquery there would make SQLite, without
+/// statistics, start from every CT series instead of one week's studies).
+fn modality_in_study(test: &str, narrowed: bool) -> String {
+    if narrowed {
+        format!("EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality {test})")
+    } else {
+        format!("st.pk IN (SELECT x.study_pk FROM series x WHERE x.modality {test})")
+    }
+}
+
+/// Whether this condition finds few studies through an index.
+fn narrows(key: Key, matcher: &Matcher) -> bool {
+    let leading_wildcard = |v: &str| v.starts_with(['*', '?']);
+    match (key, matcher) {
+        (_, Matcher::Universal) => false,
+        (Key::PatientId | Key::PatientName | Key::AccessionNumber, Matcher::Wildcard(v)) => {
+            !leading_wildcard(v)
+        }
+        (
+            Key::PatientId
+            | Key::PatientName
+            | Key::AccessionNumber
+            | Key::StudyInstanceUid
+            | Key::StudyDate,
+            _,
+        ) => true,
+        _ => false,
+    }
+}
+
+/// The SQL of `query` and its parameters.
+fn query_sql(query: &Query) -> (String, Vec<Value>) {
+    let from = match query.level {
+        Level::Patient => "patients p",
+        Level::Study => "studies st JOIN patients p ON p.pk = st.patient_pk",
+        Level::Series => {
+            "series se JOIN studies st ON st.pk = se.study_pk JOIN patients p ON p.pk = st.patient_pk"
+        }
+        Level::Image => {
+            "instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk \
+             JOIN patients p ON p.pk = st.patient_pk"
+        }
+    };
+    let mut params = Vec::new();
+    let mut wheres = Vec::new();
+    let applies = |key: Key| key.level().depth() <= query.level.depth() && !key.is_return_only();
+    let narrowed = query
+        .conditions
+        .iter()
+        .any(|(k, m)| applies(*k) && narrows(*k, m));
+    for (key, matcher) in &query.conditions {
+        if !applies(*key) {
+            continue;
+        }
+        if let Some(sql) = condition_sql(*key, matcher, &mut params, narrowed) {
+            wheres.push(sql);
+        }
+    }
+    if let Some(clinic) = &query.clinic {
+        params.push(Value::Text(clinic.clone()));
+        wheres.push(format!("p.clinic_id = ?{}", params.len()));
+    }
+    let columns: Vec<&str> = query
+        .returns
+        .iter()
+        .map(|k| {
+            if k.level().depth() > query.level.depth() {
+                "NULL"
+            } else {
+                k.select()
+            }
+        })
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM {from}{}{}",
+        if columns.is_empty() {
+            "1".to_string()
+        } else {
+            columns.join(", ")
+        },
+        if wheres.is_empty() { "" } else { " WHERE " },
+        wheres.join(" AND ")
+    );
+    (sql, params)
+}
+
 impl IndexReader {
     /// Runs `query`, calling `emit` with each match's returned values (in
     /// `query.returns` order, empty text for absent values); `emit` returns
@@ -325,52 +419,7 @@ impl IndexReader {
         query: &Query,
         mut emit: impl FnMut(Vec<String>) -> bool,
     ) -> Result<QueryEnd> {
-        let from = match query.level {
-            Level::Patient => "patients p",
-            Level::Study => "studies st JOIN patients p ON p.pk = st.patient_pk",
-            Level::Series => {
-                "series se JOIN studies st ON st.pk = se.study_pk JOIN patients p ON p.pk = st.patient_pk"
-            }
-            Level::Image => {
-                "instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk \
-                 JOIN patients p ON p.pk = st.patient_pk"
-            }
-        };
-        let mut params = Vec::new();
-        let mut wheres = Vec::new();
-        for (key, matcher) in &query.conditions {
-            if key.level().depth() > query.level.depth() || key.is_return_only() {
-                continue;
-            }
-            if let Some(sql) = condition_sql(*key, matcher, &mut params) {
-                wheres.push(sql);
-            }
-        }
-        if let Some(clinic) = &query.clinic {
-            params.push(Value::Text(clinic.clone()));
-            wheres.push(format!("p.clinic_id = ?{}", params.len()));
-        }
-        let columns: Vec<&str> = query
-            .returns
-            .iter()
-            .map(|k| {
-                if k.level().depth() > query.level.depth() {
-                    "NULL"
-                } else {
-                    k.select()
-                }
-            })
-            .collect();
-        let sql = format!(
-            "SELECT {} FROM {from}{}{}",
-            if columns.is_empty() {
-                "1".to_string()
-            } else {
-                columns.join(", ")
-            },
-            if wheres.is_empty() { "" } else { " WHERE " },
-            wheres.join(" AND ")
-        );
+        let (sql, params) = query_sql(query);
         // Queries of the same shape share one prepared statement.
         let mut stmt = self.connection().prepare_cached(&sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
@@ -422,5 +471,141 @@ mod tests {
             Matcher::Single("1.2-3".into())
         );
         assert_eq!(glob("a[b]*"), "a[[]b[]]*");
+    }
+
+    /// The query plan's steps (EXPLAIN QUERY PLAN), with `query`'s values bound.
+    fn plan(conn: &rusqlite::Connection, query: &Query) -> Vec<String> {
+        let (sql, params) = query_sql(query);
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        stmt.query_map(rusqlite::params_from_iter(params), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    #[test]
+    fn common_keys_never_scan_a_whole_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::index::open_writer(&dir.path().join("index.sqlite")).unwrap();
+        let returns = vec![
+            Key::StudyInstanceUid,
+            Key::PatientName,
+            Key::PatientId,
+            Key::StudyDate,
+            Key::ModalitiesInStudy,
+            Key::NumberOfStudyRelatedInstances,
+            Key::SendingClinic,
+        ];
+        let study = |conditions: Vec<(Key, Matcher)>, clinic: Option<&str>| Query {
+            level: Level::Study,
+            conditions,
+            returns: returns.clone(),
+            clinic: clinic.map(str::to_owned),
+        };
+        let single = |v: &str| Matcher::Single(v.into());
+        let cases = [
+            (
+                "patient ID",
+                study(vec![(Key::PatientId, single("P1"))], None),
+            ),
+            (
+                "name prefix",
+                study(
+                    vec![(Key::PatientName, Matcher::Wildcard("WANG^*".into()))],
+                    None,
+                ),
+            ),
+            (
+                "date range",
+                study(
+                    vec![(
+                        Key::StudyDate,
+                        Matcher::Range(Some("20260101".into()), Some("20260107".into())),
+                    )],
+                    None,
+                ),
+            ),
+            (
+                "date range and modality",
+                study(
+                    vec![
+                        (
+                            Key::StudyDate,
+                            Matcher::Range(Some("20260101".into()), Some("20260107".into())),
+                        ),
+                        (Key::ModalitiesInStudy, single("CT")),
+                    ],
+                    None,
+                ),
+            ),
+            (
+                "modality",
+                study(vec![(Key::ModalitiesInStudy, single("CT"))], None),
+            ),
+            (
+                "accession",
+                study(vec![(Key::AccessionNumber, single("A1"))], None),
+            ),
+            (
+                "study UIDs",
+                study(
+                    vec![(
+                        Key::StudyInstanceUid,
+                        Matcher::List(vec!["1.2.3".into(), "1.2.4".into()]),
+                    )],
+                    None,
+                ),
+            ),
+            (
+                "a clinic's patient ID",
+                study(vec![(Key::PatientId, single("P1"))], Some("xinzhen")),
+            ),
+            (
+                "series of a study",
+                Query {
+                    level: Level::Series,
+                    conditions: vec![(Key::StudyInstanceUid, single("1.2.3"))],
+                    returns: vec![Key::SeriesInstanceUid, Key::Modality],
+                    clinic: None,
+                },
+            ),
+            (
+                "images of a series",
+                Query {
+                    level: Level::Image,
+                    conditions: vec![
+                        (Key::StudyInstanceUid, single("1.2.3")),
+                        (Key::SeriesInstanceUid, single("1.2.3.4")),
+                    ],
+                    returns: vec![Key::SopInstanceUid, Key::InstanceNumber],
+                    clinic: None,
+                },
+            ),
+            (
+                "one image",
+                Query {
+                    level: Level::Image,
+                    conditions: vec![(Key::SopInstanceUid, single("1.2.3.4.5"))],
+                    returns: vec![Key::SopInstanceUid],
+                    clinic: None,
+                },
+            ),
+        ];
+        for (name, query) in cases {
+            let steps = plan(&conn, &query);
+            if name == "date range and modality" {
+                assert!(
+                    steps[0].contains("studies_by_date"),
+                    "one week's studies first: {steps:#?}"
+                );
+            }
+            // A scan of a table; scanning a subquery's few rows is fine.
+            let table_scan = |s: &&String| {
+                s.starts_with("SCAN ") && !s.starts_with("SCAN (") && !s.contains("CONSTANT ROW")
+            };
+            assert!(!steps.iter().any(|s| table_scan(&s)), "{name}: {steps:#?}");
+        }
     }
 }
