@@ -732,13 +732,16 @@ impl Connection {
                     .encode();
                 return self.respond(assoc, context_id, &rsp).await;
             };
-            destination = match open_destination(shared, dest, &items).await {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    warn!(destination = %ae, error = %e, "cannot reach the move destination");
-                    None
-                }
-            };
+            // Nothing matched: no association (it would propose no context).
+            if !items.is_empty() {
+                destination = match open_destination(shared, dest, &items).await {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        warn!(destination = %ae, error = %e, "cannot reach the move destination");
+                        None
+                    }
+                };
+            }
         }
         let total = items.len();
         // A C-CANCEL belongs to one retrieve only.

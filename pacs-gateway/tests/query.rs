@@ -280,7 +280,8 @@ fn findscu_queries_at_every_level_with_scope_and_audit() {
         for s in &found {
             let m = text(s, tags::MODALITIES_IN_STUDY);
             assert!(
-                m.split('\\').any(|x| modalities.split('\\').any(|y| x == y)),
+                m.split('\\')
+                    .any(|x| modalities.split('\\').any(|y| x == y)),
                 "{m}"
             );
         }

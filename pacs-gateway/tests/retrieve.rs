@@ -127,6 +127,44 @@ fn movescu_to_storescp_as_stored_and_transcoded() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A study that matches nothing: success with no sub-operation, at once,
+    // with the destination up (no association to it, which would propose no context
+    // and wait for storescp's 30 s timeout).
+    let started = std::time::Instant::now();
+    let out = Command::new("/usr/bin/movescu")
+        .args([
+            "-S",
+            "-aet",
+            "COUNTYWS1",
+            "-aec",
+            common::AE,
+            "-aem",
+            "PLAINSCP",
+        ])
+        .args([
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID=2.25.67",
+        ])
+        .arg("127.0.0.1")
+        .arg(gw.port.to_string())
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "a move of nothing hung for {:?}",
+        started.elapsed()
+    );
+    assert!(audit_outcome(&gw, "C-MOVE").starts_with("completed 0, failed 0"));
+
+    // ... and nothing more than the study reached it.
     let received = plain.received();
     assert_eq!(received.len(), uids.len());
     for uid in &uids {
