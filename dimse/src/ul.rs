@@ -195,6 +195,9 @@ pub async fn send_pdv<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Bytes of PDUs gathered before a write.
+const WRITE_BATCH: usize = 256 * 1024;
+
 /// Writes a DIMSE message fragment stream (command or dataset) as P-DATA-TF
 /// PDUs no larger than the peer's maximum.
 pub async fn send_message<W: AsyncWrite + Unpin>(
@@ -212,13 +215,15 @@ pub async fn send_message<W: AsyncWrite + Unpin>(
         ((peer_max_pdu as usize).saturating_sub(6) & !1).max(2)
     };
     let mut chunks = data.chunks(max_fragment).peekable();
-    let mut out = Vec::with_capacity(data.len().min(max_fragment) + 12);
     if data.is_empty() {
         return Err(UlError::Malformed("empty DIMSE message".into()));
     }
+    // Small PDUs (DCMTK offers 16 KiB) are gathered into one write of up to
+    // WRITE_BATCH bytes: one system call per batch instead of per PDU.
+    let pdus = data.len().div_ceil(max_fragment);
+    let mut out = Vec::with_capacity((data.len() + 12 * pdus).min(WRITE_BATCH + max_fragment + 12));
     while let Some(chunk) = chunks.next() {
         let is_last = chunks.peek().is_none();
-        out.clear();
         out.push(0x04);
         out.push(0);
         out.extend_from_slice(&((chunk.len() + 6) as u32).to_be_bytes());
@@ -226,7 +231,10 @@ pub async fn send_message<W: AsyncWrite + Unpin>(
         out.push(context_id);
         out.push(u8::from(is_command) | (u8::from(is_last) << 1));
         out.extend_from_slice(chunk);
-        stream.write_all(&out).await?;
+        if is_last || out.len() >= WRITE_BATCH {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
     }
     Ok(())
 }
@@ -246,6 +254,32 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test]
+    async fn send_message_fragments_within_the_peer_maximum() {
+        // 600 KB against DCMTK's 16 KiB: many PDUs, written in batches.
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = Vec::new();
+        send_message(&mut wire, 3, false, &data, 16_384)
+            .await
+            .unwrap();
+        let mut r: &[u8] = &wire;
+        let mut reader = PduReader::new(16_384);
+        let (mut back, mut lasts, mut pdus) = (Vec::new(), 0, 0);
+        while let Some(Incoming::PData(body)) = reader.next(&mut r).await.unwrap() {
+            pdus += 1;
+            for pdv in pdvs(body).unwrap() {
+                assert_eq!(pdv.context_id, 3);
+                assert!(!pdv.is_command);
+                assert_eq!(pdv.data.len() % 2, 0);
+                lasts += usize::from(pdv.is_last);
+                back.extend_from_slice(&pdv.data);
+            }
+        }
+        assert_eq!(back, data);
+        assert_eq!(lasts, 1, "only the final fragment is marked last");
+        assert_eq!(pdus, data.len().div_ceil(16_384 - 6));
     }
 
     #[tokio::test]

@@ -749,15 +749,28 @@ impl Connection {
         let (mut completed, mut failed, mut warning) = (0u32, 0u32, 0u32);
         let mut failed_uids = Vec::new();
         let mut cancelled = false;
+        // One stored object is read ahead while the current one is sent.
+        let mut ahead = items
+            .first()
+            .filter(|_| move_to.is_none() || destination.is_some())
+            .map(|i| retrieve::read_ahead(&shared.storage, i));
         for (n, item) in items.iter().enumerate() {
             if self.cancel_arrived(message_id).await? {
                 cancelled = true;
                 break;
             }
+            let blob = match ahead.take() {
+                Some(reading) => reading.await.unwrap_or_else(|e| Err(e.to_string())),
+                None => Err("not read".to_string()),
+            };
+            ahead = items
+                .get(n + 1)
+                .filter(|_| move_to.is_none() || destination.is_some())
+                .map(|i| retrieve::read_ahead(&shared.storage, i));
             let result = match (&move_to, destination.as_mut()) {
-                (None, _) => self.get_one(shared, assoc, item, message_id).await?,
+                (None, _) => self.get_one(assoc, item, blob, message_id).await?,
                 (Some(_), Some(dest)) => {
-                    move_one(shared, dest, item, &assoc.source.calling_ae, message_id).await
+                    move_one(dest, item, blob, &assoc.source.calling_ae, message_id).await
                 }
                 (Some(_), None) => Err("move destination unreachable".to_string()),
             };
@@ -857,9 +870,9 @@ impl Connection {
     /// One C-GET sub-operation: C-STORE on this association.
     async fn get_one(
         &mut self,
-        shared: &Shared,
         assoc: &Established,
         item: &Item,
+        blob: Result<bytes::Bytes, String>,
         get_message_id: u16,
     ) -> Result<Result<u16, String>, End> {
         let pick = assoc
@@ -878,7 +891,7 @@ impl Connection {
                 item.sop_class_uid, item.transfer_syntax
             )));
         };
-        let dataset = match retrieve::dataset_for(&shared.storage, item, &ts).await {
+        let dataset = match async { retrieve::dataset_for(blob?, item, &ts).await }.await {
             Ok(d) => d,
             Err(why) => return Ok(Err(why)),
         };
@@ -1360,9 +1373,9 @@ async fn open_destination(
 
 /// One C-MOVE sub-operation: C-STORE to the destination.
 async fn move_one(
-    shared: &Shared,
     dest: &mut consortium_dimse::client::Association,
     item: &Item,
+    blob: Result<bytes::Bytes, String>,
     originator_ae: &str,
     originator_message_id: u16,
 ) -> Result<u16, String> {
@@ -1381,7 +1394,7 @@ async fn move_one(
             item.sop_class_uid, item.transfer_syntax
         ));
     };
-    let dataset = retrieve::dataset_for(&shared.storage, item, &ts).await?;
+    let dataset = retrieve::dataset_for(blob?, item, &ts).await?;
     let rq = Response::request(field::C_STORE_RQ, originator_message_id, true)
         .uid(tag::AFFECTED_SOP_CLASS_UID, &item.sop_class_uid)
         .u16(tag::PRIORITY, 0)

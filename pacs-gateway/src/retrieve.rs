@@ -176,16 +176,22 @@ pub(crate) fn transcode(dataset: &[u8], from: &str, to: &str) -> Result<Vec<u8>,
 }
 
 /// The dataset to send for `item` in `to_ts`, from its stored blob.
-pub(crate) async fn dataset_for(
+/// Starts reading `item`'s stored object, so it is in memory by the time
+/// the previous sub-operation's C-STORE-RSP arrives.
+pub(crate) fn read_ahead(
     storage: &storage::Storage,
+    item: &Item,
+) -> tokio::task::JoinHandle<Result<bytes::Bytes, String>> {
+    let (storage, key) = (storage.clone(), item.blob_key.clone());
+    tokio::spawn(async move { storage.blobs().get(&key).await.map_err(|e| e.to_string()) })
+}
+
+/// The dataset of `item` (whose stored object is `blob`) in `to_ts`.
+pub(crate) async fn dataset_for(
+    blob: bytes::Bytes,
     item: &Item,
     to_ts: &str,
 ) -> Result<bytes::Bytes, String> {
-    let blob = storage
-        .blobs()
-        .get(&item.blob_key)
-        .await
-        .map_err(|e| e.to_string())?;
     let offset = item.dataset_offset as usize;
     if offset > blob.len() {
         return Err("stored object shorter than its header".into());
