@@ -130,6 +130,17 @@ impl BlobStore {
 
     /// Reads a whole blob.
     pub async fn get(&self, key: &str) -> Result<bytes::Bytes> {
+        if let Some(path) = self.local_path(key) {
+            // Local disk: one read on a blocking thread (object_store's
+            // local GET opens, stats and reads through more hand-offs).
+            return tokio::task::spawn_blocking(move || {
+                std::fs::read(&path)
+                    .map(bytes::Bytes::from)
+                    .map_err(Error::io("read blob", &path))
+            })
+            .await
+            .map_err(|e| Error::io("read blob", "")(std::io::Error::other(e)))?;
+        }
         Ok(self
             .store
             .get(&ObjectPath::from(key))
