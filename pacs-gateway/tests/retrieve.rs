@@ -131,27 +131,7 @@ fn movescu_to_storescp_as_stored_and_transcoded() {
     // with the destination up (no association to it, which would propose no context
     // and wait for storescp's 30 s timeout).
     let started = std::time::Instant::now();
-    let out = Command::new("/usr/bin/movescu")
-        .args([
-            "-S",
-            "-aet",
-            "COUNTYWS1",
-            "-aec",
-            common::AE,
-            "-aem",
-            "PLAINSCP",
-        ])
-        .args([
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID=2.25.67",
-        ])
-        .arg("127.0.0.1")
-        .arg(gw.port.to_string())
-        .env("TCP_NODELAY", "1")
-        .output()
-        .unwrap();
+    let out = movescu_for(gw.port, "PLAINSCP", "2.25.67");
     assert!(
         out.status.success(),
         "{}",
@@ -465,14 +445,15 @@ fn pynetdicom_c_get_receives_the_stored_bytes() {
 
 /// DCMTK movescu: the test study, at STUDY level, to `dest`.
 fn movescu_study(port: u16, dest: &str) -> std::process::Output {
+    movescu_for(port, dest, "2.25.66")
+}
+
+/// DCMTK movescu: study `study_uid`, at STUDY level, to `dest`.
+fn movescu_for(port: u16, dest: &str, study_uid: &str) -> std::process::Output {
     Command::new("/usr/bin/movescu")
         .args(["-S", "-aet", "COUNTYWS1", "-aec", common::AE, "-aem", dest])
-        .args([
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID=2.25.66",
-        ])
+        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
+        .arg(format!("StudyInstanceUID={study_uid}"))
         .arg("127.0.0.1")
         .arg(port.to_string())
         .env("TCP_NODELAY", "1")
