@@ -221,7 +221,9 @@ pub async fn send_message<W: AsyncWrite + Unpin>(
     // Small PDUs (DCMTK offers 16 KiB) are gathered into one write of up to
     // WRITE_BATCH bytes: one system call per batch instead of per PDU.
     let pdus = data.len().div_ceil(max_fragment);
-    let mut out = Vec::with_capacity((data.len() + 12 * pdus).min(WRITE_BATCH + max_fragment + 12));
+    let mut out = Vec::with_capacity(
+        (data.len() + 12 * pdus).min(WRITE_BATCH.saturating_add(max_fragment).saturating_add(12)),
+    );
     while let Some(chunk) = chunks.next() {
         let is_last = chunks.peek().is_none();
         out.push(0x04);
@@ -280,6 +282,23 @@ mod tests {
         assert_eq!(back, data);
         assert_eq!(lasts, 1, "only the final fragment is marked last");
         assert_eq!(pdus, data.len().div_ceil(16_384 - 6));
+    }
+
+    #[tokio::test]
+    async fn send_message_to_a_peer_without_a_limit_is_one_pdu() {
+        // Max PDU 0 means unlimited (PS3.8 D.1): one PDU, no overflow.
+        let data = vec![7u8; 300_000];
+        let mut wire = Vec::new();
+        send_message(&mut wire, 1, true, &data, 0).await.unwrap();
+        let mut r: &[u8] = &wire;
+        let Some(Incoming::PData(body)) = PduReader::new(1 << 20).next(&mut r).await.unwrap()
+        else {
+            panic!("expected P-DATA")
+        };
+        let pdvs = pdvs(body).unwrap();
+        assert_eq!(pdvs.len(), 1);
+        assert!(pdvs[0].is_command && pdvs[0].is_last && pdvs[0].data[..] == data[..]);
+        assert!(r.is_empty());
     }
 
     #[tokio::test]

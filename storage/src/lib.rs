@@ -98,7 +98,10 @@ impl std::ops::Deref for PooledReader {
 
 impl Drop for PooledReader {
     fn drop(&mut self) {
+        // A connection still inside a read transaction would pin an old
+        // snapshot (and the WAL) for its next user: it is closed instead.
         if let Some(reader) = self.reader.take()
+            && reader.connection().is_autocommit()
             && let Ok(mut pool) = self.storage.inner.readers.lock()
             && pool.len() < READERS_KEPT
         {

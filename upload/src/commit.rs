@@ -100,6 +100,8 @@ pub(crate) struct Committer {
 const GATHER: Duration = Duration::from_millis(100);
 /// ... unless it has this many already.
 const GATHER_ENOUGH: usize = 256;
+/// Failed requests in a row after which the committer stops asking.
+const GIVE_UP_AFTER: u32 = 3;
 
 impl Committer {
     pub(crate) fn start(settings: &Settings) -> Self {
@@ -129,6 +131,10 @@ async fn run_committer(
     let mut assoc: Option<(Association, String)> = None;
     let mut batch: Vec<(String, String)> = Vec::new();
     let mut sending = true;
+    // After a few failures in a row (the center refuses or drops this
+    // association), stop asking during the run: batches are then left to
+    // the caller's request at the end instead of a new association each.
+    let mut failures = 0;
     while sending || !batch.is_empty() {
         if sending && batch.is_empty() {
             match received.recv().await {
@@ -151,15 +157,23 @@ async fn run_committer(
             continue;
         }
         let chunk: Vec<_> = batch.drain(..batch.len().min(CHUNK)).collect();
+        if failures >= GIVE_UP_AFTER {
+            continue; // unanswered: the caller asks again
+        }
         if assoc.is_none() {
             assoc = associate(settings).await.ok();
         }
         let Some((a, ts)) = assoc.as_mut() else {
-            continue; // unanswered: the caller asks again
+            failures += 1;
+            continue;
         };
         match exchange(a, 1, ts, &chunk).await {
-            Ok(a) => answers.extend(a),
+            Ok(a) => {
+                failures = 0;
+                answers.extend(a);
+            }
             Err(_) => {
+                failures += 1;
                 if let Some((a, _)) = assoc.take() {
                     a.abort().await;
                 }
