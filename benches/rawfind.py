@@ -54,15 +54,23 @@ def _command(message_id: int) -> bytes:
     return el(0x0000, struct.pack("<I", len(body))) + body
 
 
-def _status(command: bytes) -> int:
-    """(0000,0900) Status from an implicit VR LE command set."""
+def _command_us(command: bytes, element: int) -> int | None:
+    """The US value of (0000,element) in an implicit VR LE command set."""
     pos = 0
     while pos + 8 <= len(command):
         group, elem, length = struct.unpack_from("<HHI", command, pos)
-        if (group, elem) == (0x0000, 0x0900):
+        if (group, elem) == (0x0000, element):
             return struct.unpack_from("<H", command, pos + 8)[0]
         pos += 8 + length
-    raise ValueError("response without a status")
+    return None
+
+
+def _status(command: bytes) -> int:
+    """(0000,0900) Status."""
+    status = _command_us(command, 0x0900)
+    if status is None:
+        raise ValueError("response without a status")
+    return status
 
 
 class RawFind:
@@ -168,10 +176,4 @@ class RawFind:
 
 def _data_set_present(command: bytes) -> bool:
     """(0000,0800) Command Data Set Type: 0x0101 means none."""
-    pos = 0
-    while pos + 8 <= len(command):
-        group, elem, length = struct.unpack_from("<HHI", command, pos)
-        if (group, elem) == (0x0000, 0x0800):
-            return struct.unpack_from("<H", command, pos + 8)[0] != 0x0101
-        pos += 8 + length
-    return False
+    return _command_us(command, 0x0800) not in (None, 0x0101)

@@ -749,11 +749,11 @@ impl Connection {
         let (mut completed, mut failed, mut warning) = (0u32, 0u32, 0u32);
         let mut failed_uids = Vec::new();
         let mut cancelled = false;
-        // One stored object is read ahead while the current one is sent.
-        let mut ahead = items
-            .first()
-            .filter(|_| move_to.is_none() || destination.is_some())
-            .map(|i| retrieve::read_ahead(&shared.storage, i));
+        // One stored object is read ahead while the current one is sent
+        // (nothing is read for a move whose destination is unreachable).
+        let sending = move_to.is_none() || destination.is_some();
+        let read_ahead = |i: &Item| retrieve::read_ahead(&shared.storage, i);
+        let mut ahead = items.first().filter(|_| sending).map(read_ahead);
         for (n, item) in items.iter().enumerate() {
             if self.cancel_arrived(message_id).await? {
                 cancelled = true;
@@ -763,10 +763,7 @@ impl Connection {
                 Some(reading) => reading.await.unwrap_or_else(|e| Err(e.to_string())),
                 None => Err("not read".to_string()),
             };
-            ahead = items
-                .get(n + 1)
-                .filter(|_| move_to.is_none() || destination.is_some())
-                .map(|i| retrieve::read_ahead(&shared.storage, i));
+            ahead = items.get(n + 1).filter(|_| sending).map(read_ahead);
             let result = match (&move_to, destination.as_mut()) {
                 (None, _) => self.get_one(assoc, item, blob, message_id).await?,
                 (Some(_), Some(dest)) => {

@@ -175,7 +175,6 @@ pub(crate) fn transcode(dataset: &[u8], from: &str, to: &str) -> Result<Vec<u8>,
     Ok(out)
 }
 
-/// The dataset to send for `item` in `to_ts`, from its stored blob.
 /// Starts reading `item`'s stored object, so it is in memory by the time
 /// the previous sub-operation's C-STORE-RSP arrives.
 pub(crate) fn read_ahead(

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 pub use attrs::{DatasetError, InstanceAttrs};
 pub use blobs::BlobStore;
 pub use error::{Error, Result};
-pub use index::{IndexReader, InstanceRecord, StoreOutcome};
+pub use index::{IndexReader, InstanceRecord, PooledReader, StoreOutcome};
 pub use spool::{Spool, Spooled};
 
 use index::writer::{Job, NewInstance};
@@ -70,44 +70,8 @@ pub struct Storage {
 struct Inner {
     blobs: BlobStore,
     spool_dir: PathBuf,
-    index_path: PathBuf,
     writer: std::sync::Mutex<mpsc::Sender<Job>>,
-    /// Read-only connections kept for the next query (opening one and
-    /// loading the schema costs more than a selective query).
-    readers: std::sync::Mutex<Vec<IndexReader>>,
-}
-
-/// Read-only connections kept by [`Storage::reader`].
-const READERS_KEPT: usize = 8;
-
-/// A read-only connection to the index; goes back to the storage's pool
-/// when dropped.
-#[derive(Debug)]
-pub struct PooledReader {
-    reader: Option<IndexReader>,
-    storage: Storage,
-}
-
-impl std::ops::Deref for PooledReader {
-    type Target = IndexReader;
-
-    fn deref(&self) -> &IndexReader {
-        self.reader.as_ref().expect("reader present until dropped")
-    }
-}
-
-impl Drop for PooledReader {
-    fn drop(&mut self) {
-        // A connection still inside a read transaction would pin an old
-        // snapshot (and the WAL) for its next user: it is closed instead.
-        if let Some(reader) = self.reader.take()
-            && reader.connection().is_autocommit()
-            && let Ok(mut pool) = self.storage.inner.readers.lock()
-            && pool.len() < READERS_KEPT
-        {
-            pool.push(reader);
-        }
-    }
+    readers: Arc<index::ReaderPool>,
 }
 
 impl Storage {
@@ -142,9 +106,8 @@ impl Storage {
             inner: Arc::new(Inner {
                 blobs,
                 spool_dir,
-                index_path,
                 writer: std::sync::Mutex::new(writer),
-                readers: std::sync::Mutex::new(Vec::new()),
+                readers: index::ReaderPool::new(index_path, false),
             }),
         })
     }
@@ -227,16 +190,8 @@ impl Storage {
     }
 
     /// A read-only connection to the index, from the pool when one is free.
-    pub fn reader(&self) -> Result<PooledReader> {
-        let pooled = self.inner.readers.lock().ok().and_then(|mut p| p.pop());
-        let reader = match pooled {
-            Some(r) => r,
-            None => IndexReader::open(&self.inner.index_path)?,
-        };
-        Ok(PooledReader {
-            reader: Some(reader),
-            storage: self.clone(),
-        })
+    pub fn reader(&self) -> Result<index::PooledReader> {
+        self.inner.readers.get()
     }
 
     pub fn blobs(&self) -> &BlobStore {

@@ -40,6 +40,11 @@ impl Level {
     }
 }
 
+/// SQL giving a study's distinct modalities (study row alias `st`) as one
+/// `\`-separated value, in order.
+pub const MODALITIES_IN_STUDY: &str = "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m \
+     FROM series x WHERE x.study_pk = st.pk AND x.modality != '' ORDER BY 1))";
+
 /// Attributes the index can match and return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Key {
@@ -187,10 +192,7 @@ impl Key {
             StudyDescription => "st.description",
             ReferringPhysicianName => "st.referring_physician",
             InstitutionName => "st.institution",
-            ModalitiesInStudy => {
-                "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m FROM series x \
-                 WHERE x.study_pk = st.pk AND x.modality != '' ORDER BY 1))"
-            }
+            ModalitiesInStudy => MODALITIES_IN_STUDY,
             SopClassesInStudy => {
                 "(SELECT group_concat(c, '\\') FROM (SELECT DISTINCT x.sop_class_uid AS c FROM instances x \
                  JOIN series y ON y.pk = x.series_pk WHERE y.study_pk = st.pk ORDER BY 1))"

@@ -15,10 +15,10 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::Settings;
 
-pub(crate) const SOP_CLASS: &str = "1.2.840.10008.1.20.1";
+const SOP_CLASS: &str = "1.2.840.10008.1.20.1";
 const WELL_KNOWN_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
 /// Instances per N-ACTION.
-pub(crate) const CHUNK: usize = 5_000;
+const CHUNK: usize = 5_000;
 
 /// The center's answer per SOP Instance UID: `None` committed, `Some(reason)` failed.
 pub(crate) type Answers = HashMap<String, Option<u16>>;
@@ -111,7 +111,7 @@ impl Committer {
         Self { stored, task }
     }
 
-    /// Asks for commitment of one stored instance (SOP class, instance).
+    /// Where lanes hand over each stored instance (SOP class, instance).
     pub(crate) fn stored(&self) -> tokio::sync::mpsc::UnboundedSender<(String, String)> {
         self.stored.clone()
     }
@@ -188,7 +188,7 @@ async fn run_committer(
 
 /// The commitment exchange on an open association: N-ACTION, N-ACTION-RSP,
 /// then the center's N-EVENT-REPORT and our N-EVENT-REPORT-RSP.
-pub(crate) async fn exchange(
+async fn exchange(
     assoc: &mut Association,
     context_id: u8,
     ts: &str,

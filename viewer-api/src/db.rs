@@ -2,10 +2,11 @@
 //! tables (users, sessions, worklist state, audit) and a pool of read-only
 //! connections, used from blocking threads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
+use storage::index::ReaderPool;
 
 use crate::error::{ApiError, Result};
 
@@ -15,9 +16,10 @@ pub struct Db {
 }
 
 struct Inner {
-    index_path: PathBuf,
     writer: Mutex<Connection>,
-    readers: Mutex<Vec<Connection>>,
+    /// Without parameter-dependent plans here, statements need no
+    /// re-preparing for each new value (stable plans).
+    readers: Arc<ReaderPool>,
 }
 
 impl Db {
@@ -26,9 +28,8 @@ impl Db {
         let writer = storage::index::open_service(data_dir)?;
         Ok(Db {
             inner: Arc::new(Inner {
-                index_path: data_dir.join(storage::INDEX_FILE),
                 writer: Mutex::new(writer),
-                readers: Mutex::new(Vec::new()),
+                readers: ReaderPool::new(data_dir.join(storage::INDEX_FILE), true),
             }),
         })
     }
@@ -82,30 +83,7 @@ impl Db {
 
     /// Runs `f` on a read-only connection on this (blocking) thread.
     pub fn read_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let inner = &self.inner;
-        let pooled = inner.readers.lock().ok().and_then(|mut r| r.pop());
-        let conn = match pooled {
-            Some(c) => c,
-            None => {
-                let c = Connection::open_with_flags(
-                    &inner.index_path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                c.busy_timeout(std::time::Duration::from_secs(10))?;
-                c.set_db_config(
-                    rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
-                    true,
-                )?;
-                c
-            }
-        };
-        let out = f(&conn);
-        if let Ok(mut readers) = inner.readers.lock()
-            && readers.len() < 8
-        {
-            readers.push(conn);
-        }
-        out
+        f(self.inner.readers.get()?.connection())
     }
 }
 

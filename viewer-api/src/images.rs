@@ -55,7 +55,7 @@ pub fn spec_from(options: Option<&RenderOptions>, frame: u32) -> Result<Spec> {
         }
         (None, "") => Voi::Default,
         (None, name) => {
-            let (preset, _, _) = render::PRESETS
+            let &(name, center, width) = render::PRESETS
                 .iter()
                 .find(|(n, _, _)| n.eq_ignore_ascii_case(name))
                 .ok_or_else(|| {
@@ -65,7 +65,11 @@ pub fn spec_from(options: Option<&RenderOptions>, frame: u32) -> Result<Spec> {
                         names.join(", ")
                     ))
                 })?;
-            Voi::Preset(preset)
+            Voi::Preset {
+                name,
+                center,
+                width,
+            }
         }
     };
     let bound = |v: u32| v.min(8192);

@@ -28,8 +28,12 @@ pub enum Format {
 pub enum Voi {
     /// Given by the caller.
     Window { center: f64, width: f64 },
-    /// A named preset in modality units (Hounsfield for CT).
-    Preset(&'static str),
+    /// A named preset, its window in modality units (Hounsfield for CT).
+    Preset {
+        name: &'static str,
+        center: f64,
+        width: f64,
+    },
     /// The file's first window, else the frame's full range.
     Default,
 }
@@ -426,14 +430,8 @@ impl Mono {
     /// VOI and MONOCHROME1 folded in (one load per pixel), and the window used.
     fn lut(&self, voi: &Voi) -> (Arc<[u8]>, (f64, f64)) {
         let (center, width, function) = match voi {
-            Voi::Window { center, width } => (*center, *width, VoiLutFunction::Linear),
-            Voi::Preset(name) => {
-                let (_, c, w) = PRESETS
-                    .iter()
-                    .find(|(n, _, _)| n == name)
-                    .copied()
-                    .unwrap_or(("", 40.0, 400.0));
-                (c, w, VoiLutFunction::Linear)
+            Voi::Window { center, width } | Voi::Preset { center, width, .. } => {
+                (*center, *width, VoiLutFunction::Linear)
             }
             Voi::Default => match self.file_window {
                 Some((c, w)) => (c, w, self.function),

@@ -9,6 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
+pub use storage::query::MODALITIES_IN_STUDY;
 
 /// A study and whose patient it is.
 #[derive(Debug, Clone)]
@@ -35,13 +36,7 @@ pub struct InstanceRow {
     pub number_of_frames: u32,
 }
 
-/// SQL giving a study's distinct modalities as one `\`-separated value
-/// (study row alias `st`); [`split_modalities`] reads it back.
-pub const MODALITIES_OF_STUDY: &str =
-    "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT se.modality AS m
-    FROM series se WHERE se.study_pk = st.pk AND se.modality != '' ORDER BY 1))";
-
-/// The modalities of [`MODALITIES_OF_STUDY`] as a list.
+/// The modalities of [`MODALITIES_IN_STUDY`] as a list.
 pub fn split_modalities(joined: Option<String>) -> Vec<String> {
     joined
         .unwrap_or_default()
@@ -77,14 +72,12 @@ pub fn may_see_instance(
     if caller.require_patient_access().is_err() {
         return Ok(false);
     }
-    Ok(conn
-        .prepare_cached(
-            "SELECT 1 FROM instance_senders
-             WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND clinic_id = ?3",
-        )?
-        .query_row([sop_uid, sha256, caller.clinic_id.as_str()], |_| Ok(()))
-        .optional()?
-        .is_some())
+    Ok(storage::index::sent_by(
+        conn,
+        sop_uid,
+        sha256,
+        &caller.clinic_id,
+    )?)
 }
 
 /// The study, if it exists and the caller may see it (otherwise not found,
@@ -276,7 +269,7 @@ pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Ve
              FROM keys JOIN ids ON ids.id = keys.id AND ids.issuer = keys.issuer)
          SELECT st.study_uid, st.clinic_id, st.study_date, st.description,
                 substr(min(CASE WHEN l.how = 'same patient record' THEN '0' ELSE '1' END || l.how), 2),
-                {MODALITIES_OF_STUDY}
+                {MODALITIES_IN_STUDY}
          FROM linked l JOIN studies st ON st.patient_pk = l.patient_pk
          WHERE st.pk != ?2
          GROUP BY st.pk

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::auth::{Caller, Role};
 use crate::db::{Db, now_unix};
 use crate::error::{ApiError, Result};
-use crate::studies::{MODALITIES_OF_STUDY, split_modalities};
+use crate::studies::{MODALITIES_IN_STUDY, split_modalities};
 
 /// One change seen by the poller.
 #[derive(Debug, Clone)]
@@ -109,7 +109,7 @@ fn query_items(
         "SELECT * FROM (
            SELECT st.study_uid, st.clinic_id, p.name, p.patient_id, st.study_date, st.description,
                   st.accession_number,
-                  {MODALITIES_OF_STUDY} AS modalities,
+                  {MODALITIES_IN_STUDY} AS modalities,
                   (SELECT count(*) FROM series se JOIN instances i ON i.series_pk = se.pk
                      WHERE se.study_pk = st.pk) AS n,
                   COALESCE(w.priority, CASE st.requested_priority

@@ -4,6 +4,7 @@ pub(crate) mod schema;
 pub(crate) mod writer;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
@@ -47,6 +48,100 @@ pub fn open_service(data_dir: &Path) -> Result<Connection> {
 #[derive(Debug)]
 pub struct IndexReader {
     conn: Connection,
+}
+
+/// Read-only connections to one index, kept for the next query (opening
+/// one and loading the schema costs more than a selective query).
+#[derive(Debug)]
+pub struct ReaderPool {
+    path: std::path::PathBuf,
+    stable_plans: bool,
+    idle: std::sync::Mutex<Vec<IndexReader>>,
+}
+
+/// Idle connections a [`ReaderPool`] keeps.
+const READERS_KEPT: usize = 8;
+
+impl ReaderPool {
+    /// A pool for the index at `path`. `stable_plans` sets
+    /// `SQLITE_DBCONFIG_ENABLE_QPSG`: no statement is prepared again for
+    /// new parameter values, for callers none of whose plans depend on them
+    /// (not C-FIND, whose GLOB prefixes need the bound value).
+    pub fn new(path: std::path::PathBuf, stable_plans: bool) -> Arc<ReaderPool> {
+        Arc::new(ReaderPool {
+            path,
+            stable_plans,
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A connection, from the idle ones when there is one.
+    pub fn get(self: &Arc<Self>) -> Result<PooledReader> {
+        let idle = self.idle.lock().ok().and_then(|mut p| p.pop());
+        let reader = match idle {
+            Some(r) => r,
+            None => {
+                let r = IndexReader::open(&self.path)?;
+                if self.stable_plans {
+                    r.conn.set_db_config(
+                        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+                        true,
+                    )?;
+                }
+                r
+            }
+        };
+        Ok(PooledReader {
+            reader: Some(reader),
+            pool: self.clone(),
+        })
+    }
+}
+
+/// A read-only connection from a [`ReaderPool`]; goes back to it when dropped.
+#[derive(Debug)]
+pub struct PooledReader {
+    reader: Option<IndexReader>,
+    pool: Arc<ReaderPool>,
+}
+
+impl std::ops::Deref for PooledReader {
+    type Target = IndexReader;
+
+    fn deref(&self) -> &IndexReader {
+        self.reader.as_ref().expect("reader present until dropped")
+    }
+}
+
+impl Drop for PooledReader {
+    fn drop(&mut self) {
+        // A connection still inside a read transaction would pin an old
+        // snapshot (and the WAL) for its next user: it is closed instead.
+        if let Some(reader) = self.reader.take()
+            && reader.conn.is_autocommit()
+            && let Ok(mut idle) = self.pool.idle.lock()
+            && idle.len() < READERS_KEPT
+        {
+            idle.push(reader);
+        }
+    }
+}
+
+/// Whether `clinic_id` sent these exact bytes (SHA-256) of the instance.
+pub fn sent_by(
+    conn: &Connection,
+    sop_instance_uid: &str,
+    sha256: &str,
+    clinic_id: &str,
+) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM instance_senders
+             WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND clinic_id = ?3",
+        )?
+        .query_row([sop_instance_uid, sha256, clinic_id], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// The current version of an instance, as indexed.
@@ -144,15 +239,7 @@ impl IndexReader {
 
     /// Whether `clinic_id` sent these exact bytes (SHA-256) of the instance.
     pub fn sent_by(&self, sop_instance_uid: &str, sha256: &str, clinic_id: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT 1 FROM instance_senders
-                 WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND clinic_id = ?3",
-            )?
-            .query_row([sop_instance_uid, sha256, clinic_id], |_| Ok(()))
-            .optional()?
-            .is_some())
+        sent_by(&self.conn, sop_instance_uid, sha256, clinic_id)
     }
 
     /// Number of (current) instances.

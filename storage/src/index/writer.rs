@@ -167,7 +167,7 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
     // is written before the answer goes out and survives a crash of the
     // process, as the viewer's audit rows do, and a query does not wait for
     // the disk. Instance rows are always committed with synchronous=FULL.
-    let audit_only = batch.iter().all(|job| matches!(job, Job::Audit { .. }));
+    let audit_only = !batch.is_empty() && batch.iter().all(|job| matches!(job, Job::Audit { .. }));
     if audit_only && let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
         tracing::warn!(error = %e, "cannot relax synchronous for an audit batch");
     }
