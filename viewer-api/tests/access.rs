@@ -5,9 +5,10 @@
 mod common;
 
 use common::{authed, center_with, demo_samples, with_clinic};
+use consortium_proto::v1::center_service_client::CenterServiceClient;
 use consortium_proto::v1::{
-    GetPriorsRequest, GetRawInstanceRequest, GetStudyMetadataRequest, ListWorklistRequest,
-    LoginRequest, LogoutRequest, Role, WhoAmIRequest, WorklistFilter,
+    GetCenterInfoRequest, GetPriorsRequest, GetRawInstanceRequest, GetStudyMetadataRequest,
+    ListWorklistRequest, LoginRequest, LogoutRequest, Role, WhoAmIRequest, WorklistFilter,
 };
 use tonic::Code;
 
@@ -235,6 +236,22 @@ async fn missing_forged_expired_and_revoked_tokens_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Even the center's aggregate facts need a signed-in user.
+    let mut center = CenterServiceClient::new(server.channel().await);
+    let err = center
+        .get_center_info(tonic::Request::new(GetCenterInfoRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let staff = server.login("staff_b").await;
+    let info = center
+        .get_center_info(authed(GetCenterInfoRequest {}, &staff))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.instance_count > 0);
+    assert!(info.clinics.iter().any(|c| c.id == "xinzhen"));
 
     let forged = "ab".repeat(32);
     let err = c
