@@ -260,3 +260,43 @@ fn refuses_a_truncated_deflate_stream() {
         );
     }
 }
+
+#[test]
+fn a_file_reads_like_memory_across_skips_beyond_its_buffer() {
+    // Skipped values of every size between collected attributes: small ones
+    // within the read buffer, a private one of 40 KiB beyond it.
+    let mut ds = Vec::new();
+    ds.extend(el(0x0008_0005, b"CS", b"ISO_IR 192"));
+    ds.extend(el(0x0008_0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2"));
+    ds.extend(el(0x0008_0018, b"UI", b"2.25.1001"));
+    ds.extend(el(0x0008_0020, b"DA", b"20260301"));
+    ds.extend(el(0x0009_0010, b"LO", b"SKIPPED PRIVATE"));
+    ds.extend(el(0x0009_1010, b"OB", &vec![0xAB; 40 * 1024]));
+    ds.extend(el(0x0010_0010, b"PN", "Zhao^Lei=赵^磊".as_bytes()));
+    ds.extend(el(0x0010_0020, b"LO", b"XZ0042"));
+    ds.extend(el(0x0018_0050, b"DS", b"1.25"));
+    ds.extend(el(0x0020_000D, b"UI", b"2.25.1"));
+    ds.extend(el(0x0020_000E, b"UI", b"2.25.2"));
+    ds.extend(el(0x0020_0013, b"IS", b"9"));
+    ds.extend(el(PIXEL_DATA, b"OW", &[0u8; 64]));
+    let preamble = vec![0x55u8; 300];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("instance.dcm");
+    std::fs::write(&path, [preamble.as_slice(), &ds].concat()).unwrap();
+
+    let from_file = read_file(&path, preamble.len() as u64, EXPLICIT_LE).unwrap();
+    let from_memory = read_bytes(&ds, EXPLICIT_LE).unwrap();
+    assert_eq!(from_file.patient_id, "XZ0042");
+    assert_eq!(from_file.patient_name.text, "Zhao^Lei=赵^磊");
+    assert_eq!(from_file.series_instance_uid, "2.25.2");
+    assert_eq!(from_file.instance_number, Some(9));
+    assert_eq!(format!("{from_file:?}"), format!("{from_memory:?}"));
+
+    // A file cut inside the large value is refused, not misread.
+    std::fs::write(&path, [preamble.as_slice(), &ds[..30_000]].concat()).unwrap();
+    let cut = read_file(&path, preamble.len() as u64, EXPLICIT_LE);
+    assert!(
+        matches!(cut, Err(DatasetError::BadLength { length: 40960, .. })),
+        "{cut:?}"
+    );
+}
