@@ -81,8 +81,12 @@ Method and caveats
       server runs next up to twice the kernel time (seen here as a bimodal
       729 vs 1,277 instances/s for the same gateway binary). Deleting in the
       middle of the benchmark would measure the previous run, not this one.
-    - Nothing is dropped from the page cache: the corpus is read once before
-      the first round, so every run sends from a warm cache. One untimed
+    - Before every run the page cache is emptied (as root: drop_caches) and
+      the corpus read back in, so every run starts with the same free memory
+      and sends from a warm cache. Left full, the cache of earlier runs'
+      files made later runs pay for reclaim: server CPU for the same binary
+      flipped between 2.0-2.5 and 3.7-4.1 CPU-s with the cache's state. The
+      JSON records whether each run had its caches dropped. One untimed
       warm-up run per server precedes round 1 (--no-warmup skips it): without
       it, round 1 came out faster than later rounds for every server here.
     - The corpus is cached in target/bench-corpus[-small]; delete it to
@@ -231,6 +235,29 @@ def warm_page_cache(corpus: Corpus) -> None:
         with open(corpus.root / rel, "rb") as f:
             while f.read(1 << 20):
                 pass
+
+
+DROPPED_CACHES: list[bool] = []  # one entry per run: were caches dropped before it?
+
+
+def fresh_page_cache(corpus: Corpus) -> None:
+    """Gives every run the same memory: the page cache emptied (when this
+    script may: root), then only the corpus read back in.
+
+    Without this, each run's ~850 MB of new files stays cached, and once the
+    cache fills memory (after a dozen runs in 24 GiB), every later run also
+    pays the kernel for reclaiming pages: the same gateway binary used 2.0-2.5
+    CPU-s for the corpus in runs after a drop and 3.7-4.1 CPU-s in runs with a
+    full cache, alternating with the cache's state rather than the code."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        DROPPED_CACHES.append(True)
+    except OSError as e:
+        if not DROPPED_CACHES or DROPPED_CACHES[-1]:
+            log(f"warning: cannot drop the page cache ({e}); runs after the cache fills are slower")
+        DROPPED_CACHES.append(False)
+    warm_page_cache(corpus)
 
 
 def split_by_study(corpus: Corpus, parts: int) -> list[list[str]]:
@@ -704,6 +731,7 @@ class RunResult:
 
 
 def run_once(name: str, corpus: Corpus, parallelism: int, rnd: int, shim: Path) -> RunResult:
+    fresh_page_cache(corpus)
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-p{parallelism}-", dir=WORK_ROOT))
     server = SERVERS[name](workdir, shim)
@@ -913,7 +941,7 @@ def write_json(args, corpus: Corpus, runs: list[RunResult], summary, ratio_rows,
         "started": started,
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release()},
         "options": {"rounds": args.rounds, "corpus_profile": args.corpus_profile, "servers": args.servers,
-                    "warmup": args.warmup},
+                    "warmup": args.warmup, "page_cache_dropped_before_each_run": all(DROPPED_CACHES)},
         "corpus": {"root": str(corpus.root), "instances": len(corpus.files), "bytes": corpus.total_bytes},
         "tools": tool_versions(),
         "env": {"RUST_LOG": os.environ.get("RUST_LOG")},

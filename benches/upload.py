@@ -59,6 +59,7 @@ CLIENTS = {"upload": run_upload, "storescu": run_storescu}
 
 
 def run_once(client, corpus, parallelism, run_dirs):
+    ingest.fresh_page_cache(corpus)
     ingest.WORK_ROOT.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"upload-{client}-p{parallelism}-", dir=ingest.WORK_ROOT))
     run_dirs.append(workdir)
