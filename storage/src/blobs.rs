@@ -7,8 +7,9 @@
 //! batch's index rows. Other `object_store` backends (in-memory in tests,
 //! S3-compatible) get a `put`, which is durable when it returns.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -38,6 +39,9 @@ pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     /// Set when `store` is a `LocalFileSystem` rooted here.
     local_root: Option<PathBuf>,
+    /// Blob directories whose own entry is known to be on disk (see
+    /// [`durable_dir`]).
+    durable_dirs: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 /// Where a placed blob is and what must be fsynced to make it durable.
@@ -54,6 +58,7 @@ impl BlobStore {
         Ok(BlobStore {
             store: Arc::new(store),
             local_root: Some(root.to_owned()),
+            durable_dirs: Arc::default(),
         })
     }
 
@@ -67,6 +72,7 @@ impl BlobStore {
         BlobStore {
             store,
             local_root: None,
+            durable_dirs: Arc::default(),
         }
     }
 
@@ -76,7 +82,10 @@ impl BlobStore {
         match &self.local_root {
             Some(root) => {
                 // A link and a stat or two: short enough to run inline.
-                let to_sync = place_local(&spooled.path, &root.join(&key), spooled.size)?;
+                let target = root.join(&key);
+                let parent = target.parent().expect("blob keys have a directory");
+                durable_dir(parent, &self.durable_dirs)?;
+                let to_sync = place_local(&spooled.path, &target, spooled.size)?;
                 spooled.disarm();
                 Ok(PlacedBlob { key, to_sync })
             }
@@ -211,8 +220,35 @@ impl BlobStore {
     }
 }
 
-/// Links `source` to `target`, creating directories; returns what must be
-/// fsynced before the blob may be indexed.
+/// Makes sure `dir` (`instances/ab`) exists and that its entry, and its
+/// parent's, are on disk, so that a blob linked into it needs fsyncs of
+/// itself and of `dir` only. Each directory is synced this way once per
+/// process (256 at most): later blobs find it in `durable`. A directory
+/// another association has just created is not in `durable` until that
+/// association's fsyncs are done, so this one syncs it as well rather than
+/// trust an entry that may still be only in memory.
+fn durable_dir(dir: &Path, durable: &Mutex<HashSet<PathBuf>>) -> Result<()> {
+    if durable.lock().expect("durable dirs lock").contains(dir) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io("create blob directory", dir))?;
+    let mut entry_of = dir;
+    for _ in 0..2 {
+        let Some(parent) = entry_of.parent() else {
+            break;
+        };
+        sync_one(&SyncItem::Dir(parent.to_owned()))?;
+        entry_of = parent;
+    }
+    durable
+        .lock()
+        .expect("durable dirs lock")
+        .insert(dir.to_owned());
+    Ok(())
+}
+
+/// Links `source` to `target` (whose directory [`durable_dir`] has made
+/// durable); returns what must be fsynced before the blob may be indexed.
 ///
 /// Not yet synced, a blob is only referenced by the index after its batch's
 /// fsyncs, so a crash leaves at most an unreferenced (possibly short) file.
@@ -223,17 +259,12 @@ impl BlobStore {
 /// with garbage under it).
 fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>> {
     let parent = target.parent().expect("blob keys have a directory");
-    // The whole directory chain is synced every time: another association
-    // may have created it a moment ago and not synced it yet. A directory
-    // fsync with nothing pending is cheap, and the batch shares it.
-    let mut items = vec![
+    // The file and its new entry. Every fsync is also a flush of the disk's
+    // cache: the directory's own entry was made durable once, before.
+    let items = vec![
         SyncItem::File(target.to_owned()),
         SyncItem::Dir(parent.to_owned()),
     ];
-    if let Some(root) = parent.parent() {
-        items.push(SyncItem::Dir(root.to_owned()));
-    }
-    std::fs::create_dir_all(parent).map_err(Error::io("create blob directory", parent))?;
     // A hard link fails atomically when the key exists, so two associations
     // storing the same bytes at once cannot replace each other's file.
     match std::fs::hard_link(source, target) {
@@ -314,5 +345,49 @@ impl SyncPool {
             }
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Spool;
+
+    fn spooled(dir: &Path, body: &[u8]) -> Spooled {
+        let mut spool = Spool::create(dir, b"DICM", "1.2.840.10008.1.2.1", 1 << 20).unwrap();
+        spool.write(body).unwrap();
+        spool.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_placed_blob_syncs_its_file_and_directory_once_the_chain_is_durable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool_dir = tmp.path().join("spool");
+        std::fs::create_dir_all(&spool_dir).unwrap();
+        let blobs = BlobStore::local(&tmp.path().join("blobs")).unwrap();
+
+        let mut first = spooled(&spool_dir, b"one instance");
+        let placed = blobs.place(&mut first).await.unwrap();
+        let path = blobs.local_path(&placed.key).unwrap();
+        let dir = path.parent().unwrap().to_owned();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            [b"DICM".as_slice(), b"one instance"].concat()
+        );
+        // The directory chain was synced when the directory was first used;
+        // what is left for the index writer is the file and its entry.
+        assert_eq!(
+            placed.to_sync,
+            vec![SyncItem::File(path.clone()), SyncItem::Dir(dir.clone())]
+        );
+        assert!(blobs.durable_dirs.lock().unwrap().contains(&dir));
+        assert!(std::fs::read_dir(&spool_dir).unwrap().next().is_none());
+
+        // The same bytes again: no second copy, the same items to sync.
+        let mut again = spooled(&spool_dir, b"one instance");
+        let placed_again = blobs.place(&mut again).await.unwrap();
+        assert_eq!(placed_again.key, placed.key);
+        assert_eq!(placed_again.to_sync, placed.to_sync);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     }
 }
