@@ -245,6 +245,30 @@ impl Association {
         Ok(())
     }
 
+    /// Sends a command and its in-memory dataset, gathered into the same
+    /// writes (a C-STORE-RQ and the start of its data in one system call).
+    pub async fn send_command_and_dataset(
+        &mut self,
+        context_id: u8,
+        command: &[u8],
+        dataset: &[u8],
+    ) -> Result<(), ClientError> {
+        let messages = [
+            ul::Message {
+                context_id,
+                is_command: true,
+                data: command,
+            },
+            ul::Message {
+                context_id,
+                is_command: false,
+                data: dataset,
+            },
+        ];
+        ul::send_messages(&mut self.stream, &messages, self.peer_max_pdu).await?;
+        Ok(())
+    }
+
     /// Sends an in-memory dataset.
     pub async fn send_dataset(
         &mut self,

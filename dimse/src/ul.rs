@@ -7,6 +7,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu, read_pdu, write_pdu};
+use std::io::IoSlice;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest non-P-DATA PDU accepted (an A-ASSOCIATE-RQ with ~128 contexts of
@@ -181,22 +183,52 @@ pub async fn send_pdv<W: AsyncWrite + Unpin>(
     is_last: bool,
     data: &[u8],
 ) -> Result<(), UlError> {
-    // One write per PDU: with TCP_NODELAY a separate header would be a
-    // separate segment.
-    let mut pdu = Vec::with_capacity(12 + data.len());
-    pdu.push(0x04);
-    pdu.push(0);
-    pdu.extend_from_slice(&((data.len() + 6) as u32).to_be_bytes());
-    pdu.extend_from_slice(&((data.len() + 2) as u32).to_be_bytes());
-    pdu.push(context_id);
-    pdu.push(u8::from(is_command) | (u8::from(is_last) << 1));
-    pdu.extend_from_slice(data);
-    stream.write_all(&pdu).await?;
+    // Header and data in one gathered write: with TCP_NODELAY a separate
+    // header would be a separate segment, and a copy costs a pass over data.
+    let header = pdv_header(context_id, is_command, is_last, data.len());
+    let mut slices = [IoSlice::new(&header), IoSlice::new(data)];
+    write_all_vectored(stream, &mut slices).await?;
+    Ok(())
+}
+
+/// The P-DATA-TF PDU header and PDV item header of one fragment.
+fn pdv_header(context_id: u8, is_command: bool, is_last: bool, len: usize) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0] = 0x04;
+    h[2..6].copy_from_slice(&((len + 6) as u32).to_be_bytes());
+    h[6..10].copy_from_slice(&((len + 2) as u32).to_be_bytes());
+    h[10] = context_id;
+    h[11] = u8::from(is_command) | (u8::from(is_last) << 1);
+    h
+}
+
+/// Writes every slice, however the stream splits the writes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let n = stream.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
     Ok(())
 }
 
 /// Bytes of PDUs gathered before a write.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Slices in one gathered write (Linux allows 1,024).
+const WRITE_SLICES: usize = 512;
+
+/// One DIMSE message stream (a command or a dataset) to send.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub context_id: u8,
+    pub is_command: bool,
+    pub data: &'a [u8],
+}
 
 /// Writes a DIMSE message fragment stream (command or dataset) as P-DATA-TF
 /// PDUs no larger than the peer's maximum.
@@ -207,6 +239,25 @@ pub async fn send_message<W: AsyncWrite + Unpin>(
     data: &[u8],
     peer_max_pdu: u32,
 ) -> Result<(), UlError> {
+    let message = Message {
+        context_id,
+        is_command,
+        data,
+    };
+    send_messages(stream, &[message], peer_max_pdu).await
+}
+
+/// Writes messages one after the other (a C-STORE-RQ and its dataset) as
+/// P-DATA-TF PDUs no larger than the peer's maximum.
+///
+/// PDUs are gathered into writes of up to WRITE_BATCH bytes: one system call
+/// for many small PDUs (DCMTK offers 16 KiB), a command together with the
+/// start of its dataset, and the data written from where it lies, uncopied.
+pub async fn send_messages<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    messages: &[Message<'_>],
+    peer_max_pdu: u32,
+) -> Result<(), UlError> {
     // PDV header is 6 bytes (length + context + control); 0 means unlimited.
     // Fragments stay even-length (PS3.8 E.1), however small the peer's limit.
     let max_fragment = if peer_max_pdu == 0 {
@@ -214,28 +265,29 @@ pub async fn send_message<W: AsyncWrite + Unpin>(
     } else {
         ((peer_max_pdu as usize).saturating_sub(6) & !1).max(2)
     };
-    let mut chunks = data.chunks(max_fragment).peekable();
-    if data.is_empty() {
-        return Err(UlError::Malformed("empty DIMSE message".into()));
+    let mut pdus: Vec<([u8; 12], &[u8])> = Vec::new();
+    for m in messages {
+        if m.data.is_empty() {
+            return Err(UlError::Malformed("empty DIMSE message".into()));
+        }
+        let mut chunks = m.data.chunks(max_fragment).peekable();
+        while let Some(chunk) = chunks.next() {
+            let is_last = chunks.peek().is_none();
+            let header = pdv_header(m.context_id, m.is_command, is_last, chunk.len());
+            pdus.push((header, chunk));
+        }
     }
-    // Small PDUs (DCMTK offers 16 KiB) are gathered into one write of up to
-    // WRITE_BATCH bytes: one system call per batch instead of per PDU.
-    let pdus = data.len().div_ceil(max_fragment);
-    let mut out = Vec::with_capacity(
-        (data.len() + 12 * pdus).min(WRITE_BATCH.saturating_add(max_fragment).saturating_add(12)),
-    );
-    while let Some(chunk) = chunks.next() {
-        let is_last = chunks.peek().is_none();
-        out.push(0x04);
-        out.push(0);
-        out.extend_from_slice(&((chunk.len() + 6) as u32).to_be_bytes());
-        out.extend_from_slice(&((chunk.len() + 2) as u32).to_be_bytes());
-        out.push(context_id);
-        out.push(u8::from(is_command) | (u8::from(is_last) << 1));
-        out.extend_from_slice(chunk);
-        if is_last || out.len() >= WRITE_BATCH {
-            stream.write_all(&out).await?;
-            out.clear();
+    let mut slices = Vec::with_capacity((2 * pdus.len()).min(WRITE_SLICES));
+    let mut batched = 0;
+    for (i, (header, chunk)) in pdus.iter().enumerate() {
+        slices.push(IoSlice::new(header));
+        slices.push(IoSlice::new(chunk));
+        batched += header.len() + chunk.len();
+        let is_last = i + 1 == pdus.len();
+        if is_last || batched >= WRITE_BATCH || slices.len() + 2 > WRITE_SLICES {
+            write_all_vectored(stream, &mut slices).await?;
+            slices.clear();
+            batched = 0;
         }
     }
     Ok(())
@@ -282,6 +334,95 @@ mod tests {
         assert_eq!(back, data);
         assert_eq!(lasts, 1, "only the final fragment is marked last");
         assert_eq!(pdus, data.len().div_ceil(16_384 - 6));
+    }
+
+    /// A stream that takes at most 1,000 bytes per write, as a busy socket may.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(1000);
+            self.0.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(1000 - n);
+                self.0.extend_from_slice(&b[..take]);
+                n += take;
+                if n == 1000 {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_and_its_dataset_survive_partial_writes_in_order() {
+        let command = vec![1u8; 180];
+        let dataset: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        let mut wire = Trickle(Vec::new());
+        let messages = [
+            Message {
+                context_id: 5,
+                is_command: true,
+                data: &command,
+            },
+            Message {
+                context_id: 5,
+                is_command: false,
+                data: &dataset,
+            },
+        ];
+        send_messages(&mut wire, &messages, 16_384).await.unwrap();
+        let mut r: &[u8] = &wire.0;
+        let mut reader = PduReader::new(16_384);
+        let mut got: Vec<(bool, bool, Vec<u8>)> = Vec::new();
+        while let Some(Incoming::PData(body)) = reader.next(&mut r).await.unwrap() {
+            for pdv in pdvs(body).unwrap() {
+                assert_eq!(pdv.context_id, 5);
+                got.push((pdv.is_command, pdv.is_last, pdv.data.to_vec()));
+            }
+        }
+        assert_eq!(got[0], (true, true, command));
+        let data: Vec<u8> = got[1..].iter().flat_map(|(_, _, d)| d.clone()).collect();
+        assert_eq!(data, dataset);
+        assert!(got[1..].iter().all(|(cmd, _, _)| !cmd));
+        let lasts: Vec<bool> = got[1..].iter().map(|(_, last, _)| *last).collect();
+        assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+        assert!(lasts[lasts.len() - 1]);
+
+        let mut one = Trickle(Vec::new());
+        send_pdv(&mut one, 9, false, true, &dataset[..5000])
+            .await
+            .unwrap();
+        assert_eq!(one.0[..12], pdv_header(9, false, true, 5000));
+        assert_eq!(one.0[12..], dataset[..5000]);
     }
 
     #[tokio::test]

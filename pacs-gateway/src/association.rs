@@ -760,7 +760,10 @@ impl Connection {
                 break;
             }
             let blob = match ahead.take() {
-                Some(reading) => reading.await.unwrap_or_else(|e| Err(e.to_string())),
+                Some(reading) => match reading.await {
+                    Ok(read) => read.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
                 None => Err("not read".to_string()),
             };
             ahead = items.get(n + 1).filter(|_| sending).map(read_ahead);
@@ -899,8 +902,19 @@ impl Connection {
             .u16(tag::PRIORITY, 0)
             .uid(tag::AFFECTED_SOP_INSTANCE_UID, &item.sop_instance_uid)
             .encode();
-        self.respond(assoc, ctx, &rq).await?;
-        ul::send_message(&mut self.stream, ctx, false, &dataset, assoc.peer_max_pdu)
+        let messages = [
+            ul::Message {
+                context_id: ctx,
+                is_command: true,
+                data: &rq,
+            },
+            ul::Message {
+                context_id: ctx,
+                is_command: false,
+                data: &dataset,
+            },
+        ];
+        ul::send_messages(&mut self.stream, &messages, assoc.peer_max_pdu)
             .await
             .map_err(|e| End::Lost(e.to_string()))?;
         // Wait for the C-STORE-RSP; a C-CANCEL may come first.
@@ -1063,12 +1077,19 @@ impl Connection {
                         .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
                         .with_dataset()
                         .encode();
-                    let sent_ok = async {
-                        ul::send_message(&mut wr, context_id, true, &rsp, assoc.peer_max_pdu)
-                            .await?;
-                        ul::send_message(&mut wr, context_id, false, &dataset, assoc.peer_max_pdu)
-                            .await
-                    };
+                    let messages = [
+                        ul::Message {
+                            context_id,
+                            is_command: true,
+                            data: &rsp,
+                        },
+                        ul::Message {
+                            context_id,
+                            is_command: false,
+                            data: &dataset,
+                        },
+                    ];
+                    let sent_ok = ul::send_messages(&mut wr, &messages, assoc.peer_max_pdu);
                     // A client that stops reading must not pin the query forever.
                     match tokio::time::timeout(WRITE_TIMEOUT, sent_ok).await {
                         Ok(res) => {
@@ -1399,10 +1420,7 @@ async fn move_one(
         .text(tag::MOVE_ORIGINATOR_AE_TITLE, originator_ae)
         .u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, originator_message_id)
         .encode();
-    dest.send_command(ctx, &rq)
-        .await
-        .map_err(|e| e.to_string())?;
-    dest.send_dataset(ctx, &dataset)
+    dest.send_command_and_dataset(ctx, &rq, &dataset)
         .await
         .map_err(|e| e.to_string())?;
     let rsp = dest.receive(0).await.map_err(|e| e.to_string())?;

@@ -180,9 +180,8 @@ pub(crate) fn transcode(dataset: &[u8], from: &str, to: &str) -> Result<Vec<u8>,
 pub(crate) fn read_ahead(
     storage: &storage::Storage,
     item: &Item,
-) -> tokio::task::JoinHandle<Result<bytes::Bytes, String>> {
-    let (storage, key) = (storage.clone(), item.blob_key.clone());
-    tokio::spawn(async move { storage.blobs().get(&key).await.map_err(|e| e.to_string()) })
+) -> tokio::task::JoinHandle<storage::Result<bytes::Bytes>> {
+    storage.blobs().prefetch(&item.blob_key)
 }
 
 /// The dataset of `item` (whose stored object is `blob`) in `to_ts`.

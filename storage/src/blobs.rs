@@ -142,13 +142,9 @@ impl BlobStore {
         if let Some(path) = self.local_path(key) {
             // Local disk: one read on a blocking thread (object_store's
             // local GET opens, stats and reads through more hand-offs).
-            return tokio::task::spawn_blocking(move || {
-                std::fs::read(&path)
-                    .map(bytes::Bytes::from)
-                    .map_err(Error::io("read blob", &path))
-            })
-            .await
-            .map_err(|e| Error::io("read blob", "")(std::io::Error::other(e)))?;
+            return tokio::task::spawn_blocking(move || read_local(&path))
+                .await
+                .map_err(|e| Error::io("read blob", "")(std::io::Error::other(e)))?;
         }
         Ok(self
             .store
@@ -156,6 +152,20 @@ impl BlobStore {
             .await?
             .bytes()
             .await?)
+    }
+
+    /// Starts reading a blob now, to be awaited when it is needed (a
+    /// retrieve reads the next instance while it sends this one). A local
+    /// read starts on a blocking thread at once, not when a spawned task
+    /// is first polled.
+    pub fn prefetch(&self, key: &str) -> tokio::task::JoinHandle<Result<bytes::Bytes>> {
+        match self.local_path(key) {
+            Some(path) => tokio::task::spawn_blocking(move || read_local(&path)),
+            None => {
+                let (blobs, key) = (self.clone(), key.to_owned());
+                tokio::spawn(async move { blobs.get(&key).await })
+            }
+        }
     }
 
     /// A blob as a stream of chunks (bounded memory whatever its size).
@@ -218,6 +228,12 @@ impl BlobStore {
     pub fn local_path(&self, key: &str) -> Option<PathBuf> {
         self.local_root.as_ref().map(|r| r.join(key))
     }
+}
+
+fn read_local(path: &Path) -> Result<bytes::Bytes> {
+    std::fs::read(path)
+        .map(bytes::Bytes::from)
+        .map_err(Error::io("read blob", path))
 }
 
 /// Makes sure `dir` (`instances/ab`) exists and that its entry, and its

@@ -326,8 +326,9 @@ async fn store_one(
                     file.path.display()
                 ))
             })?;
-        assoc.send_command(context, &rq).await?;
-        assoc.send_dataset(context, dataset).await?;
+        assoc
+            .send_command_and_dataset(context, &rq, dataset)
+            .await?;
         *prefetched = next
             .filter(|n| n.dataset_len() <= IN_MEMORY_BYTES)
             .map(|n| Prefetch::start(&n.path));
