@@ -187,18 +187,24 @@ impl BlobStore {
             // generic stream's many small hand-offs.
             return tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
                 use std::io::Read;
+                // One buffer per blocking thread, not a fresh zeroed MiB per
+                // blob: a commitment request hashes hundreds of blobs.
+                thread_local! {
+                    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+                }
                 let mut file = std::fs::File::open(&path).map_err(Error::io("open blob", &path))?;
                 let mut hasher = sha2::Sha256::new();
-                let mut buf = vec![0u8; 1 << 20];
                 let mut size = 0u64;
-                loop {
-                    let n = file.read(&mut buf).map_err(Error::io("read blob", &path))?;
-                    if n == 0 {
-                        break;
+                BUF.with_borrow_mut(|buf| -> Result<()> {
+                    loop {
+                        let n = file.read(buf).map_err(Error::io("read blob", &path))?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        size += n as u64;
+                        hasher.update(&buf[..n]);
                     }
-                    size += n as u64;
-                    hasher.update(&buf[..n]);
-                }
+                })?;
                 Ok((hex(&hasher.finalize()), size))
             })
             .await

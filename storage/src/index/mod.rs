@@ -192,13 +192,17 @@ impl IndexReader {
     }
 
     pub fn instance(&self, sop_instance_uid: &str) -> Result<Option<InstanceRecord>> {
+        // Cached: a retrieve or a storage commitment asks once per
+        // instance, and preparing this join costs more than running it.
         Ok(self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT i.sop_instance_uid, i.sop_class_uid, se.series_uid, st.study_uid, i.transfer_syntax,
                         i.blob_key, i.sha256, i.size, i.dataset_offset, i.clinic_id, i.calling_ae, i.received_at
                  FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk
                  WHERE i.sop_instance_uid = ?1",
+            )?
+            .query_row(
                 [sop_instance_uid],
                 |r| {
                     Ok(InstanceRecord {
