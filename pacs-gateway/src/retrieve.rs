@@ -65,6 +65,12 @@ pub(crate) fn list(
     query.level = Level::Image;
     query.returns = vec![Key::SopInstanceUid];
     let reader = storage.reader().map_err(|e| e.to_string())?;
+    // One read transaction for the query and every lookup: a consistent
+    // list, and the WAL's read locks taken once instead of per instance.
+    let snapshot = reader
+        .connection()
+        .unchecked_transaction()
+        .map_err(|e| e.to_string())?;
     let mut uids = Vec::new();
     reader
         .find(&query, |row| {
@@ -84,6 +90,7 @@ pub(crate) fn list(
             });
         }
     }
+    drop(snapshot);
     Ok(items)
 }
 

@@ -256,6 +256,8 @@ impl Storage {
             // bytes, whoever sent them first.
             tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
                 let reader = storage.reader()?;
+                // One read transaction, not one per instance.
+                let _snapshot = reader.connection().unchecked_transaction()?;
                 uids.iter()
                     .map(|uid| {
                         let record = reader.instance(uid)?;
