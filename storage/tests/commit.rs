@@ -191,3 +191,100 @@ async fn another_clinic_cannot_take_over_a_study() {
         .unwrap();
     assert_eq!(checks, vec![storage::CommitCheck::NoSuchInstance]);
 }
+
+fn dataset_named(sop_uid: &str, description: &str, name: &str) -> Vec<u8> {
+    let mut ds = Vec::new();
+    ds.extend(el(0x0008_0005, b"CS", b"ISO_IR 192"));
+    ds.extend(el(0x0008_0016, b"UI", CT.as_bytes()));
+    ds.extend(el(0x0008_0018, b"UI", sop_uid.as_bytes()));
+    ds.extend(el(0x0008_0060, b"CS", b"CT"));
+    ds.extend(el(0x0008_1030, b"LO", description.as_bytes()));
+    ds.extend(el(0x0010_0010, b"PN", name.as_bytes()));
+    ds.extend(el(0x0010_0020, b"LO", b"P1"));
+    ds.extend(el(0x0020_000D, b"UI", b"2.25.10"));
+    ds.extend(el(0x0020_000E, b"UI", b"2.25.11"));
+    ds
+}
+
+/// (patients, studies, series, study description, patient name_search, last_received_at)
+fn study_state(storage: &Storage) -> (i64, i64, i64, String, String, String) {
+    let reader = storage.reader().unwrap();
+    reader
+        .connection()
+        .query_row(
+            "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),
+                    (SELECT count(*) FROM series), st.description, p.name_search, st.last_received_at
+             FROM studies st JOIN patients p ON p.pk = st.patient_pk WHERE st.study_uid = '2.25.10'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_attributes_keep_rows_and_changed_ones_update_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    store(&storage, &dataset_named("2.25.400", "head", "Zhang^San")).await;
+    let first = study_state(&storage);
+    assert_eq!(
+        (
+            first.0,
+            first.1,
+            first.2,
+            first.3.as_str(),
+            first.4.as_str()
+        ),
+        (1, 1, 1, "head", "ZHANG^SAN")
+    );
+
+    // The same attributes again: one patient, study and series; only the
+    // arrival time moves on.
+    store(&storage, &dataset_named("2.25.401", "head", "Zhang^San")).await;
+    let same = study_state(&storage);
+    assert_eq!(
+        (same.0, same.1, same.2, &same.3, &same.4),
+        (1, 1, 1, &first.3, &first.4)
+    );
+    assert!(same.5 > first.5, "{} then {}", first.5, same.5);
+
+    // Corrected attributes from the same clinic are applied, indexes too.
+    store(
+        &storage,
+        &dataset_named("2.25.402", "head and neck", "Zhang^Sanfeng"),
+    )
+    .await;
+    let corrected = study_state(&storage);
+    assert_eq!(
+        (
+            corrected.0,
+            corrected.1,
+            corrected.2,
+            corrected.3.as_str(),
+            corrected.4.as_str()
+        ),
+        (1, 1, 1, "head and neck", "ZHANG^SANFENG")
+    );
+    let reader = storage.reader().unwrap();
+    let by_name: i64 = reader
+        .connection()
+        .query_row(
+            "SELECT count(*) FROM patients INDEXED BY patients_by_name WHERE name_search = 'ZHANG^SANFENG'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(by_name, 1);
+    drop(reader);
+
+    // Another clinic's different description changes nothing but the time.
+    store_as(
+        &storage,
+        &dataset_named("2.25.403", "other", "Zhang^Sanfeng"),
+        "baishui",
+    )
+    .await;
+    let other = study_state(&storage);
+    assert_eq!(other.3, "head and neck");
+    assert!(other.5 > corrected.5);
+}

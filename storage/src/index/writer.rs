@@ -428,7 +428,10 @@ fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
     // Upper-cased for case-insensitive matching, whole and per component group.
     let search = a.patient_name.text.to_uppercase();
     let mut groups = search.split('=').map(str::to_string);
-    let pk: i64 = tx
+    // Unchanged rows are not rewritten (the DO UPDATE's WHERE): an update
+    // rewrites every index on an assigned column, and a study's instances
+    // arrive one commit at a time, each repeating the same attributes.
+    let pk: Option<i64> = tx
         .prepare_cached(
             "INSERT INTO patients (clinic_id, patient_id, issuer, name, name_raw, name_charset, name_search,
                 birth_date, sex, name_alpha, name_ideo, name_phon)
@@ -437,6 +440,10 @@ fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
                 name = excluded.name, name_raw = excluded.name_raw, name_charset = excluded.name_charset,
                 name_search = excluded.name_search, birth_date = excluded.birth_date, sex = excluded.sex,
                 name_alpha = excluded.name_alpha, name_ideo = excluded.name_ideo, name_phon = excluded.name_phon
+             WHERE (name, name_raw, name_charset, name_search, birth_date, sex, name_alpha, name_ideo, name_phon)
+                IS NOT (excluded.name, excluded.name_raw, excluded.name_charset, excluded.name_search,
+                        excluded.birth_date, excluded.sex, excluded.name_alpha, excluded.name_ideo,
+                        excluded.name_phon)
              RETURNING pk",
         )?
         .query_row(
@@ -455,7 +462,19 @@ fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
                 groups.next().unwrap_or_default()
             ],
             |r| r.get(0),
-        )?;
+        )
+        .optional()?;
+    let pk = match pk {
+        Some(pk) => pk,
+        None => tx
+            .prepare_cached(
+                "SELECT pk FROM patients WHERE clinic_id = ?1 AND patient_id = ?2 AND issuer = ?3",
+            )?
+            .query_row(
+                params![new.clinic_id, a.patient_id, a.issuer_of_patient_id],
+                |r| r.get(0),
+            )?,
+    };
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO patient_other_ids (patient_pk, other_id, issuer, id_type) VALUES (?1, ?2, ?3, ?4)",
     )?;
@@ -467,7 +486,7 @@ fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
 
 fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i64> {
     let a = &new.attrs;
-    Ok(tx.prepare_cached(
+    let updated: Option<i64> = tx.prepare_cached(
         "INSERT INTO studies (study_uid, patient_pk, clinic_id, study_date, study_time, accession_number, study_id,
             description, referring_physician, institution, character_set, first_received_at, last_received_at,
             requested_priority)
@@ -489,6 +508,15 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
             requested_priority = CASE WHEN excluded.requested_priority != '' AND clinic_id = excluded.clinic_id
                 THEN excluded.requested_priority ELSE requested_priority END,
             last_received_at = excluded.last_received_at
+         -- Only when something other than the arrival time changes (see upsert_patient).
+         WHERE (clinic_id = excluded.clinic_id
+                AND ((patient_pk, study_date, study_time, accession_number, study_id, description,
+                      referring_physician, institution, character_set)
+                     IS NOT (excluded.patient_pk, excluded.study_date, excluded.study_time,
+                             excluded.accession_number, excluded.study_id, excluded.description,
+                             excluded.referring_physician, excluded.institution, excluded.character_set)
+                     OR (excluded.requested_priority != ''
+                         AND requested_priority IS NOT excluded.requested_priority)))
          RETURNING pk"
     )?
     .query_row(        params![
@@ -507,11 +535,22 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
             a.requested_priority
         ],
         |r| r.get(0),
-    )?)
+    )
+    .optional()?;
+    if let Some(pk) = updated {
+        return Ok(pk);
+    }
+    // The arrival time alone: the row and its one index on it.
+    Ok(tx
+        .prepare_cached(
+            "UPDATE studies SET last_received_at = max(last_received_at, ?2)
+             WHERE study_uid = ?1 RETURNING pk",
+        )?
+        .query_row(params![a.study_instance_uid, new.received_at], |r| r.get(0))?)
 }
 
 fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i64> {
-    Ok(tx
+    let updated: Option<i64> = tx
         .prepare_cached(
             "INSERT INTO series (series_uid, study_pk, modality, series_number, description)
          VALUES (?1, ?2, ?3, ?4, ?5)
@@ -523,6 +562,12 @@ fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i6
                 THEN excluded.study_pk ELSE series.study_pk END,
             modality = excluded.modality,
             series_number = excluded.series_number, description = excluded.description
+         -- Only when something changes (see upsert_patient).
+         WHERE (CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk)
+                        = (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk)
+                     THEN excluded.study_pk ELSE series.study_pk END,
+                modality, series_number, description)
+            IS NOT (series.study_pk, excluded.modality, excluded.series_number, excluded.description)
          RETURNING pk",
         )?
         .query_row(
@@ -534,7 +579,14 @@ fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i6
                 a.series_description
             ],
             |r| r.get(0),
-        )?)
+        )
+        .optional()?;
+    match updated {
+        Some(pk) => Ok(pk),
+        None => Ok(tx
+            .prepare_cached("SELECT pk FROM series WHERE series_uid = ?1")?
+            .query_row([&a.series_instance_uid], |r| r.get(0))?),
+    }
 }
 
 #[cfg(test)]
