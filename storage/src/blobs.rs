@@ -7,9 +7,8 @@
 //! batch's index rows. Other `object_store` backends (in-memory in tests,
 //! S3-compatible) get a `put`, which is durable when it returns.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -39,9 +38,6 @@ pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     /// Set when `store` is a `LocalFileSystem` rooted here.
     local_root: Option<PathBuf>,
-    /// Blob directories whose own entry is known to be on disk (see
-    /// [`durable_dir`]).
-    durable_dirs: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 /// Where a placed blob is and what must be fsynced to make it durable.
@@ -58,8 +54,29 @@ impl BlobStore {
         Ok(BlobStore {
             store: Arc::new(store),
             local_root: Some(root.to_owned()),
-            durable_dirs: Arc::default(),
         })
+    }
+
+    /// Creates the 256 blob directories and makes their entries durable (the
+    /// chain up to the data directory), so that a blob linked into one needs
+    /// fsyncs of itself and of that directory only. Once per writer start:
+    /// three fsyncs, instead of one more per instance.
+    pub(crate) fn prepare_local(&self) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let instances = root.join("instances");
+        for i in 0..=255u8 {
+            let dir = instances.join(hex(&[i]));
+            std::fs::create_dir_all(&dir).map_err(Error::io("create blob directory", &dir))?;
+        }
+        for dir in [instances.as_path(), root.as_path()]
+            .into_iter()
+            .chain(root.parent())
+        {
+            sync_one(&SyncItem::Dir(dir.to_owned()))?;
+        }
+        Ok(())
     }
 
     /// The blob store of a data directory laid out by [`crate::Storage::open`],
@@ -72,7 +89,6 @@ impl BlobStore {
         BlobStore {
             store,
             local_root: None,
-            durable_dirs: Arc::default(),
         }
     }
 
@@ -82,10 +98,7 @@ impl BlobStore {
         match &self.local_root {
             Some(root) => {
                 // A link and a stat or two: short enough to run inline.
-                let target = root.join(&key);
-                let parent = target.parent().expect("blob keys have a directory");
-                durable_dir(parent, &self.durable_dirs)?;
-                let to_sync = place_local(&spooled.path, &target, spooled.size)?;
+                let to_sync = place_local(&spooled.path, &root.join(&key), spooled.size)?;
                 spooled.disarm();
                 Ok(PlacedBlob { key, to_sync })
             }
@@ -242,35 +255,9 @@ fn read_local(path: &Path) -> Result<bytes::Bytes> {
         .map_err(Error::io("read blob", path))
 }
 
-/// Makes sure `dir` (`instances/ab`) exists and that its entry, and its
-/// parent's, are on disk, so that a blob linked into it needs fsyncs of
-/// itself and of `dir` only. Each directory is synced this way once per
-/// process (256 at most): later blobs find it in `durable`. A directory
-/// another association has just created is not in `durable` until that
-/// association's fsyncs are done, so this one syncs it as well rather than
-/// trust an entry that may still be only in memory.
-fn durable_dir(dir: &Path, durable: &Mutex<HashSet<PathBuf>>) -> Result<()> {
-    if durable.lock().expect("durable dirs lock").contains(dir) {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir).map_err(Error::io("create blob directory", dir))?;
-    let mut entry_of = dir;
-    for _ in 0..2 {
-        let Some(parent) = entry_of.parent() else {
-            break;
-        };
-        sync_one(&SyncItem::Dir(parent.to_owned()))?;
-        entry_of = parent;
-    }
-    durable
-        .lock()
-        .expect("durable dirs lock")
-        .insert(dir.to_owned());
-    Ok(())
-}
-
-/// Links `source` to `target` (whose directory [`durable_dir`] has made
-/// durable); returns what must be fsynced before the blob may be indexed.
+/// Links `source` to `target` (in a directory [`BlobStore::prepare_local`]
+/// made durable); returns what must be fsynced before the blob may be
+/// indexed.
 ///
 /// Not yet synced, a blob is only referenced by the index after its batch's
 /// fsyncs, so a crash leaves at most an unreferenced (possibly short) file.
@@ -282,11 +269,15 @@ fn durable_dir(dir: &Path, durable: &Mutex<HashSet<PathBuf>>) -> Result<()> {
 fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>> {
     let parent = target.parent().expect("blob keys have a directory");
     // The file and its new entry. Every fsync is also a flush of the disk's
-    // cache: the directory's own entry was made durable once, before.
+    // cache: the directory's own entry was made durable at open.
     let items = vec![
         SyncItem::File(target.to_owned()),
         SyncItem::Dir(parent.to_owned()),
     ];
+    if !parent.is_dir() {
+        // Removed behind our back since open: recreate it durably (rare).
+        create_durable_dir(parent)?;
+    }
     // A hard link fails atomically when the key exists, so two associations
     // storing the same bytes at once cannot replace each other's file.
     match std::fs::hard_link(source, target) {
@@ -303,6 +294,20 @@ fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>>
     }
     std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
     Ok(items)
+}
+
+/// Creates `dir` and syncs the two directories above it.
+fn create_durable_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io("create blob directory", dir))?;
+    let mut entry_of = dir;
+    for _ in 0..2 {
+        let Some(parent) = entry_of.parent() else {
+            break;
+        };
+        sync_one(&SyncItem::Dir(parent.to_owned()))?;
+        entry_of = parent;
+    }
+    Ok(())
 }
 
 fn sync_one(item: &SyncItem) -> Result<()> {
@@ -382,11 +387,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_placed_blob_syncs_its_file_and_directory_once_the_chain_is_durable() {
+    async fn a_placed_blob_syncs_its_file_and_its_directory_only() {
         let tmp = tempfile::tempdir().unwrap();
         let spool_dir = tmp.path().join("spool");
         std::fs::create_dir_all(&spool_dir).unwrap();
         let blobs = BlobStore::local(&tmp.path().join("blobs")).unwrap();
+        blobs.prepare_local().unwrap();
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("blobs/instances"))
+                .unwrap()
+                .count(),
+            256
+        );
 
         let mut first = spooled(&spool_dir, b"one instance");
         let placed = blobs.place(&mut first).await.unwrap();
@@ -396,13 +408,12 @@ mod tests {
             std::fs::read(&path).unwrap(),
             [b"DICM".as_slice(), b"one instance"].concat()
         );
-        // The directory chain was synced when the directory was first used;
-        // what is left for the index writer is the file and its entry.
+        // The directory chain was synced at open; what is left for the
+        // index writer is the file and its entry.
         assert_eq!(
             placed.to_sync,
             vec![SyncItem::File(path.clone()), SyncItem::Dir(dir.clone())]
         );
-        assert!(blobs.durable_dirs.lock().unwrap().contains(&dir));
         assert!(std::fs::read_dir(&spool_dir).unwrap().next().is_none());
 
         // The same bytes again: no second copy, the same items to sync.

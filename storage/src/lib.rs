@@ -79,6 +79,7 @@ impl Storage {
     /// local filesystem in `data_dir/blobs`.
     pub fn open(data_dir: &Path) -> Result<Storage> {
         let blobs = BlobStore::local(&data_dir.join("blobs"))?;
+        blobs.prepare_local()?;
         Storage::open_with_blobs(data_dir, blobs)
     }
 

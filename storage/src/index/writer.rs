@@ -507,7 +507,7 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
             character_set = CASE WHEN clinic_id = excluded.clinic_id THEN excluded.character_set ELSE character_set END,
             requested_priority = CASE WHEN excluded.requested_priority != '' AND clinic_id = excluded.clinic_id
                 THEN excluded.requested_priority ELSE requested_priority END,
-            last_received_at = excluded.last_received_at
+            last_received_at = max(last_received_at, excluded.last_received_at)
          -- Only when something other than the arrival time changes (see upsert_patient).
          WHERE (clinic_id = excluded.clinic_id
                 AND ((patient_pk, study_date, study_time, accession_number, study_id, description,
