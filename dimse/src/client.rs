@@ -293,11 +293,7 @@ impl Association {
         mut source: R,
         len: u64,
     ) -> Result<(), ClientError> {
-        let max = if self.peer_max_pdu == 0 {
-            256 * 1024
-        } else {
-            (self.peer_max_pdu as usize - 6).min(1 << 20)
-        };
+        let max = ul::max_fragment(self.peer_max_pdu);
         let mut buf = vec![0u8; max];
         let mut left = len;
         if left == 0 {

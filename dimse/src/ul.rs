@@ -202,13 +202,24 @@ fn pdv_header(context_id: u8, is_command: bool, is_last: bool, len: usize) -> [u
     h
 }
 
+/// A peer that accepts no byte for this long is treated as gone: a write of
+/// any size keeps making progress or fails, and never hangs its task.
+pub const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Writes every slice, however the stream splits the writes.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     stream: &mut W,
     mut slices: &mut [IoSlice<'_>],
 ) -> std::io::Result<()> {
     while !slices.is_empty() {
-        let n = stream.write_vectored(slices).await?;
+        let n = tokio::time::timeout(WRITE_STALL, stream.write_vectored(slices))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer accepted no data for {} s", WRITE_STALL.as_secs()),
+                )
+            })??;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -221,6 +232,18 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 const WRITE_BATCH: usize = 256 * 1024;
 /// Slices in one gathered write (Linux allows 1,024).
 const WRITE_SLICES: usize = 512;
+
+/// Largest PDV fragment for a peer's maximum PDU length. The PDV header is
+/// 6 bytes (length, context, control); fragments stay even-length (PS3.8
+/// E.1) however small the limit; 0 means unlimited, where 1 MiB fragments
+/// keep every PDU length well inside its 32 bits.
+pub fn max_fragment(peer_max_pdu: u32) -> usize {
+    if peer_max_pdu == 0 {
+        1 << 20
+    } else {
+        ((peer_max_pdu as usize).saturating_sub(6) & !1).clamp(2, 1 << 20)
+    }
+}
 
 /// One DIMSE message stream (a command or a dataset) to send.
 #[derive(Debug, Clone, Copy)]
@@ -258,13 +281,7 @@ pub async fn send_messages<W: AsyncWrite + Unpin>(
     messages: &[Message<'_>],
     peer_max_pdu: u32,
 ) -> Result<(), UlError> {
-    // PDV header is 6 bytes (length + context + control); 0 means unlimited.
-    // Fragments stay even-length (PS3.8 E.1), however small the peer's limit.
-    let max_fragment = if peer_max_pdu == 0 {
-        usize::MAX
-    } else {
-        ((peer_max_pdu as usize).saturating_sub(6) & !1).max(2)
-    };
+    let max_fragment = max_fragment(peer_max_pdu);
     let mut pdus: Vec<([u8; 12], &[u8])> = Vec::new();
     for m in messages {
         if m.data.is_empty() {
@@ -423,6 +440,58 @@ mod tests {
             .unwrap();
         assert_eq!(one.0[..12], pdv_header(9, false, true, 5000));
         assert_eq!(one.0[12..], dataset[..5000]);
+    }
+
+    #[test]
+    fn fragments_are_even_and_bounded_for_any_peer_maximum() {
+        assert_eq!(max_fragment(16_384), 16_378);
+        assert_eq!(
+            max_fragment(16_385),
+            16_378,
+            "odd limits give even fragments"
+        );
+        assert_eq!(max_fragment(3), 2, "no underflow below the PDV header");
+        assert_eq!(
+            max_fragment(0),
+            1 << 20,
+            "unlimited stays inside 32-bit lengths"
+        );
+        assert_eq!(max_fragment(u32::MAX), 1 << 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_times_out_instead_of_hanging() {
+        struct Stuck;
+        impl AsyncWrite for Stuck {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::task::Poll::Pending
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let started = tokio::time::Instant::now();
+        let err = send_message(&mut Stuck, 1, false, &[0u8; 1000], 16_384)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, UlError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{err:?}"
+        );
+        assert_eq!(started.elapsed(), WRITE_STALL);
     }
 
     #[tokio::test]
