@@ -102,6 +102,7 @@ Usage
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import json
 import os
@@ -237,12 +238,24 @@ def warm_page_cache(corpus: Corpus) -> None:
                 pass
 
 
-DROPPED_CACHES: list[bool] = []  # one entry per run: were caches dropped before it?
+DROPPED_CACHES: list[bool] = []  # one entry per run (warm-ups included): were caches dropped before it?
+
+
+@functools.cache
+def tool_files() -> list[Path]:
+    """The programs of a run, their shared libraries, and DCMTK's dictionary."""
+    programs = [Path(p) for p in (STORESCU, STORESCP, ORTHANC, GATEWAY_BIN, RELEASE / "consortium-upload")]
+    files = [p for p in programs if p.exists()]
+    for program in list(files):
+        out = subprocess.run(["ldd", str(program)], capture_output=True, text=True).stdout
+        files += [Path(w) for line in out.splitlines() for w in line.split() if w.startswith("/")]
+    files += sorted(Path("/usr/share").glob("libdcmtk*/dicom.dic"))
+    return sorted(set(files))
 
 
 def fresh_page_cache(corpus: Corpus) -> None:
     """Gives every run the same memory: the page cache emptied (when this
-    script may: root), then only the corpus read back in.
+    script may: root), then only the corpus and the programs read back in.
 
     Without this, each run's ~850 MB of new files stays cached, and once the
     cache fills memory (after a dozen runs in 24 GiB), every later run also
@@ -258,6 +271,12 @@ def fresh_page_cache(corpus: Corpus) -> None:
             log(f"warning: cannot drop the page cache ({e}); runs after the cache fills are slower")
         DROPPED_CACHES.append(False)
     warm_page_cache(corpus)
+    # Dropping also evicted the programs: a client must not start cold
+    # inside the timed window (and each client loads different files).
+    for path in tool_files():
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
 
 
 def split_by_study(corpus: Corpus, parts: int) -> list[list[str]]:
@@ -941,7 +960,7 @@ def write_json(args, corpus: Corpus, runs: list[RunResult], summary, ratio_rows,
         "started": started,
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release()},
         "options": {"rounds": args.rounds, "corpus_profile": args.corpus_profile, "servers": args.servers,
-                    "warmup": args.warmup, "page_cache_dropped_before_each_run": all(DROPPED_CACHES)},
+                    "warmup": args.warmup, "page_cache_dropped": f"before {sum(DROPPED_CACHES)} of {len(DROPPED_CACHES)} runs (warm-ups included)"},
         "corpus": {"root": str(corpus.root), "instances": len(corpus.files), "bytes": corpus.total_bytes},
         "tools": tool_versions(),
         "env": {"RUST_LOG": os.environ.get("RUST_LOG")},

@@ -123,7 +123,9 @@ def main(argv):
     ingest.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = ingest.RESULTS_DIR / f"upload-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps({"corpus": {"instances": n, "bytes": corpus.total_bytes},
-                               "rounds": args.rounds, "medians": rows}, indent=2))
+                               "rounds": args.rounds, "medians": rows,
+                               "page_cache_dropped": f"before {sum(ingest.DROPPED_CACHES)} of "
+                                                     f"{len(ingest.DROPPED_CACHES)} runs"}, indent=2))
     print(f"results: {out.relative_to(ingest.ROOT)}")
     return 0
 
