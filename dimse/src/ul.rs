@@ -353,30 +353,44 @@ mod tests {
         assert_eq!(pdus, data.len().div_ceil(16_384 - 6));
     }
 
-    /// A stream that takes at most 1,000 bytes per write, as a busy socket may.
-    struct Trickle(Vec<u8>);
+    /// A stream that takes at most `per_write` bytes per write, as a busy
+    /// socket may, or none ever (`None`: a peer that stopped reading).
+    struct Trickle {
+        written: Vec<u8>,
+        per_write: Option<usize>,
+    }
+
+    impl Trickle {
+        fn taking(per_write: usize) -> Self {
+            Trickle {
+                written: Vec::new(),
+                per_write: Some(per_write),
+            }
+        }
+    }
 
     impl AsyncWrite for Trickle {
         fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
             buf: &[u8],
         ) -> std::task::Poll<std::io::Result<usize>> {
-            let n = buf.len().min(1000);
-            self.0.extend_from_slice(&buf[..n]);
-            std::task::Poll::Ready(Ok(n))
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
         }
         fn poll_write_vectored(
             mut self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> std::task::Poll<std::io::Result<usize>> {
+            let Some(limit) = self.per_write else {
+                return std::task::Poll::Pending;
+            };
             let mut n = 0;
             for b in bufs {
-                let take = b.len().min(1000 - n);
-                self.0.extend_from_slice(&b[..take]);
+                let take = b.len().min(limit - n);
+                self.written.extend_from_slice(&b[..take]);
                 n += take;
-                if n == 1000 {
+                if n == limit {
                     break;
                 }
             }
@@ -403,7 +417,7 @@ mod tests {
     async fn a_command_and_its_dataset_survive_partial_writes_in_order() {
         let command = vec![1u8; 180];
         let dataset: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
-        let mut wire = Trickle(Vec::new());
+        let mut wire = Trickle::taking(1000);
         let messages = [
             Message {
                 context_id: 5,
@@ -417,7 +431,7 @@ mod tests {
             },
         ];
         send_messages(&mut wire, &messages, 16_384).await.unwrap();
-        let mut r: &[u8] = &wire.0;
+        let mut r: &[u8] = &wire.written;
         let mut reader = PduReader::new(16_384);
         let mut got: Vec<(bool, bool, Vec<u8>)> = Vec::new();
         while let Some(Incoming::PData(body)) = reader.next(&mut r).await.unwrap() {
@@ -434,12 +448,12 @@ mod tests {
         assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
         assert!(lasts[lasts.len() - 1]);
 
-        let mut one = Trickle(Vec::new());
+        let mut one = Trickle::taking(1000);
         send_pdv(&mut one, 9, false, true, &dataset[..5000])
             .await
             .unwrap();
-        assert_eq!(one.0[..12], pdv_header(9, false, true, 5000));
-        assert_eq!(one.0[12..], dataset[..5000]);
+        assert_eq!(one.written[..12], pdv_header(9, false, true, 5000));
+        assert_eq!(one.written[12..], dataset[..5000]);
     }
 
     #[test]
@@ -461,30 +475,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_stops_reading_times_out_instead_of_hanging() {
-        struct Stuck;
-        impl AsyncWrite for Stuck {
-            fn poll_write(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-                _: &[u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                std::task::Poll::Pending
-            }
-            fn poll_flush(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Ready(Ok(()))
-            }
-        }
+        let mut stuck = Trickle {
+            written: Vec::new(),
+            per_write: None,
+        };
         let started = tokio::time::Instant::now();
-        let err = send_message(&mut Stuck, 1, false, &[0u8; 1000], 16_384)
+        let err = send_message(&mut stuck, 1, false, &[0u8; 1000], 16_384)
             .await
             .unwrap_err();
         assert!(

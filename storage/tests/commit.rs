@@ -23,17 +23,7 @@ fn el(tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
 }
 
 fn dataset(sop_uid: &str, description: &str) -> Vec<u8> {
-    let mut ds = Vec::new();
-    ds.extend(el(0x0008_0005, b"CS", b"ISO_IR 192"));
-    ds.extend(el(0x0008_0016, b"UI", CT.as_bytes()));
-    ds.extend(el(0x0008_0018, b"UI", sop_uid.as_bytes()));
-    ds.extend(el(0x0008_0060, b"CS", b"CT"));
-    ds.extend(el(0x0008_1030, b"LO", description.as_bytes()));
-    ds.extend(el(0x0010_0010, b"PN", "Zhang^San=张^三".as_bytes()));
-    ds.extend(el(0x0010_0020, b"LO", b"P1"));
-    ds.extend(el(0x0020_000D, b"UI", b"2.25.10"));
-    ds.extend(el(0x0020_000E, b"UI", b"2.25.11"));
-    ds
+    dataset_named(sop_uid, description, "Zhang^San=张^三")
 }
 
 async fn store(storage: &Storage, ds: &[u8]) -> StoreOutcome {
