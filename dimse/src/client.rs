@@ -253,19 +253,14 @@ impl Association {
         command: &[u8],
         dataset: &[u8],
     ) -> Result<(), ClientError> {
-        let messages = [
-            ul::Message {
-                context_id,
-                is_command: true,
-                data: command,
-            },
-            ul::Message {
-                context_id,
-                is_command: false,
-                data: dataset,
-            },
-        ];
-        ul::send_messages(&mut self.stream, &messages, self.peer_max_pdu).await?;
+        ul::send_command_and_dataset(
+            &mut self.stream,
+            context_id,
+            command,
+            dataset,
+            self.peer_max_pdu,
+        )
+        .await?;
         Ok(())
     }
 

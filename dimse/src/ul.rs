@@ -5,10 +5,10 @@
 //! checked against the limit for its type before any buffer grows for it.
 //! P-DATA-TF PDUs are split into PDVs here without copying.
 
-use bytes::{Buf, Bytes, BytesMut};
-use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu, read_pdu, write_pdu};
 use std::io::IoSlice;
 
+use bytes::{Buf, Bytes, BytesMut};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu, read_pdu, write_pdu};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest non-P-DATA PDU accepted (an A-ASSOCIATE-RQ with ~128 contexts of
@@ -247,10 +247,10 @@ pub fn max_fragment(peer_max_pdu: u32) -> usize {
 
 /// One DIMSE message stream (a command or a dataset) to send.
 #[derive(Debug, Clone, Copy)]
-pub struct Message<'a> {
-    pub context_id: u8,
-    pub is_command: bool,
-    pub data: &'a [u8],
+struct Message<'a> {
+    context_id: u8,
+    is_command: bool,
+    data: &'a [u8],
 }
 
 /// Writes a DIMSE message fragment stream (command or dataset) as P-DATA-TF
@@ -270,13 +270,38 @@ pub async fn send_message<W: AsyncWrite + Unpin>(
     send_messages(stream, &[message], peer_max_pdu).await
 }
 
+/// Writes a command and its dataset (a C-STORE-RQ, a C-FIND-RSP with its
+/// identifier) in the same gathered writes: the command and the start of
+/// the data in one system call.
+pub async fn send_command_and_dataset<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    context_id: u8,
+    command: &[u8],
+    dataset: &[u8],
+    peer_max_pdu: u32,
+) -> Result<(), UlError> {
+    let messages = [
+        Message {
+            context_id,
+            is_command: true,
+            data: command,
+        },
+        Message {
+            context_id,
+            is_command: false,
+            data: dataset,
+        },
+    ];
+    send_messages(stream, &messages, peer_max_pdu).await
+}
+
 /// Writes messages one after the other (a C-STORE-RQ and its dataset) as
 /// P-DATA-TF PDUs no larger than the peer's maximum.
 ///
 /// PDUs are gathered into writes of up to WRITE_BATCH bytes: one system call
 /// for many small PDUs (DCMTK offers 16 KiB), a command together with the
 /// start of its dataset, and the data written from where it lies, uncopied.
-pub async fn send_messages<W: AsyncWrite + Unpin>(
+async fn send_messages<W: AsyncWrite + Unpin>(
     stream: &mut W,
     messages: &[Message<'_>],
     peer_max_pdu: u32,
@@ -418,19 +443,9 @@ mod tests {
         let command = vec![1u8; 180];
         let dataset: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
         let mut wire = Trickle::taking(1000);
-        let messages = [
-            Message {
-                context_id: 5,
-                is_command: true,
-                data: &command,
-            },
-            Message {
-                context_id: 5,
-                is_command: false,
-                data: &dataset,
-            },
-        ];
-        send_messages(&mut wire, &messages, 16_384).await.unwrap();
+        send_command_and_dataset(&mut wire, 5, &command, &dataset, 16_384)
+            .await
+            .unwrap();
         let mut r: &[u8] = &wire.written;
         let mut reader = PduReader::new(16_384);
         let mut got: Vec<(bool, bool, Vec<u8>)> = Vec::new();

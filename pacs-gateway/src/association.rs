@@ -902,19 +902,7 @@ impl Connection {
             .u16(tag::PRIORITY, 0)
             .uid(tag::AFFECTED_SOP_INSTANCE_UID, &item.sop_instance_uid)
             .encode();
-        let messages = [
-            ul::Message {
-                context_id: ctx,
-                is_command: true,
-                data: &rq,
-            },
-            ul::Message {
-                context_id: ctx,
-                is_command: false,
-                data: &dataset,
-            },
-        ];
-        ul::send_messages(&mut self.stream, &messages, assoc.peer_max_pdu)
+        ul::send_command_and_dataset(&mut self.stream, ctx, &rq, &dataset, assoc.peer_max_pdu)
             .await
             .map_err(|e| End::Lost(e.to_string()))?;
         // Wait for the C-STORE-RSP; a C-CANCEL may come first.
@@ -1077,19 +1065,13 @@ impl Connection {
                         .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
                         .with_dataset()
                         .encode();
-                    let messages = [
-                        ul::Message {
-                            context_id,
-                            is_command: true,
-                            data: &rsp,
-                        },
-                        ul::Message {
-                            context_id,
-                            is_command: false,
-                            data: &dataset,
-                        },
-                    ];
-                    let sent_ok = ul::send_messages(&mut wr, &messages, assoc.peer_max_pdu);
+                    let sent_ok = ul::send_command_and_dataset(
+                        &mut wr,
+                        context_id,
+                        &rsp,
+                        &dataset,
+                        assoc.peer_max_pdu,
+                    );
                     // A client that stops reading must not pin the query forever.
                     match tokio::time::timeout(WRITE_TIMEOUT, sent_ok).await {
                         Ok(res) => {

@@ -28,13 +28,7 @@ commands:
 
 /// Runs one admin command; prints its result on standard output.
 pub fn run(config: &Config, args: &[String]) -> Result<()> {
-    let db = Db::open(&config.storage.data_dir)?;
-    db.save_clinics(
-        config
-            .clinics
-            .iter()
-            .map(|c| (c.id.as_str(), c.name.as_str())),
-    )?;
+    let db = Db::open_configured(config)?;
     let usage = || ApiError::InvalidArgument(USAGE.into());
     let (command, rest) = args.split_first().ok_or_else(usage)?;
     let flag = |name: &str| -> Option<String> {

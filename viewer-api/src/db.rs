@@ -34,6 +34,19 @@ impl Db {
         })
     }
 
+    /// Opens the index of `config`'s data directory and records the
+    /// configuration's clinics in it (users belong to one).
+    pub fn open_configured(config: &consortium_config::Config) -> Result<Db> {
+        let db = Db::open(&config.storage.data_dir)?;
+        db.save_clinics(
+            config
+                .clinics
+                .iter()
+                .map(|c| (c.id.as_str(), c.name.as_str())),
+        )?;
+        Ok(db)
+    }
+
     /// Runs `f` on the write connection, on a blocking thread.
     pub async fn write<T, F>(&self, f: F) -> Result<T>
     where

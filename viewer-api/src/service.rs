@@ -63,14 +63,7 @@ impl App {
         let viewer = config.viewer.clone().ok_or_else(|| {
             ApiError::InvalidArgument("the configuration has no [viewer] section".into())
         })?;
-        let db = Db::open(&config.storage.data_dir)?;
-        // The configuration's clinics are known to the index (users belong to one).
-        db.save_clinics(
-            config
-                .clinics
-                .iter()
-                .map(|c| (c.id.as_str(), c.name.as_str())),
-        )?;
+        let db = Db::open_configured(&config)?;
         let blobs = storage::BlobStore::open_local(&config.storage.data_dir)?;
         Ok(Arc::new(App {
             auth: Auth::new(db.clone(), Duration::from_secs(viewer.token_lifetime_s))?,
