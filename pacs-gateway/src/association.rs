@@ -708,40 +708,50 @@ impl Connection {
                 return self.respond(assoc, context_id, &rsp).await;
             }
         };
-        let mut destination = None;
-        if let Some(ae) = &move_to {
-            let Some(dest) = shared
+        let destination_config = match &move_to {
+            Some(ae) => match shared
                 .config
                 .destinations
                 .iter()
                 .find(|d| &d.ae_title == ae)
-            else {
-                warn!(destination = %ae, "C-MOVE to an unknown destination");
-                self.audit(
-                    shared,
-                    assoc,
-                    action,
-                    &format!("to {ae}"),
-                    "refused: destination unknown",
-                    0,
-                )
-                .await;
-                let rsp = Response::new(rsp_field, message_id, status::MOVE_DESTINATION_UNKNOWN)
-                    .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-                    .error_comment("move destination unknown")
-                    .encode();
-                return self.respond(assoc, context_id, &rsp).await;
+            {
+                Some(dest) => Some(dest),
+                None => {
+                    warn!(destination = %ae, "C-MOVE to an unknown destination");
+                    self.audit(
+                        shared,
+                        assoc,
+                        action,
+                        &format!("to {ae}"),
+                        "refused: destination unknown",
+                        0,
+                    )
+                    .await;
+                    let rsp =
+                        Response::new(rsp_field, message_id, status::MOVE_DESTINATION_UNKNOWN)
+                            .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                            .error_comment("move destination unknown")
+                            .encode();
+                    return self.respond(assoc, context_id, &rsp).await;
+                }
+            },
+            None => None,
+        };
+        // The first stored object is read while the destination's
+        // association is being opened; then one is read ahead while the
+        // current one is sent.
+        let read_ahead = |i: &Item| retrieve::read_ahead(&shared.storage, i);
+        let mut ahead = items.first().map(read_ahead);
+        let mut destination = None;
+        // Nothing matched: no association (it would propose no context).
+        if let Some(dest) = destination_config.filter(|_| !items.is_empty()) {
+            destination = match open_destination(shared, dest, &items).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    warn!(destination = %dest.ae_title, error = %e, "cannot reach the move destination");
+                    None
+                }
             };
-            // Nothing matched: no association (it would propose no context).
-            if !items.is_empty() {
-                destination = match open_destination(shared, dest, &items).await {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        warn!(destination = %ae, error = %e, "cannot reach the move destination");
-                        None
-                    }
-                };
-            }
         }
         let total = items.len();
         // A C-CANCEL belongs to one retrieve only.
@@ -749,11 +759,11 @@ impl Connection {
         let (mut completed, mut failed, mut warning) = (0u32, 0u32, 0u32);
         let mut failed_uids = Vec::new();
         let mut cancelled = false;
-        // One stored object is read ahead while the current one is sent
-        // (nothing is read for a move whose destination is unreachable).
+        // Nothing more is read for a move whose destination is unreachable.
         let sending = move_to.is_none() || destination.is_some();
-        let read_ahead = |i: &Item| retrieve::read_ahead(&shared.storage, i);
-        let mut ahead = items.first().filter(|_| sending).map(read_ahead);
+        if !sending {
+            ahead = None;
+        }
         for (n, item) in items.iter().enumerate() {
             if self.cancel_arrived(message_id).await? {
                 cancelled = true;
