@@ -33,6 +33,12 @@ Servers
               before every success status.
     storescp  /usr/bin/storescp --fork +xa, plain files, no fsync (an upper
               bound on what the disk and the DICOM stack allow, not a PACS).
+    storescp-sync  the same storescp with an LD_PRELOAD shim
+              (benches/fsync_on_close.c) that fdatasyncs each received file
+              and fsyncs its directory before storescp acknowledges it: what
+              durability alone costs, with no hashing and no index. No target;
+              it shows how far "0.8x plain storescp" is from any server whose
+              success status means "on disk".
     orthanc   /usr/sbin/Orthanc (Debian 1.10.1), fresh storage and SQLite index,
               shipped defaults (SyncStorageArea=true, MaximumPduLength=16384).
     Only files storescu can send as they are (uncompressed or deflated
@@ -128,6 +134,8 @@ GATEWAY_BIN = RELEASE / "pacs-gateway"
 SAMPLE_DICOM_BIN = RELEASE / "sample-dicom"
 SHIM_SRC = ROOT / "benches" / "bind_loopback.c"
 SHIM_LIB = TARGET / "bench" / "libbind_loopback.so"
+DURABLE_SHIM_SRC = ROOT / "benches" / "fsync_on_close.c"
+DURABLE_SHIM_LIB = TARGET / "bench" / "libfsync_on_close.so"
 WORK_ROOT = TARGET / "bench-tmp"
 RESULTS_DIR = TARGET / "bench-results"
 
@@ -138,7 +146,7 @@ ORTHANC = "/usr/sbin/Orthanc"
 CALLED_AE = "COUNTYPACS"
 CALLING_AE = "BENCHSCU"
 PARALLELISMS = (1, 4)
-ALL_SERVERS = ("gateway", "storescp", "orthanc")
+ALL_SERVERS = ("gateway", "storescp", "storescp-sync", "orthanc")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STARTUP_TIMEOUT_S = 60
 SETTLE_S = 1.0
@@ -509,11 +517,13 @@ def sectors_written() -> int:
 
 
 def build_shim() -> Path:
-    """Compiles the loopback bind() shim when missing or older than its source."""
-    if not SHIM_LIB.exists() or SHIM_LIB.stat().st_mtime < SHIM_SRC.stat().st_mtime:
-        SHIM_LIB.parent.mkdir(parents=True, exist_ok=True)
-        cmd = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(SHIM_LIB), str(SHIM_SRC), "-ldl"]
-        subprocess.run(cmd, check=True)
+    """Compiles the LD_PRELOAD shims when missing or older than their
+    source; returns the loopback bind() one (see DurableStoreScp for the other)."""
+    for src, lib in ((SHIM_SRC, SHIM_LIB), (DURABLE_SHIM_SRC, DURABLE_SHIM_LIB)):
+        if not lib.exists() or lib.stat().st_mtime < src.stat().st_mtime:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            cmd = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(lib), str(src), "-ldl"]
+            subprocess.run(cmd, check=True)
     return SHIM_LIB
 
 
@@ -667,7 +677,16 @@ class Orthanc(Server):
             return int(json.load(resp)["CountInstances"])
 
 
-SERVERS = {cls.name: cls for cls in (Gateway, StoreScp, Orthanc)}
+class DurableStoreScp(StoreScp):
+    """storescp that fsyncs each received file and its directory before it
+    acknowledges (benches/fsync_on_close.c): the cost of durability alone."""
+    name = "storescp-sync"
+
+    def preload_env(self) -> dict[str, str]:
+        return {**base_env(), "LD_PRELOAD": f"{self.shim}:{DURABLE_SHIM_LIB}"}
+
+
+SERVERS = {cls.name: cls for cls in (Gateway, StoreScp, DurableStoreScp, Orthanc)}
 
 
 def orthancs() -> list[int]:
@@ -684,7 +703,7 @@ def ensure_no_system_orthanc() -> None:
 
 
 def check_tools(servers: list[str]) -> None:
-    binary = {"gateway": str(GATEWAY_BIN), "storescp": STORESCP, "orthanc": ORTHANC}
+    binary = {"gateway": str(GATEWAY_BIN), "storescp": STORESCP, "storescp-sync": STORESCP, "orthanc": ORTHANC}
     needed = [STORESCU] + [binary[s] for s in servers]
     missing = [t for t in needed if not os.access(t, os.X_OK)]
     if missing:
@@ -891,7 +910,7 @@ def ratios(summary: list[dict]) -> list[dict]:
     out = []
     for par in PARALLELISMS:
         ours = by_key.get(("gateway", par))
-        for peer in ("orthanc", "storescp"):
+        for peer in ("orthanc", "storescp", "storescp-sync"):
             theirs = by_key.get((peer, par))
             if ours is None or not theirs:
                 continue
@@ -908,13 +927,13 @@ def ratios(summary: list[dict]) -> list[dict]:
 
 
 def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
-    head = (f"{'server':<9} {'assoc':>5} {'runs':>4} {'inst/s':>8} {'(min-max)':>15} {'MB/s':>7} "
+    head = (f"{'server':<13} {'assoc':>5} {'runs':>4} {'inst/s':>8} {'(min-max)':>15} {'MB/s':>7} "
             f"{'wall s':>7} {'CPU s/1k':>9} {'peak RSS MB':>11} {'other CPU':>9}")
     lines = [head, "-" * len(head)]
     for r in summary:
         spread = f"{r['instances_per_s_min']:.0f}-{r['instances_per_s_max']:.0f}"
         lines.append(
-            f"{r['server']:<9} {r['parallelism']:>5} {r['runs']:>4} {r['instances_per_s']:>8.1f} "
+            f"{r['server']:<13} {r['parallelism']:>5} {r['runs']:>4} {r['instances_per_s']:>8.1f} "
             f"{spread:>15} {r['mb_per_s']:>7.1f} {r['wall_s']:>7.2f} {r['cpu_s_per_1k']:>9.2f} "
             f"{r['peak_rss_mb']:>11.1f} {r['other_cpu_pct']:>8.0f}%"
         )
@@ -923,7 +942,7 @@ def format_table(summary: list[dict], ratio_rows: list[dict]) -> str:
         for r in ratio_rows:
             verdict = "no target" if r["target"] is None else (
                 f"target >= {r['target']}x: {'MET' if r['met'] else 'MISSED'}")
-            lines.append(f"  {r['parallelism']} assoc  vs {r['peer']:<8} {r['ratio']:>5.2f}x   ({verdict})")
+            lines.append(f"  {r['parallelism']} assoc  vs {r['peer']:<13} {r['ratio']:>5.2f}x   ({verdict})")
     lines += [
         "",
         "CPU s/1k: server CPU (user+sys, incl. forked children) per 1,000 instances.",
