@@ -53,7 +53,7 @@ pub(crate) fn list(
     model: &str,
     clinic: Option<String>,
 ) -> Result<Vec<Item>, String> {
-    let request = crate::find::parse(identifier, transfer_syntax, model, clinic)?;
+    let request = crate::find::parse(identifier, transfer_syntax, model, clinic.clone())?;
     let mut query = request.query;
     if query
         .conditions
@@ -80,7 +80,19 @@ pub(crate) fn list(
         .map_err(|e| e.to_string())?;
     let mut items = Vec::with_capacity(uids.len());
     for uid in uids {
-        if let Some(r) = reader.instance(&uid).map_err(|e| e.to_string())? {
+        let Some(r) = reader.instance(&uid).map_err(|e| e.to_string())? else {
+            continue;
+        };
+        // A clinic retrieves only the bytes it sent itself: not another
+        // clinic's series filed under the same study, as the viewer and
+        // storage commitment decide.
+        let own = match &clinic {
+            Some(c) => reader
+                .sent_by(&uid, &r.sha256, c)
+                .map_err(|e| e.to_string())?,
+            None => true,
+        };
+        if own {
             items.push(Item {
                 sop_class_uid: r.sop_class_uid,
                 sop_instance_uid: r.sop_instance_uid,

@@ -493,3 +493,94 @@ fn a_cancelled_c_get_does_not_cancel_the_next_one() {
         "the second C-GET completes: {text}"
     );
 }
+
+/// getscu as `calling` for study `study` into a fresh directory; the
+/// received files by SOP Instance UID.
+fn getscu_study(
+    gw: &Gateway,
+    dir: &Path,
+    calling: &str,
+    study: &str,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let out_dir = dir.join(format!("got-{calling}"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = Command::new("/usr/bin/getscu")
+        .args(["-S", "+B", "-od"])
+        .arg(&out_dir)
+        .args(["-aet", calling, "-aec", common::AE])
+        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
+        .arg(format!("StudyInstanceUID={study}"))
+        .arg("127.0.0.1")
+        .arg(gw.port.to_string())
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run /usr/bin/getscu (Debian dcmtk)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    files_in(&out_dir)
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(&f).unwrap();
+            let ds = common::dataset_of(&bytes).to_vec();
+            let ts = common::transfer_syntax_of(&bytes);
+            let uid = storage::attrs::read_bytes(&ds, &ts)
+                .unwrap()
+                .sop_instance_uid;
+            (uid, ds)
+        })
+        .collect()
+}
+
+#[test]
+fn a_clinic_retrieves_only_the_bytes_it_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE])];
+    let send = |calling: &str, datasets: &[(&str, Vec<u8>)]| {
+        let scu::Association::Accepted(mut sender) =
+            scu::associate(gw.port, calling, common::AE, contexts)
+        else {
+            panic!("{calling} refused")
+        };
+        for (uid, ds) in datasets {
+            assert_eq!(sender.store(1, CT_IMAGE_STORAGE, uid, ds), Reply::Status(0));
+        }
+        assert!(sender.release());
+    };
+    let ours = [
+        ("2.25.771", scu::ct_dataset("2.25.771", "2.25.77", 4096)),
+        ("2.25.772", scu::ct_dataset("2.25.772", "2.25.77", 4096)),
+    ];
+    send("XINZHEN_CT", &ours);
+    // Another clinic files a series under the same study, and sends other
+    // bytes under one of the first clinic's SOP Instance UIDs.
+    let theirs = [
+        ("2.25.773", scu::ct_dataset("2.25.773", "2.25.77", 4096)),
+        ("2.25.771", scu::ct_dataset("2.25.771", "2.25.77", 2048)),
+    ];
+    send("BAISHUI_DR", &theirs);
+
+    let got = getscu_study(&gw, dir.path(), "XINZHEN_CT", "2.25.77");
+    let expected: std::collections::BTreeMap<_, _> = ours
+        .iter()
+        .map(|(uid, ds)| (uid.to_string(), ds.clone()))
+        .collect();
+    assert!(
+        got == expected,
+        "xinzhen gets exactly its own two instances, as it sent them"
+    );
+    // The county station sees the whole study, with the owner's bytes current.
+    let got = getscu_study(&gw, dir.path(), "COUNTYWS1", "2.25.77");
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        ["2.25.771", "2.25.772", "2.25.773"]
+    );
+    assert!(
+        got["2.25.771"] == ours[0].1,
+        "the owner's bytes stay current"
+    );
+    assert!(got["2.25.773"] == theirs[0].1);
+}

@@ -253,19 +253,17 @@ impl Storage {
                 refs.iter().map(|(_, i)| i.clone()).collect::<Vec<_>>(),
                 clinic.map(str::to_owned),
             );
-            // An instance is the asking clinic's when it sent the current
-            // bytes, whoever sent them first.
+            // A clinic has committed the bytes it sent: the current version
+            // when it sent those (whoever sent them first), else its own
+            // version kept beside another clinic's current one.
             tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
                 let reader = storage.reader()?;
                 // One read transaction, not one per instance.
                 let _snapshot = reader.connection().unchecked_transaction()?;
                 uids.iter()
-                    .map(|uid| {
-                        let record = reader.instance(uid)?;
-                        Ok(match (record, &asking) {
-                            (Some(r), Some(c)) => reader.sent_by(uid, &r.sha256, c)?.then_some(r),
-                            (record, _) => record,
-                        })
+                    .map(|uid| match &asking {
+                        Some(clinic) => reader.instance_sent_by(uid, clinic),
+                        None => reader.instance(uid),
                     })
                     .collect()
             })

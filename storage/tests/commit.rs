@@ -173,13 +173,69 @@ async fn another_clinic_cannot_take_over_a_study() {
         let checks = storage.check_committed(Some(clinic), &refs).await.unwrap();
         assert_eq!(checks, vec![expected], "{clinic}");
     }
-    // A new version from xinzhen: baishui sent the old bytes, not these.
+    // A new version from xinzhen: baishui sent the old bytes, which are
+    // still kept (as the superseded version), so they stay committed.
     store_as(&storage, &dataset("2.25.300", "from A, again"), "xinzhen").await;
     let checks = storage
         .check_committed(Some("baishui"), &refs)
         .await
         .unwrap();
-    assert_eq!(checks, vec![storage::CommitCheck::NoSuchInstance]);
+    assert_eq!(checks, vec![storage::CommitCheck::Committed]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clinics_bytes_under_a_held_uid_are_kept_but_never_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    let ours = dataset_named("2.25.400", "from A", "Wang^Fang=王^芳");
+    assert_eq!(
+        store_as(&storage, &ours, "xinzhen").await,
+        StoreOutcome::Stored
+    );
+    let reader = storage.reader().unwrap();
+    let owner_record = reader.instance("2.25.400").unwrap().unwrap();
+    // Clinic B sends other bytes (another patient's name) under that UID.
+    let theirs = dataset_named("2.25.400", "from B", "Li^Lei=李^雷");
+    let kept = StoreOutcome::KeptBesideOwner {
+        owner: "xinzhen".into(),
+    };
+    assert_eq!(store_as(&storage, &theirs, "baishui").await, kept);
+    assert_eq!(store_as(&storage, &theirs, "baishui").await, kept);
+    // What everyone reads is still the owner's instance, and its patient.
+    assert_eq!(reader.instance("2.25.400").unwrap().unwrap(), owner_record);
+    let blob = storage.blobs().get(&owner_record.blob_key).await.unwrap();
+    assert_eq!(&blob[owner_record.dataset_offset as usize..], &ours[..]);
+    let names: Vec<String> = reader
+        .connection()
+        .prepare("SELECT name_search FROM patients")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(names.len(), 1, "no patient row from B's bytes: {names:?}");
+    assert!(names[0].contains("WANG"), "{names:?}");
+    // B's bytes are kept (once), recorded as a version that never was current.
+    let versions = reader.versions("2.25.400").unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0].superseded_at, None);
+    assert!(versions[1].superseded_at.is_some());
+    assert_ne!(versions[1].sha256, owner_record.sha256);
+    assert!(
+        storage
+            .blobs()
+            .size(&versions[1].blob_key)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Each clinic gets the bytes it sent committed; county the current ones.
+    let refs = [(CT.to_string(), "2.25.400".to_string())];
+    for clinic in [Some("xinzhen"), Some("baishui"), None] {
+        let checks = storage.check_committed(clinic, &refs).await.unwrap();
+        assert_eq!(checks, vec![storage::CommitCheck::Committed], "{clinic:?}");
+    }
+    assert!(storage.verify().await.unwrap().is_empty());
 }
 
 fn dataset_named(sop_uid: &str, description: &str, name: &str) -> Vec<u8> {

@@ -176,6 +176,8 @@ pub struct VersionRecord {
     pub blob_key: String,
     pub sha256: String,
     pub size: u64,
+    /// When it stopped being current; equal to `received_at` for a version
+    /// that never was (another clinic's bytes under a UID its owner holds).
     pub superseded_at: Option<String>,
 }
 
@@ -227,6 +229,51 @@ impl IndexReader {
                 })
             })
             .optional()?)
+    }
+
+    /// The instance as `clinic_id` sent it: the current version when that
+    /// clinic sent its bytes, else the newest version it sent that is kept
+    /// beside the current one. Such a record has that version's blob, hash,
+    /// size and transfer syntax, and the current row's other fields
+    /// (dataset offset included): it is for verifying, not for sending.
+    pub fn instance_sent_by(
+        &self,
+        sop_instance_uid: &str,
+        clinic_id: &str,
+    ) -> Result<Option<InstanceRecord>> {
+        let Some(current) = self.instance(sop_instance_uid)? else {
+            return Ok(None);
+        };
+        if self.sent_by(sop_instance_uid, &current.sha256, clinic_id)? {
+            return Ok(Some(current));
+        }
+        let version = self
+            .conn
+            .prepare_cached(
+                "SELECT v.blob_key, v.sha256, v.size, v.transfer_syntax FROM instance_versions v
+                 WHERE v.sop_instance_uid = ?1 AND EXISTS (SELECT 1 FROM instance_senders s
+                     WHERE s.sop_instance_uid = v.sop_instance_uid AND s.sha256 = v.sha256
+                       AND s.clinic_id = ?2)
+                 ORDER BY v.pk DESC LIMIT 1",
+            )?
+            .query_row([sop_instance_uid, clinic_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?;
+        Ok(
+            version.map(|(blob_key, sha256, size, transfer_syntax)| InstanceRecord {
+                blob_key,
+                sha256,
+                size: size as u64,
+                transfer_syntax,
+                ..current
+            }),
+        )
     }
 
     /// Every version of an instance, oldest first.

@@ -46,6 +46,10 @@ pub enum StoreOutcome {
     /// Same SOP Instance UID, different bytes: this is now the current
     /// version; the previous one is kept in `instance_versions`.
     NewVersion { previous_sha256: String },
+    /// Another clinic (`owner`) holds this SOP Instance UID with other
+    /// bytes: these are kept and recorded in `instance_versions`, but the
+    /// owner's stay current (see `insert`).
+    KeptBesideOwner { owner: String },
 }
 
 pub(crate) enum Job {
@@ -351,13 +355,39 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
         new.calling_ae,
         new.received_at
     ])?;
-    let current: Option<String> = tx
-        .prepare_cached("SELECT sha256 FROM instances WHERE sop_instance_uid = ?1")?
-        .query_row([&a.sop_instance_uid], |r| r.get(0))
+    let current: Option<(String, String)> = tx
+        .prepare_cached("SELECT sha256, clinic_id FROM instances WHERE sop_instance_uid = ?1")?
+        .query_row([&a.sop_instance_uid], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    if current.as_deref() == Some(new.sha256.as_str()) {
-        return Ok(StoreOutcome::AlreadyStored);
-    }
+    let current = match current {
+        Some((sha256, _)) if sha256 == new.sha256 => return Ok(StoreOutcome::AlreadyStored),
+        Some((_, owner)) if owner != new.clinic_id => {
+            // Another clinic's different bytes under a SOP Instance UID
+            // its first sender holds: a UID collision, or a copy whose
+            // demographics that clinic rewrote. Kept and recorded, never
+            // current: whoever reads the owner's study must not be shown
+            // another patient's image. `superseded_at = received_at` marks
+            // a version that never was current.
+            tx.prepare_cached(
+                "INSERT INTO instance_versions (sop_instance_uid, blob_key, sha256, size,
+                    transfer_syntax, clinic_id, calling_ae, received_at, superseded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                 ON CONFLICT (sop_instance_uid, sha256) DO NOTHING",
+            )?
+            .execute(params![
+                a.sop_instance_uid,
+                new.blob_key,
+                new.sha256,
+                new.size as i64,
+                new.transfer_syntax,
+                new.clinic_id,
+                new.calling_ae,
+                new.received_at
+            ])?;
+            return Ok(StoreOutcome::KeptBesideOwner { owner });
+        }
+        other => other.map(|(sha256, _)| sha256),
+    };
 
     // Record the version (an old version coming back becomes current again).
     tx.prepare_cached(
@@ -391,10 +421,7 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
             transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (sop_instance_uid) DO UPDATE SET
-            -- Another clinic's version never moves the instance out of its
-            -- first sender's series.
-            series_pk = CASE WHEN instances.clinic_id = excluded.clinic_id
-                THEN excluded.series_pk ELSE instances.series_pk END,
+            series_pk = excluded.series_pk,
             sop_class_uid = excluded.sop_class_uid,
             instance_number = excluded.instance_number, number_of_frames = excluded.number_of_frames,
             transfer_syntax = excluded.transfer_syntax, blob_key = excluded.blob_key,
