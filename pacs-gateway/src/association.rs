@@ -130,6 +130,20 @@ enum End {
     Lost(String),
 }
 
+impl End {
+    /// How the association ended, for the audit trail.
+    fn summary(&self) -> String {
+        match self {
+            End::PeerReleased => "released by the peer".into(),
+            End::PeerAborted => "aborted by the peer".into(),
+            End::PeerClosed => "connection closed by the peer".into(),
+            End::Release(why) => format!("released: {why}"),
+            End::Abort(_, why) => format!("aborted: {why}"),
+            End::Lost(why) => format!("connection lost: {why}"),
+        }
+    }
+}
+
 /// A DIMSE message being received.
 enum Pending {
     /// Command fragments so far, on this context.
@@ -764,99 +778,128 @@ impl Connection {
         if !sending {
             ahead = None;
         }
-        for (n, item) in items.iter().enumerate() {
-            if self.cancel_arrived(message_id).await? {
-                cancelled = true;
-                break;
+        // The sub-operations and the final response; an association that
+        // ends on the way still gets its audit row below.
+        let mut sub_message_id = 0u16;
+        let ran: Result<u16, End> = async {
+            for (n, item) in items.iter().enumerate() {
+                if self.cancel_arrived(message_id).await? {
+                    cancelled = true;
+                    break;
+                }
+                let blob = match ahead.take() {
+                    Some(reading) => match reading.await {
+                        Ok(read) => read.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    None => Err("not read".to_string()),
+                };
+                ahead = items.get(n + 1).filter(|_| sending).map(read_ahead);
+                let mut give_up = false;
+                let result = match (&move_to, destination.as_mut()) {
+                    (None, _) => self.get_one(assoc, item, blob, message_id).await?,
+                    (Some(_), Some(dest)) => {
+                        sub_message_id = sub_message_id.wrapping_add(1);
+                        let originator = &assoc.source.calling_ae;
+                        match move_one(dest, item, blob, originator, message_id, sub_message_id)
+                            .await
+                        {
+                            Ok(status) => Ok(status),
+                            Err(SubOpFailure::Instance(why)) => Err(why),
+                            Err(SubOpFailure::Destination(why)) => {
+                                give_up = true;
+                                Err(why)
+                            }
+                        }
+                    }
+                    (Some(_), None) => Err("move destination unreachable".to_string()),
+                };
+                if give_up && let Some(dest) = destination.take() {
+                    warn!("the association to the move destination is out of step; aborted");
+                    dest.abort().await;
+                }
+                match result {
+                    Ok(0x0000) => completed += 1,
+                    Ok(s) if is_warning(s) => warning += 1,
+                    Ok(other) => {
+                        warn!(sop_instance_uid = %item.sop_instance_uid, status = format_args!("0x{other:04X}"), "sub-operation refused");
+                        failed += 1;
+                        failed_uids.push(item.sop_instance_uid.clone());
+                    }
+                    Err(why) => {
+                        warn!(sop_instance_uid = %item.sop_instance_uid, %why, "sub-operation failed");
+                        failed += 1;
+                        failed_uids.push(item.sop_instance_uid.clone());
+                    }
+                }
+                if n + 1 < total {
+                    let rsp = Response::new(rsp_field, message_id, status::PENDING)
+                        .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                        .u16(
+                            tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
+                            (total - n - 1).min(0xFFFF) as u16,
+                        )
+                        .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, saturate(completed))
+                        .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, saturate(failed))
+                        .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, saturate(warning))
+                        .encode();
+                    self.respond(assoc, context_id, &rsp).await?;
+                }
             }
-            let blob = match ahead.take() {
-                Some(reading) => match reading.await {
-                    Ok(read) => read.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                },
-                None => Err("not read".to_string()),
+            if let Some(dest) = destination.take() {
+                dest.release().await;
+            }
+            let done = completed as usize + failed as usize + warning as usize;
+            let final_status = if cancelled {
+                status::CANCEL
+            } else if failed == 0 && warning == 0 {
+                status::SUCCESS
+            } else if completed == 0 && warning == 0 {
+                status::UNABLE_TO_PERFORM_SUBOPERATIONS
+            } else {
+                status::SUBOPERATIONS_WITH_FAILURES
             };
-            ahead = items.get(n + 1).filter(|_| sending).map(read_ahead);
-            let result = match (&move_to, destination.as_mut()) {
-                (None, _) => self.get_one(assoc, item, blob, message_id).await?,
-                (Some(_), Some(dest)) => {
-                    move_one(dest, item, blob, &assoc.source.calling_ae, message_id).await
-                }
-                (Some(_), None) => Err("move destination unreachable".to_string()),
-            };
-            match result {
-                Ok(0x0000) => completed += 1,
-                Ok(0xB000 | 0xB006 | 0xB007) => warning += 1,
-                Ok(other) => {
-                    warn!(sop_instance_uid = %item.sop_instance_uid, status = format_args!("0x{other:04X}"), "sub-operation refused");
-                    failed += 1;
-                    failed_uids.push(item.sop_instance_uid.clone());
-                }
-                Err(why) => {
-                    warn!(sop_instance_uid = %item.sop_instance_uid, %why, "sub-operation failed");
-                    failed += 1;
-                    failed_uids.push(item.sop_instance_uid.clone());
-                }
+            let mut rsp = Response::new(rsp_field, message_id, final_status)
+                .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, saturate(completed))
+                .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, saturate(failed))
+                .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, saturate(warning));
+            if cancelled {
+                rsp = rsp.u16(
+                    tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
+                    (total - done).min(0xFFFF) as u16,
+                );
             }
-            if n + 1 < total {
-                let rsp = Response::new(rsp_field, message_id, status::PENDING)
-                    .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-                    .u16(
-                        tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
-                        (total - n - 1).min(0xFFFF) as u16,
-                    )
-                    .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, saturate(completed))
-                    .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, saturate(failed))
-                    .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, saturate(warning))
-                    .encode();
-                self.respond(assoc, context_id, &rsp).await?;
+            let failed_list = (!failed_uids.is_empty())
+                .then(|| failed_uid_list(&failed_uids, &context.transfer_syntax))
+                .flatten();
+            if failed_list.is_some() {
+                rsp = rsp.with_dataset();
             }
+            self.respond(assoc, context_id, &rsp.encode()).await?;
+            if let Some(list) = failed_list {
+                ul::send_message(
+                    &mut self.stream,
+                    context_id,
+                    false,
+                    &list,
+                    assoc.peer_max_pdu,
+                )
+                .await
+                .map_err(|e| End::Lost(e.to_string()))?;
+            }
+            Ok(final_status)
         }
+        .await;
         if let Some(dest) = destination {
-            dest.release().await;
+            // This association ended mid-retrieve: the destination's goes too.
+            dest.abort().await;
         }
-        let done = completed as usize + failed as usize + warning as usize;
-        let final_status = if cancelled {
-            status::CANCEL
-        } else if failed == 0 && warning == 0 {
-            status::SUCCESS
-        } else if completed == 0 && warning == 0 {
-            status::UNABLE_TO_PERFORM_SUBOPERATIONS
-        } else {
-            status::SUBOPERATIONS_WITH_FAILURES
+        let counts = format!("completed {completed}, failed {failed}, warning {warning}");
+        let outcome = match &ran {
+            Ok(final_status) => format!("{counts}, status 0x{final_status:04X}"),
+            Err(end) => format!("{counts}, then the association ended: {}", end.summary()),
         };
-        let mut rsp = Response::new(rsp_field, message_id, final_status)
-            .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-            .u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, saturate(completed))
-            .u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, saturate(failed))
-            .u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, saturate(warning));
-        if cancelled {
-            rsp = rsp.u16(
-                tag::NUMBER_OF_REMAINING_SUBOPERATIONS,
-                (total - done).min(0xFFFF) as u16,
-            );
-        }
-        let failed_list = (!failed_uids.is_empty())
-            .then(|| failed_uid_list(&failed_uids, &context.transfer_syntax))
-            .flatten();
-        if failed_list.is_some() {
-            rsp = rsp.with_dataset();
-        }
-        self.respond(assoc, context_id, &rsp.encode()).await?;
-        if let Some(list) = failed_list {
-            ul::send_message(
-                &mut self.stream,
-                context_id,
-                false,
-                &list,
-                assoc.peer_max_pdu,
-            )
-            .await
-            .map_err(|e| End::Lost(e.to_string()))?;
-        }
-        let outcome = format!(
-            "completed {completed}, failed {failed}, warning {warning}, status 0x{final_status:04X}"
-        );
         info!(
             action,
             total, completed, failed, warning, "retrieve finished"
@@ -874,10 +917,9 @@ impl Connection {
             u64::from(completed),
         )
         .await;
-        Ok(())
+        ran.map(drop)
     }
 
-    /// One C-GET sub-operation: C-STORE on this association.
     async fn get_one(
         &mut self,
         assoc: &Established,
@@ -1046,69 +1088,84 @@ impl Connection {
         let mut sent = 0u64;
         let mut cancel_bytes = Vec::new();
         let mut end_status = None;
-        let (mut rd, mut wr) = self.stream.split();
-        loop {
-            let event = tokio::select! {
-                biased;
-                incoming = self.reader.next(&mut rd) => Event::Incoming(incoming),
-                row = rx.recv() => Event::Row(row),
-            };
-            match event {
-                Event::Row(None) => break,
-                Event::Row(Some(values)) => {
-                    if sent >= limit {
-                        end_status = Some((
-                            status::OUT_OF_RESOURCES,
-                            "too many matches: narrow the query",
-                        ));
-                        break;
-                    }
-                    let dataset =
-                        crate::find::encode_match(&request, &values, &context.transfer_syntax)
-                            .map_err(|e| {
-                                End::Abort(
-                                    AbortReason::ReasonNotSpecified,
-                                    format!("cannot encode match: {e}"),
-                                )
-                            })?;
-                    let rsp = Response::new(field::C_FIND_RSP, message_id, pending_status)
-                        .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-                        .with_dataset()
-                        .encode();
-                    let sent_ok = ul::send_command_and_dataset(
-                        &mut wr,
-                        context_id,
-                        &rsp,
-                        &dataset,
-                        assoc.peer_max_pdu,
-                    );
-                    // A client that stops reading must not pin the query forever.
-                    match tokio::time::timeout(WRITE_TIMEOUT, sent_ok).await {
-                        Ok(res) => {
-                            res.map_err(|e| End::Lost(format!("cannot send C-FIND response: {e}")))?
-                        }
-                        Err(_) => {
-                            return Err(End::Abort(
-                                AbortReason::ReasonNotSpecified,
-                                "peer stopped reading C-FIND responses".into(),
+        // The matches; an association that ends on the way still gets its
+        // audit row below.
+        let streamed: Result<(), End> = async {
+            let (mut rd, mut wr) = self.stream.split();
+            loop {
+                let event = tokio::select! {
+                    biased;
+                    incoming = self.reader.next(&mut rd) => Event::Incoming(incoming),
+                    row = rx.recv() => Event::Row(row),
+                };
+                match event {
+                    Event::Row(None) => break,
+                    Event::Row(Some(values)) => {
+                        if sent >= limit {
+                            end_status = Some((
+                                status::OUT_OF_RESOURCES,
+                                "too many matches: narrow the query",
                             ));
+                            break;
                         }
+                        let dataset =
+                            crate::find::encode_match(&request, &values, &context.transfer_syntax)
+                                .map_err(|e| {
+                                    End::Abort(
+                                        AbortReason::ReasonNotSpecified,
+                                        format!("cannot encode match: {e}"),
+                                    )
+                                })?;
+                        let rsp = Response::new(field::C_FIND_RSP, message_id, pending_status)
+                            .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                            .with_dataset()
+                            .encode();
+                        let sent_ok = ul::send_command_and_dataset(
+                            &mut wr,
+                            context_id,
+                            &rsp,
+                            &dataset,
+                            assoc.peer_max_pdu,
+                        );
+                        // A client that stops reading must not pin the query forever.
+                        match tokio::time::timeout(WRITE_TIMEOUT, sent_ok).await {
+                            Ok(res) => res.map_err(|e| {
+                                End::Lost(format!("cannot send C-FIND response: {e}"))
+                            })?,
+                            Err(_) => {
+                                return Err(End::Abort(
+                                    AbortReason::ReasonNotSpecified,
+                                    "peer stopped reading C-FIND responses".into(),
+                                ));
+                            }
+                        }
+                        sent += 1;
                     }
-                    sent += 1;
-                }
-                Event::Incoming(pdu) => {
-                    // Only a C-CANCEL for this query may arrive now.
-                    let body = pdata_or_end(pdu, "a C-FIND")?;
-                    if let Some(command) = command_from(body, &mut cancel_bytes)? {
-                        expect_cancel(&command, message_id, "a C-FIND")?;
-                        end_status = Some((status::CANCEL, ""));
-                        break;
+                    Event::Incoming(pdu) => {
+                        // Only a C-CANCEL for this query may arrive now.
+                        let body = pdata_or_end(pdu, "a C-FIND")?;
+                        if let Some(command) = command_from(body, &mut cancel_bytes)? {
+                            expect_cancel(&command, message_id, "a C-FIND")?;
+                            end_status = Some((status::CANCEL, ""));
+                            break;
+                        }
                     }
                 }
             }
+            Ok(())
         }
+        .await;
         drop(rx); // stops the producer at its next row
         let produced = producer.await;
+        if let Err(end) = streamed {
+            let outcome = format!(
+                "{sent} matches sent, then the association ended: {}",
+                end.summary()
+            );
+            self.audit(shared, assoc, "C-FIND", &request.describe(), &outcome, sent)
+                .await;
+            return Err(end);
+        }
         let (status, comment, outcome) = match (end_status, produced) {
             (Some((status::CANCEL, _)), _) => (status::CANCEL, None, "cancelled".to_string()),
             (Some((s, c)), _) => (s, Some(c), format!("stopped: {c}")),
@@ -1381,14 +1438,27 @@ async fn open_destination(
     .await
 }
 
-/// One C-MOVE sub-operation: C-STORE to the destination.
+/// Why a C-MOVE sub-operation failed.
+enum SubOpFailure {
+    /// This instance only (no accepted context, not readable, not
+    /// transcodable): the next one may go.
+    Instance(String),
+    /// The association to the destination is out of step or gone (a
+    /// request unanswered in time, a wrong or garbled answer): nothing
+    /// more may be sent on it.
+    Destination(String),
+}
+
+/// One C-MOVE sub-operation: C-STORE to the destination, as `message_id`
+/// of that association (the C-MOVE's own is the Move Originator Message ID).
 async fn move_one(
     dest: &mut consortium_dimse::client::Association,
     item: &Item,
     blob: Result<bytes::Bytes, String>,
     originator_ae: &str,
     originator_message_id: u16,
-) -> Result<u16, String> {
+    message_id: u16,
+) -> Result<u16, SubOpFailure> {
     let pick = dest
         .accepted
         .iter()
@@ -1399,25 +1469,32 @@ async fn move_one(
         .min_by_key(|(id, (_, t))| (*t != item.transfer_syntax, **id))
         .map(|(id, (_, t))| (*id, t.clone()));
     let Some((ctx, ts)) = pick else {
-        return Err(format!(
+        return Err(SubOpFailure::Instance(format!(
             "the destination accepted no context for {} in or from {}",
             item.sop_class_uid, item.transfer_syntax
-        ));
+        )));
     };
-    let dataset = retrieve::dataset_for(blob?, item, &ts).await?;
-    let rq = Response::request(field::C_STORE_RQ, originator_message_id, true)
+    let dataset = async { retrieve::dataset_for(blob?, item, &ts).await }
+        .await
+        .map_err(SubOpFailure::Instance)?;
+    let rq = Response::request(field::C_STORE_RQ, message_id, true)
         .uid(tag::AFFECTED_SOP_CLASS_UID, &item.sop_class_uid)
         .u16(tag::PRIORITY, 0)
         .uid(tag::AFFECTED_SOP_INSTANCE_UID, &item.sop_instance_uid)
         .text(tag::MOVE_ORIGINATOR_AE_TITLE, originator_ae)
         .u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, originator_message_id)
         .encode();
+    let lost = |e: consortium_dimse::client::ClientError| SubOpFailure::Destination(e.to_string());
     dest.send_command_and_dataset(ctx, &rq, &dataset)
         .await
-        .map_err(|e| e.to_string())?;
-    let rsp = dest.receive(0).await.map_err(|e| e.to_string())?;
-    if rsp.command.command_field() != Some(field::C_STORE_RSP) {
-        return Err("the destination did not answer with C-STORE-RSP".into());
+        .map_err(lost)?;
+    let rsp = dest.receive(0).await.map_err(lost)?;
+    if rsp.command.command_field() != Some(field::C_STORE_RSP)
+        || rsp.command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) != Some(message_id)
+    {
+        return Err(SubOpFailure::Destination(
+            "the destination did not answer this C-STORE-RQ".into(),
+        ));
     }
     Ok(rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF))
 }
@@ -1496,6 +1573,13 @@ fn expect_cancel(command: &Command, message_id: u16, during: &str) -> Result<(),
 }
 
 /// A sub-operation count as the US element carries it.
+/// A sub-operation status that counts as a warning: the C-STORE warnings
+/// (PS3.4 B.2.3, 0xBxxx) and the general ones of PS3.7 Annex C (attribute
+/// list error, attribute value out of range): the instance was stored.
+fn is_warning(status: u16) -> bool {
+    matches!(status, 0xB000..=0xBFFF | 0x0107 | 0x0116)
+}
+
 fn saturate(n: u32) -> u16 {
     n.min(u32::from(u16::MAX)) as u16
 }

@@ -584,3 +584,170 @@ fn a_clinic_retrieves_only_the_bytes_it_sent() {
     );
     assert!(got["2.25.773"] == theirs[0].1);
 }
+
+#[test]
+fn a_retrieve_cut_short_is_still_audited() {
+    use dicom_ul::pdu::{AbortRQSource, Pdu, RequestorRoles, UserVariableItem};
+    use std::io::Write;
+    const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = with_study(dir.path(), "");
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, STUDY_ROOT_GET, &[scu::EXPLICIT_LE]),
+        (3, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
+    ];
+    let mut rq = scu::request("COUNTYWS1", common::AE, contexts);
+    if let Pdu::AssociationRQ(a) = &mut rq {
+        a.user_variables
+            .push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                CT_IMAGE_STORAGE.into(),
+                RequestorRoles {
+                    scu: false,
+                    scp: true,
+                },
+            ));
+    }
+    let mut stream = scu::connect(gw.port);
+    stream.write_all(&scu::encode(&rq)).unwrap();
+    assert!(matches!(
+        scu::read_any(&mut stream),
+        Some(scu::RawPdu::Other(Pdu::AssociationAC(_)))
+    ));
+    let get_rq = scu::command(&[
+        (0x0002, scu::uid_value(STUDY_ROOT_GET)),
+        (0x0100, 0x0010u16.to_le_bytes().to_vec()),
+        (0x0110, 7u16.to_le_bytes().to_vec()),
+        (0x0700, 0u16.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+    ]);
+    let mut identifier = scu::el(0x0008_0052, b"CS", b"STUDY");
+    identifier.extend(scu::el(0x0020_000D, b"UI", b"2.25.66"));
+    stream
+        .write_all(&scu::pdata(1, true, true, &get_rq))
+        .unwrap();
+    stream
+        .write_all(&scu::pdata(1, false, true, &identifier))
+        .unwrap();
+    // The first sub-operation's C-STORE-RQ arrives: abort instead of answering.
+    loop {
+        match scu::read_any(&mut stream) {
+            Some(scu::RawPdu::PData(pdvs)) if pdvs.iter().any(|p| !p.1) => break,
+            Some(scu::RawPdu::PData(_)) => {}
+            other => panic!("expected the first C-STORE-RQ, got {:?}", other.is_some()),
+        }
+    }
+    let abort = Pdu::AbortRQ {
+        source: AbortRQSource::ServiceUser,
+    };
+    stream.write_all(&scu::encode(&abort)).unwrap();
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let outcome = loop {
+        let row: Option<String> = gw
+            .index()
+            .query_row(
+                "SELECT outcome FROM audit WHERE action = 'C-GET'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        if let Some(o) = row {
+            break o;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit row for the cut-short C-GET"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        outcome.starts_with(
+            "completed 0, failed 0, warning 0, then the association ended: aborted by the peer"
+        ),
+        "{outcome}"
+    );
+    gw.assert_serving();
+}
+
+/// A move destination that answers the first C-STORE-RQ for another
+/// message ID: the gateway must stop using that association (abort it)
+/// and count every instance as failed, not credit the answer to the next.
+#[test]
+fn a_destination_out_of_step_is_given_up() {
+    use dicom_ul::pdu::{
+        AssociationAC, Pdu, PresentationContextResult, PresentationContextResultReason,
+    };
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let destination = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let Some(scu::RawPdu::Other(Pdu::AssociationRQ(rq))) = scu::read_any(&mut stream) else {
+            panic!("expected A-ASSOCIATE-RQ")
+        };
+        let ac = Pdu::AssociationAC(AssociationAC {
+            protocol_version: 1,
+            calling_ae_title: rq.calling_ae_title.clone(),
+            called_ae_title: rq.called_ae_title.clone(),
+            application_context_name: rq.application_context_name.clone(),
+            presentation_contexts: rq
+                .presentation_contexts
+                .iter()
+                .map(|pc| PresentationContextResult {
+                    id: pc.id,
+                    reason: PresentationContextResultReason::Acceptance,
+                    transfer_syntax: pc.transfer_syntaxes[0].clone(),
+                })
+                .collect(),
+            user_variables: rq.user_variables.clone(),
+        });
+        stream.write_all(&scu::encode(&ac)).unwrap();
+        // Wait for the first dataset's last fragment, then answer wrongly.
+        loop {
+            match scu::read_any(&mut stream) {
+                Some(scu::RawPdu::PData(pdvs)) if pdvs.iter().any(|p| !p.1 && p.2) => break,
+                Some(scu::RawPdu::PData(_)) => {}
+                _ => panic!("expected a C-STORE-RQ"),
+            }
+        }
+        let rsp = scu::command(&[
+            (0x0002, scu::uid_value(CT_IMAGE_STORAGE)),
+            (0x0100, 0x8001u16.to_le_bytes().to_vec()),
+            (0x0120, 999u16.to_le_bytes().to_vec()),
+            (0x0800, 0x0101u16.to_le_bytes().to_vec()),
+            (0x0900, 0u16.to_le_bytes().to_vec()),
+        ]);
+        stream.write_all(&scu::pdata(1, true, true, &rsp)).unwrap();
+        // What comes next: an A-ABORT (or the connection closing), not a
+        // second C-STORE-RQ.
+        matches!(
+            scu::read_any(&mut stream),
+            Some(scu::RawPdu::Other(Pdu::AbortRQ { .. })) | None
+        )
+    });
+    let destinations =
+        format!("[[destinations]]\nae_title = \"ODDSCP\"\nhost = \"127.0.0.1\"\nport = {port}\n");
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, uids) = with_study(dir.path(), &destinations);
+    let out = movescu_study(gw.port, "ODDSCP");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Refused: OutOfResourcesSubOperations"),
+        "{err}"
+    );
+    assert!(
+        destination.join().unwrap(),
+        "the gateway went on using a destination association out of step"
+    );
+    assert_eq!(
+        audit_outcome(&gw, "C-MOVE"),
+        format!(
+            "completed 0, failed {}, warning 0, status 0xA702",
+            uids.len()
+        )
+    );
+    gw.assert_serving();
+}
