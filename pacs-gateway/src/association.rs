@@ -618,22 +618,37 @@ impl Connection {
                 Ok(None)
             }
             Some(other) => {
-                warn!(
-                    command_field = format_args!("0x{other:04X}"),
-                    "unsupported DIMSE operation"
-                );
+                let status = match other {
+                    // A query or retrieve on a context of another SOP class
+                    // (or a C-GET/C-MOVE without its identifier).
+                    field::C_FIND_RQ | field::C_GET_RQ | field::C_MOVE_RQ => {
+                        let class = &context.abstract_syntax;
+                        if (other == field::C_GET_RQ && retrieve::is_get_class(class))
+                            || (other == field::C_MOVE_RQ && retrieve::is_move_class(class))
+                        {
+                            status::DATASET_MISMATCH
+                        } else {
+                            status::SOP_CLASS_NOT_SUPPORTED
+                        }
+                    }
+                    _ => {
+                        warn!(
+                            command_field = format_args!("0x{other:04X}"),
+                            "unsupported DIMSE operation"
+                        );
+                        status::UNRECOGNIZED_OPERATION
+                    }
+                };
                 let response_field = other | 0x8000;
                 if command.has_dataset() {
                     Ok(Some(Pending::Discard {
                         context_id,
                         message_id,
                         response_field,
-                        status: status::UNRECOGNIZED_OPERATION,
+                        status,
                     }))
                 } else {
-                    let rsp =
-                        Response::new(response_field, message_id, status::UNRECOGNIZED_OPERATION)
-                            .encode();
+                    let rsp = Response::new(response_field, message_id, status).encode();
                     self.respond(assoc, context_id, &rsp).await?;
                     Ok(None)
                 }
@@ -700,24 +715,36 @@ impl Connection {
                 retrieve::list(&storage, &identifier, &ts, model, scope)
             })
             .await
-            .unwrap_or_else(|e| Err(e.to_string()))
+            .unwrap_or_else(|e| Err(retrieve::ListError::Index(e.to_string())))
         };
         let items = match listed {
             Ok(items) => items,
-            Err(why) => {
-                warn!(%why, action, "invalid retrieve identifier");
-                self.audit(
-                    shared,
-                    assoc,
-                    action,
-                    &why,
-                    "refused: invalid identifier",
-                    0,
-                )
-                .await;
-                let rsp = Response::new(rsp_field, message_id, status::DATASET_MISMATCH)
+            Err(failure) => {
+                let (status, comment, detail, outcome) = match failure {
+                    retrieve::ListError::Identifier(why) => {
+                        warn!(%why, action, "invalid retrieve identifier");
+                        (
+                            status::DATASET_MISMATCH,
+                            why.clone(),
+                            why,
+                            "refused: invalid identifier".to_string(),
+                        )
+                    }
+                    retrieve::ListError::Index(why) => {
+                        tracing::error!(error = %why, action, "cannot list the instances to retrieve");
+                        (
+                            status::CANNOT_UNDERSTAND,
+                            "the index could not be read".to_string(),
+                            String::new(),
+                            format!("failed: {why}"),
+                        )
+                    }
+                };
+                self.audit(shared, assoc, action, &detail, &outcome, 0)
+                    .await;
+                let rsp = Response::new(rsp_field, message_id, status)
                     .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-                    .error_comment(&why)
+                    .error_comment(&comment)
                     .encode();
                 return self.respond(assoc, context_id, &rsp).await;
             }
@@ -1257,12 +1284,18 @@ impl Connection {
         // out on a new association (implicit VR LE is what that offers).
         self.last_message_id = self.last_message_id.wrapping_add(1);
         let report_id = self.last_message_id;
-        self.unacked_reports.push(UnackedReport {
-            message_id: report_id,
-            event_type: outcome.event_type(),
-            dataset: commitment::event_report_dataset(&outcome, "1.2.840.10008.1.2")
-                .unwrap_or_default(),
-        });
+        match commitment::event_report_dataset(&outcome, "1.2.840.10008.1.2") {
+            Ok(dataset) => self.unacked_reports.push(UnackedReport {
+                message_id: report_id,
+                event_type: outcome.event_type(),
+                dataset,
+            }),
+            // (Not queued empty: it could never be delivered.)
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot encode the storage commitment report for a later delivery"
+            ),
+        }
         let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
             .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
             .uid(

@@ -45,6 +45,21 @@ pub(crate) struct Item {
     pub(crate) dataset_offset: u64,
 }
 
+/// Why no list of instances came out of a retrieve identifier.
+#[derive(Debug)]
+pub(crate) enum ListError {
+    /// The requester's identifier (answered 0xA900).
+    Identifier(String),
+    /// Ours: the index could not be read (answered 0xC000).
+    Index(String),
+}
+
+impl From<storage::Error> for ListError {
+    fn from(e: storage::Error) -> Self {
+        ListError::Index(e.to_string())
+    }
+}
+
 /// The instances an identifier names (scoped to `clinic` when given).
 pub(crate) fn list(
     storage: &storage::Storage,
@@ -52,44 +67,43 @@ pub(crate) fn list(
     transfer_syntax: &str,
     model: &str,
     clinic: Option<String>,
-) -> Result<Vec<Item>, String> {
-    let request = crate::find::parse(identifier, transfer_syntax, model, clinic.clone())?;
+) -> Result<Vec<Item>, ListError> {
+    let request = crate::find::parse(identifier, transfer_syntax, model, clinic.clone())
+        .map_err(ListError::Identifier)?;
     let mut query = request.query;
     if query
         .conditions
         .iter()
         .all(|(_, m)| *m == storage::query::Matcher::Universal)
     {
-        return Err("a retrieve needs at least one key with a value".into());
+        return Err(ListError::Identifier(
+            "a retrieve needs at least one key with a value".into(),
+        ));
     }
     query.level = Level::Image;
     query.returns = vec![Key::SopInstanceUid];
-    let reader = storage.reader().map_err(|e| e.to_string())?;
+    let reader = storage.reader()?;
     // One read transaction for the query and every lookup: a consistent
     // list, and the WAL's read locks taken once instead of per instance.
     let snapshot = reader
         .connection()
         .unchecked_transaction()
-        .map_err(|e| e.to_string())?;
+        .map_err(storage::Error::from)?;
     let mut uids = Vec::new();
-    reader
-        .find(&query, |row| {
-            uids.extend(row);
-            true
-        })
-        .map_err(|e| e.to_string())?;
+    reader.find(&query, |row| {
+        uids.extend(row);
+        true
+    })?;
     let mut items = Vec::with_capacity(uids.len());
     for uid in uids {
-        let Some(r) = reader.instance(&uid).map_err(|e| e.to_string())? else {
+        let Some(r) = reader.instance(&uid)? else {
             continue;
         };
         // A clinic retrieves only the bytes it sent itself: not another
         // clinic's series filed under the same study, as the viewer and
         // storage commitment decide.
         let own = match &clinic {
-            Some(c) => reader
-                .sent_by(&uid, &r.sha256, c)
-                .map_err(|e| e.to_string())?,
+            Some(c) => reader.sent_by(&uid, &r.sha256, c)?,
             None => true,
         };
         if own {
