@@ -23,6 +23,9 @@ pub enum ApiError {
     TooManyAttempts(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// The client did not take a stream's data in time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -70,6 +73,7 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::TooManyAttempts(m) => Status::resource_exhausted(m),
             ApiError::Unimplemented(m) => Status::unimplemented(m),
+            ApiError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; see the server log")

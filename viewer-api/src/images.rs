@@ -114,12 +114,20 @@ impl Weight for Frame {
     }
 }
 
-/// Least recently used entries evicted past a byte budget.
+/// What an entry costs beside its value: its key, the map and order
+/// entries. Counted so that a flood of tiny renders (a new window per
+/// request, 1x1 pixel) cannot hold millions of entries within the budget.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// Least recently used entries evicted past a byte budget; each access
+/// and eviction is O(log n) under the cache's lock.
 struct Cache<T> {
     budget: usize,
     used: usize,
     tick: u64,
     entries: HashMap<String, (Arc<T>, u64)>,
+    /// Last use -> key, oldest first.
+    order: std::collections::BTreeMap<u64, String>,
 }
 
 impl<T: Weight> Cache<T> {
@@ -129,39 +137,43 @@ impl<T: Weight> Cache<T> {
             used: 0,
             tick: 0,
             entries: HashMap::new(),
+            order: std::collections::BTreeMap::new(),
         }
+    }
+
+    fn cost(key: &str, value: &T) -> usize {
+        value.weight() + key.len() + ENTRY_OVERHEAD
     }
 
     fn get(&mut self, key: &str) -> Option<Arc<T>> {
         self.tick += 1;
         let tick = self.tick;
-        self.entries.get_mut(key).map(|(r, t)| {
-            *t = tick;
-            r.clone()
-        })
+        let (value, last) = self.entries.get_mut(key)?;
+        if let Some(k) = self.order.remove(last) {
+            self.order.insert(tick, k);
+        }
+        *last = tick;
+        Some(value.clone())
     }
 
     fn put(&mut self, key: String, value: Arc<T>) {
-        let size = value.weight();
+        let size = Self::cost(&key, &value);
         if size > self.budget / 4 {
             return;
         }
         self.tick += 1;
-        if let Some((old, _)) = self.entries.insert(key, (value, self.tick)) {
-            self.used -= old.weight();
+        self.order.insert(self.tick, key.clone());
+        if let Some((old, last)) = self.entries.insert(key.clone(), (value, self.tick)) {
+            self.order.remove(&last);
+            self.used -= Self::cost(&key, &old);
         }
         self.used += size;
         while self.used > self.budget {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| k.clone())
-            else {
+            let Some((_, oldest)) = self.order.pop_first() else {
                 break;
             };
             if let Some((r, _)) = self.entries.remove(&oldest) {
-                self.used -= r.weight();
+                self.used -= Self::cost(&oldest, &r);
             }
         }
     }
@@ -175,7 +187,14 @@ pub struct Images {
     frames: Mutex<Cache<Frame>>,
     /// One decode/encode per core at a time; the rest wait their turn.
     workers: Arc<Semaphore>,
+    /// Instances held open (pixel data included) by series streams at once,
+    /// across all callers: what bounds their memory.
+    streaming: Arc<Semaphore>,
 }
+
+/// A series stream whose client takes no frame for this long is ended, so
+/// that it does not hold an open instance (and a `streaming` permit).
+const STREAM_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Images {
     pub fn new(blobs: storage::BlobStore, cache_bytes: usize, frame_cache_bytes: usize) -> Images {
@@ -185,6 +204,7 @@ impl Images {
             cache: Mutex::new(Cache::new(cache_bytes)),
             frames: Mutex::new(Cache::new(frame_cache_bytes)),
             workers: Arc::new(Semaphore::new(cores)),
+            streaming: Arc::new(Semaphore::new(2 * cores)),
         }
     }
 
@@ -292,6 +312,12 @@ impl Images {
         template: &Spec,
         tx: &mpsc::Sender<std::result::Result<RenderedFrame, tonic::Status>>,
     ) -> Result<()> {
+        let _open = self
+            .streaming
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal("series streams closed".into()))?;
         let (path, bytes) = self.source(&instance.blob_key).await?;
         let obj =
             Arc::new(tokio::task::spawn_blocking(move || open_object(path, bytes, false)).await??);
@@ -323,8 +349,14 @@ impl Images {
                 }
             };
             let msg = to_proto(&instance.sop_instance_uid, &spec, &rendered);
-            if tx.send(Ok(msg)).await.is_err() {
-                return Ok(());
+            match tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(Ok(msg))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()), // the client went away
+                Err(_) => {
+                    return Err(ApiError::DeadlineExceeded(
+                        "the client stopped reading the series stream".into(),
+                    ));
+                }
             }
         }
         Ok(())
@@ -386,17 +418,18 @@ mod tests {
 
     #[test]
     fn the_cache_keeps_recent_frames_within_its_budget() {
-        let mut cache = Cache::new(1000);
+        // Each entry costs its 200 bytes, its 1-byte key and the overhead.
+        let cost = 200 + 1 + ENTRY_OVERHEAD;
+        let mut cache = Cache::new(4 * cost);
         cache.put("a".into(), frame(200));
         cache.put("b".into(), frame(200));
         cache.put("c".into(), frame(200));
         assert!(cache.get("a").is_some()); // a is now the most recent
-        cache.put("d".into(), frame(200));
-        cache.put("e".into(), frame(200)); // 1000 bytes: still fits
-        cache.put("f".into(), frame(200)); // evicts the least recent: b
+        cache.put("d".into(), frame(200)); // exactly the budget: still fits
+        cache.put("e".into(), frame(200)); // evicts the least recent: b
         assert!(cache.get("b").is_none());
         assert!(cache.get("a").is_some());
-        assert!(cache.used <= 1000);
+        assert!(cache.used <= 4 * cost);
         // Larger than a quarter of the budget: not cached at all.
         cache.put("huge".into(), frame(300));
         assert!(cache.get("huge").is_none());
@@ -404,5 +437,24 @@ mod tests {
         let mut off: Cache<Rendered> = Cache::new(0);
         off.put("a".into(), frame(1));
         assert!(off.get("a").is_none());
+    }
+
+    #[test]
+    fn a_flood_of_tiny_entries_stays_bounded() {
+        let budget = 64 << 10;
+        let mut cache = Cache::new(budget);
+        for i in 0..10_000 {
+            cache.put(format!("sha/window {i}"), frame(1));
+        }
+        assert!(cache.used <= budget);
+        assert!(
+            cache.entries.len() <= budget / ENTRY_OVERHEAD,
+            "{}",
+            cache.entries.len()
+        );
+        assert_eq!(cache.order.len(), cache.entries.len());
+        // The newest are the ones kept.
+        assert!(cache.get("sha/window 9999").is_some());
+        assert!(cache.get("sha/window 0").is_none());
     }
 }

@@ -149,6 +149,11 @@ impl App {
     }
 }
 
+/// The audit trail's `clinic:patient-id` of a worklist item.
+fn patient_ref(item: &pb::WorklistItem) -> String {
+    format!("{}:{}", item.clinic_id, item.patient_id)
+}
+
 pub struct Identity(pub Arc<App>);
 pub struct Worklists(pub Arc<App>);
 pub struct Studies(pub Arc<App>);
@@ -241,6 +246,9 @@ impl WorklistService for Worklists {
             self.0.worklist.claim(&caller, uid.clone()).await
         }
         .await;
+        if let Ok(item) = &result {
+            entry.patient_ref = patient_ref(item);
+        }
         let item = self.0.audited(entry, result).await?;
         Ok(Response::new(pb::ClaimResponse { item: Some(item) }))
     }
@@ -281,6 +289,9 @@ impl WorklistService for Worklists {
                 .await
         }
         .await;
+        if let Ok(item) = &result {
+            entry.patient_ref = patient_ref(item);
+        }
         let item = self.0.audited(entry, result).await?;
         Ok(Response::new(pb::SetPriorityResponse { item: Some(item) }))
     }
@@ -334,6 +345,17 @@ impl WorklistService for Worklists {
                     change = changes.recv() => match change {
                         Ok(change) => {
                             let Some(kind) = change.for_scope(&scope) else { continue };
+                            // Each pushed item is a read of that patient's
+                            // data: audited before it goes out.
+                            let mut entry = Entry::new("WatchWorklist", &caller);
+                            entry.detail = format!("event {}", kind.as_str_name());
+                            entry.study_uid = change.item.study_instance_uid.clone();
+                            entry.patient_ref = patient_ref(&change.item);
+                            entry.matches = 1;
+                            if let Err(e) = app.audited(entry, Ok(())).await {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
                             let event = pb::WorklistEvent {
                                 kind: kind as i32,
                                 item: Some(change.item),

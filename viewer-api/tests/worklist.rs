@@ -386,6 +386,32 @@ async fn watchers_see_current_items_new_studies_and_claims() {
     .await;
     assert_eq!(e.kind, Kind::Added as i32, "{e:?}");
     assert_eq!(e.item.unwrap().study_instance_uid, uids[1]);
+    // Every pushed item was audited for the watcher, naming its study,
+    // before it went out; so was the claim, for its claimer.
+    let audit = server.audit();
+    let row = |user: &str, action: &str, study: &str| {
+        audit
+            .iter()
+            .any(|(u, a, s, o)| u == user && a == action && s == study && o == "success")
+    };
+    assert!(row("rad1", "WatchWorklist", &uids[0]), "{audit:?}");
+    assert!(row("rad1", "WatchWorklist", &uids[1]), "{audit:?}");
+    assert!(row("rad2", "Claim", &uids[0]), "{audit:?}");
+    let conn = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
+    let refs: Vec<String> = conn
+        .prepare("SELECT patient_ref FROM audit WHERE action IN ('Claim', 'WatchWorklist') AND study_uid != ''")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        !refs.is_empty()
+            && refs
+                .iter()
+                .all(|r| r.starts_with("baishui:") && r.len() > 8),
+        "each names its patient: {refs:?}"
+    );
 
     // Logging out ends the watch: no more patient data on that stream.
     c.identity
