@@ -50,6 +50,14 @@ pub async fn serve(
     let tls = transport(&viewer)?;
     let app = App::open(config).map_err(|e| e.to_string())?;
     tokio::spawn(app.worklist.clone().run_poller());
+    let flusher = app.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            flusher.flush_refusals().await;
+        }
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -52,6 +52,32 @@ struct RefusalWindow {
 /// Unauthenticated refusals audited one by one per address and minute;
 /// beyond that they are counted, and the count is audited once.
 const REFUSALS_AUDITED_PER_MINUTE: u32 = 60;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+/// Removes the windows ended by `now`; the audit rows of the refusals
+/// they only counted.
+fn ended_windows(windows: &mut HashMap<String, RefusalWindow>, now: Instant) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    windows.retain(|peer, w| {
+        if now.saturating_duration_since(w.started) < REFUSAL_WINDOW {
+            return true;
+        }
+        if w.suppressed > 0 {
+            entries.push(Entry {
+                action: "Refused",
+                peer: peer.clone(),
+                outcome: format!(
+                    "denied: {} more unauthenticated calls that minute, not listed one by one",
+                    w.suppressed
+                ),
+                matches: u64::from(w.suppressed),
+                ..Entry::default()
+            });
+        }
+        false
+    });
+    entries
+}
 
 fn peer_of<T>(req: &Request<T>) -> String {
     req.remote_addr()
@@ -105,7 +131,9 @@ impl App {
     fn refusal_entry(&self, action: &'static str, peer: &str, e: &ApiError) -> Option<Entry> {
         let mut windows = self.refusals.lock().expect("refusals lock");
         if windows.len() > 10_000 {
-            windows.retain(|_, w| w.started.elapsed() < Duration::from_secs(60));
+            // Ended windows with nothing left to write (the others are
+            // written by `flush_refusals`).
+            windows.retain(|_, w| w.started.elapsed() < REFUSAL_WINDOW || w.suppressed > 0);
         }
         let w = windows.entry(peer.to_string()).or_insert(RefusalWindow {
             started: Instant::now(),
@@ -113,7 +141,7 @@ impl App {
             suppressed: 0,
         });
         let mut outcome = e.outcome();
-        if w.started.elapsed() >= Duration::from_secs(60) {
+        if w.started.elapsed() >= REFUSAL_WINDOW {
             if w.suppressed > 0 {
                 outcome = format!(
                     "{outcome} (and {} earlier refusals not listed)",
@@ -137,6 +165,21 @@ impl App {
             outcome,
             ..Entry::default()
         })
+    }
+
+    /// Writes the counts of refusals not listed one by one, for addresses
+    /// whose minute has ended (also when they never come back), and
+    /// forgets those windows. Run every few seconds by the server.
+    pub async fn flush_refusals(&self) {
+        let entries = {
+            let mut windows = self.refusals.lock().expect("refusals lock");
+            ended_windows(&mut windows, Instant::now())
+        };
+        for entry in entries {
+            if let Err(e) = audit::record(&self.db, entry).await {
+                tracing::error!(error = %e, "audit write failed");
+            }
+        }
     }
 
     /// Records the call's outcome; data is only returned once its access is audited.
@@ -657,5 +700,35 @@ impl CenterService for Center {
                 .collect(),
             instance_count,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counted_refusals_are_written_when_their_minute_ends() {
+        let start = Instant::now();
+        let mut windows = HashMap::new();
+        let window = |audited, suppressed| RefusalWindow {
+            started: start,
+            audited,
+            suppressed,
+        };
+        windows.insert("10.0.0.1".to_string(), window(60, 940));
+        windows.insert("10.0.0.2".to_string(), window(3, 0));
+        assert!(ended_windows(&mut windows, start + Duration::from_secs(30)).is_empty());
+        assert_eq!(windows.len(), 2, "a minute not over is kept");
+        let rows = ended_windows(&mut windows, start + Duration::from_secs(61));
+        assert!(windows.is_empty());
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].peer, "10.0.0.1");
+        assert_eq!(rows[0].matches, 940);
+        assert!(
+            rows[0].outcome.starts_with("denied: 940 more"),
+            "{}",
+            rows[0].outcome
+        );
     }
 }
