@@ -70,39 +70,10 @@ fn audit_outcome(gw: &Gateway, action: &str) -> String {
 fn getscu_retrieves_a_study_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, uids) = with_study(dir.path(), "");
-    let out_dir = dir.path().join("got");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = Command::new("/usr/bin/getscu")
-        .args(["-S", "+B", "-od"])
-        .arg(&out_dir)
-        .args(["-aet", "COUNTYWS1", "-aec", common::AE])
-        .args([
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            "StudyInstanceUID=2.25.66",
-        ])
-        .arg("127.0.0.1")
-        .arg(gw.port.to_string())
-        .env("TCP_NODELAY", "1")
-        .output()
-        .expect("run /usr/bin/getscu (Debian dcmtk)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let files = files_in(&out_dir);
-    assert_eq!(files.len(), uids.len());
-    for f in files {
-        let bytes = std::fs::read(&f).unwrap();
-        let ds = common::dataset_of(&bytes);
-        let attrs = storage::attrs::read_bytes(ds, &common::transfer_syntax_of(&bytes)).unwrap();
-        assert!(
-            ds == &stored_dataset(&gw, &attrs.sop_instance_uid)[..],
-            "{} differs",
-            f.display()
-        );
+    let got = getscu_study(&gw, dir.path(), "COUNTYWS1", "2.25.66");
+    assert_eq!(got.len(), uids.len());
+    for (uid, ds) in got {
+        assert!(ds == stored_dataset(&gw, &uid), "{uid} differs");
     }
     assert!(audit_outcome(&gw, "C-GET").starts_with("completed 5, failed 0"));
 }

@@ -368,22 +368,14 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
             // current: whoever reads the owner's study must not be shown
             // another patient's image. `superseded_at = received_at` marks
             // a version that never was current.
-            tx.prepare_cached(
+            record_version(
+                tx,
                 "INSERT INTO instance_versions (sop_instance_uid, blob_key, sha256, size,
                     transfer_syntax, clinic_id, calling_ae, received_at, superseded_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
                  ON CONFLICT (sop_instance_uid, sha256) DO NOTHING",
-            )?
-            .execute(params![
-                a.sop_instance_uid,
-                new.blob_key,
-                new.sha256,
-                new.size as i64,
-                new.transfer_syntax,
-                new.clinic_id,
-                new.calling_ae,
-                new.received_at
-            ])?;
+                new,
+            )?;
             return Ok(StoreOutcome::KeptBesideOwner { owner });
         }
         other => other.map(|(sha256, _)| sha256),
@@ -395,22 +387,13 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
          WHERE sop_instance_uid = ?1 AND superseded_at IS NULL",
     )?
     .execute(params![a.sop_instance_uid, new.received_at])?;
-    tx.prepare_cached(
+    record_version(
+        tx,
         "INSERT INTO instance_versions
             (sop_instance_uid, blob_key, sha256, size, transfer_syntax, clinic_id, calling_ae, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (sop_instance_uid, sha256) DO UPDATE SET superseded_at = NULL, received_at = excluded.received_at"
-    )?
-    .execute(params![
-            a.sop_instance_uid,
-            new.blob_key,
-            new.sha256,
-            new.size as i64,
-            new.transfer_syntax,
-            new.clinic_id,
-            new.calling_ae,
-            new.received_at
-        ],
+         ON CONFLICT (sop_instance_uid, sha256) DO UPDATE SET superseded_at = NULL, received_at = excluded.received_at",
+        new,
     )?;
 
     let patient_pk = upsert_patient(tx, new)?;
@@ -448,6 +431,22 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
         None => StoreOutcome::Stored,
         Some(previous_sha256) => StoreOutcome::NewVersion { previous_sha256 },
     })
+}
+
+/// Runs `sql`, an insert into `instance_versions`, with `new`'s values as
+/// ?1..?8: UID, blob key, SHA-256, size, transfer syntax, clinic, AE, time.
+fn record_version(tx: &Connection, sql: &str, new: &NewInstance) -> Result<()> {
+    tx.prepare_cached(sql)?.execute(params![
+        new.attrs.sop_instance_uid,
+        new.blob_key,
+        new.sha256,
+        new.size as i64,
+        new.transfer_syntax,
+        new.clinic_id,
+        new.calling_ae,
+        new.received_at
+    ])?;
+    Ok(())
 }
 
 fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
