@@ -56,16 +56,6 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn audit_outcome(gw: &Gateway, action: &str) -> String {
-    gw.index()
-        .query_row(
-            "SELECT outcome FROM audit WHERE action = ?1 ORDER BY pk DESC LIMIT 1",
-            [action],
-            |r| r.get(0),
-        )
-        .unwrap()
-}
-
 #[test]
 fn getscu_retrieves_a_study_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,7 +65,7 @@ fn getscu_retrieves_a_study_byte_for_byte() {
     for (uid, ds) in got {
         assert!(ds == stored_dataset(&gw, &uid), "{uid} differs");
     }
-    assert!(audit_outcome(&gw, "C-GET").starts_with("completed 5, failed 0"));
+    assert!(audited_outcome(&gw, "C-GET").starts_with("completed 5, failed 0"));
 }
 
 #[test]
@@ -113,7 +103,7 @@ fn movescu_to_storescp_as_stored_and_transcoded() {
         "a move of nothing hung for {:?}",
         started.elapsed()
     );
-    assert!(audit_outcome(&gw, "C-MOVE").starts_with("completed 0, failed 0"));
+    assert!(audited_outcome(&gw, "C-MOVE").starts_with("completed 0, failed 0"));
 
     // ... and nothing more than the study reached it.
     let received = plain.received();
@@ -161,7 +151,7 @@ fn movescu_to_storescp_as_stored_and_transcoded() {
             "it was transcoded"
         );
     }
-    assert!(audit_outcome(&gw, "C-MOVE").starts_with("completed 5, failed 0"));
+    assert!(audited_outcome(&gw, "C-MOVE").starts_with("completed 5, failed 0"));
 }
 
 #[test]
@@ -180,7 +170,10 @@ fn unknown_and_unreachable_destinations_fail_cleanly() {
     let out = movescu("NOWHERE");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MoveDestinationUnknown"), "{err}");
-    assert_eq!(audit_outcome(&gw, "C-MOVE"), "refused: destination unknown");
+    assert_eq!(
+        audited_outcome(&gw, "C-MOVE"),
+        "refused: destination unknown"
+    );
 
     let out = movescu("DOWNSCP");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -189,7 +182,7 @@ fn unknown_and_unreachable_destinations_fail_cleanly() {
         "{err}"
     );
     assert_eq!(
-        audit_outcome(&gw, "C-MOVE"),
+        audited_outcome(&gw, "C-MOVE"),
         format!(
             "completed 0, failed {}, warning 0, status 0xA702",
             uids.len()
@@ -556,9 +549,99 @@ fn a_clinic_retrieves_only_the_bytes_it_sent() {
     assert!(got["2.25.773"] == theirs[0].1);
 }
 
+/// A raw association as the county station (`scp_role`: SOP classes it
+/// offers to receive as C-STORE SCP, for C-GET), accepted.
+fn raw_county_association(
+    gw: &Gateway,
+    contexts: &[(u8, &str, &[&str])],
+    scp_role: &[&str],
+) -> std::net::TcpStream {
+    use dicom_ul::pdu::{Pdu, RequestorRoles, UserVariableItem};
+    use std::io::Write;
+    let mut rq = scu::request("COUNTYWS1", common::AE, contexts);
+    if let Pdu::AssociationRQ(a) = &mut rq {
+        for class in scp_role {
+            a.user_variables
+                .push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                    class.to_string(),
+                    RequestorRoles {
+                        scu: false,
+                        scp: true,
+                    },
+                ));
+        }
+    }
+    let mut stream = scu::connect(gw.port);
+    stream.write_all(&scu::encode(&rq)).unwrap();
+    assert!(matches!(
+        scu::read_any(&mut stream),
+        Some(scu::RawPdu::Other(Pdu::AssociationAC(_)))
+    ));
+    stream
+}
+
+/// The outcome of the newest audit row for `action`, waiting up to 10 s.
+fn audited_outcome(gw: &Gateway, action: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let row: Option<String> = gw
+            .index()
+            .query_row(
+                "SELECT outcome FROM audit WHERE action = ?1 ORDER BY pk DESC LIMIT 1",
+                [action],
+                |r| r.get(0),
+            )
+            .ok();
+        if let Some(o) = row {
+            return o;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit row for {action}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn abort_pdu() -> Vec<u8> {
+    scu::encode(&dicom_ul::pdu::Pdu::AbortRQ {
+        source: dicom_ul::pdu::AbortRQSource::ServiceUser,
+    })
+}
+
+#[test]
+fn a_query_cut_short_is_still_audited() {
+    use std::io::Write;
+    const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = with_study(dir.path(), "");
+    let mut stream = raw_county_association(&gw, &[(1, STUDY_ROOT_FIND, &[scu::EXPLICIT_LE])], &[]);
+    let find_rq = scu::command(&[
+        (0x0002, scu::uid_value(STUDY_ROOT_FIND)),
+        (0x0100, 0x0020u16.to_le_bytes().to_vec()),
+        (0x0110, 9u16.to_le_bytes().to_vec()),
+        (0x0700, 0u16.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+    ]);
+    let mut identifier = scu::el(0x0008_0052, b"CS", b"IMAGE");
+    identifier.extend(scu::el(0x0008_0018, b"UI", b""));
+    identifier.extend(scu::el(0x0020_000D, b"UI", b"2.25.66"));
+    // The query and an A-ABORT in one write: the gateway finds the abort
+    // waiting before it sends its first match.
+    let mut bytes = scu::pdata(1, true, true, &find_rq);
+    bytes.extend(scu::pdata(1, false, true, &identifier));
+    bytes.extend(abort_pdu());
+    stream.write_all(&bytes).unwrap();
+    drop(stream);
+    assert_eq!(
+        audited_outcome(&gw, "C-FIND"),
+        "0 matches sent, then the association ended: aborted by the peer"
+    );
+    gw.assert_serving();
+}
+
 #[test]
 fn a_retrieve_cut_short_is_still_audited() {
-    use dicom_ul::pdu::{AbortRQSource, Pdu, RequestorRoles, UserVariableItem};
     use std::io::Write;
     const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
     let dir = tempfile::tempdir().unwrap();
@@ -567,23 +650,7 @@ fn a_retrieve_cut_short_is_still_audited() {
         (1, STUDY_ROOT_GET, &[scu::EXPLICIT_LE]),
         (3, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
     ];
-    let mut rq = scu::request("COUNTYWS1", common::AE, contexts);
-    if let Pdu::AssociationRQ(a) = &mut rq {
-        a.user_variables
-            .push(UserVariableItem::ScuScpRoleSelectionSubItem(
-                CT_IMAGE_STORAGE.into(),
-                RequestorRoles {
-                    scu: false,
-                    scp: true,
-                },
-            ));
-    }
-    let mut stream = scu::connect(gw.port);
-    stream.write_all(&scu::encode(&rq)).unwrap();
-    assert!(matches!(
-        scu::read_any(&mut stream),
-        Some(scu::RawPdu::Other(Pdu::AssociationAC(_)))
-    ));
+    let mut stream = raw_county_association(&gw, contexts, &[CT_IMAGE_STORAGE]);
     let get_rq = scu::command(&[
         (0x0002, scu::uid_value(STUDY_ROOT_GET)),
         (0x0100, 0x0010u16.to_le_bytes().to_vec()),
@@ -607,30 +674,9 @@ fn a_retrieve_cut_short_is_still_audited() {
             other => panic!("expected the first C-STORE-RQ, got {:?}", other.is_some()),
         }
     }
-    let abort = Pdu::AbortRQ {
-        source: AbortRQSource::ServiceUser,
-    };
-    stream.write_all(&scu::encode(&abort)).unwrap();
+    stream.write_all(&abort_pdu()).unwrap();
     drop(stream);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let outcome = loop {
-        let row: Option<String> = gw
-            .index()
-            .query_row(
-                "SELECT outcome FROM audit WHERE action = 'C-GET'",
-                [],
-                |r| r.get(0),
-            )
-            .ok();
-        if let Some(o) = row {
-            break o;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no audit row for the cut-short C-GET"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let outcome = audited_outcome(&gw, "C-GET");
     assert!(
         outcome.starts_with(
             "completed 0, failed 0, warning 0, then the association ended: aborted by the peer"
@@ -714,7 +760,7 @@ fn a_destination_out_of_step_is_given_up() {
         "the gateway went on using a destination association out of step"
     );
     assert_eq!(
-        audit_outcome(&gw, "C-MOVE"),
+        audited_outcome(&gw, "C-MOVE"),
         format!(
             "completed 0, failed {}, warning 0, status 0xA702",
             uids.len()
