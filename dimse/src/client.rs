@@ -306,6 +306,20 @@ impl Association {
         Ok(())
     }
 
+    /// Receives the next DIMSE message, waiting up to `wait` for each PDU
+    /// instead of the association's usual timeout (an answer known to take
+    /// long, such as a storage commitment report).
+    pub async fn receive_within(
+        &mut self,
+        max_dataset: usize,
+        wait: Duration,
+    ) -> Result<Message, ClientError> {
+        let usual = std::mem::replace(&mut self.timeout, wait);
+        let received = self.receive(max_dataset).await;
+        self.timeout = usual;
+        received
+    }
+
     /// Receives the next DIMSE message (datasets up to `max_dataset` bytes).
     pub async fn receive(&mut self, max_dataset: usize) -> Result<Message, ClientError> {
         let mut command = Vec::new();

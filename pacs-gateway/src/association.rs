@@ -1279,6 +1279,17 @@ impl Connection {
         };
         let requested = request.references.len();
         let scope = (!assoc.county).then_some(assoc.source.clinic_id.as_str());
+        // The request is accepted at once; the verdict follows in the
+        // N-EVENT-REPORT, however long re-verifying takes (PS3.4 Annex J).
+        let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
+            .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+            .uid(
+                tag::AFFECTED_SOP_INSTANCE_UID,
+                commitment::WELL_KNOWN_INSTANCE,
+            )
+            .u16(tag::ACTION_TYPE_ID, commitment::ACTION_REQUEST)
+            .encode();
+        self.respond(assoc, context_id, &rsp).await?;
         let outcome = commitment::verify(&shared.storage, scope, request).await;
         // Owed from now on: if anything below fails, the report still goes
         // out on a new association (implicit VR LE is what that offers).
@@ -1296,15 +1307,6 @@ impl Connection {
                 "cannot encode the storage commitment report for a later delivery"
             ),
         }
-        let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
-            .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
-            .uid(
-                tag::AFFECTED_SOP_INSTANCE_UID,
-                commitment::WELL_KNOWN_INSTANCE,
-            )
-            .u16(tag::ACTION_TYPE_ID, commitment::ACTION_REQUEST)
-            .encode();
-        self.respond(assoc, context_id, &rsp).await?;
 
         let report = commitment::event_report_dataset(&outcome, &ts).map_err(|e| {
             End::Abort(

@@ -72,6 +72,10 @@ pub fn parse_file_header(bytes: &[u8]) -> Option<(String, usize)> {
     let mut pos = 144;
     let mut ts = None;
     while pos + 8 <= end.min(bytes.len()) {
+        // A group length that runs past group 0002 is a damaged header.
+        if bytes[pos..pos + 2] != [2, 0] {
+            return None;
+        }
         let element = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]);
         let vr = &bytes[pos + 4..pos + 6];
         let (len, header) = if matches!(vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT") {
@@ -124,6 +128,21 @@ mod tests {
         let (ts, offset) = parse_file_header(&h).unwrap();
         assert_eq!(ts, "1.2.840.10008.1.2.1");
         assert_eq!(offset, h.len());
+    }
+
+    #[test]
+    fn a_group_length_past_group_0002_is_refused() {
+        let mut h = file_header(
+            "1.2.840.10008.5.1.4.1.1.2",
+            "1.2.3.45",
+            "1.2.840.10008.1.2.1",
+        );
+        let len = u32::from_le_bytes(h[140..144].try_into().unwrap());
+        // The group length now also covers a Patient's Name after the header.
+        h[140..144].copy_from_slice(&(len + 16).to_le_bytes());
+        h.extend_from_slice(&[0x10, 0, 0x10, 0, b'P', b'N', 8, 0]);
+        h.extend_from_slice(b"Doe^Jon ");
+        assert_eq!(parse_file_header(&h), None);
     }
 
     #[test]

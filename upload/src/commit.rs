@@ -18,16 +18,21 @@ use crate::Settings;
 const SOP_CLASS: &str = "1.2.840.10008.1.20.1";
 const WELL_KNOWN_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
 /// Instances per N-ACTION.
-const CHUNK: usize = 5_000;
+const CHUNK: usize = 1_000;
+/// How long the center may take to re-verify a request's instances before
+/// its N-EVENT-REPORT (its N-ACTION-RSP comes at once).
+const REPORT_WAIT: Duration = Duration::from_secs(600);
 
 /// The center's answer per SOP Instance UID: `None` committed, `Some(reason)` failed.
 pub(crate) type Answers = HashMap<String, Option<u16>>;
 
 /// Requests commitment of `refs` (SOP class, SOP instance), with retries.
+/// The answers received, and the error that ended the requests early (the
+/// answers of requests before it are kept).
 pub(crate) async fn commit(
     settings: &Settings,
     refs: &[(String, String)],
-) -> Result<Answers, ClientError> {
+) -> (Answers, Option<ClientError>) {
     let mut answers = Answers::new();
     for chunk in refs.chunks(CHUNK) {
         let mut attempt = 0;
@@ -41,11 +46,11 @@ pub(crate) async fn commit(
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(500 << attempt.min(5))).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return (answers, Some(e)),
             }
         }
     }
-    Ok(answers)
+    (answers, None)
 }
 
 /// An association for storage commitment only; returns it with the
@@ -211,8 +216,9 @@ async fn exchange(
             "storage commitment request refused (status 0x{action_status:04X})"
         )));
     }
-    // The report follows on this association.
-    let report = assoc.receive(64 << 20).await?;
+    // The report follows on this association, once every instance has been
+    // re-read and hashed.
+    let report = assoc.receive_within(64 << 20, REPORT_WAIT).await?;
     if report.command.command_field() != Some(field::N_EVENT_REPORT_RQ) {
         return Err(ClientError::Protocol("expected N-EVENT-REPORT".into()));
     }

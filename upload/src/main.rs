@@ -218,7 +218,9 @@ async fn run(args: Args) -> ExitCode {
     for mut c in candidates {
         // Only instances this center committed before need hashing now.
         if record.has_uid(&c.sop_instance_uid).unwrap_or(false) {
-            if let Ok(sha) = scan::file_sha256(&c.path) {
+            if c.sha256.is_empty()
+                && let Ok(sha) = scan::file_sha256(&c.path)
+            {
                 c.sha256 = sha;
             }
             if record
@@ -232,7 +234,11 @@ async fn run(args: Args) -> ExitCode {
         to_send.push(c);
     }
     for s in &skipped {
-        let kind = if s.is_error { "ERROR  " } else { "skipped" };
+        let kind = if s.kind == scan::SkipKind::Unusable {
+            "ERROR  "
+        } else {
+            "skipped"
+        };
         println!("{kind} {}: {}", s.path.display(), s.reason);
     }
     if args.dry_run {
@@ -281,9 +287,10 @@ async fn run(args: Args) -> ExitCode {
         .map(|(c, _)| (c.sop_class_uid.clone(), c.sop_instance_uid.clone()))
         .collect();
     if !unanswered.is_empty() {
-        match commit::commit(s, &unanswered).await {
-            Ok(a) => answers.extend(a),
-            Err(e) => eprintln!("consortium-upload: storage commitment failed: {e}"),
+        let (more, failed) = commit::commit(s, &unanswered).await;
+        answers.extend(more);
+        if let Some(e) = failed {
+            eprintln!("consortium-upload: storage commitment failed: {e}");
         }
     }
     let committed_in = commit_started.elapsed();
@@ -358,7 +365,11 @@ async fn run(args: Args) -> ExitCode {
             lines.push(format!("{}\t{what}\t{detail}", c.path.display()));
         }
         for sk in &skipped {
-            let what = if sk.is_error { "unusable" } else { "skipped" };
+            let what = match sk.kind {
+                scan::SkipKind::Unusable => "unusable",
+                scan::SkipKind::Copy => "copy",
+                scan::SkipKind::NotDicom => "skipped",
+            };
             lines.push(format!("{}\t{what}\t{}", sk.path.display(), sk.reason));
         }
         if let Err(e) = std::fs::write(path, lines.join("\n") + "\n") {
@@ -368,11 +379,15 @@ async fn run(args: Args) -> ExitCode {
             );
         }
     }
-    let not_dicom = skipped.iter().filter(|s| !s.is_error).count();
-    let unusable = skipped.len() - not_dicom;
+    let count = |kind| skipped.iter().filter(|s| s.kind == kind).count();
+    let (not_dicom, unusable, copies) = (
+        count(scan::SkipKind::NotDicom),
+        count(scan::SkipKind::Unusable),
+        count(scan::SkipKind::Copy),
+    );
     let not_committed = stored.len() - committed.len();
     println!(
-        "summary: {} stored, {} committed, {} already committed before, {} refused, {} failed, {} not committed, {} unusable DICOM files, {} non-DICOM files skipped",
+        "summary: {} stored, {} committed, {} already committed before, {} refused, {} failed, {} not committed, {} unusable DICOM files, {} non-DICOM files skipped, {} identical copies skipped",
         stored.len(),
         committed.len(),
         already.len(),
@@ -380,7 +395,8 @@ async fn run(args: Args) -> ExitCode {
         failed,
         not_committed,
         unusable,
-        not_dicom
+        not_dicom,
+        copies
     );
     // A refused association fails every file the same way: say it once, plainly.
     if let Some(reason) = results.iter().find_map(|(_, o)| match o {

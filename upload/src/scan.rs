@@ -3,6 +3,7 @@
 //! walker), so unreadable, truncated or UID-less files are reported before
 //! anything is sent; non-DICOM files are listed and skipped.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -34,9 +35,17 @@ impl Candidate {
 pub(crate) struct Skipped {
     pub(crate) path: PathBuf,
     pub(crate) reason: String,
-    /// True for files that are DICOM but cannot be sent (a problem to fix);
-    /// false for files that are simply not DICOM instances.
-    pub(crate) is_error: bool,
+    pub(crate) kind: SkipKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SkipKind {
+    /// Not a DICOM instance (or a DICOMDIR, or not a regular file).
+    NotDicom,
+    /// DICOM, but it cannot be sent as it is: a problem to fix.
+    Unusable,
+    /// Byte for byte the same instance as another file, which is sent.
+    Copy,
 }
 
 /// Scans every input; files found twice are scanned once.
@@ -45,14 +54,14 @@ pub(crate) fn scan(inputs: &[PathBuf]) -> (Vec<Candidate>, Vec<Skipped>) {
     let mut skipped = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            walk(input, &mut files, &mut skipped);
+            walk(input, &mut files, &mut skipped, &mut HashSet::new());
         } else if is_dicomdir(input) {
             match dicomdir_files(input) {
                 Ok(found) => files.extend(found),
                 Err(reason) => skipped.push(Skipped {
                     path: input.clone(),
                     reason: format!("cannot read DICOMDIR: {reason}"),
-                    is_error: true,
+                    kind: SkipKind::Unusable,
                 }),
             }
         } else {
@@ -67,7 +76,7 @@ pub(crate) fn scan(inputs: &[PathBuf]) -> (Vec<Candidate>, Vec<Skipped>) {
         skipped.push(Skipped {
             path,
             reason: "DICOMDIR (a media directory, not an instance)".into(),
-            is_error: false,
+            kind: SkipKind::NotDicom,
         });
     }
     // Reading every header is the scan's cost: spread it over the cores.
@@ -92,7 +101,72 @@ pub(crate) fn scan(inputs: &[PathBuf]) -> (Vec<Candidate>, Vec<Skipped>) {
             Err(s) => skipped.push(s),
         }
     }
+    let candidates = one_file_per_instance(candidates, &mut skipped);
     (candidates, skipped)
+}
+
+/// Files that carry the same SOP Instance UID: identical bytes are sent
+/// once (the others are copies); different bytes are all held back, since
+/// the center would keep whichever arrived last and the record could not
+/// say which one it holds.
+fn one_file_per_instance(candidates: Vec<Candidate>, skipped: &mut Vec<Skipped>) -> Vec<Candidate> {
+    let mut by_uid: HashMap<String, Vec<Candidate>> = HashMap::new();
+    let mut order = Vec::new();
+    for c in candidates {
+        let group = by_uid.entry(c.sop_instance_uid.clone()).or_default();
+        if group.is_empty() {
+            order.push(c.sop_instance_uid.clone());
+        }
+        group.push(c);
+    }
+    let mut kept = Vec::with_capacity(order.len());
+    for uid in order {
+        let mut group = by_uid.remove(&uid).unwrap_or_default();
+        if group.len() == 1 {
+            kept.extend(group);
+            continue;
+        }
+        let mut hashes = Vec::with_capacity(group.len());
+        for c in &mut group {
+            match file_sha256(&c.path) {
+                Ok(h) => c.sha256 = h.clone(),
+                Err(e) => {
+                    hashes.clear();
+                    skipped.extend(group.iter().map(|c| Skipped {
+                        path: c.path.clone(),
+                        reason: format!("cannot read a copy of SOP Instance UID {uid}: {e}"),
+                        kind: SkipKind::Unusable,
+                    }));
+                    break;
+                }
+            }
+            hashes.push(c.sha256.clone());
+        }
+        if hashes.is_empty() {
+            continue;
+        }
+        if hashes.iter().all(|h| *h == hashes[0]) {
+            let first = group.remove(0);
+            skipped.extend(group.into_iter().map(|c| Skipped {
+                reason: format!("the same bytes as {}, which is sent", first.path.display()),
+                path: c.path,
+                kind: SkipKind::Copy,
+            }));
+            kept.push(first);
+        } else {
+            let paths: Vec<String> = group.iter().map(|c| c.path.display().to_string()).collect();
+            skipped.extend(group.iter().map(|c| Skipped {
+                path: c.path.clone(),
+                reason: format!(
+                    "SOP Instance UID {uid} is in {} files with different bytes ({}): none is sent; keep the right one",
+                    group.len(),
+                    paths.join(", ")
+                ),
+                kind: SkipKind::Unusable,
+            }));
+        }
+    }
+    kept
 }
 
 fn is_dicomdir(path: &Path) -> bool {
@@ -100,24 +174,45 @@ fn is_dicomdir(path: &Path) -> bool {
         .is_some_and(|n| n.to_string_lossy().eq_ignore_ascii_case("DICOMDIR"))
 }
 
-fn walk(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<Skipped>) {
+/// Every file under `dir`, following symbolic links; each folder (by
+/// device and inode) is read once, so a link back up cannot loop.
+fn walk(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    skipped: &mut Vec<Skipped>,
+    seen: &mut HashSet<(u64, u64)>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let unreadable = |path: &Path, e: std::io::Error| Skipped {
+        path: path.to_owned(),
+        reason: format!("cannot read folder: {e}"),
+        kind: SkipKind::Unusable,
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if !seen.insert((m.dev(), m.ino())) => return,
+        Ok(_) => {}
+        Err(e) => return skipped.push(unreadable(dir, e)),
+    }
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) => {
-            skipped.push(Skipped {
-                path: dir.to_owned(),
-                reason: format!("cannot read folder: {e}"),
-                is_error: true,
-            });
-            return;
-        }
+        Err(e) => return skipped.push(unreadable(dir, e)),
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        match entry.file_type() {
-            Ok(t) if t.is_dir() => walk(&path, files, skipped),
-            Ok(t) if t.is_file() => files.push(path),
-            _ => {}
+        // `metadata` follows a symbolic link to what it names.
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => walk(&path, files, skipped, seen),
+            Ok(m) if m.is_file() => files.push(path),
+            Ok(_) => skipped.push(Skipped {
+                path,
+                reason: "not a regular file".into(),
+                kind: SkipKind::NotDicom,
+            }),
+            Err(e) => skipped.push(Skipped {
+                path,
+                reason: format!("cannot follow: {e}"),
+                kind: SkipKind::Unusable,
+            }),
         }
     }
 }
@@ -143,7 +238,7 @@ fn dicomdir_files(path: &Path) -> Result<Vec<PathBuf>, String> {
                 if part.is_empty() || !part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     return Err(format!("invalid Referenced File ID component {part:?}"));
                 }
-                p.push(part);
+                p = child_any_case(&p, part);
             }
             out.push(p);
         }
@@ -151,28 +246,54 @@ fn dicomdir_files(path: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
+/// `dir/name`, or the entry of `dir` whose name differs from `name` only
+/// in case: a CD mounted on Linux shows DICOMDIR's "IM0001" as "im0001".
+fn child_any_case(dir: &Path, name: &str) -> PathBuf {
+    let exact = dir.join(name);
+    if exact.exists() {
+        return exact;
+    }
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .flatten()
+                .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(name))
+        })
+        .map_or(exact, |e| e.path())
+}
+
 fn inspect(path: &Path) -> Result<Candidate, Skipped> {
-    let skip = |reason: String, is_error: bool| Skipped {
+    let skip = |reason: String, kind: SkipKind| Skipped {
         path: path.to_owned(),
         reason,
-        is_error,
+        kind,
     };
-    let mut file =
-        std::fs::File::open(path).map_err(|e| skip(format!("cannot open: {e}"), true))?;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| skip(format!("cannot open: {e}"), SkipKind::Unusable))?;
     let size = file
         .metadata()
-        .map_err(|e| skip(format!("cannot read: {e}"), true))?
+        .map_err(|e| skip(format!("cannot read: {e}"), SkipKind::Unusable))?
         .len();
     let mut head = Vec::with_capacity(64 * 1024);
     (&mut file)
         .take(64 * 1024)
         .read_to_end(&mut head)
-        .map_err(|e| skip(format!("cannot read: {e}"), true))?;
+        .map_err(|e| skip(format!("cannot read: {e}"), SkipKind::Unusable))?;
     let Some((transfer_syntax, offset)) = storage::part10::parse_file_header(&head) else {
-        return Err(skip("not a DICOM Part 10 file".into(), false));
+        // "DICM" after the preamble: a DICOM file whose header is damaged
+        // (cut short, or not what its group length says), not some other file.
+        return Err(if head.get(128..132) == Some(b"DICM".as_slice()) {
+            skip(
+                "unusable DICOM file: its File Meta Information is truncated or malformed".into(),
+                SkipKind::Unusable,
+            )
+        } else {
+            skip("not a DICOM Part 10 file".into(), SkipKind::NotDicom)
+        });
     };
     let attrs = storage::attrs::read_file(path, offset as u64, &transfer_syntax)
-        .map_err(|e| skip(format!("unusable DICOM file: {e}"), true))?;
+        .map_err(|e| skip(format!("unusable DICOM file: {e}"), SkipKind::Unusable))?;
     Ok(Candidate {
         path: path.to_owned(),
         sop_class_uid: attrs.sop_class_uid,

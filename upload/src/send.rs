@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use consortium_dimse::client::{Association, ClientError, Proposed};
 use consortium_dimse::{Response, field, tag};
-use tokio::io::AsyncSeekExt;
+use tokio::io::AsyncReadExt;
 
 use sha2::Digest;
 
@@ -31,6 +31,23 @@ pub(crate) enum Outcome {
     Refused { status: u16, comment: String },
     /// Could not be delivered (after retries).
     Failed { reason: String },
+}
+
+/// Why one C-STORE did not get an answer.
+enum StoreError {
+    /// The file could not be read as scanned (unreadable, changed, a read
+    /// error part way): that file fails, not the connection. `usable` is
+    /// false when part of its dataset had gone out, so the association
+    /// must be given up (without counting against the connection).
+    Local { reason: String, usable: bool },
+    /// The association broke.
+    Link(ClientError),
+}
+
+impl From<ClientError> for StoreError {
+    fn from(e: ClientError) -> Self {
+        StoreError::Link(e)
+    }
 }
 
 /// Sends every candidate over `settings.associations` parallel associations,
@@ -102,6 +119,7 @@ async fn lane(
         };
         let mut message_id = 0u16;
         let mut lost: Option<ClientError> = None;
+        let mut unusable = false;
         for _ in 0..batch_len {
             let Some(file) = pending.pop_front() else {
                 break;
@@ -145,7 +163,13 @@ async fn lane(
                                 progress.done(&file);
                                 results.push((file, Outcome::Refused { status, comment }));
                             } else {
+                                // The center is short of resources: give it time.
+                                let wait = backoff(*n);
+                                progress.note(&format!(
+                                    "the center is out of resources (0x{status:04X}); retrying in {wait:?}"
+                                ));
                                 pending.push_back(file);
+                                tokio::time::sleep(wait).await;
                             }
                         }
                         Class::Refused => {
@@ -154,7 +178,16 @@ async fn lane(
                         }
                     }
                 }
-                Err(e) => {
+                Err(StoreError::Local { reason, usable }) => {
+                    // This file's fault, not the connection's: it fails alone.
+                    progress.done(&file);
+                    results.push((file, Outcome::Failed { reason }));
+                    if !usable {
+                        unusable = true;
+                        break;
+                    }
+                }
+                Err(StoreError::Link(e)) => {
                     // The association is gone: this file and the rest go again.
                     let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
                     *n += 1;
@@ -175,6 +208,7 @@ async fn lane(
             }
         }
         match lost {
+            None if unusable => assoc.abort().await,
             None => assoc.release().await,
             Some(e) => {
                 failures_in_a_row += 1;
@@ -222,11 +256,12 @@ enum Class {
     Refused,
 }
 
-/// PS3.4 B.2.3: success and warnings mean stored; 0xA7xx (out of
-/// resources) may pass; everything else is a refusal.
+/// PS3.4 B.2.3: success and warnings (0xBxxx, and PS3.7's general 0x0001,
+/// 0x0107, 0x0116) mean stored; 0xA7xx (out of resources) may pass;
+/// everything else is a refusal.
 fn classify(status: u16) -> Class {
     match status {
-        0x0000 | 0x0001 | 0xB000 | 0xB006 | 0xB007 => Class::Stored,
+        0x0000 | 0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF => Class::Stored,
         0xA700..=0xA7FF => Class::Transient,
         _ => Class::Refused,
     }
@@ -291,7 +326,8 @@ impl Prefetch {
 /// One C-STORE: the file's dataset streamed as is. Typical files are read
 /// and hashed off the runtime while the previous one is on the wire; the
 /// next file (`next`) starts reading as soon as this one is sent, while the
-/// center writes and syncs it.
+/// center writes and syncs it. The SHA-256 returned is always that of the
+/// bytes sent (with the file's header), never of a second read.
 async fn store_one(
     assoc: &mut Association,
     context: u8,
@@ -299,16 +335,22 @@ async fn store_one(
     file: &Candidate,
     prefetched: &mut Option<Prefetch>,
     next: Option<&Candidate>,
-) -> Result<(u16, String, String), ClientError> {
+) -> Result<(u16, String, String), StoreError> {
     let rq = Response::request(field::C_STORE_RQ, message_id, true)
         .uid(tag::AFFECTED_SOP_CLASS_UID, &file.sop_class_uid)
         .u16(tag::PRIORITY, 0)
         .uid(tag::AFFECTED_SOP_INSTANCE_UID, &file.sop_instance_uid)
         .encode();
-    let sha256;
-    let unreadable = |e: std::io::Error| {
-        ClientError::Protocol(format!("cannot read {}: {e}", file.path.display()))
+    let local = |reason: String, usable: bool| StoreError::Local { reason, usable };
+    let unreadable =
+        |e: std::io::Error| local(format!("cannot read {}: {e}", file.path.display()), true);
+    let changed = || {
+        local(
+            format!("{} changed since it was scanned", file.path.display()),
+            true,
+        )
     };
+    let sha256;
     if file.dataset_len() <= IN_MEMORY_BYTES {
         // Typical instances: one read, then PDUs straight from memory.
         let ahead = prefetched
@@ -320,12 +362,7 @@ async fn store_one(
         let dataset = bytes
             .get(file.dataset_offset as usize..)
             .filter(|d| d.len() as u64 == file.dataset_len())
-            .ok_or_else(|| {
-                ClientError::Protocol(format!(
-                    "{} changed since it was scanned",
-                    file.path.display()
-                ))
-            })?;
+            .ok_or_else(changed)?;
         assoc
             .send_command_and_dataset(context, &rq, dataset)
             .await?;
@@ -333,33 +370,102 @@ async fn store_one(
             .filter(|n| n.dataset_len() <= IN_MEMORY_BYTES)
             .map(|n| Prefetch::start(&n.path));
     } else {
-        // Large instances stream, one PDU in memory at a time.
-        let path = file.path.clone();
-        sha256 = tokio::task::spawn_blocking(move || crate::scan::file_sha256(&path))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .map_err(unreadable)?;
+        // Large instances stream, one PDU in memory at a time, hashed as
+        // they go out.
         let mut source = tokio::fs::File::open(&file.path)
             .await
             .map_err(unreadable)?;
-        source
-            .seek(std::io::SeekFrom::Start(file.dataset_offset))
-            .await
-            .map_err(unreadable)?;
+        let len = source.metadata().await.map_err(unreadable)?.len();
+        if len != file.size {
+            return Err(changed());
+        }
+        let mut header = vec![0u8; file.dataset_offset as usize];
+        source.read_exact(&mut header).await.map_err(unreadable)?;
+        let mut hashing = HashingReader {
+            inner: tokio::io::BufReader::with_capacity(1 << 20, source),
+            hasher: sha2::Sha256::new_with_prefix(&header),
+            failed: None,
+        };
         assoc.send_command(context, &rq).await?;
-        assoc
-            .send_dataset_from(
-                context,
-                tokio::io::BufReader::with_capacity(1 << 20, source),
-                file.dataset_len(),
-            )
-            .await?;
+        if let Err(e) = assoc
+            .send_dataset_from(context, &mut hashing, file.dataset_len())
+            .await
+        {
+            return Err(match hashing.failed.take() {
+                // Part of the dataset went out: this association cannot
+                // finish that C-STORE any more.
+                Some(read) => local(
+                    format!("cannot read {}: {read}", file.path.display()),
+                    false,
+                ),
+                None => StoreError::Link(e),
+            });
+        }
+        sha256 = storage::spool::hex(&hashing.hasher.finalize());
     }
     let rsp = assoc.receive(0).await?;
     if rsp.command.command_field() != Some(field::C_STORE_RSP) {
-        return Err(ClientError::Protocol("expected C-STORE-RSP".into()));
+        return Err(ClientError::Protocol("expected C-STORE-RSP".into()).into());
     }
     let status = rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF);
     let comment = rsp.command.uid(tag::ERROR_COMMENT).unwrap_or_default();
     Ok((status, comment, sha256))
+}
+
+/// Hashes what it reads, and remembers a read error (so that it is told
+/// from a broken connection).
+struct HashingReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    failed: Option<std::io::Error>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HashingReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let me = &mut *self;
+        match std::pin::Pin::new(&mut me.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                if read.is_empty() && buf.remaining() > 0 {
+                    // The end of the file before the end of its dataset.
+                    me.failed = Some(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file became shorter while it was sent",
+                    ));
+                }
+                me.hasher.update(read);
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Ready(Err(e)) => {
+                me.failed = Some(std::io::Error::new(e.kind(), e.to_string()));
+                std::task::Poll::Ready(Err(e))
+            }
+            pending => pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_stored_and_only_a7xx_is_retried() {
+        for stored in [
+            0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007, 0xB123,
+        ] {
+            assert!(matches!(classify(stored), Class::Stored), "{stored:04X}");
+        }
+        for transient in [0xA700, 0xA7FF] {
+            assert!(matches!(classify(transient), Class::Transient));
+        }
+        for refused in [0xA900, 0xC000, 0x0122, 0x0211] {
+            assert!(matches!(classify(refused), Class::Refused), "{refused:04X}");
+        }
+    }
 }

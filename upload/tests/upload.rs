@@ -251,6 +251,66 @@ fn bad_files_are_reported_and_the_rest_still_committed() {
 }
 
 #[test]
+fn copies_conflicting_uids_cut_headers_and_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(24)).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    let outside = sample_dicom::generate(&elsewhere, &sample_dicom::Options::small(25)).unwrap();
+    // An identical copy: sent once.
+    std::fs::copy(&files[0].path, samples.join("copy-of-first.dcm")).unwrap();
+    // The same SOP Instance UID with other bytes: neither is sent.
+    let mut other = std::fs::read(&files[1].path).unwrap();
+    *other.last_mut().unwrap() ^= 0xFF;
+    std::fs::write(samples.join("edited-second.dcm"), &other).unwrap();
+    // A DICOM file cut inside its File Meta Information: an error, not "not DICOM".
+    let head = std::fs::read(&files[2].path).unwrap();
+    std::fs::write(samples.join("cut-header.dcm"), &head[..140]).unwrap();
+    // A link to a file elsewhere is followed; a link back up does not loop.
+    std::os::unix::fs::symlink(&outside[0].path, samples.join("linked.dcm")).unwrap();
+    std::os::unix::fs::symlink(&samples, samples.join("loop")).unwrap();
+
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let out = upload(gw.port, &dir.path().join("record.sqlite"), &[], &[&samples]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(
+        summary_count(&text, "identical copies skipped"),
+        1,
+        "{text}"
+    );
+    assert_eq!(summary_count(&text, "unusable DICOM files"), 3, "{text}");
+    assert!(
+        text.contains("cut-header.dcm: unusable DICOM file: its File Meta Information"),
+        "{text}"
+    );
+    assert!(text.contains("with different bytes"), "{text}");
+    // Everything else, the linked file included, and nothing of the conflict.
+    // (one held back for its conflict, one more through the link)
+    let sent = files.len() - 1 + 1;
+    assert_eq!(summary_count(&text, "committed"), sent, "{text}");
+    assert_eq!(gw.count("SELECT count(*) FROM instances"), sent as i64);
+    let conflicted: i64 = gw
+        .index()
+        .query_row(
+            "SELECT count(*) FROM instances WHERE sop_instance_uid = ?1",
+            [&files[1].sop_instance_uid],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(conflicted, 0);
+    let linked: i64 = gw
+        .index()
+        .query_row(
+            "SELECT count(*) FROM instances WHERE sop_instance_uid = ?1",
+            [&outside[0].sop_instance_uid],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(linked, 1);
+}
+
+#[test]
 fn unknown_calling_ae_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let samples = dir.path().join("samples");
