@@ -617,13 +617,7 @@ impl Collector {
                 .unwrap_or(&[])
         };
         let charset_code = ascii(raw(0x0008_0005));
-        let first_code = charset_code
-            .split('\\')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        let charset = SpecificCharacterSet::from_code(&first_code).unwrap_or_default();
+        let charset = Charset::of(&charset_code);
         let text = |tag: u32| decode(&charset, raw(tag));
         let uid = |tag: u32, name: &'static str| -> Result<String, DatasetError> {
             let v = ascii(raw(tag));
@@ -713,11 +707,72 @@ fn ascii(v: &[u8]) -> String {
     String::from_utf8_lossy(trim_padding(v)).into_owned()
 }
 
-fn decode(charset: &SpecificCharacterSet, v: &[u8]) -> String {
+/// How a dataset's text is decoded, from its Specific Character Set.
+struct Charset {
+    codec: SpecificCharacterSet,
+    /// ISO 2022 code extensions in use (several values, e.g.
+    /// `\ISO 2022 IR 58`): the escape sequences that switch between
+    /// the default repertoire and the value's are removed before decoding,
+    /// except for ISO 2022 IR 87 (ISO-2022-JP), whose decoder reads them.
+    strip_escapes: bool,
+}
+
+impl Charset {
+    fn of(code: &str) -> Charset {
+        let values: Vec<&str> = code.split('\\').map(str::trim).collect();
+        // The first value names the default repertoire (often empty); with
+        // code extensions the other values name the repertoire of the
+        // non-ASCII text: the first of those that is not ASCII is used.
+        let named = if values.len() > 1 {
+            values
+                .iter()
+                .copied()
+                .find(|v| !v.is_empty() && *v != "ISO 2022 IR 6")
+                .unwrap_or("")
+        } else {
+            values[0]
+        };
+        let codec = SpecificCharacterSet::from_code(named).unwrap_or_default();
+        Charset {
+            codec,
+            strip_escapes: values.len() > 1 && named != "ISO 2022 IR 87",
+        }
+    }
+}
+
+fn decode(charset: &Charset, v: &[u8]) -> String {
     let v = trim_padding(v);
+    let unescaped;
+    let v = if charset.strip_escapes && v.contains(&0x1B) {
+        unescaped = without_iso2022_escapes(v);
+        unescaped.as_slice()
+    } else {
+        v
+    };
     charset
+        .codec
         .decode(v)
         .unwrap_or_else(|_| String::from_utf8_lossy(v).into_owned())
+}
+
+/// `v` without its ISO 2022 escape sequences (ESC, intermediate bytes
+/// 0x20-0x2F, one final byte 0x30-0x7E).
+fn without_iso2022_escapes(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] == 0x1B {
+            i += 1;
+            while i < v.len() && (0x20..=0x2F).contains(&v[i]) {
+                i += 1;
+            }
+            i += 1; // the final byte
+        } else {
+            out.push(v[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -98,7 +98,24 @@ impl BlobStore {
         match &self.local_root {
             Some(root) => {
                 // A link and a stat or two: short enough to run inline.
-                let to_sync = place_local(&spooled.path, &root.join(&key), spooled.size)?;
+                let target = root.join(&key);
+                let to_sync = match place_local(&spooled.path, &target, spooled.size)? {
+                    Placed::Linked(items) => items,
+                    Placed::Exists(items) => {
+                        // The same key means the same bytes only if the file
+                        // there holds them: a leftover whose fsync failed, or
+                        // of a crash on a filesystem that keeps a size with
+                        // garbage under it, must not be trusted. Re-hashing
+                        // costs an identical re-send one read.
+                        let (source, expected) = (spooled.path.clone(), hex(&spooled.sha256));
+                        tokio::task::spawn_blocking(move || {
+                            keep_or_replace(&source, &target, &expected)
+                        })
+                        .await
+                        .map_err(|e| Error::io("check blob", "")(std::io::Error::other(e)))??;
+                        items
+                    }
+                };
                 spooled.disarm();
                 Ok(PlacedBlob { key, to_sync })
             }
@@ -255,18 +272,23 @@ fn read_local(path: &Path) -> Result<bytes::Bytes> {
         .map_err(Error::io("read blob", path))
 }
 
+/// What [`place_local`] did; either way, what must be fsynced before the
+/// blob may be indexed.
+enum Placed {
+    /// `source` is now the blob (linked, or replacing a short leftover).
+    Linked(Vec<SyncItem>),
+    /// A file of the right size is already there: see [`keep_or_replace`].
+    Exists(Vec<SyncItem>),
+}
+
 /// Links `source` to `target` (in a directory [`BlobStore::prepare_local`]
-/// made durable); returns what must be fsynced before the blob may be
-/// indexed.
+/// made durable).
 ///
 /// Not yet synced, a blob is only referenced by the index after its batch's
 /// fsyncs, so a crash leaves at most an unreferenced (possibly short) file.
-/// When the key already exists with the right size the new copy is dropped;
-/// the existing file is still synced (a no-op when it already is durable),
-/// and a short leftover from a crash is replaced rather than trusted (on ext4
-/// with `data=ordered`, a crash loses a new file's tail, never its size
-/// with garbage under it).
-fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>> {
+/// A short leftover from a crash is replaced rather than trusted. When the
+/// key already exists with the right size, the caller checks its content.
+fn place_local(source: &Path, target: &Path, size: u64) -> Result<Placed> {
     let parent = target.parent().expect("blob keys have a directory");
     // The file and its new entry. Every fsync is also a flush of the disk's
     // cache: the directory's own entry was made durable at open.
@@ -287,13 +309,43 @@ fn place_local(source: &Path, target: &Path, size: u64) -> Result<Vec<SyncItem>>
             if existing.len() != size {
                 // A short leftover of a crash, never indexed: replace it.
                 std::fs::rename(source, target).map_err(Error::io("replace blob", target))?;
-                return Ok(items);
+                return Ok(Placed::Linked(items));
             }
+            return Ok(Placed::Exists(items));
         }
         Err(e) => return Err(Error::io("link blob into place", target)(e)),
     }
     std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
-    Ok(items)
+    Ok(Placed::Linked(items))
+}
+
+/// `target` exists with the size of `source`: keeps it when its SHA-256 is
+/// `expected` (the new copy goes), else puts `source` in its place.
+fn keep_or_replace(source: &Path, target: &Path, expected: &str) -> Result<()> {
+    let intact = matches!(file_sha256(target), Ok(actual) if actual == expected);
+    if intact {
+        std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
+    } else {
+        tracing::warn!(path = %target.display(), "replaced a blob whose bytes did not match its key");
+        std::fs::rename(source, target).map_err(Error::io("replace blob", target))?;
+    }
+    Ok(())
+}
+
+/// SHA-256 (hex) of a local file.
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 /// Creates `dir` and syncs the two directories above it.
@@ -310,18 +362,42 @@ fn create_durable_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn sync_one(item: &SyncItem) -> Result<()> {
+/// Which file a path named when it was synced (device, inode): a later
+/// check that the path still names it tells a synced blob from one put in
+/// its place since (after a failed fsync removed the first).
+pub(crate) type FileId = (u64, u64);
+
+/// The synced files, by path.
+pub(crate) type SyncedFiles = std::collections::HashMap<PathBuf, FileId>;
+
+/// Fsyncs `item`; for a file, also which file it was.
+fn sync_one(item: &SyncItem) -> Result<Option<(PathBuf, FileId)>> {
+    use std::os::unix::fs::MetadataExt;
     match item {
         SyncItem::File(path) => std::fs::File::open(path)
-            .and_then(|f| f.sync_data())
+            .and_then(|f| {
+                let meta = f.metadata()?;
+                f.sync_data()?;
+                Ok(Some((path.clone(), (meta.dev(), meta.ino()))))
+            })
             .map_err(Error::io("fsync blob", path)),
         SyncItem::Dir(path) => std::fs::File::open(path)
             .and_then(|d| d.sync_all())
+            .map(|()| None)
             .map_err(Error::io("fsync directory", path)),
     }
 }
 
-type SyncJob = (SyncItem, std::sync::mpsc::Sender<Result<()>>);
+/// The file a path names now, if any.
+pub(crate) fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+type SyncJob = (
+    SyncItem,
+    std::sync::mpsc::Sender<Result<Option<(PathBuf, FileId)>>>,
+);
 
 /// Threads that fsync a batch's items concurrently, so the filesystem can
 /// fold them into as few journal commits as possible. Kept alive for the
@@ -350,28 +426,39 @@ impl SyncPool {
         Ok(SyncPool { jobs })
     }
 
-    /// Fsyncs every item; the calling thread takes one share of the work.
-    pub(crate) fn sync_all(&self, items: &[SyncItem]) -> Result<()> {
+    /// Fsyncs every item (the calling thread takes one share of the work);
+    /// returns which file each synced path named.
+    pub(crate) fn sync_all(&self, items: &[SyncItem]) -> Result<SyncedFiles> {
+        let mut files = SyncedFiles::new();
         let Some((first, rest)) = items.split_first() else {
-            return Ok(());
+            return Ok(files);
         };
         let (reply, results) = std::sync::mpsc::channel();
         let mut pending = 0;
+        let mut outcome = Ok(());
+        let mut take = |res: Result<Option<(PathBuf, FileId)>>| match res {
+            Ok(Some((path, id))) => {
+                files.insert(path, id);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if outcome.is_ok() {
+                    outcome = Err(e);
+                }
+            }
+        };
         for item in rest {
             if self.jobs.send((item.clone(), reply.clone())).is_ok() {
                 pending += 1;
             } else {
-                sync_one(item)?;
+                take(sync_one(item));
             }
         }
-        let mut outcome = sync_one(first);
+        take(sync_one(first));
         for _ in 0..pending {
-            let res = results.recv().unwrap_or(Err(Error::ShuttingDown));
-            if outcome.is_ok() {
-                outcome = res;
-            }
+            take(results.recv().unwrap_or(Err(Error::ShuttingDown)));
         }
-        outcome
+        outcome.map(|()| files)
     }
 }
 
@@ -422,5 +509,22 @@ mod tests {
         assert_eq!(placed_again.key, placed.key);
         assert_eq!(placed_again.to_sync, placed.to_sync);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_leftover_of_the_right_size_but_other_bytes_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool_dir = tmp.path().join("spool");
+        std::fs::create_dir_all(&spool_dir).unwrap();
+        let blobs = BlobStore::local(&tmp.path().join("blobs")).unwrap();
+        blobs.prepare_local().unwrap();
+        let expected = [b"DICM".as_slice(), b"one instance"].concat();
+        // What a failed fsync or a crash can leave: the size, not the bytes.
+        let mut first = spooled(&spool_dir, b"one instance");
+        let path = blobs.local_path(&key_for(&first.sha256)).unwrap();
+        std::fs::write(&path, vec![0u8; expected.len()]).unwrap();
+        blobs.place(&mut first).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        assert!(std::fs::read_dir(&spool_dir).unwrap().next().is_none());
     }
 }

@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::SystemTime;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 pub use attrs::{DatasetError, InstanceAttrs};
@@ -205,16 +204,15 @@ impl Storage {
         let rows = self.reader()?.all_blobs()?;
         let mut problems = Vec::new();
         for (key, sha, size) in rows {
-            match self.inner.blobs.get(&key).await {
-                Ok(bytes) if bytes.len() as u64 != size => {
-                    problems.push(format!("{key}: size {} != indexed {size}", bytes.len()))
+            // Streamed: an instance may be larger than the memory to spare.
+            match self.inner.blobs.sha256(&key).await {
+                Ok((_, len)) if len != size => {
+                    problems.push(format!("{key}: size {len} != indexed {size}"))
                 }
-                Ok(bytes) => {
-                    let actual = spool::hex(&Sha256::digest(&bytes));
-                    if actual != sha {
-                        problems.push(format!("{key}: sha256 {actual} != indexed {sha}"));
-                    }
+                Ok((actual, _)) if actual != sha => {
+                    problems.push(format!("{key}: sha256 {actual} != indexed {sha}"))
                 }
+                Ok(_) => {}
                 Err(e) => problems.push(format!("{key}: {e}")),
             }
         }

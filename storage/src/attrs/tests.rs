@@ -103,6 +103,18 @@ fn decodes_gb18030_names() {
 }
 
 #[test]
+fn decodes_iso_2022_code_extensions() {
+    // GB2312 (ISO 2022 IR 58) after its escape sequence, as older Chinese
+    // modalities write it: "Zhang^San=张^三".
+    let raw = b"Zhang^San=\x1b$)A\xd5\xc5^\xc8\xfd".to_vec();
+    let attrs = read_bytes(&base("\\ISO 2022 IR 58", &raw), EXPLICIT_LE).unwrap();
+    assert_eq!(attrs.patient_name.text, "Zhang^San=张^三");
+    assert_eq!(attrs.patient_name.raw, raw);
+    let attrs = read_bytes(&base("ISO 2022 IR 6\\ISO 2022 IR 58", &raw), EXPLICIT_LE).unwrap();
+    assert_eq!(attrs.patient_name.text, "Zhang^San=张^三");
+}
+
+#[test]
 fn reads_implicit_vr() {
     let mut ds = Vec::new();
     ds.extend(implicit(0x0008_0016, b"1.2.840.10008.5.1.4.1.1.7"));

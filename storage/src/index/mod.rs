@@ -16,10 +16,11 @@ pub use writer::StoreOutcome;
 /// and brings the schema up to date.
 pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
     let mut conn = Connection::open(path)?;
+    // First: the viewer-api may be opening (and migrating) the same index.
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
     schema::migrate(&mut conn)?;
     schema::backfill_name_groups(&conn)?;
     Ok(conn)

@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
 use crate::attrs::InstanceAttrs;
-use crate::blobs::{SyncItem, SyncPool};
+use crate::blobs::{SyncItem, SyncPool, SyncedFiles};
 use crate::error::{Error, Result};
 
 /// Most jobs committed in one transaction.
@@ -85,6 +85,8 @@ pub(crate) fn spawn(conn: Connection) -> std::io::Result<mpsc::Sender<Job>> {
 struct Synced {
     jobs: Vec<Job>,
     synced: Result<()>,
+    /// Which file each synced blob path named.
+    files: SyncedFiles,
     fsyncs: usize,
     sync_time: std::time::Duration,
 }
@@ -111,10 +113,14 @@ fn sync_stage(rx: mpsc::Receiver<Job>, pool: SyncPool, next: mpsc::Sender<Synced
         to_sync.sort();
         to_sync.dedup();
         let started = std::time::Instant::now();
-        let synced = pool.sync_all(&to_sync);
+        let (synced, files) = match pool.sync_all(&to_sync) {
+            Ok(files) => (Ok(()), files),
+            Err(e) => (Err(e), SyncedFiles::new()),
+        };
         let batch = Synced {
             jobs,
             synced,
+            files,
             fsyncs: to_sync.len(),
             sync_time: started.elapsed(),
         };
@@ -145,25 +151,34 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
     // unreferenced files of a failed batch are removed, and a job whose blob
     // is gone (another sender's identical bytes, removed here) fails too
     // instead of indexing a row without a blob.
+    //
+    // Each job is checked against the files its own batch synced: the path
+    // must still name that very file. After a failed fsync removed a blob,
+    // an identical send may have linked a new, unsynced file there.
     let mut batch = Vec::new();
     for b in batches {
         match b.synced {
-            Ok(()) => batch.extend(b.jobs),
+            Ok(()) => {
+                let (kept, vanished): (Vec<Job>, Vec<Job>) = b.jobs.into_iter().partition(|job| {
+                    blob_files(job).all(|p| match crate::blobs::file_id(p) {
+                        None => false,
+                        Some(now) => b.files.get(p).is_none_or(|synced| *synced == now),
+                    })
+                });
+                batch.extend(kept);
+                for job in vanished {
+                    job.answer(Err(Error::Io {
+                        op: "find blob after a failed fsync of the same bytes",
+                        path: PathBuf::new(),
+                        source: std::io::Error::other("send the instance again"),
+                    }));
+                }
+            }
             Err(e) => {
                 discard_unsynced(conn, &b.jobs);
                 fail_all(b.jobs, &e);
             }
         }
-    }
-    let (batch, vanished): (Vec<Job>, Vec<Job>) = batch
-        .into_iter()
-        .partition(|job| blob_files(job).all(|p| p.exists()));
-    for job in vanished {
-        job.answer(Err(Error::Io {
-            op: "find blob after a failed fsync of the same bytes",
-            path: PathBuf::new(),
-            source: std::io::Error::other("send the instance again"),
-        }));
     }
     let mut results = Vec::with_capacity(batch.len());
     // A batch of audit rows alone is committed to the WAL without an fsync
@@ -663,6 +678,7 @@ mod tests {
         let synced = |jobs, synced| Synced {
             jobs,
             synced,
+            files: SyncedFiles::new(),
             fsyncs: 1,
             sync_time: std::time::Duration::ZERO,
         };
@@ -700,6 +716,38 @@ mod tests {
     }
 
     #[test]
+    fn a_blob_replaced_after_its_sync_is_not_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::index::open_writer(&dir.path().join("index.sqlite")).unwrap();
+        let blob = dir.path().join("blob.dcm");
+        std::fs::write(&blob, b"DICM").unwrap();
+        let synced_file = crate::blobs::file_id(&blob).unwrap();
+        let (job, rx) = insert_job(&blob, "instances/ab/ab.dcm");
+        // After this job's sync, another (unsynced) file took the path.
+        let newer = dir.path().join("newer.dcm");
+        std::fs::write(&newer, b"DICM").unwrap();
+        std::fs::rename(&newer, &blob).unwrap();
+        assert_ne!(crate::blobs::file_id(&blob), Some(synced_file));
+        let mut files = SyncedFiles::new();
+        files.insert(blob.clone(), synced_file);
+        commit_batches(
+            &mut conn,
+            vec![Synced {
+                jobs: vec![job],
+                synced: Ok(()),
+                files,
+                fsyncs: 1,
+                sync_time: std::time::Duration::ZERO,
+            }],
+        );
+        assert!(rx.blocking_recv().unwrap().is_err());
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM instances", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
     fn a_failing_job_fails_alone_and_the_rest_of_its_batch_commits() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = crate::index::open_writer(&dir.path().join("index.sqlite")).unwrap();
@@ -724,6 +772,7 @@ mod tests {
             vec![Synced {
                 jobs: vec![a, bad, b],
                 synced: Ok(()),
+                files: SyncedFiles::new(),
                 fsyncs: 3,
                 sync_time: std::time::Duration::ZERO,
             }],
@@ -755,6 +804,7 @@ mod tests {
         let synced = |jobs| Synced {
             jobs,
             synced: Ok(()),
+            files: SyncedFiles::new(),
             fsyncs: 0,
             sync_time: std::time::Duration::ZERO,
         };
