@@ -77,7 +77,9 @@ impl GatewayConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Blobs (unless `object_store_url` says otherwise), spool and the SQLite index.
+    /// Blobs, the spool and the SQLite index. (An S3-compatible blob store
+    /// is supported by `storage::Storage::open_with_store`, not yet by this
+    /// file.)
     pub data_dir: PathBuf,
 }
 

@@ -70,9 +70,12 @@ impl BlobStore {
             let dir = instances.join(hex(&[i]));
             std::fs::create_dir_all(&dir).map_err(Error::io("create blob directory", &dir))?;
         }
+        // Up to the data directory's own entry in its parent: a data
+        // directory created at the first start is durable too.
         for dir in [instances.as_path(), root.as_path()]
             .into_iter()
             .chain(root.parent())
+            .chain(root.parent().and_then(Path::parent))
         {
             sync_one(&SyncItem::Dir(dir.to_owned()))?;
         }
@@ -147,24 +150,31 @@ impl BlobStore {
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(Error::io("open spool file", &path))?;
-        loop {
-            use tokio::io::AsyncReadExt;
-            let mut chunk = Vec::with_capacity(PART);
-            let n = (&mut file)
-                .take(PART as u64)
-                .read_to_end(&mut chunk)
-                .await
-                .map_err(Error::io("read spool file", &path))?;
-            if n == 0 {
-                break;
-            }
-            if let Err(e) = upload.put_part(PutPayload::from(chunk)).await {
-                let _ = upload.abort().await;
-                return Err(e.into());
+        // Any failure abandons the upload, so no parts are left behind.
+        let sent: Result<()> = async {
+            loop {
+                use tokio::io::AsyncReadExt;
+                let mut chunk = Vec::with_capacity(PART);
+                let n = (&mut file)
+                    .take(PART as u64)
+                    .read_to_end(&mut chunk)
+                    .await
+                    .map_err(Error::io("read spool file", &path))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                upload.put_part(PutPayload::from(chunk)).await?;
             }
         }
-        upload.complete().await?;
-        Ok(())
+        .await;
+        let done = match sent {
+            Ok(()) => upload.complete().await.map(drop).map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if done.is_err() {
+            let _ = upload.abort().await;
+        }
+        done
     }
 
     /// Reads a whole blob.

@@ -198,10 +198,17 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
         {
             let tx = conn.transaction()?;
             let all: Result<Vec<_>> = batch.iter().map(|job| run_job(&tx, job)).collect();
-            if let Ok(all) = all {
-                tx.commit()?;
-                results = all.into_iter().map(Ok).collect();
-                return Ok(());
+            match all {
+                Ok(all) => {
+                    tx.commit()?;
+                    results = all.into_iter().map(Ok).collect();
+                    return Ok(());
+                }
+                // The index is locked by another process (past the busy
+                // timeout): every job would wait that long again. The
+                // whole batch fails at once; senders retry (0xA7xx).
+                Err(e) if is_busy(&e) => return Err(e),
+                Err(_) => {}
             }
         } // a failed job's batch is rolled back here
         let mut tx = conn.transaction()?;
@@ -233,6 +240,15 @@ fn commit_batches(conn: &mut Connection, batches: Vec<Synced>) {
         commit_us = started.elapsed().as_micros() as u64,
         "index batch committed"
     );
+}
+
+/// True for SQLite's "database is locked / busy".
+fn is_busy(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Index(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 /// The blob files an insert job placed (none for remote object stores).
