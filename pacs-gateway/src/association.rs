@@ -960,7 +960,7 @@ impl Connection {
             .filter(|(_, c)| c.requestor_scp && c.abstract_syntax == item.sop_class_uid)
             .filter(|(_, c)| {
                 c.transfer_syntax == item.transfer_syntax
-                    || retrieve::can_transcode(&item.transfer_syntax, &c.transfer_syntax)
+                    || storage::transcode::can_convert(&item.transfer_syntax, &c.transfer_syntax)
             })
             .min_by_key(|(id, c)| (c.transfer_syntax != item.transfer_syntax, **id))
             .map(|(id, c)| (*id, c.transfer_syntax.clone()));
@@ -1499,7 +1499,8 @@ async fn move_one(
         .iter()
         .filter(|(_, (a, t))| {
             *a == item.sop_class_uid
-                && (*t == item.transfer_syntax || retrieve::can_transcode(&item.transfer_syntax, t))
+                && (*t == item.transfer_syntax
+                    || storage::transcode::can_convert(&item.transfer_syntax, t))
         })
         .min_by_key(|(id, (_, t))| (*t != item.transfer_syntax, **id))
         .map(|(id, (_, t))| (*id, t.clone()));

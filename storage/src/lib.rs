@@ -22,6 +22,7 @@ pub mod index;
 pub mod part10;
 pub mod query;
 pub mod spool;
+pub mod transcode;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};

@@ -316,6 +316,17 @@ async fn run(args: Args) -> ExitCode {
     let mut refused = 0;
     let mut failed = 0;
     for (c, outcome) in &results {
+        if let send::Outcome::Stored {
+            converted_to: Some(ts),
+            ..
+        } = outcome
+        {
+            println!(
+                "converted {}: sent as {ts} (the center did not accept its own {})",
+                c.path.display(),
+                c.transfer_syntax
+            );
+        }
         match outcome {
             send::Outcome::Stored { .. } => match answers.get(&c.sop_instance_uid) {
                 Some(None) => {}
@@ -349,14 +360,22 @@ async fn run(args: Args) -> ExitCode {
         }
         for (c, outcome) in &results {
             let (what, detail) = match outcome {
-                send::Outcome::Stored { .. } => match answers.get(&c.sop_instance_uid) {
-                    Some(None) => ("committed".to_string(), String::new()),
-                    Some(Some(r)) => (
-                        "not committed".to_string(),
-                        format!("0x{r:04X} {}", commit::describe_failure(*r)),
-                    ),
-                    None => ("not committed".to_string(), "not confirmed".to_string()),
-                },
+                send::Outcome::Stored { converted_to, .. } => {
+                    match answers.get(&c.sop_instance_uid) {
+                        Some(None) => (
+                            "committed".to_string(),
+                            converted_to
+                                .as_ref()
+                                .map(|ts| format!("sent as {ts}"))
+                                .unwrap_or_default(),
+                        ),
+                        Some(Some(r)) => (
+                            "not committed".to_string(),
+                            format!("0x{r:04X} {}", commit::describe_failure(*r)),
+                        ),
+                        None => ("not committed".to_string(), "not confirmed".to_string()),
+                    }
+                }
                 send::Outcome::Refused { status, comment } => {
                     ("refused".to_string(), format!("0x{status:04X} {comment}"))
                 }

@@ -20,13 +20,21 @@ const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 /// Datasets up to this size are read whole before sending.
 const IN_MEMORY_BYTES: u64 = 16 << 20;
+/// Files up to this size can be converted (in memory) to a syntax the
+/// center accepted when it refused their own.
+const MAX_CONVERTED_BYTES: u64 = 1 << 30;
 
 /// What happened to one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// Success (or a warning status, which also means stored); `sha256` of
-    /// the file as sent.
-    Stored { status: u16, sha256: String },
+    /// the file as read; `converted_to` the transfer syntax its dataset was
+    /// converted to when the center did not accept the file's own.
+    Stored {
+        status: u16,
+        sha256: String,
+        converted_to: Option<String>,
+    },
     /// The center refused it; sending again will not help.
     Refused { status: u16, comment: String },
     /// Could not be delivered (after retries).
@@ -124,13 +132,9 @@ async fn lane(
             let Some(file) = pending.pop_front() else {
                 break;
             };
-            let Some(context) = assoc.context_for(&file.sop_class_uid, &file.transfer_syntax)
-            else {
+            let Some((context, convert_to)) = choose_context(&assoc, &file) else {
                 progress.done(&file);
-                let reason = format!(
-                    "the center accepted neither SOP class {} nor transfer syntax {} for it",
-                    file.sop_class_uid, file.transfer_syntax
-                );
+                let reason = refusal_reason(&assoc, &file);
                 results.push((file, Outcome::Failed { reason }));
                 continue;
             };
@@ -139,6 +143,7 @@ async fn lane(
             match store_one(
                 &mut assoc,
                 context,
+                convert_to.as_deref(),
                 message_id,
                 &file,
                 &mut prefetched,
@@ -154,7 +159,14 @@ async fn lane(
                             // The committer outlives the lanes.
                             let _ = stored
                                 .send((file.sop_class_uid.clone(), file.sop_instance_uid.clone()));
-                            results.push((file, Outcome::Stored { status, sha256 }));
+                            results.push((
+                                file,
+                                Outcome::Stored {
+                                    status,
+                                    sha256,
+                                    converted_to: convert_to,
+                                },
+                            ));
                         }
                         Class::Transient => {
                             let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
@@ -226,6 +238,45 @@ async fn lane(
         }
     }
     results
+}
+
+/// The context to send `file` on: one that accepted its own transfer
+/// syntax (bytes as they are), else one of its SOP class in a syntax its
+/// dataset can be converted to (the proposed uncompressed fallback), with
+/// that syntax.
+fn choose_context(assoc: &Association, file: &Candidate) -> Option<(u8, Option<String>)> {
+    if let Some(id) = assoc.context_for(&file.sop_class_uid, &file.transfer_syntax) {
+        return Some((id, None));
+    }
+    assoc
+        .accepted
+        .iter()
+        .filter(|(_, (class, ts))| {
+            *class == file.sop_class_uid
+                && storage::transcode::can_convert(&file.transfer_syntax, ts)
+        })
+        // Explicit VR little endian first, then the lowest context id.
+        .min_by_key(|(id, (_, ts))| (ts.as_str() != EXPLICIT_LE, **id))
+        .map(|(id, (_, ts))| (*id, Some(ts.clone())))
+}
+
+/// Why no context fits `file`, in words.
+fn refusal_reason(assoc: &Association, file: &Candidate) -> String {
+    if assoc
+        .accepted
+        .values()
+        .any(|(class, _)| *class == file.sop_class_uid)
+    {
+        format!(
+            "the center did not accept its transfer syntax {}, and it cannot be converted to one the center accepted",
+            file.transfer_syntax
+        )
+    } else {
+        format!(
+            "the center does not accept SOP class {}",
+            file.sop_class_uid
+        )
+    }
 }
 
 /// Gives up on every file still pending, with one reason.
@@ -328,9 +379,11 @@ impl Prefetch {
 /// next file (`next`) starts reading as soon as this one is sent, while the
 /// center writes and syncs it. The SHA-256 returned is always that of the
 /// bytes sent (with the file's header), never of a second read.
+#[allow(clippy::too_many_arguments)]
 async fn store_one(
     assoc: &mut Association,
     context: u8,
+    convert_to: Option<&str>,
     message_id: u16,
     file: &Candidate,
     prefetched: &mut Option<Prefetch>,
@@ -351,7 +404,42 @@ async fn store_one(
         )
     };
     let sha256;
-    if file.dataset_len() <= IN_MEMORY_BYTES {
+    if let Some(to) = convert_to {
+        // The center took none of the file's own syntax: its dataset is
+        // converted in memory (bounded), then sent.
+        if file.size > MAX_CONVERTED_BYTES {
+            return Err(local(
+                format!(
+                    "the center did not accept {} and the file is too large to convert ({} bytes)",
+                    file.transfer_syntax, file.size
+                ),
+                true,
+            ));
+        }
+        let ahead = prefetched
+            .take()
+            .filter(|p| p.path == file.path)
+            .unwrap_or_else(|| Prefetch::start(&file.path));
+        let (bytes, sha) = ahead.take().await.map_err(unreadable)?;
+        if bytes.len() as u64 != file.size {
+            return Err(changed());
+        }
+        sha256 = sha;
+        let (from, to, offset) = (
+            file.transfer_syntax.clone(),
+            to.to_string(),
+            file.dataset_offset as usize,
+        );
+        let dataset = tokio::task::spawn_blocking(move || {
+            storage::transcode::convert(&bytes, offset, &from, &to)
+        })
+        .await
+        .map_err(|e| local(e.to_string(), true))?
+        .map_err(|e| local(format!("cannot convert {}: {e}", file.path.display()), true))?;
+        assoc
+            .send_command_and_dataset(context, &rq, &dataset)
+            .await?;
+    } else if file.dataset_len() <= IN_MEMORY_BYTES {
         // Typical instances: one read, then PDUs straight from memory.
         let ahead = prefetched
             .take()

@@ -310,6 +310,91 @@ fn copies_conflicting_uids_cut_headers_and_links() {
     assert_eq!(linked, 1);
 }
 
+/// A center that takes no compressed syntax (DCMTK storescp as shipped,
+/// bit-preserving): the tool falls back to the uncompressed context it
+/// proposed and sends each compressed file's dataset converted.
+#[test]
+fn a_refused_syntax_falls_back_to_uncompressed() {
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(26)).unwrap();
+    let compressed: Vec<_> = files
+        .iter()
+        .filter(|f| {
+            !matches!(
+                f.transfer_syntax.as_str(),
+                "1.2.840.10008.1.2"
+                    | "1.2.840.10008.1.2.1"
+                    | "1.2.840.10008.1.2.2"
+                    | "1.2.840.10008.1.2.1.99"
+            )
+        })
+        .collect();
+    assert!(
+        !compressed.is_empty(),
+        "the sample set has compressed files"
+    );
+    let received = dir.path().join("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut scp = Command::new("/usr/bin/storescp")
+        .args(["+B", "-aet", "COUNTYPACS", "-od"])
+        .arg(&received)
+        .arg(port.to_string())
+        .env("TCP_NODELAY", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run /usr/bin/storescp (Debian dcmtk)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "storescp did not start");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let inputs: Vec<&Path> = compressed.iter().map(|f| f.path.as_path()).collect();
+    let out = upload(port, &dir.path().join("record.sqlite"), &[], &inputs);
+    let _ = scp.kill();
+    let _ = scp.wait();
+    let text = stdout(&out);
+    // storescp offers no storage commitment: nothing can be confirmed.
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(summary_count(&text, "stored"), compressed.len(), "{text}");
+    let got: Vec<Vec<u8>> = std::fs::read_dir(&received)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(got.len(), compressed.len());
+    for f in &compressed {
+        assert!(
+            text.contains(&format!(
+                "converted {}: sent as {EXPLICIT_LE}",
+                f.path.display()
+            )),
+            "{text}"
+        );
+        let original = std::fs::read(&f.path).unwrap();
+        let (ts, offset) = storage::part10::parse_file_header(&original).unwrap();
+        let expected = storage::transcode::convert(&original, offset, &ts, EXPLICIT_LE).unwrap();
+        let arrived = got
+            .iter()
+            .find(|g| {
+                let (_, o) = storage::part10::parse_file_header(g).unwrap();
+                g[o..] == expected[..]
+            })
+            .is_some();
+        assert!(
+            arrived,
+            "{} arrived converted, byte for byte",
+            f.path.display()
+        );
+    }
+}
+
 #[test]
 fn unknown_calling_ae_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
