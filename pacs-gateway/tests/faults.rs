@@ -78,13 +78,7 @@ fn command_sop_class_that_differs_from_its_context_is_refused() {
     assert_eq!(scu.reply(), Reply::Status(0x0122));
     // A query on a storage context: that SOP class offers no C-FIND.
     let id = scu.next_id();
-    let find_rq = scu::command(&[
-        (0x0002, scu::uid_value("1.2.840.10008.5.1.4.1.2.2.1")),
-        (0x0100, 0x0020u16.to_le_bytes().to_vec()),
-        (0x0110, id.to_le_bytes().to_vec()),
-        (0x0700, 0u16.to_le_bytes().to_vec()),
-        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
-    ]);
+    let find_rq = scu::query_rq("1.2.840.10008.5.1.4.1.2.2.1", 0x0020, id);
     scu.send_message(1, true, &find_rq);
     scu.send_message(1, false, &scu::el(0x0008_0052, b"CS", b"STUDY"));
     assert_eq!(scu.reply(), Reply::Status(0x0122));

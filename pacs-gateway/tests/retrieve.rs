@@ -616,13 +616,7 @@ fn a_query_cut_short_is_still_audited() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, _) = with_study(dir.path(), "");
     let mut stream = raw_county_association(&gw, &[(1, STUDY_ROOT_FIND, &[scu::EXPLICIT_LE])], &[]);
-    let find_rq = scu::command(&[
-        (0x0002, scu::uid_value(STUDY_ROOT_FIND)),
-        (0x0100, 0x0020u16.to_le_bytes().to_vec()),
-        (0x0110, 9u16.to_le_bytes().to_vec()),
-        (0x0700, 0u16.to_le_bytes().to_vec()),
-        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
-    ]);
+    let find_rq = scu::query_rq(STUDY_ROOT_FIND, 0x0020, 9);
     let mut identifier = scu::el(0x0008_0052, b"CS", b"IMAGE");
     identifier.extend(scu::el(0x0008_0018, b"UI", b""));
     identifier.extend(scu::el(0x0020_000D, b"UI", b"2.25.66"));
@@ -651,13 +645,7 @@ fn a_retrieve_cut_short_is_still_audited() {
         (3, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
     ];
     let mut stream = raw_county_association(&gw, contexts, &[CT_IMAGE_STORAGE]);
-    let get_rq = scu::command(&[
-        (0x0002, scu::uid_value(STUDY_ROOT_GET)),
-        (0x0100, 0x0010u16.to_le_bytes().to_vec()),
-        (0x0110, 7u16.to_le_bytes().to_vec()),
-        (0x0700, 0u16.to_le_bytes().to_vec()),
-        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
-    ]);
+    let get_rq = scu::query_rq(STUDY_ROOT_GET, 0x0010, 7);
     let mut identifier = scu::el(0x0008_0052, b"CS", b"STUDY");
     identifier.extend(scu::el(0x0020_000D, b"UI", b"2.25.66"));
     stream

@@ -290,24 +290,17 @@ fn copies_conflicting_uids_cut_headers_and_links() {
     let sent = files.len() - 1 + 1;
     assert_eq!(summary_count(&text, "committed"), sent, "{text}");
     assert_eq!(gw.count("SELECT count(*) FROM instances"), sent as i64);
-    let conflicted: i64 = gw
-        .index()
-        .query_row(
-            "SELECT count(*) FROM instances WHERE sop_instance_uid = ?1",
-            [&files[1].sop_instance_uid],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(conflicted, 0);
-    let linked: i64 = gw
-        .index()
-        .query_row(
-            "SELECT count(*) FROM instances WHERE sop_instance_uid = ?1",
-            [&outside[0].sop_instance_uid],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(linked, 1);
+    let held = |uid: &str| -> i64 {
+        gw.index()
+            .query_row(
+                "SELECT count(*) FROM instances WHERE sop_instance_uid = ?1",
+                [uid],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(held(&files[1].sop_instance_uid), 0, "the conflict");
+    assert_eq!(held(&outside[0].sop_instance_uid), 1, "the linked file");
 }
 
 /// A center that takes no compressed syntax (DCMTK storescp as shipped,

@@ -220,6 +220,18 @@ pub fn store_rq(message_id: u16, sop_class: &str, sop_instance: &str) -> Vec<u8>
     ])
 }
 
+/// A C-FIND/C-GET/C-MOVE request command (`command_field`) for
+/// `sop_class`, announcing an identifier.
+pub fn query_rq(sop_class: &str, command_field: u16, message_id: u16) -> Vec<u8> {
+    command(&[
+        (0x0002, uid_value(sop_class)),
+        (0x0100, command_field.to_le_bytes().to_vec()),
+        (0x0110, message_id.to_le_bytes().to_vec()),
+        (0x0700, 0u16.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+    ])
+}
+
 pub fn echo_rq(message_id: u16) -> Vec<u8> {
     command(&[
         (0x0002, uid_value(VERIFICATION)),
