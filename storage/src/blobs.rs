@@ -70,14 +70,8 @@ impl BlobStore {
             let dir = instances.join(hex(&[i]));
             std::fs::create_dir_all(&dir).map_err(Error::io("create blob directory", &dir))?;
         }
-        // Up to the data directory's own entry in its parent: a data
-        // directory created at the first start is durable too.
-        for dir in [instances.as_path(), root.as_path()]
-            .into_iter()
-            .chain(root.parent())
-            .chain(root.parent().and_then(Path::parent))
-        {
-            sync_one(&SyncItem::Dir(dir.to_owned()))?;
+        for dir in dirs_to_sync(root) {
+            sync_one(&SyncItem::Dir(dir))?;
         }
         Ok(())
     }
@@ -280,6 +274,34 @@ fn read_local(path: &Path) -> Result<bytes::Bytes> {
     std::fs::read(path)
         .map(bytes::Bytes::from)
         .map_err(Error::io("read blob", path))
+}
+
+/// The directories whose entries [`BlobStore::prepare_local`] makes
+/// durable: `root/instances`, `root`, the data directory above it and the
+/// directory holding that, so a data directory created at the first start
+/// is durable too. (Above a relative path of one component is "": the
+/// working directory, ".".)
+fn dirs_to_sync(root: &Path) -> Vec<PathBuf> {
+    let above = |p: &Path| -> Option<PathBuf> {
+        p.parent().map(|a| {
+            if a.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                a.to_owned()
+            }
+        })
+    };
+    let data_dir = above(root);
+    let holder = root.parent().and_then(above);
+    [
+        Some(root.join("instances")),
+        Some(root.to_owned()),
+        data_dir,
+        holder,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// What [`place_local`] did; either way, what must be fsynced before the
@@ -519,6 +541,24 @@ mod tests {
         assert_eq!(placed_again.key, placed.key);
         assert_eq!(placed_again.to_sync, placed.to_sync);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_synced_directories_reach_above_a_relative_data_dir() {
+        let paths = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(
+            dirs_to_sync(Path::new("data/blobs")),
+            paths(&["data/blobs/instances", "data/blobs", "data", "."])
+        );
+        assert_eq!(
+            dirs_to_sync(Path::new("/srv/pacs/blobs")),
+            paths(&[
+                "/srv/pacs/blobs/instances",
+                "/srv/pacs/blobs",
+                "/srv/pacs",
+                "/srv"
+            ])
+        );
     }
 
     #[tokio::test]
