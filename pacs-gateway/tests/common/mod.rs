@@ -64,11 +64,11 @@ impl Gateway {
     pub fn start(dir: &Path, spec: &GatewaySpec) -> Gateway {
         let data_dir = dir.join("data");
         let config_path = dir.join("gateway.toml");
+        // A relative data directory, as in the README's example: the
+        // gateway runs in `dir`.
         let config = format!(
-            "[gateway]\nae_title = \"{AE}\"\nlisten = \"127.0.0.1:0\"\n{}\n\n[storage]\ndata_dir = \"{}\"\n{}",
-            spec.gateway_extra,
-            data_dir.display(),
-            spec.clinics
+            "[gateway]\nae_title = \"{AE}\"\nlisten = \"127.0.0.1:0\"\n{}\n\n[storage]\ndata_dir = \"data\"\n{}",
+            spec.gateway_extra, spec.clinics
         );
         std::fs::write(&config_path, config).unwrap();
         Gateway::start_with(config_path, data_dir, dir.join("gateway.log"))
@@ -92,6 +92,7 @@ impl Gateway {
             .open(&log_path)
             .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_pacs-gateway"))
+            .current_dir(config_path.parent().expect("config in a directory"))
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
