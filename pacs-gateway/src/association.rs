@@ -1289,7 +1289,9 @@ impl Connection {
             )
             .u16(tag::ACTION_TYPE_ID, commitment::ACTION_REQUEST)
             .encode();
-        self.respond(assoc, context_id, &rsp).await?;
+        // Even if this answer cannot be written (the peer may still have
+        // it), the report is owed: verify and queue it before giving up.
+        let answered = self.respond(assoc, context_id, &rsp).await;
         let outcome = commitment::verify(&shared.storage, scope, request).await;
         // Owed from now on: if anything below fails, the report still goes
         // out on a new association (implicit VR LE is what that offers).
@@ -1307,6 +1309,7 @@ impl Connection {
                 "cannot encode the storage commitment report for a later delivery"
             ),
         }
+        answered?;
 
         let report = commitment::event_report_dataset(&outcome, &ts).map_err(|e| {
             End::Abort(

@@ -708,34 +708,35 @@ fn ascii(v: &[u8]) -> String {
 }
 
 /// How a dataset's text is decoded, from its Specific Character Set.
+///
+/// With ISO 2022 code extensions (`\\ISO 2022 IR 58`, `ISO 2022 IR 6\\ISO
+/// 2022 IR 149`, ...) the text switches repertoires with escape sequences.
+/// One decoder is used for a whole value: the repertoire named after the
+/// default one, the escape sequences removed; for Japanese (IR 87) the
+/// ISO-2022-JP decoder, which reads them. A value mixing two non-ASCII
+/// repertoires (Latin-1 with Greek, say) is decoded with the first.
 struct Charset {
     codec: SpecificCharacterSet,
-    /// ISO 2022 code extensions in use (several values, e.g.
-    /// `\ISO 2022 IR 58`): the escape sequences that switch between
-    /// the default repertoire and the value's are removed before decoding,
-    /// except for ISO 2022 IR 87 (ISO-2022-JP), whose decoder reads them.
     strip_escapes: bool,
 }
 
 impl Charset {
     fn of(code: &str) -> Charset {
+        const JAPANESE: &str = "ISO 2022 IR 87";
         let values: Vec<&str> = code.split('\\').map(str::trim).collect();
-        // The first value names the default repertoire (often empty); with
-        // code extensions the other values name the repertoire of the
-        // non-ASCII text: the first of those that is not ASCII is used.
-        let named = if values.len() > 1 {
+        let extended = values.iter().any(|v| v.starts_with("ISO 2022"));
+        let named = if values.contains(&JAPANESE) {
+            JAPANESE
+        } else {
             values
                 .iter()
                 .copied()
                 .find(|v| !v.is_empty() && *v != "ISO 2022 IR 6")
                 .unwrap_or("")
-        } else {
-            values[0]
         };
-        let codec = SpecificCharacterSet::from_code(named).unwrap_or_default();
         Charset {
-            codec,
-            strip_escapes: values.len() > 1 && named != "ISO 2022 IR 87",
+            codec: SpecificCharacterSet::from_code(named).unwrap_or_default(),
+            strip_escapes: extended && named != JAPANESE,
         }
     }
 }

@@ -236,6 +236,26 @@ async fn another_clinics_bytes_under_a_held_uid_are_kept_but_never_current() {
         assert_eq!(checks, vec![storage::CommitCheck::Committed], "{clinic:?}");
     }
     assert!(storage.verify().await.unwrap().is_empty());
+
+    // A true UID clash across SOP classes: B's MR object under A's CT UID
+    // is committed for B as the MR it is.
+    const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
+    store_as(&storage, &dataset("2.25.401", "CT from A"), "xinzhen").await;
+    let mut mr = dataset("2.25.401", "MR from B");
+    let at = mr
+        .windows(CT.len())
+        .position(|w| w == CT.as_bytes())
+        .unwrap();
+    mr[at..at + MR.len()].copy_from_slice(MR.as_bytes()); // same length
+    assert!(matches!(
+        store_as(&storage, &mr, "baishui").await,
+        StoreOutcome::KeptBesideOwner { .. }
+    ));
+    let checks = storage
+        .check_committed(Some("baishui"), &[(MR.to_string(), "2.25.401".to_string())])
+        .await
+        .unwrap();
+    assert_eq!(checks, vec![storage::CommitCheck::Committed]);
 }
 
 fn dataset_named(sop_uid: &str, description: &str, name: &str) -> Vec<u8> {

@@ -296,7 +296,9 @@ impl Images {
         tokio::spawn(async move {
             for instance in instances {
                 if let Err(e) = me.stream_instance(&instance, &template, &tx).await {
-                    let _ = tx.send(Err(e.into())).await;
+                    // Without waiting: a client that stopped reading has a
+                    // full channel, and this task must end all the same.
+                    let _ = tx.try_send(Err(e.into()));
                     return;
                 }
                 if tx.is_closed() {

@@ -112,6 +112,9 @@ fn decodes_iso_2022_code_extensions() {
     assert_eq!(attrs.patient_name.raw, raw);
     let attrs = read_bytes(&base("ISO 2022 IR 6\\ISO 2022 IR 58", &raw), EXPLICIT_LE).unwrap();
     assert_eq!(attrs.patient_name.text, "Zhang^San=张^三");
+    // Written single-valued, with the escape sequence all the same.
+    let attrs = read_bytes(&base("ISO 2022 IR 58", &raw), EXPLICIT_LE).unwrap();
+    assert_eq!(attrs.patient_name.text, "Zhang^San=张^三");
 }
 
 #[test]

@@ -235,8 +235,8 @@ impl IndexReader {
     /// The instance as `clinic_id` sent it: the current version when that
     /// clinic sent its bytes, else the newest version it sent that is kept
     /// beside the current one. Such a record has that version's blob, hash,
-    /// size and transfer syntax, and the current row's other fields
-    /// (dataset offset included): it is for verifying, not for sending.
+    /// size, transfer syntax and SOP class, and the current row's other
+    /// fields (dataset offset included): it is for verifying, not for sending.
     pub fn instance_sent_by(
         &self,
         sop_instance_uid: &str,
@@ -251,7 +251,8 @@ impl IndexReader {
         let version = self
             .conn
             .prepare_cached(
-                "SELECT v.blob_key, v.sha256, v.size, v.transfer_syntax FROM instance_versions v
+                "SELECT v.blob_key, v.sha256, v.size, v.transfer_syntax, v.sop_class_uid
+                 FROM instance_versions v
                  WHERE v.sop_instance_uid = ?1 AND EXISTS (SELECT 1 FROM instance_senders s
                      WHERE s.sop_instance_uid = v.sop_instance_uid AND s.sha256 = v.sha256
                        AND s.clinic_id = ?2)
@@ -263,18 +264,25 @@ impl IndexReader {
                     r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
                 ))
             })
             .optional()?;
-        Ok(
-            version.map(|(blob_key, sha256, size, transfer_syntax)| InstanceRecord {
+        Ok(version.map(
+            |(blob_key, sha256, size, transfer_syntax, class)| InstanceRecord {
                 blob_key,
                 sha256,
                 size: size as u64,
                 transfer_syntax,
+                // ('' for versions stored before the class was recorded.)
+                sop_class_uid: if class.is_empty() {
+                    current.sop_class_uid.clone()
+                } else {
+                    class
+                },
                 ..current
-            }),
-        )
+            },
+        ))
     }
 
     /// Every version of an instance, oldest first.

@@ -193,6 +193,11 @@ const MIGRATIONS: &[&str] = &[
     INSERT OR IGNORE INTO instance_senders
         SELECT sop_instance_uid, sha256, clinic_id, calling_ae, received_at FROM instance_versions;
     "#,
+    // 6: each version's own SOP class: another clinic's bytes kept beside
+    // the owner's may be of another class ('' for versions stored before).
+    r#"
+    ALTER TABLE instance_versions ADD COLUMN sop_class_uid TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// Fills the name group columns of rows written without them (rows from

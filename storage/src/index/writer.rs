@@ -402,8 +402,8 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
             record_version(
                 tx,
                 "INSERT INTO instance_versions (sop_instance_uid, blob_key, sha256, size,
-                    transfer_syntax, clinic_id, calling_ae, received_at, superseded_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                    transfer_syntax, clinic_id, calling_ae, received_at, sop_class_uid, superseded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8)
                  ON CONFLICT (sop_instance_uid, sha256) DO NOTHING",
                 new,
             )?;
@@ -421,9 +421,12 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
     record_version(
         tx,
         "INSERT INTO instance_versions
-            (sop_instance_uid, blob_key, sha256, size, transfer_syntax, clinic_id, calling_ae, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (sop_instance_uid, sha256) DO UPDATE SET superseded_at = NULL, received_at = excluded.received_at",
+            (sop_instance_uid, blob_key, sha256, size, transfer_syntax, clinic_id, calling_ae, received_at,
+             sop_class_uid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (sop_instance_uid, sha256) DO UPDATE SET superseded_at = NULL,
+            received_at = excluded.received_at, clinic_id = excluded.clinic_id,
+            calling_ae = excluded.calling_ae",
         new,
     )?;
 
@@ -465,7 +468,8 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
 }
 
 /// Runs `sql`, an insert into `instance_versions`, with `new`'s values as
-/// ?1..?8: UID, blob key, SHA-256, size, transfer syntax, clinic, AE, time.
+/// ?1..?9: UID, blob key, SHA-256, size, transfer syntax, clinic, AE, time,
+/// SOP class.
 fn record_version(tx: &Connection, sql: &str, new: &NewInstance) -> Result<()> {
     tx.prepare_cached(sql)?.execute(params![
         new.attrs.sop_instance_uid,
@@ -475,7 +479,8 @@ fn record_version(tx: &Connection, sql: &str, new: &NewInstance) -> Result<()> {
         new.transfer_syntax,
         new.clinic_id,
         new.calling_ae,
-        new.received_at
+        new.received_at,
+        new.attrs.sop_class_uid
     ])?;
     Ok(())
 }
