@@ -219,27 +219,8 @@ impl BlobStore {
         if let Some(path) = self.local_path(key) {
             // Local disk: one blocking task reading large chunks beats the
             // generic stream's many small hand-offs.
-            return tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
-                use std::io::Read;
-                // One buffer per blocking thread, not a fresh zeroed MiB per
-                // blob: a commitment request hashes hundreds of blobs.
-                thread_local! {
-                    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
-                }
-                let mut file = std::fs::File::open(&path).map_err(Error::io("open blob", &path))?;
-                let mut hasher = sha2::Sha256::new();
-                let mut size = 0u64;
-                BUF.with_borrow_mut(|buf| -> Result<()> {
-                    loop {
-                        let n = file.read(buf).map_err(Error::io("read blob", &path))?;
-                        if n == 0 {
-                            return Ok(());
-                        }
-                        size += n as u64;
-                        hasher.update(&buf[..n]);
-                    }
-                })?;
-                Ok((hex(&hasher.finalize()), size))
+            return tokio::task::spawn_blocking(move || {
+                file_sha256(&path).map_err(Error::io("hash blob", &path))
             })
             .await
             .map_err(|e| Error::io("hash blob", "")(std::io::Error::other(e)))?;
@@ -354,7 +335,7 @@ fn place_local(source: &Path, target: &Path, size: u64) -> Result<Placed> {
 /// `target` exists with the size of `source`: keeps it when its SHA-256 is
 /// `expected` (the new copy goes), else puts `source` in its place.
 fn keep_or_replace(source: &Path, target: &Path, expected: &str) -> Result<()> {
-    let intact = matches!(file_sha256(target), Ok(actual) if actual == expected);
+    let intact = matches!(file_sha256(target), Ok((actual, _)) if actual == expected);
     if intact {
         std::fs::remove_file(source).map_err(Error::io("remove spool file", source))?;
     } else {
@@ -364,20 +345,29 @@ fn keep_or_replace(source: &Path, target: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
-/// SHA-256 (hex) of a local file.
-fn file_sha256(path: &Path) -> std::io::Result<String> {
+/// SHA-256 (hex) and size of a local file, read in chunks (bounded
+/// memory whatever its size).
+pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
     use sha2::Digest;
     use std::io::Read;
+    // One buffer per thread, not a fresh one per file: a commitment request
+    // hashes hundreds of blobs on the blocking threads.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+    }
     let mut file = std::fs::File::open(path)?;
     let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex(&hasher.finalize()));
+    let mut size = 0u64;
+    BUF.with_borrow_mut(|buf| {
+        loop {
+            let n = file.read(buf)?;
+            if n == 0 {
+                return Ok((hex(&hasher.finalize()), size));
+            }
+            size += n as u64;
+            hasher.update(&buf[..n]);
         }
-        hasher.update(&buf[..n]);
-    }
+    })
 }
 
 /// Creates `dir` and syncs the two directories above it.

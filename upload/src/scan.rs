@@ -7,8 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 /// A DICOM instance to send.
 #[derive(Debug, Clone)]
 pub(crate) struct Candidate {
@@ -126,26 +124,18 @@ fn one_file_per_instance(candidates: Vec<Candidate>, skipped: &mut Vec<Skipped>)
             kept.extend(group);
             continue;
         }
-        let mut hashes = Vec::with_capacity(group.len());
-        for c in &mut group {
-            match file_sha256(&c.path) {
-                Ok(h) => c.sha256 = h.clone(),
-                Err(e) => {
-                    hashes.clear();
-                    skipped.extend(group.iter().map(|c| Skipped {
-                        path: c.path.clone(),
-                        reason: format!("cannot read a copy of SOP Instance UID {uid}: {e}"),
-                        kind: SkipKind::Unusable,
-                    }));
-                    break;
-                }
-            }
-            hashes.push(c.sha256.clone());
-        }
-        if hashes.is_empty() {
+        let unreadable = group
+            .iter_mut()
+            .find_map(|c| file_sha256(&c.path).map(|h| c.sha256 = h).err());
+        if let Some(e) = unreadable {
+            skipped.extend(group.iter().map(|c| Skipped {
+                path: c.path.clone(),
+                reason: format!("cannot read a copy of SOP Instance UID {uid}: {e}"),
+                kind: SkipKind::Unusable,
+            }));
             continue;
         }
-        if hashes.iter().all(|h| *h == hashes[0]) {
+        if group.iter().all(|c| c.sha256 == group[0].sha256) {
             let first = group.remove(0);
             skipped.extend(group.into_iter().map(|c| Skipped {
                 reason: format!("the same bytes as {}, which is sent", first.path.display()),
@@ -307,20 +297,5 @@ fn inspect(path: &Path) -> Result<Candidate, Skipped> {
 
 /// SHA-256 of a whole file.
 pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    let mut file = std::fs::File::open(path)?;
-    std::io::copy(&mut file, &mut HashWriter(&mut hasher))?;
-    Ok(storage::spool::hex(&hasher.finalize()))
-}
-
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    storage::blobs::file_sha256(path).map(|(sha256, _)| sha256)
 }
