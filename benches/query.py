@@ -182,6 +182,14 @@ def flush(conn, study_rows, series_rows, inst_rows):
     conn.executemany("INSERT INTO instances (pk, sop_instance_uid, series_pk, sop_class_uid, instance_number,"
                      " transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)"
                      " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", inst_rows)
+    # Who sent each version, as the gateway records it: a clinic's queries
+    # see only instances whose current bytes it sent.
+    conn.executemany("INSERT INTO instance_versions (sop_instance_uid, blob_key, sha256, size, transfer_syntax,"
+                     " clinic_id, calling_ae, received_at, sop_class_uid) VALUES (?,?,?,?,?,?,?,?,?)",
+                     [(r[1], r[6], r[7], r[8], r[5], r[10], r[11], r[12], r[3]) for r in inst_rows])
+    conn.executemany("INSERT INTO instance_senders (sop_instance_uid, sha256, clinic_id, calling_ae,"
+                     " first_received_at) VALUES (?,?,?,?,?)",
+                     [(r[1], r[7], r[10], r[11], r[12]) for r in inst_rows])
     study_rows.clear(), series_rows.clear(), inst_rows.clear()
 
 
@@ -217,6 +225,8 @@ def time_queries(port, keys, repeats):
             matches = sum(1 for status, ident in assoc.send_c_find(ds, FIND) if ident is not None)
             times.append((time.perf_counter() - start) * 1000)
         times.sort()
+        if matches == 0:
+            raise ingest.BenchError(f"{name}: no match (the keys must name indexed studies)")
         out[name] = {"median_ms": round(statistics.median(times), 2),
                      "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))], 2), "matches": matches}
     assoc.release()

@@ -82,6 +82,9 @@ pub(crate) fn list(
         .connection()
         .unchecked_transaction()
         .map_err(storage::Error::from)?;
+    // A clinic's query scope already keeps only the instances whose current
+    // bytes it sent (not another clinic's series filed under the same
+    // study), the rule of the viewer and of storage commitment.
     let mut uids = Vec::new();
     reader.find(&query, |row| {
         uids.extend(row);
@@ -92,22 +95,13 @@ pub(crate) fn list(
         let Some(r) = reader.instance(&uid)? else {
             continue;
         };
-        // A clinic retrieves only the bytes it sent itself: not another
-        // clinic's series filed under the same study, as the viewer and
-        // storage commitment decide.
-        let own = match &clinic {
-            Some(c) => reader.sent_by(&uid, &r.sha256, c)?,
-            None => true,
-        };
-        if own {
-            items.push(Item {
-                sop_class_uid: r.sop_class_uid,
-                sop_instance_uid: r.sop_instance_uid,
-                transfer_syntax: r.transfer_syntax,
-                blob_key: r.blob_key,
-                dataset_offset: r.dataset_offset,
-            });
-        }
+        items.push(Item {
+            sop_class_uid: r.sop_class_uid,
+            sop_instance_uid: r.sop_instance_uid,
+            transfer_syntax: r.transfer_syntax,
+            blob_key: r.blob_key,
+            dataset_offset: r.dataset_offset,
+        });
     }
     drop(snapshot);
     Ok(items)

@@ -504,3 +504,90 @@ fn match_limit_answers_a700_instead_of_exhausting_memory() {
         .unwrap();
     assert!(outcome.contains("too many matches"), "{outcome}");
 }
+
+/// Another clinic's instances filed under a clinic's study (the same Study
+/// Instance UID, or other bytes under one of its SOP Instance UIDs) are
+/// neither listed nor counted in that clinic's answers; the county sees all.
+#[test]
+fn a_clinic_finds_and_counts_only_what_it_sent() {
+    use common::scu::{self, CT_IMAGE_STORAGE, Reply};
+    use dicom_dictionary_std::tags;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE])];
+    let send = |calling: &str, datasets: &[(&str, usize)]| {
+        let scu::Association::Accepted(mut sender) =
+            scu::associate(gw.port, calling, common::AE, contexts)
+        else {
+            panic!("{calling} refused")
+        };
+        for (uid, pixels) in datasets {
+            let ds = scu::ct_dataset(uid, "2.25.88", *pixels);
+            assert_eq!(
+                sender.store(1, CT_IMAGE_STORAGE, uid, &ds),
+                Reply::Status(0)
+            );
+        }
+        assert!(sender.release());
+    };
+    send("XINZHEN_CT", &[("2.25.881", 4096), ("2.25.882", 4096)]);
+    send("BAISHUI_DR", &[("2.25.883", 4096), ("2.25.881", 2048)]);
+
+    let scratch = dir.path().join("found");
+    let find = |calling: &str, level: &str, keys: &[&str]| {
+        let out = scratch.join(format!("{calling}-{level}"));
+        let mut all = vec![
+            format!("QueryRetrieveLevel={level}"),
+            "StudyInstanceUID=2.25.88".into(),
+        ];
+        all.extend(keys.iter().map(|k| k.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let (ok, found) = findscu(gw.port, calling, &all, &out);
+        assert!(ok, "findscu as {calling} at {level}");
+        found
+    };
+    let study_keys = [
+        "NumberOfStudyRelatedInstances",
+        "NumberOfStudyRelatedSeries",
+        "ModalitiesInStudy",
+    ];
+    let uids = |found: &[dicom_object::DefaultDicomObject]| {
+        let mut v: Vec<String> = found
+            .iter()
+            .map(|o| text(o, tags::SOP_INSTANCE_UID))
+            .collect();
+        v.sort();
+        v
+    };
+
+    let own = find("XINZHEN_CT", "STUDY", &study_keys);
+    assert_eq!(own.len(), 1);
+    assert_eq!(text(&own[0], tags::NUMBER_OF_STUDY_RELATED_INSTANCES), "2");
+    assert_eq!(text(&own[0], tags::NUMBER_OF_STUDY_RELATED_SERIES), "1");
+    assert_eq!(text(&own[0], tags::MODALITIES_IN_STUDY), "CT");
+    let series = find(
+        "XINZHEN_CT",
+        "SERIES",
+        &["SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
+    );
+    assert_eq!(series.len(), 1);
+    assert_eq!(
+        text(&series[0], tags::NUMBER_OF_SERIES_RELATED_INSTANCES),
+        "2"
+    );
+    let images = find("XINZHEN_CT", "IMAGE", &["SOPInstanceUID"]);
+    assert_eq!(uids(&images), ["2.25.881", "2.25.882"]);
+
+    // The other clinic's instances sit under the first clinic's patient:
+    // listing them would show it that patient.
+    assert!(find("BAISHUI_DR", "STUDY", &study_keys).is_empty());
+    assert!(find("BAISHUI_DR", "IMAGE", &["SOPInstanceUID"]).is_empty());
+
+    let county = find("COUNTYWS1", "STUDY", &study_keys);
+    assert_eq!(
+        text(&county[0], tags::NUMBER_OF_STUDY_RELATED_INSTANCES),
+        "3"
+    );
+    let images = find("COUNTYWS1", "IMAGE", &["SOPInstanceUID"]);
+    assert_eq!(uids(&images), ["2.25.881", "2.25.882", "2.25.883"]);
+}

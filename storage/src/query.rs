@@ -218,6 +218,60 @@ impl Key {
         }
     }
 
+    /// SQL for a computed value as clinic `c` (a bound parameter) sees it:
+    /// only instances whose current bytes that clinic sent, and the series,
+    /// studies and modalities holding one. `None` for plain columns.
+    fn select_scoped(self, c: &str) -> Option<String> {
+        use Key::*;
+        let sent = |i: &str| sent_by_clinic(i, c);
+        let series_sent = |x: &str| {
+            format!(
+                "EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = {x}.pk AND {})",
+                sent("z")
+            )
+        };
+        Some(match self {
+            NumberOfPatientRelatedStudies => format!(
+                "(SELECT count(*) FROM studies x WHERE x.patient_pk = p.pk AND EXISTS (SELECT 1 FROM series y \
+                 JOIN instances z ON z.series_pk = y.pk WHERE y.study_pk = x.pk AND {}))",
+                sent("z")
+            ),
+            NumberOfPatientRelatedSeries => format!(
+                "(SELECT count(*) FROM series x JOIN studies y ON y.pk = x.study_pk WHERE y.patient_pk = p.pk AND {})",
+                series_sent("x")
+            ),
+            NumberOfPatientRelatedInstances => format!(
+                "(SELECT count(*) FROM instances x JOIN series y ON y.pk = x.series_pk \
+                 JOIN studies z ON z.pk = y.study_pk WHERE z.patient_pk = p.pk AND {})",
+                sent("x")
+            ),
+            ModalitiesInStudy => format!(
+                "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m \
+                 FROM series x WHERE x.study_pk = st.pk AND x.modality != '' AND {} ORDER BY 1))",
+                series_sent("x")
+            ),
+            SopClassesInStudy => format!(
+                "(SELECT group_concat(c, '\\') FROM (SELECT DISTINCT x.sop_class_uid AS c FROM instances x \
+                 JOIN series y ON y.pk = x.series_pk WHERE y.study_pk = st.pk AND {} ORDER BY 1))",
+                sent("x")
+            ),
+            NumberOfStudyRelatedSeries => format!(
+                "(SELECT count(*) FROM series x WHERE x.study_pk = st.pk AND {})",
+                series_sent("x")
+            ),
+            NumberOfStudyRelatedInstances => format!(
+                "(SELECT count(*) FROM instances x JOIN series y ON y.pk = x.series_pk \
+                 WHERE y.study_pk = st.pk AND {})",
+                sent("x")
+            ),
+            NumberOfSeriesRelatedInstances => format!(
+                "(SELECT count(*) FROM instances x WHERE x.series_pk = se.pk AND {})",
+                sent("x")
+            ),
+            _ => return None,
+        })
+    }
+
     /// True when the key is computed (returned, never matched).
     fn is_return_only(self) -> bool {
         use Key::*;
@@ -232,6 +286,17 @@ impl Key {
                 | SopClassesInStudy
         )
     }
+}
+
+/// SQL true when clinic `c` (a bound parameter) sent the current bytes of
+/// instance row `i`: the rule retrieval and the viewer apply too, so a
+/// clinic neither sees nor counts another clinic's series filed under the
+/// same Study Instance UID.
+fn sent_by_clinic(i: &str, c: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM instance_senders s WHERE s.sop_instance_uid = {i}.sop_instance_uid \
+         AND s.sha256 = {i}.sha256 AND s.clinic_id = {c})"
+    )
 }
 
 /// How a query ended.
@@ -263,6 +328,7 @@ fn condition_sql(
     matcher: &Matcher,
     params: &mut Vec<Value>,
     narrowed: bool,
+    scope: Option<&str>,
 ) -> Option<String> {
     let col = key.select();
     let mut bind = |v: String| {
@@ -290,7 +356,7 @@ fn condition_sql(
             Matcher::Single(v) => vec![v.clone()],
             Matcher::Wildcard(v) => {
                 let p = bind(glob(v));
-                return Some(modality_in_study(&format!("GLOB {p}"), narrowed));
+                return Some(modality_in_study(&format!("GLOB {p}"), narrowed, scope));
             }
             Matcher::Range(..) => return Some("0".into()),
         };
@@ -298,6 +364,7 @@ fn condition_sql(
         return Some(modality_in_study(
             &format!("IN ({})", list.join(", ")),
             narrowed,
+            scope,
         ));
     }
     Some(match matcher {
@@ -328,11 +395,19 @@ fn condition_sql(
 /// every study); after a narrower condition, EXISTS checks just the few
 /// studies found (an IN subquery there would make SQLite, without
 /// statistics, start from every CT series instead of one week's studies).
-fn modality_in_study(test: &str, narrowed: bool) -> String {
+/// With a clinic's `scope`, only series holding its instances count.
+fn modality_in_study(test: &str, narrowed: bool, scope: Option<&str>) -> String {
+    let test = match scope {
+        Some(c) => format!(
+            "x.modality {test} AND EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = x.pk AND {})",
+            sent_by_clinic("z", c)
+        ),
+        None => format!("x.modality {test}"),
+    };
     if narrowed {
-        format!("EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality {test})")
+        format!("EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND {test})")
     } else {
-        format!("st.pk IN (SELECT x.study_pk FROM series x WHERE x.modality {test})")
+        format!("st.pk IN (SELECT x.study_pk FROM series x WHERE {test})")
     }
 }
 
@@ -371,6 +446,27 @@ fn query_sql(query: &Query) -> (String, Vec<Value>) {
     };
     let mut params = Vec::new();
     let mut wheres = Vec::new();
+    // A clinic's scope: its own patients, and below the patient level only
+    // what holds an instance whose current bytes it sent.
+    let scope = query.clinic.as_ref().map(|clinic| {
+        params.push(Value::Text(clinic.clone()));
+        let c = format!("?{}", params.len());
+        wheres.push(format!("p.clinic_id = {c}"));
+        match query.level {
+            Level::Patient => {}
+            Level::Study => wheres.push(format!(
+                "EXISTS (SELECT 1 FROM series y JOIN instances z ON z.series_pk = y.pk \
+                 WHERE y.study_pk = st.pk AND {})",
+                sent_by_clinic("z", &c)
+            )),
+            Level::Series => wheres.push(format!(
+                "EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = se.pk AND {})",
+                sent_by_clinic("z", &c)
+            )),
+            Level::Image => wheres.push(sent_by_clinic("i", &c)),
+        }
+        c
+    });
     let applies = |key: Key| key.level().depth() <= query.level.depth() && !key.is_return_only();
     let narrowed = query
         .conditions
@@ -380,22 +476,21 @@ fn query_sql(query: &Query) -> (String, Vec<Value>) {
         if !applies(*key) {
             continue;
         }
-        if let Some(sql) = condition_sql(*key, matcher, &mut params, narrowed) {
+        if let Some(sql) = condition_sql(*key, matcher, &mut params, narrowed, scope.as_deref()) {
             wheres.push(sql);
         }
     }
-    if let Some(clinic) = &query.clinic {
-        params.push(Value::Text(clinic.clone()));
-        wheres.push(format!("p.clinic_id = ?{}", params.len()));
-    }
-    let columns: Vec<&str> = query
+    let columns: Vec<String> = query
         .returns
         .iter()
         .map(|k| {
             if k.level().depth() > query.level.depth() {
-                "NULL"
+                "NULL".to_string()
             } else {
-                k.select()
+                scope
+                    .as_deref()
+                    .and_then(|c| k.select_scoped(c))
+                    .unwrap_or_else(|| k.select().to_string())
             }
         })
         .collect();
@@ -563,6 +658,41 @@ mod tests {
             (
                 "a clinic's patient ID",
                 study(vec![(Key::PatientId, single("P1"))], Some("xinzhen")),
+            ),
+            (
+                "a clinic's name prefix and modality",
+                study(
+                    vec![
+                        (Key::PatientName, Matcher::Wildcard("WANG^*".into())),
+                        (Key::ModalitiesInStudy, single("CT")),
+                    ],
+                    Some("xinzhen"),
+                ),
+            ),
+            (
+                "a clinic's modality",
+                study(
+                    vec![(Key::ModalitiesInStudy, single("CT"))],
+                    Some("xinzhen"),
+                ),
+            ),
+            (
+                "a clinic's series of a study",
+                Query {
+                    level: Level::Series,
+                    conditions: vec![(Key::StudyInstanceUid, single("1.2.3"))],
+                    returns: vec![Key::SeriesInstanceUid, Key::NumberOfSeriesRelatedInstances],
+                    clinic: Some("xinzhen".into()),
+                },
+            ),
+            (
+                "a clinic's images of a study",
+                Query {
+                    level: Level::Image,
+                    conditions: vec![(Key::StudyInstanceUid, single("1.2.3"))],
+                    returns: vec![Key::SopInstanceUid],
+                    clinic: Some("xinzhen".into()),
+                },
             ),
             (
                 "series of a study",
