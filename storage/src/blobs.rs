@@ -217,9 +217,10 @@ impl BlobStore {
         use futures::StreamExt;
         use sha2::Digest;
         if let Some(path) = self.local_path(key) {
-            // Local disk: one blocking task reading large chunks beats the
-            // generic stream's many small hand-offs.
-            return tokio::task::spawn_blocking(move || {
+            // Local disk: one thread reading large chunks beats the generic
+            // stream's many small hand-offs; a background one, so that
+            // re-verifying never holds up acknowledging a C-STORE.
+            return crate::background::run(move || {
                 file_sha256(&path).map_err(Error::io("hash blob", &path))
             })
             .await

@@ -16,6 +16,7 @@
 //! unreferenced blob.
 
 pub mod attrs;
+pub mod background;
 pub mod blobs;
 mod error;
 pub mod index;

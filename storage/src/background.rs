@@ -1,0 +1,86 @@
+//! Threads for hashing that no one is waiting on at once (re-verifying
+//! stored blobs for storage commitment and `verify`), below the rest of the
+//! process in CPU priority (nice 19). Ingest's threads wait on fsync often;
+//! these use the CPU it leaves idle instead of competing with it, so a
+//! sender's C-STORE-RSP does not wait behind another sender's commitment.
+//! Nice 19 still gets a share when the machine is saturated (unlike
+//! SCHED_IDLE): the work never starves.
+
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs `f` on a background thread; the error is a job that panicked.
+pub async fn run<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, &'static str> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(out.map_err(|_| "a background hashing job panicked"));
+    });
+    queue()
+        .send(job)
+        .map_err(|_| "the background hashing threads are gone")?;
+    rx.await
+        .map_err(|_| "the background hashing threads are gone")?
+}
+
+fn queue() -> &'static mpsc::Sender<Job> {
+    static QUEUE: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for i in 0..threads {
+            let rx = Arc::clone(&rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("verify-{i}"))
+                .spawn(move || {
+                    lower_priority();
+                    loop {
+                        // The lock is held only to take the next job.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a background hashing thread");
+            }
+        }
+        tx
+    })
+}
+
+/// Nice 19 for the calling thread (on Linux the nice value is a
+/// per-thread attribute, and `None` names the calling thread).
+fn lower_priority() {
+    if let Err(e) = rustix::process::setpriority_process(None, 19) {
+        tracing::warn!(error = %e, "background hashing runs at normal priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn jobs_run_at_nice_19_and_a_panic_is_an_error_not_a_lost_thread() {
+        let own = rustix::process::getpriority_process(None).unwrap();
+        let theirs = super::run(|| rustix::process::getpriority_process(None).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(theirs, 19);
+        // Only those threads: the caller's priority is unchanged.
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), own);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for _ in 0..threads + 1 {
+            assert!(super::run(|| panic!("boom")).await.is_err());
+        }
+        assert_eq!(super::run(|| 6 * 7).await, Ok(42));
+    }
+}
