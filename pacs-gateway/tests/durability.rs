@@ -1,6 +1,7 @@
 //! A success status is a promise: instances acknowledged before a SIGKILL
 //! are present and byte-identical after restart, no index row points at a
-//! missing blob, and a huge instance streams with bounded memory.
+//! missing blob, a huge instance streams with bounded memory, and a second
+//! gateway on the same data directory refuses to start.
 
 mod common;
 
@@ -150,4 +151,42 @@ fn hash_from(path: &std::path::Path, offset: u64) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A second gateway started on the same data directory (a second `make
+/// run`, an operator's mistake) refuses to start, with the reason, instead
+/// of discarding the first one's spool; the first one serves on.
+#[test]
+fn a_second_gateway_on_the_same_data_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pacs-gateway"))
+        .current_dir(dir.path())
+        .arg("--config")
+        .arg(&gw.config_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "never listening: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+    gw.assert_serving();
+    let scu::Association::Accepted(mut scu) = scu::associate(
+        gw.port,
+        common::CT_AE,
+        common::AE,
+        &[(1, scu::CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE])],
+    ) else {
+        panic!("refused")
+    };
+    let ds = scu::ct_dataset("2.25.991", "2.25.99", 1024);
+    assert_eq!(
+        scu.store(1, scu::CT_IMAGE_STORAGE, "2.25.991", &ds),
+        scu::Reply::Status(0)
+    );
+    assert!(scu.release());
 }

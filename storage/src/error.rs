@@ -28,6 +28,9 @@ pub enum Error {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("storage is shutting down")]
     ShuttingDown,
+    /// Another process (a second gateway) holds the data directory.
+    #[error("{0} is in use by another process (is a pacs-gateway already running on it?)")]
+    InUse(PathBuf),
 }
 
 impl Error {

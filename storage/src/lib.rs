@@ -61,6 +61,25 @@ pub struct Source {
     pub calling_ae: String,
 }
 
+/// One writer per data directory. A second one would discard the first
+/// one's spool (instances still arriving, not yet acknowledged) when it
+/// starts, and write the index beside it; the lock (released when the
+/// process ends, however it ends) makes it refuse to start instead.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
+    let path = data_dir.join("writer.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io("open lock file", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse(data_dir.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path)(e)),
+    }
+}
+
 /// The storage layer, cheap to clone and share between associations.
 #[derive(Debug, Clone)]
 pub struct Storage {
@@ -73,6 +92,8 @@ struct Inner {
     spool_dir: PathBuf,
     writer: std::sync::Mutex<mpsc::Sender<Job>>,
     readers: Arc<index::ReaderPool>,
+    /// Held (locked) while this storage is open: see [`lock_data_dir`].
+    _lock: std::fs::File,
 }
 
 impl Storage {
@@ -95,6 +116,7 @@ impl Storage {
 
     fn open_with_blobs(data_dir: &Path, blobs: BlobStore) -> Result<Storage> {
         std::fs::create_dir_all(data_dir).map_err(Error::io("create data directory", data_dir))?;
+        let lock = lock_data_dir(data_dir)?;
         let spool_dir = data_dir.join("spool");
         // Anything left in the spool was never acknowledged: discard it.
         let _ = std::fs::remove_dir_all(&spool_dir);
@@ -110,6 +132,7 @@ impl Storage {
                 spool_dir,
                 writer: std::sync::Mutex::new(writer),
                 readers: index::ReaderPool::new(index_path, false),
+                _lock: lock,
             }),
         })
     }
@@ -347,5 +370,33 @@ mod tests {
     fn formats_utc() {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_772_323_200);
         assert_eq!(utc_timestamp(t), "2026-03-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn a_second_writer_on_a_data_dir_is_refused_and_leaves_the_spool_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Storage::open(dir.path()).unwrap();
+        let mut arriving = first
+            .spool(
+                "1.2.840.10008.5.1.4.1.1.7",
+                "2.25.1",
+                "1.2.840.10008.1.2.1",
+                1 << 20,
+            )
+            .unwrap();
+        arriving.write(b"still arriving").unwrap();
+        let spooled = || std::fs::read_dir(dir.path().join("spool")).unwrap().count();
+        assert_eq!(spooled(), 1);
+
+        let second = Storage::open(dir.path());
+        assert!(matches!(second, Err(Error::InUse(_))), "{second:?}");
+        assert_eq!(spooled(), 1, "the first writer's spool is untouched");
+
+        // Closed, the directory is free again (and a new writer clears the spool).
+        drop(arriving);
+        drop(first);
+        std::fs::write(dir.path().join("spool/left-by-a-crash"), b"x").unwrap();
+        let _again = Storage::open(dir.path()).unwrap();
+        assert_eq!(spooled(), 0);
     }
 }
