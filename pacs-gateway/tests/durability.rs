@@ -160,12 +160,25 @@ fn hash_from(path: &std::path::Path, offset: u64) -> String {
 fn a_second_gateway_on_the_same_data_dir_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path(), &GatewaySpec::default());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pacs-gateway"))
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_pacs-gateway"))
         .current_dir(dir.path())
         .arg("--config")
         .arg(&gw.config_path)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // It must give up at once; one that started serving is stopped here.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second gateway on the same data directory kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
     assert!(!out.status.success());
     assert!(
         out.stdout.is_empty(),

@@ -4,7 +4,9 @@
 //! these use the CPU it leaves idle instead of competing with it, so a
 //! sender's C-STORE-RSP does not wait behind another sender's commitment.
 //! Nice 19 still gets a share when the machine is saturated (unlike
-//! SCHED_IDLE): the work never starves.
+//! SCHED_IDLE): the work never starves, but on a machine kept busy by
+//! ingest it may run tens of times slower, which suits storage commitment
+//! (its reports are asynchronous; senders wait minutes for them).
 
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
@@ -58,16 +60,22 @@ fn queue() -> &'static mpsc::Sender<Job> {
     })
 }
 
-/// Nice 19 for the calling thread (on Linux the nice value is a
-/// per-thread attribute, and `None` names the calling thread).
+/// Nice 19 for the calling thread: on Linux the nice value is a per-thread
+/// attribute (and `None` names the calling thread). Elsewhere it would
+/// lower the whole process, so these threads keep normal priority there.
+#[cfg(target_os = "linux")]
 fn lower_priority() {
     if let Err(e) = rustix::process::setpriority_process(None, 19) {
         tracing::warn!(error = %e, "background hashing runs at normal priority");
     }
 }
 
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
+
 #[cfg(test)]
 mod tests {
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn jobs_run_at_nice_19_and_a_panic_is_an_error_not_a_lost_thread() {
         let own = rustix::process::getpriority_process(None).unwrap();
