@@ -61,6 +61,9 @@ FAMILY = ["WANG", "LI", "ZHANG", "LIU", "CHEN", "YANG", "HUANG", "ZHAO", "WU", "
 FAMILY_HAN = ["王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周"]
 GIVEN = ["WEI", "FANG", "NA", "MIN", "JING", "LEI", "QIANG", "YAN", "JUN", "YONG", "JIE", "TAO", "MING", "CHAO"]
 MODALITIES = ["CT", "MR", "DX", "CR", "US"]
+# The large index's owner: a township clinic, whose own AE queries it as
+# well (its answers scoped to what it sent) besides the county's.
+TOWNSHIP, TOWNSHIP_AE = "township", "BENCHTWP"
 
 
 class Orthanc(ingest.Orthanc):
@@ -110,6 +113,11 @@ id = "bench"
 name = "Bench"
 ae_titles = ["{ingest.CALLING_AE}"]
 role = "county"
+
+[[clinics]]
+id = "{TOWNSHIP}"
+name = "Bench township clinic"
+ae_titles = ["{TOWNSHIP_AE}"]
 """ + "".join(f"""
 [[destinations]]
 ae_title = "{ae}"
@@ -143,7 +151,7 @@ def fill_index(db: Path, studies: int, per_study_series: int = 2, per_series: in
         f, g = rnd.randrange(10), rnd.choice(GIVEN) + rnd.choice(GIVEN)
         name = f"{FAMILY[f]}^{g}={FAMILY_HAN[f]}^{g.lower()}"
         names.append(name)
-        pat_rows.append((p, "bench", f"P{p:07d}", "bench", name, name.upper(), "ISO_IR 192",
+        pat_rows.append((p, TOWNSHIP, f"P{p:07d}", "bench", name, name.upper(), "ISO_IR 192",
                          f"19{rnd.randrange(40, 99)}0101", rnd.choice("MF")))
     conn.executemany("INSERT INTO patients (pk, clinic_id, patient_id, issuer, name, name_search, name_charset,"
                      " birth_date, sex) VALUES (?,?,?,?,?,?,?,?,?)", pat_rows)
@@ -151,7 +159,7 @@ def fill_index(db: Path, studies: int, per_study_series: int = 2, per_series: in
     se_pk = inst_pk = 0
     for s in range(1, studies + 1):
         date = f"20{rnd.randrange(22, 26)}{rnd.randrange(1, 13):02d}{rnd.randrange(1, 29):02d}"
-        study_rows.append((s, f"2.25.9{s}", rnd.randrange(1, patients + 1), "bench", date, "101010",
+        study_rows.append((s, f"2.25.9{s}", rnd.randrange(1, patients + 1), TOWNSHIP, date, "101010",
                            f"ACC{s:08d}", f"S{s}", "bench study", "", "", "", now, now))
         modality = rnd.choice(MODALITIES)
         for _ in range(per_study_series):
@@ -160,7 +168,7 @@ def fill_index(db: Path, studies: int, per_study_series: int = 2, per_series: in
             for n in range(per_series):
                 inst_pk += 1
                 inst_rows.append((inst_pk, f"2.25.7{inst_pk}", se_pk, CT, n + 1,
-                                  "1.2.840.10008.1.2.1", "instances/00/none.dcm", "0" * 64, 1, 0, "bench", "X", now))
+                                  "1.2.840.10008.1.2.1", "instances/00/none.dcm", "0" * 64, 1, 0, TOWNSHIP, TOWNSHIP_AE, now))
         if len(inst_rows) >= 200_000:
             flush(conn, study_rows, series_rows, inst_rows)
     flush(conn, study_rows, series_rows, inst_rows)
@@ -233,11 +241,11 @@ def time_queries(port, keys, repeats):
     return out
 
 
-def time_queries_raw(port, keys, repeats):
+def time_queries_raw(port, keys, repeats, calling=ingest.CALLING_AE):
     """Like time_queries, with the minimal socket client (identifiers encoded
     before the clock starts, for both servers alike)."""
     out = {}
-    with rawfind.RawFind(port, ingest.CALLING_AE, ingest.CALLED_AE) as f:
+    with rawfind.RawFind(port, calling, ingest.CALLED_AE) as f:
         for name, ds in queries(keys):
             identifier = rawfind.encode(ds)
             f.find(identifier)  # warm
@@ -246,6 +254,8 @@ def time_queries_raw(port, keys, repeats):
                 start = time.perf_counter()
                 matches = f.find(identifier)
                 times.append((time.perf_counter() - start) * 1000)
+            if matches == 0:
+                raise ingest.BenchError(f"{name}: no match (the keys must name indexed studies)")
             times.sort()
             out[name] = {"median_ms": round(statistics.median(times), 3),
                          "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))], 3),
@@ -392,10 +402,17 @@ def main(argv):
         try:
             results["large"] = {"queries": time_queries(gw.port, keys, args.repeats),
                                 "raw_queries": time_queries_raw(gw.port, keys, args.repeats),
+                                "raw_queries_township": time_queries_raw(gw.port, keys, args.repeats,
+                                                                         calling=TOWNSHIP_AE),
                                 "findscu_median_ms": time_findscu(gw.port, keys)}
         finally:
             gw.stop()
         ingest.log(f"large: {json.dumps(results['large'])}")
+        large = results["large"]
+        for q, r in large["raw_queries"].items():
+            if large["raw_queries_township"][q]["matches"] != r["matches"]:
+                raise ingest.BenchError(f"{q}: the township clinic, which sent everything, "
+                                        f"found {large['raw_queries_township'][q]['matches']} of {r['matches']}")
 
         # 2 and 3. Shared size and retrieval, both servers, alternating.
         files = write_shared_corpus(ingest.TARGET / f"bench-corpus-query-{args.shared_studies}", args.shared_studies)
@@ -445,6 +462,11 @@ def main(argv):
             big, ours, theirs = (results[k][key][q] for k in ("large", "gateway", "orthanc"))
             print(f"{q:<28}{big['median_ms']:>9.2f} /{big['p99_ms']:>6.1f}{ours['median_ms']:>11.2f} /{ours['p99_ms']:>5.1f}"
                   f"{theirs['median_ms']:>11.2f} /{theirs['p99_ms']:>5.1f}{theirs['median_ms'] / ours['median_ms']:>7.1f}x")
+    print(f"The same at {args.large_studies} studies as the township clinic that sent them "
+          f"(answers scoped to its own instances), socket client; ms median / p99")
+    for q, r in results["large"]["raw_queries_township"].items():
+        county = results["large"]["raw_queries"][q]
+        print(f"{q:<28}{r['median_ms']:>9.2f} /{r['p99_ms']:>6.1f}   (county: {county['median_ms']:.2f})")
     print("targets: study-level queries < 10 ms median at the large size; >= 10x Orthanc at the shared size")
     print(f"findscu per process (ms): ours {results['gateway']['findscu_median_ms']} "
           f"(at {args.large_studies}: {results['large']['findscu_median_ms']}), "

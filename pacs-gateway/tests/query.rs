@@ -505,9 +505,10 @@ fn match_limit_answers_a700_instead_of_exhausting_memory() {
     assert!(outcome.contains("too many matches"), "{outcome}");
 }
 
-/// Another clinic's instances filed under a clinic's study (the same Study
-/// Instance UID, or other bytes under one of its SOP Instance UIDs) are
-/// neither listed nor counted in that clinic's answers; the county sees all.
+/// Another clinic's instances filed under a clinic's study (another series
+/// under the same Study Instance UID, an instance in the owner's series,
+/// other bytes under one of its SOP Instance UIDs) are neither listed,
+/// counted nor matched in that clinic's answers; the county sees all.
 #[test]
 fn a_clinic_finds_and_counts_only_what_it_sent() {
     use common::scu::{self, CT_IMAGE_STORAGE, Reply};
@@ -515,14 +516,20 @@ fn a_clinic_finds_and_counts_only_what_it_sent() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path(), &GatewaySpec::default());
     let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE])];
-    let send = |calling: &str, datasets: &[(&str, usize)]| {
+    // (SOP Instance UID, pixel bytes, in a second series of modality MR)
+    let send = |calling: &str, datasets: &[(&str, usize, bool)]| {
         let scu::Association::Accepted(mut sender) =
             scu::associate(gw.port, calling, common::AE, contexts)
         else {
             panic!("{calling} refused")
         };
-        for (uid, pixels) in datasets {
-            let ds = scu::ct_dataset(uid, "2.25.88", *pixels);
+        for (uid, pixels, mr) in datasets {
+            let mut ds = scu::ct_dataset(uid, "2.25.88", *pixels);
+            if *mr {
+                // Same lengths: the series UID and the modality only.
+                replace(&mut ds, b"2.25.88.1", b"2.25.88.2");
+                replace(&mut ds, b"CS\x02\x00CT", b"CS\x02\x00MR");
+            }
             assert_eq!(
                 sender.store(1, CT_IMAGE_STORAGE, uid, &ds),
                 Reply::Status(0)
@@ -530,12 +537,25 @@ fn a_clinic_finds_and_counts_only_what_it_sent() {
         }
         assert!(sender.release());
     };
-    send("XINZHEN_CT", &[("2.25.881", 4096), ("2.25.882", 4096)]);
-    send("BAISHUI_DR", &[("2.25.883", 4096), ("2.25.881", 2048)]);
+    send(
+        "XINZHEN_CT",
+        &[("2.25.881", 4096, false), ("2.25.882", 4096, false)],
+    );
+    send(
+        "BAISHUI_DR",
+        &[
+            ("2.25.883", 4096, false),
+            ("2.25.884", 4096, true),
+            ("2.25.881", 2048, false),
+        ],
+    );
 
     let scratch = dir.path().join("found");
     let find = |calling: &str, level: &str, keys: &[&str]| {
-        let out = scratch.join(format!("{calling}-{level}"));
+        let out = scratch.join(format!(
+            "{calling}-{level}-{}",
+            keys.join("-").replace(['=', '\\'], "_")
+        ));
         let mut all = vec![
             format!("QueryRetrieveLevel={level}"),
             "StudyInstanceUID=2.25.88".into(),
@@ -550,6 +570,10 @@ fn a_clinic_finds_and_counts_only_what_it_sent() {
         "NumberOfStudyRelatedInstances",
         "NumberOfStudyRelatedSeries",
         "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
     ];
     let uids = |found: &[dicom_object::DefaultDicomObject]| {
         let mut v: Vec<String> = found
@@ -562,15 +586,27 @@ fn a_clinic_finds_and_counts_only_what_it_sent() {
 
     let own = find("XINZHEN_CT", "STUDY", &study_keys);
     assert_eq!(own.len(), 1);
-    assert_eq!(text(&own[0], tags::NUMBER_OF_STUDY_RELATED_INSTANCES), "2");
-    assert_eq!(text(&own[0], tags::NUMBER_OF_STUDY_RELATED_SERIES), "1");
-    assert_eq!(text(&own[0], tags::MODALITIES_IN_STUDY), "CT");
+    let o = &own[0];
+    assert_eq!(text(o, tags::NUMBER_OF_STUDY_RELATED_INSTANCES), "2");
+    assert_eq!(text(o, tags::NUMBER_OF_STUDY_RELATED_SERIES), "1");
+    assert_eq!(text(o, tags::MODALITIES_IN_STUDY), "CT");
+    assert_eq!(text(o, tags::SOP_CLASSES_IN_STUDY), CT_IMAGE_STORAGE);
+    assert_eq!(text(o, tags::NUMBER_OF_PATIENT_RELATED_STUDIES), "1");
+    assert_eq!(text(o, tags::NUMBER_OF_PATIENT_RELATED_SERIES), "1");
+    assert_eq!(text(o, tags::NUMBER_OF_PATIENT_RELATED_INSTANCES), "2");
+    // The other clinic's MR series does not make the study match MR.
+    assert!(find("XINZHEN_CT", "STUDY", &["ModalitiesInStudy=MR"]).is_empty());
+    assert_eq!(
+        find("XINZHEN_CT", "STUDY", &["ModalitiesInStudy=CT"]).len(),
+        1
+    );
     let series = find(
         "XINZHEN_CT",
         "SERIES",
         &["SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
     );
     assert_eq!(series.len(), 1);
+    assert_eq!(text(&series[0], tags::SERIES_INSTANCE_UID), "2.25.88.1");
     assert_eq!(
         text(&series[0], tags::NUMBER_OF_SERIES_RELATED_INSTANCES),
         "2"
@@ -584,10 +620,27 @@ fn a_clinic_finds_and_counts_only_what_it_sent() {
     assert!(find("BAISHUI_DR", "IMAGE", &["SOPInstanceUID"]).is_empty());
 
     let county = find("COUNTYWS1", "STUDY", &study_keys);
+    let c = &county[0];
+    assert_eq!(text(c, tags::NUMBER_OF_STUDY_RELATED_INSTANCES), "4");
+    assert_eq!(text(c, tags::NUMBER_OF_STUDY_RELATED_SERIES), "2");
+    assert_eq!(text(c, tags::MODALITIES_IN_STUDY), "CT\\MR");
     assert_eq!(
-        text(&county[0], tags::NUMBER_OF_STUDY_RELATED_INSTANCES),
-        "3"
+        find("COUNTYWS1", "STUDY", &["ModalitiesInStudy=MR"]).len(),
+        1
     );
     let images = find("COUNTYWS1", "IMAGE", &["SOPInstanceUID"]);
-    assert_eq!(uids(&images), ["2.25.881", "2.25.882", "2.25.883"]);
+    assert_eq!(
+        uids(&images),
+        ["2.25.881", "2.25.882", "2.25.883", "2.25.884"]
+    );
+}
+
+/// Replaces the one occurrence of `from` in `bytes` with `to` (same length).
+fn replace(bytes: &mut [u8], from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("present");
+    bytes[at..at + to.len()].copy_from_slice(to);
 }

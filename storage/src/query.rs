@@ -395,11 +395,15 @@ fn condition_sql(
 /// every study); after a narrower condition, EXISTS checks just the few
 /// studies found (an IN subquery there would make SQLite, without
 /// statistics, start from every CT series instead of one week's studies).
-/// With a clinic's `scope`, only series holding its instances count.
+/// With a clinic's `scope`, only series holding its instances count; the
+/// series' clinic (two primary-key lookups) is checked first, so other
+/// clinics' series of that modality never get their instances searched.
 fn modality_in_study(test: &str, narrowed: bool, scope: Option<&str>) -> String {
     let test = match scope {
         Some(c) => format!(
-            "x.modality {test} AND EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = x.pk AND {})",
+            "x.modality {test} AND (SELECT q.clinic_id FROM studies y JOIN patients q ON q.pk = y.patient_pk \
+             WHERE y.pk = x.study_pk) = {c} \
+             AND EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = x.pk AND {})",
             sent_by_clinic("z", c)
         ),
         None => format!("x.modality {test}"),
@@ -451,7 +455,12 @@ fn query_sql(query: &Query) -> (String, Vec<Value>) {
     let scope = query.clinic.as_ref().map(|clinic| {
         params.push(Value::Text(clinic.clone()));
         let c = format!("?{}", params.len());
-        wheres.push(format!("p.clinic_id = {c}"));
+        // Most of the index may be this clinic's: its patients must never
+        // be the planner's way in ahead of a date range or a name prefix
+        // (100,000 studies: 88 ms instead of 2 for a week's CT studies, and
+        // each branch of the name match's OR would take it): `+` keeps the
+        // clinic a filter, never an index lookup.
+        wheres.push(format!("+p.clinic_id = {c}"));
         match query.level {
             Level::Patient => {}
             Level::Study => wheres.push(format!(
@@ -670,6 +679,19 @@ mod tests {
                 ),
             ),
             (
+                "a clinic's date range and modality",
+                study(
+                    vec![
+                        (
+                            Key::StudyDate,
+                            Matcher::Range(Some("20260101".into()), Some("20260107".into())),
+                        ),
+                        (Key::ModalitiesInStudy, single("CT")),
+                    ],
+                    Some("xinzhen"),
+                ),
+            ),
+            (
                 "a clinic's modality",
                 study(
                     vec![(Key::ModalitiesInStudy, single("CT"))],
@@ -727,7 +749,7 @@ mod tests {
         ];
         for (name, query) in cases {
             let steps = plan(&conn, &query);
-            if name == "date range and modality" {
+            if name.ends_with("date range and modality") {
                 assert!(
                     steps[0].contains("studies_by_date"),
                     "one week's studies first: {steps:#?}"
@@ -738,6 +760,11 @@ mod tests {
                 s.starts_with("SCAN ") && !s.starts_with("SCAN (") && !s.contains("CONSTANT ROW")
             };
             assert!(!steps.iter().any(|s| table_scan(&s)), "{name}: {steps:#?}");
+            // A clinic's own patients are most of its index: a filter only.
+            assert!(
+                !steps.iter().any(|s| s.contains("(clinic_id=?)")),
+                "{name}: {steps:#?}"
+            );
         }
     }
 }
