@@ -246,6 +246,24 @@ impl Config {
         Ok(())
     }
 
+    /// Whether clinic `clinic_id` may have a C-MOVE send to destination
+    /// `ae`: the county's stations to any configured destination, a
+    /// township clinic only to its own AEs or the county's, never to
+    /// another clinic's machine nor anywhere outside the consortium.
+    pub fn may_move_to(&self, clinic_id: &str, ae: &str) -> bool {
+        let is_county = |c: &Clinic| c.role == ClinicRole::County;
+        if self
+            .clinics
+            .iter()
+            .any(|c| c.id == clinic_id && is_county(c))
+        {
+            return true;
+        }
+        self.clinics
+            .iter()
+            .any(|c| c.ae_titles.iter().any(|a| a == ae) && (c.id == clinic_id || is_county(c)))
+    }
+
     /// The clinic that owns `calling_ae`, if the peer at `peer` may use it.
     pub fn clinic_for_ae(&self, calling_ae: &str, peer: IpAddr) -> Result<&Clinic, AccessDenied> {
         let clinic = self

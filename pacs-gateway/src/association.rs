@@ -750,32 +750,42 @@ impl Connection {
             }
         };
         let destination_config = match &move_to {
-            Some(ae) => match shared
-                .config
-                .destinations
-                .iter()
-                .find(|d| &d.ae_title == ae)
-            {
-                Some(dest) => Some(dest),
-                None => {
-                    warn!(destination = %ae, "C-MOVE to an unknown destination");
+            Some(ae) => {
+                let found = shared
+                    .config
+                    .destinations
+                    .iter()
+                    .find(|d| &d.ae_title == ae);
+                // A destination this clinic may not send to is, for it, not
+                // a known one (0xA801 is the status C-MOVE defines).
+                let refusal = match found {
+                    None => Some(("destination unknown", "move destination unknown")),
+                    Some(_) if !shared.config.may_move_to(&assoc.source.clinic_id, ae) => Some((
+                        "destination not allowed for this clinic",
+                        "move destination not allowed for this clinic",
+                    )),
+                    Some(_) => None,
+                };
+                if let Some((why, comment)) = refusal {
+                    warn!(destination = %ae, why, "C-MOVE refused");
                     self.audit(
                         shared,
                         assoc,
                         action,
                         &format!("to {ae}"),
-                        "refused: destination unknown",
+                        &format!("refused: {why}"),
                         0,
                     )
                     .await;
                     let rsp =
                         Response::new(rsp_field, message_id, status::MOVE_DESTINATION_UNKNOWN)
                             .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-                            .error_comment("move destination unknown")
+                            .error_comment(comment)
                             .encode();
                     return self.respond(assoc, context_id, &rsp).await;
                 }
-            },
+                found
+            }
             None => None,
         };
         // The first stored object is read while the destination's

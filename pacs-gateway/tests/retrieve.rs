@@ -180,6 +180,82 @@ fn unknown_and_unreachable_destinations_fail_cleanly() {
     gw.assert_serving();
 }
 
+/// A township clinic has its studies moved only to its own stations or the
+/// county's: never to another clinic's machine, nor to a destination
+/// outside the consortium (which the county's stations may use).
+#[test]
+fn a_clinic_moves_only_to_its_own_or_the_countys_stations() {
+    let dir = tempfile::tempdir().unwrap();
+    let scps: Vec<(&str, ReferenceScp)> = ["XINZHEN_US", "COUNTYWS1", "BAISHUI_DR", "ARCHIVE"]
+        .into_iter()
+        .map(|ae| (ae, ReferenceScp::start(&dir.path().join(ae), "+xa")))
+        .collect();
+    let destinations: String = scps
+        .iter()
+        .map(|(ae, scp)| {
+            format!(
+                "[[destinations]]\nae_title = \"{ae}\"\nhost = \"127.0.0.1\"\nport = {}\n\n",
+                scp.port
+            )
+        })
+        .collect();
+    let spec = GatewaySpec {
+        clinics: format!("{}\n{destinations}", GatewaySpec::default().clinics),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE])];
+    let scu::Association::Accepted(mut sender) =
+        scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
+    else {
+        panic!("refused")
+    };
+    for uid in ["2.25.551", "2.25.552"] {
+        let ds = scu::ct_dataset(uid, "2.25.55", 2048);
+        assert_eq!(
+            sender.store(1, CT_IMAGE_STORAGE, uid, &ds),
+            Reply::Status(0)
+        );
+    }
+    assert!(sender.release());
+    let files_at = |ae: &str| {
+        let (_, scp) = scps.iter().find(|(a, _)| *a == ae).unwrap();
+        std::fs::read_dir(&scp.out_dir).unwrap().count()
+    };
+
+    for dest in ["BAISHUI_DR", "ARCHIVE"] {
+        let out = movescu_as(gw.port, "XINZHEN_CT", dest, "2.25.55");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("MoveDestinationUnknown"), "{dest}: {err}");
+        assert_eq!(
+            audited_outcome(&gw, "C-MOVE"),
+            "refused: destination not allowed for this clinic"
+        );
+        assert_eq!(files_at(dest), 0, "nothing reached {dest}");
+    }
+    for dest in ["XINZHEN_US", "COUNTYWS1"] {
+        let out = movescu_as(gw.port, "XINZHEN_CT", dest, "2.25.55");
+        assert!(
+            out.status.success(),
+            "{dest}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            audited_outcome(&gw, "C-MOVE"),
+            "completed 2, failed 0, warning 0, status 0x0000"
+        );
+        assert_eq!(files_at(dest), 2, "both reached {dest}");
+    }
+    // The county's station may move anywhere configured.
+    let out = movescu_as(gw.port, "COUNTYWS1", "ARCHIVE", "2.25.55");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(files_at("ARCHIVE"), 2);
+}
+
 /// movescu was told 0xA702 and the audit trail says all `n` failed.
 fn assert_every_sub_operation_failed(gw: &Gateway, out: &std::process::Output, n: usize) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -459,8 +535,13 @@ fn movescu_study(port: u16, dest: &str) -> std::process::Output {
 
 /// DCMTK movescu: study `study_uid`, at STUDY level, to `dest`.
 fn movescu_for(port: u16, dest: &str, study_uid: &str) -> std::process::Output {
+    movescu_as(port, "COUNTYWS1", dest, study_uid)
+}
+
+/// DCMTK movescu as `calling`: study `study_uid`, at STUDY level, to `dest`.
+fn movescu_as(port: u16, calling: &str, dest: &str, study_uid: &str) -> std::process::Output {
     Command::new("/usr/bin/movescu")
-        .args(["-S", "-aet", "COUNTYWS1", "-aec", common::AE, "-aem", dest])
+        .args(["-S", "-aet", calling, "-aec", common::AE, "-aem", dest])
         .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
         .arg(format!("StudyInstanceUID={study_uid}"))
         .arg("127.0.0.1")
