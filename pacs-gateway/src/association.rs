@@ -717,8 +717,8 @@ impl Connection {
             .await
             .unwrap_or_else(|e| Err(retrieve::ListError::Index(e.to_string())))
         };
-        let items = match listed {
-            Ok(items) => items,
+        let (items, what) = match listed {
+            Ok(listed) => listed,
             Err(failure) => {
                 let (status, comment, detail, outcome) = match failure {
                     retrieve::ListError::Identifier(why) => {
@@ -772,7 +772,7 @@ impl Connection {
                         shared,
                         assoc,
                         action,
-                        &format!("to {ae}"),
+                        &format!("to {ae}; {what}"),
                         &format!("refused: {why}"),
                         0,
                     )
@@ -942,8 +942,8 @@ impl Connection {
             total, completed, failed, warning, "retrieve finished"
         );
         let detail = match &move_to {
-            Some(ae) => format!("to {ae}; {total} instances"),
-            None => format!("{total} instances"),
+            Some(ae) => format!("to {ae}; {what}; {total} instances"),
+            None => format!("{what}; {total} instances"),
         };
         self.audit(
             shared,

@@ -53,16 +53,18 @@ impl From<storage::Error> for ListError {
     }
 }
 
-/// The instances an identifier names (scoped to `clinic` when given).
+/// The instances an identifier names (scoped to `clinic` when given), and
+/// the identifier's level and keys for the audit trail.
 pub(crate) fn list(
     storage: &storage::Storage,
     identifier: &[u8],
     transfer_syntax: &str,
     model: &str,
     clinic: Option<String>,
-) -> Result<Vec<Item>, ListError> {
+) -> Result<(Vec<Item>, String), ListError> {
     let request = crate::find::parse(identifier, transfer_syntax, model, clinic.clone())
         .map_err(ListError::Identifier)?;
+    let what = request.describe();
     let mut query = request.query;
     if query
         .conditions
@@ -104,7 +106,7 @@ pub(crate) fn list(
         });
     }
     drop(snapshot);
-    Ok(items)
+    Ok((items, what))
 }
 
 /// Starts reading `item`'s stored object, so it is in memory by the time

@@ -254,6 +254,21 @@ fn a_clinic_moves_only_to_its_own_or_the_countys_stations() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(files_at("ARCHIVE"), 2);
+    // The audit trail says what went where, not only how many.
+    let detail: String = gw
+        .index()
+        .query_row(
+            "SELECT detail FROM audit WHERE action = 'C-MOVE' ORDER BY pk DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        detail.starts_with("to ARCHIVE; level=STUDY;")
+            && detail.contains("2.25.55")
+            && detail.ends_with("; 2 instances"),
+        "{detail}"
+    );
 }
 
 /// movescu was told 0xA702 and the audit trail says all `n` failed.
