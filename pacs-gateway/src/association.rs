@@ -1275,6 +1275,15 @@ impl Connection {
             Ok(r) => r,
             Err(why) => {
                 warn!(%why, "invalid storage commitment request");
+                self.audit(
+                    shared,
+                    assoc,
+                    "N-ACTION",
+                    "storage commitment",
+                    &format!("refused: {why}"),
+                    0,
+                )
+                .await;
                 let rsp =
                     Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
                         .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
@@ -1303,6 +1312,23 @@ impl Connection {
         // it), the report is owed: verify and queue it before giving up.
         let answered = self.respond(assoc, context_id, &rsp).await;
         let outcome = commitment::verify(&shared.storage, scope, request).await;
+        // Which instances a clinic holds is patient data too: audited.
+        self.audit(
+            shared,
+            assoc,
+            "N-ACTION",
+            &format!(
+                "storage commitment, transaction {}; {requested} instances",
+                outcome.transaction_uid
+            ),
+            &format!(
+                "committed {}, failed {}",
+                outcome.committed.len(),
+                outcome.failed.len()
+            ),
+            outcome.committed.len() as u64,
+        )
+        .await;
         // Owed from now on: if anything below fails, the report still goes
         // out on a new association (implicit VR LE is what that offers).
         self.last_message_id = self.last_message_id.wrapping_add(1);

@@ -88,6 +88,33 @@ fn pynetdicom_commitment_reports_committed_and_failed_instances() {
     let county = commit_scu(gw.port, "COUNTYWS1", &[(CT_IMAGE_STORAGE, "2.25.7001")]);
     assert_eq!(county.committed, vec!["2.25.7001"]);
     assert!(gw.log().contains("storage commitment report acknowledged"));
+
+    // Each request is in the audit trail: who asked, about how many, and
+    // what the center confirmed.
+    let rows: Vec<(String, String, String)> = {
+        let index = gw.index();
+        let mut stmt = index
+            .prepare("SELECT calling_ae, detail, outcome FROM audit WHERE action = 'N-ACTION' ORDER BY pk")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let summary: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(ae, _, outcome)| (ae.as_str(), outcome.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("XINZHEN_CT", "committed 2, failed 0"),
+            ("XINZHEN_CT", "committed 1, failed 3"),
+            ("BAISHUI_DR", "committed 0, failed 1"),
+            ("COUNTYWS1", "committed 1, failed 0"),
+        ]
+    );
+    assert!(rows[1].1.ends_with("; 4 instances"), "{}", rows[1].1);
 }
 
 #[test]
