@@ -99,6 +99,16 @@ impl Collected {
         }
     }
 
+    /// The audit trail's name for the operation.
+    fn action(&self) -> &'static str {
+        match self {
+            Collected::Commitment => "N-ACTION",
+            Collected::Find => "C-FIND",
+            Collected::Retrieve { move_to: None } => "C-GET",
+            Collected::Retrieve { move_to: Some(_) } => "C-MOVE",
+        }
+    }
+
     /// How a dataset over the limit is refused: with (response field,
     /// status) once it has been read, or, when `None`, by aborting.
     fn refusal(&self) -> Option<(u16, u16)> {
@@ -161,12 +171,14 @@ enum Pending {
         kind: Collected,
         bytes: Vec<u8>,
     },
-    /// A dataset we will discard, then answer with `status`.
+    /// A dataset we will discard, then answer with `status` (`why` for
+    /// the audit trail).
     Discard {
         context_id: u8,
         message_id: u16,
         response_field: u16,
         status: u16,
+        why: &'static str,
     },
 }
 
@@ -433,8 +445,19 @@ impl Connection {
                                 message_id: *message_id,
                                 response_field,
                                 status,
+                                why: "identifier or request too large",
                             });
                         } else {
+                            let action = kind.action();
+                            self.audit(
+                                shared,
+                                assoc,
+                                action,
+                                "identifier too large",
+                                "refused: association aborted",
+                                0,
+                            )
+                            .await;
                             return Err(End::Abort(
                                 AbortReason::InvalidPduParameter,
                                 "identifier too large".into(),
@@ -485,7 +508,10 @@ impl Connection {
                             message_id,
                             response_field,
                             status,
+                            why,
                         }) => {
+                            self.audit_refusal(shared, assoc, response_field, status, why)
+                                .await;
                             let rsp = Response::new(response_field, message_id, status).encode();
                             self.respond(assoc, context_id, &rsp).await?;
                         }
@@ -569,6 +595,14 @@ impl Connection {
                         bytes: Vec::new(),
                     }))
                 } else {
+                    self.audit_refusal(
+                        shared,
+                        assoc,
+                        field::C_FIND_RSP,
+                        status::DATASET_MISMATCH,
+                        "no identifier",
+                    )
+                    .await;
                     let rsp =
                         Response::new(field::C_FIND_RSP, message_id, status::DATASET_MISMATCH)
                             .error_comment("C-FIND without an identifier")
@@ -588,14 +622,18 @@ impl Connection {
                     })),
                     (status, has_dataset) => {
                         let status = status.unwrap_or(status::PROCESSING_FAILURE);
+                        let why = "not a storage commitment request";
                         if has_dataset {
                             Ok(Some(Pending::Discard {
                                 context_id,
                                 message_id,
                                 response_field: field::N_ACTION_RSP,
                                 status,
+                                why,
                             }))
                         } else {
+                            self.audit_refusal(shared, assoc, field::N_ACTION_RSP, status, why)
+                                .await;
                             let rsp =
                                 Response::new(field::N_ACTION_RSP, message_id, status).encode();
                             self.respond(assoc, context_id, &rsp).await?;
@@ -640,14 +678,22 @@ impl Connection {
                     }
                 };
                 let response_field = other | 0x8000;
+                let why = if status == status::DATASET_MISMATCH {
+                    "no identifier"
+                } else {
+                    "not this presentation context's SOP class"
+                };
                 if command.has_dataset() {
                     Ok(Some(Pending::Discard {
                         context_id,
                         message_id,
                         response_field,
                         status,
+                        why,
                     }))
                 } else {
+                    self.audit_refusal(shared, assoc, response_field, status, why)
+                        .await;
                     let rsp = Response::new(response_field, message_id, status).encode();
                     self.respond(assoc, context_id, &rsp).await?;
                     Ok(None)
@@ -1258,6 +1304,28 @@ impl Connection {
         if let Err(e) = shared.storage.audit(entry).await {
             tracing::error!(error = %e, "cannot write the audit trail");
         }
+    }
+
+    /// The audit row of a query, retrieve or commitment request refused
+    /// before it was read (answered `status` with response `response_field`);
+    /// other operations touch no patient data and are not audited.
+    async fn audit_refusal(
+        &self,
+        shared: &Shared,
+        assoc: &Established,
+        response_field: u16,
+        status: u16,
+        why: &str,
+    ) {
+        let action = match response_field {
+            field::C_FIND_RSP => "C-FIND",
+            field::C_GET_RSP => "C-GET",
+            field::C_MOVE_RSP => "C-MOVE",
+            field::N_ACTION_RSP => "N-ACTION",
+            _ => return,
+        };
+        let outcome = format!("refused: 0x{status:04X}");
+        self.audit(shared, assoc, action, why, &outcome, 0).await;
     }
 
     /// A complete N-ACTION (Request Storage Commitment): verify every

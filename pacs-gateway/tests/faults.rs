@@ -84,6 +84,64 @@ fn command_sop_class_that_differs_from_its_context_is_refused() {
     assert_eq!(scu.reply(), Reply::Status(0x0122));
     assert!(scu.release());
     assert_healthy_and_clean(&gw, 0);
+    // The refused query is in the audit trail, like every query.
+    assert_eq!(
+        audit_rows(&gw, "C-FIND"),
+        [(
+            "not this presentation context's SOP class".to_string(),
+            "refused: 0x0122".to_string()
+        )]
+    );
+}
+
+/// An identifier over 1 MiB: read to its end, answered 0xA700, audited,
+/// and the association goes on.
+#[test]
+fn an_oversized_query_identifier_is_refused_with_a700_and_audited() {
+    let (_dir, gw) = start();
+    const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+    let scu::Association::Accepted(mut scu) = scu::associate(
+        gw.port,
+        "XINZHEN_CT",
+        common::AE,
+        &[(1, STUDY_ROOT_FIND, &[scu::EXPLICIT_LE])],
+    ) else {
+        panic!("refused")
+    };
+    let mut identifier = scu::el(0x0008_0052, b"CS", b"STUDY");
+    identifier.extend(scu::el(0x0008_1030, b"LO", &vec![b'A'; 60_000]));
+    let big: Vec<u8> = identifier
+        .iter()
+        .copied()
+        .cycle()
+        .take(identifier.len() * 20)
+        .collect();
+    assert!(big.len() > 1 << 20);
+    let id = scu.next_id();
+    scu.send_message(1, true, &scu::query_rq(STUDY_ROOT_FIND, 0x0020, id));
+    scu.send_message(1, false, &big);
+    assert_eq!(scu.reply(), Reply::Status(0xA700));
+    assert_eq!(
+        audit_rows(&gw, "C-FIND"),
+        [(
+            "identifier or request too large".to_string(),
+            "refused: 0xA700".to_string()
+        )]
+    );
+    assert!(scu.release());
+    assert_healthy_and_clean(&gw, 0);
+}
+
+/// (detail, outcome) of the audit rows for `action`, oldest first.
+fn audit_rows(gw: &Gateway, action: &str) -> Vec<(String, String)> {
+    let index = gw.index();
+    let mut stmt = index
+        .prepare("SELECT detail, outcome FROM audit WHERE action = ?1 ORDER BY pk")
+        .unwrap();
+    stmt.query_map([action], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 #[test]
