@@ -224,12 +224,7 @@ impl Key {
     fn select_scoped(self, c: &str) -> Option<String> {
         use Key::*;
         let sent = |i: &str| sent_by_clinic(i, c);
-        let series_sent = |x: &str| {
-            format!(
-                "EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = {x}.pk AND {})",
-                sent("z")
-            )
-        };
+        let series_sent = |x: &str| series_sent_by_clinic(x, c);
         Some(match self {
             NumberOfPatientRelatedStudies => format!(
                 "(SELECT count(*) FROM studies x WHERE x.patient_pk = p.pk AND EXISTS (SELECT 1 FROM series y \
@@ -292,10 +287,19 @@ impl Key {
 /// instance row `i`: the rule retrieval and the viewer apply too, so a
 /// clinic neither sees nor counts another clinic's series filed under the
 /// same Study Instance UID.
-fn sent_by_clinic(i: &str, c: &str) -> String {
+pub fn sent_by_clinic(i: &str, c: &str) -> String {
     format!(
         "EXISTS (SELECT 1 FROM instance_senders s WHERE s.sop_instance_uid = {i}.sop_instance_uid \
          AND s.sha256 = {i}.sha256 AND s.clinic_id = {c})"
+    )
+}
+
+/// SQL true when series row `x` holds an instance whose current bytes
+/// clinic `c` (a bound parameter) sent.
+pub fn series_sent_by_clinic(x: &str, c: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = {x}.pk AND {})",
+        sent_by_clinic("z", c)
     )
 }
 
@@ -402,9 +406,8 @@ fn modality_in_study(test: &str, narrowed: bool, scope: Option<&str>) -> String 
     let test = match scope {
         Some(c) => format!(
             "x.modality {test} AND (SELECT q.clinic_id FROM studies y JOIN patients q ON q.pk = y.patient_pk \
-             WHERE y.pk = x.study_pk) = {c} \
-             AND EXISTS (SELECT 1 FROM instances z WHERE z.series_pk = x.pk AND {})",
-            sent_by_clinic("z", c)
+             WHERE y.pk = x.study_pk) = {c} AND {}",
+            series_sent_by_clinic("x", c)
         ),
         None => format!("x.modality {test}"),
     };

@@ -386,7 +386,22 @@ impl WorklistService for Worklists {
                         }
                     }
                     change = changes.recv() => match change {
-                        Ok(change) => {
+                        Ok(mut change) => {
+                            if change.for_scope(&scope).is_none() {
+                                continue;
+                            }
+                            // The poller's item counts every clinic's
+                            // instances: a township watcher is shown its own.
+                            if !scope.sent_by.is_empty() && change.kind != pb::worklist_event::Kind::Removed {
+                                let uid = change.item.study_instance_uid.clone();
+                                match app.worklist.item_seen_by(scope.sent_by.clone(), uid).await {
+                                    Ok(item) => change.item = item,
+                                    Err(e) => {
+                                        let _ = tx.send(Err(e.into())).await;
+                                        return;
+                                    }
+                                }
+                            }
                             let Some(kind) = change.for_scope(&scope) else { continue };
                             // Each pushed item is a read of that patient's
                             // data: audited before it goes out.

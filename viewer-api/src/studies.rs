@@ -9,7 +9,6 @@ use rusqlite::{Connection, OptionalExtension};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
-pub use storage::query::MODALITIES_IN_STUDY;
 
 /// A study and whose patient it is.
 #[derive(Debug, Clone)]
@@ -36,7 +35,7 @@ pub struct InstanceRow {
     pub number_of_frames: u32,
 }
 
-/// The modalities of [`MODALITIES_IN_STUDY`] as a list.
+/// A study's modalities, as the index joins them with `\`, as a list.
 pub fn split_modalities(joined: Option<String>) -> Vec<String> {
     joined
         .unwrap_or_default()
@@ -256,6 +255,16 @@ pub fn dataset_json(obj: &DefaultDicomObject) -> Result<String> {
 /// the same patient record. Never through names. Newest first, limited to
 /// what the caller may see.
 pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Vec<PriorStudy>> {
+    // A township caller is shown the modalities of what its clinic sent.
+    let sent_by = if caller.sees_all_clinics() {
+        ""
+    } else {
+        caller.clinic_id.as_str()
+    };
+    let series_shown = format!(
+        "(?3 = '' OR {})",
+        storage::query::series_sent_by_clinic("x", "?3")
+    );
     let mut stmt = conn.prepare_cached(&format!(
         "WITH keys (id, issuer) AS (
              SELECT other_id, issuer FROM patient_other_ids WHERE patient_pk = ?1 AND issuer != ''
@@ -269,23 +278,27 @@ pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Ve
              FROM keys JOIN ids ON ids.id = keys.id AND ids.issuer = keys.issuer)
          SELECT st.study_uid, st.clinic_id, st.study_date, st.description,
                 substr(min(CASE WHEN l.how = 'same patient record' THEN '0' ELSE '1' END || l.how), 2),
-                {MODALITIES_IN_STUDY}
+                (SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m FROM series x
+                   WHERE x.study_pk = st.pk AND x.modality != '' AND {series_shown} ORDER BY 1))
          FROM linked l JOIN studies st ON st.patient_pk = l.patient_pk
          WHERE st.pk != ?2
          GROUP BY st.pk
          ORDER BY st.study_date DESC, st.study_time DESC, st.study_uid"
     ))?;
-    let rows = stmt.query_map(rusqlite::params![study.patient_pk, study.pk], |r| {
-        let modalities = r.get(5)?;
-        Ok(PriorStudy {
-            study_instance_uid: r.get(0)?,
-            clinic_id: r.get(1)?,
-            study_date: r.get(2)?,
-            study_description: r.get(3)?,
-            matched_on: r.get(4)?,
-            modalities: split_modalities(modalities),
-        })
-    })?;
+    let rows = stmt.query_map(
+        rusqlite::params![study.patient_pk, study.pk, sent_by],
+        |r| {
+            let modalities = r.get(5)?;
+            Ok(PriorStudy {
+                study_instance_uid: r.get(0)?,
+                clinic_id: r.get(1)?,
+                study_date: r.get(2)?,
+                study_description: r.get(3)?,
+                matched_on: r.get(4)?,
+                modalities: split_modalities(modalities),
+            })
+        },
+    )?;
     let all: Vec<PriorStudy> = rows.collect::<Result<_, _>>()?;
     Ok(all
         .into_iter()

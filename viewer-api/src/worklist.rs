@@ -15,7 +15,8 @@ use tokio::sync::{Notify, broadcast};
 use crate::auth::{Caller, Role};
 use crate::db::{Db, now_unix};
 use crate::error::{ApiError, Result};
-use crate::studies::{MODALITIES_IN_STUDY, split_modalities};
+use crate::studies::split_modalities;
+use storage::query::{sent_by_clinic, series_sent_by_clinic};
 
 /// One change seen by the poller.
 #[derive(Debug, Clone)]
@@ -43,6 +44,10 @@ pub struct Scope {
     /// `,1,2,` style list of statuses; empty: all.
     pub statuses: String,
     pub study_uid: String,
+    /// A township caller's clinic: counts and modalities cover only the
+    /// instances it sent (not another clinic's series filed under the same
+    /// study). Empty for the county, who see everything.
+    pub sent_by: String,
 }
 
 impl Scope {
@@ -84,6 +89,11 @@ impl Scope {
             date_to: f.study_date_to,
             statuses,
             study_uid: String::new(),
+            sent_by: if caller.sees_all_clinics() {
+                String::new()
+            } else {
+                caller.clinic_id.clone()
+            },
         })
     }
 
@@ -105,13 +115,18 @@ fn query_items(
 ) -> Result<Vec<WorklistItem>> {
     let now = now_unix();
     let cutoff = storage::utc_timestamp(SystemTime::now() - settle);
+    // ?10: the caller's clinic when only what it sent counts, else ''.
+    let series_counts = format!("(?10 = '' OR {})", series_sent_by_clinic("x", "?10"));
+    let instance_counts = format!("(?10 = '' OR {})", sent_by_clinic("i", "?10"));
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT * FROM (
            SELECT st.study_uid, st.clinic_id, p.name, p.patient_id, st.study_date, st.description,
                   st.accession_number,
-                  {MODALITIES_IN_STUDY} AS modalities,
+                  (SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m FROM series x
+                     WHERE x.study_pk = st.pk AND x.modality != '' AND {series_counts} ORDER BY 1))
+                     AS modalities,
                   (SELECT count(*) FROM series se JOIN instances i ON i.series_pk = se.pk
-                     WHERE se.study_pk = st.pk) AS n,
+                     WHERE se.study_pk = st.pk AND {instance_counts}) AS n,
                   COALESCE(w.priority, CASE st.requested_priority
                      WHEN 'STAT' THEN 1 WHEN 'HIGH' THEN 2 ELSE 3 END) AS prio,
                   CASE WHEN w.reported_at IS NOT NULL THEN 3
@@ -125,7 +140,8 @@ fn query_items(
              AND (?3 = '' OR st.clinic_id = ?3)
              AND (?4 = '' OR st.study_date >= ?4)
              AND (?5 = '' OR st.study_date <= ?5)
-             AND (?6 = '' OR EXISTS (SELECT 1 FROM series se WHERE se.study_pk = st.pk AND se.modality = ?6))
+             AND (?6 = '' OR EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality = ?6
+                                      AND {series_counts}))
              AND (?7 = '' OR st.study_uid = ?7))
          WHERE (?8 = '' OR instr(?8, ',' || status || ',') > 0)
          ORDER BY prio, last_at, study_uid
@@ -141,7 +157,8 @@ fn query_items(
             scope.modality,
             scope.study_uid,
             scope.statuses,
-            limit
+            limit,
+            scope.sent_by
         ],
         |r| {
             let status: i32 = r.get(10)?;
@@ -198,8 +215,15 @@ impl Worklist {
     /// The item as it is now, settled or not (a priority may be set on a
     /// study still arriving, and an instance may arrive right after a claim).
     async fn item(&self, study_uid: String) -> Result<WorklistItem> {
+        self.item_seen_by(String::new(), study_uid).await
+    }
+
+    /// The item as it is now, counting only what clinic `sent_by` sent
+    /// (all when empty): what a township watcher is shown of a change.
+    pub async fn item_seen_by(&self, sent_by: String, study_uid: String) -> Result<WorklistItem> {
         let scope = Scope {
             study_uid,
+            sent_by,
             ..Scope::default()
         };
         self.db

@@ -567,6 +567,35 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
         )
         .unwrap();
     assert_eq!(owner, a.study_instance_uid);
+    // ... nor relabelled: it keeps A's modality.
+    let modality: String = conn
+        .query_row(
+            "SELECT modality FROM series WHERE series_uid = ?1",
+            [&a_series],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_ne!(b.modality, a.modality);
+    assert_eq!(modality, a.modality);
+    // A's own worklist counts and lists only what A sent; the county's, all.
+    let item_for = |items: Vec<consortium_proto::v1::WorklistItem>| {
+        items
+            .into_iter()
+            .find(|i| i.study_instance_uid == a.study_instance_uid)
+            .expect("A's study in the worklist")
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await; // settle
+    let tech = server.login("tech_x").await;
+    let own = item_for(
+        c.worklist
+            .list_worklist(authed(ListWorklistRequest::default(), &tech))
+            .await
+            .unwrap()
+            .into_inner()
+            .items,
+    );
+    assert_eq!(own.instance_count as usize, a_study.len());
+    assert_eq!(own.modalities, vec![a.modality.clone()]);
     // A radiologist still sees all of A's study.
     let rad = server.login("rad1").await;
     let meta = c
@@ -585,4 +614,13 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
             .iter()
             .any(|i| i.sop_instance_uid == a.sop_instance_uid)
     );
+    let all = item_for(
+        c.worklist
+            .list_worklist(authed(ListWorklistRequest::default(), &rad))
+            .await
+            .unwrap()
+            .into_inner()
+            .items,
+    );
+    assert_eq!(all.instance_count as usize, a_study.len() + 1);
 }

@@ -442,6 +442,67 @@ async fn watchers_see_current_items_new_studies_and_claims() {
     assert!(nothing.is_err(), "no event for another clinic's studies");
 }
 
+/// A township watcher is shown its clinic's study as the clinic sent it:
+/// another clinic's instance filed into it is counted for the county only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_township_watcher_counts_only_what_its_clinic_sent() {
+    use dicom_dictionary_std::tags;
+    let (files, uids) = studies_of("xinzhen", 1);
+    let server = center_with(&files, "").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let tech = server.login("tech_x").await;
+    let rad = server.login("rad1").await;
+    let c = server.clients().await;
+    let watch = |token: String| {
+        let mut c = c.worklist.clone();
+        async move {
+            c.watch_worklist(authed(WatchWorklistRequest { filter: None }, &token))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut mine = watch(tech).await;
+    let mut all = watch(rad).await;
+    let ours = |e: &consortium_proto::v1::WorklistEvent| {
+        e.item.as_ref().unwrap().study_instance_uid == uids[0]
+    };
+    let e = next_where(&mut mine, ours).await;
+    assert_eq!(e.item.unwrap().instance_count as usize, files.len());
+
+    // Baishui sends one of its instances naming a series of that study.
+    let series = dicom_object::open_file(&files[0].0)
+        .unwrap()
+        .element(tags::SERIES_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    let b = demo_samples()
+        .1
+        .iter()
+        .find(|f| f.issuer_of_patient_id == "baishui" && f.modality != "ECG")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let forged = dir.path().join("forged.dcm");
+    std::fs::copy(&b.path, &forged).unwrap();
+    let out = Command::new("/usr/bin/dcmodify")
+        .args(["-nb", "-m", &format!("SeriesInstanceUID={series}")])
+        .arg(&forged)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    ingest(&server.data_dir(), &[(forged, "baishui".to_string())]).await;
+
+    let changed =
+        |e: &consortium_proto::v1::WorklistEvent| e.kind == Kind::Changed as i32 && ours(e);
+    let e = next_where(&mut all, changed).await;
+    assert_eq!(e.item.unwrap().instance_count as usize, files.len() + 1);
+    let e = next_where(&mut mine, changed).await;
+    assert_eq!(e.item.unwrap().instance_count as usize, files.len());
+}
+
 /// The next event that satisfies `pred` (others are skipped), within 5 s.
 async fn next_where(
     stream: &mut tonic::Streaming<consortium_proto::v1::WorklistEvent>,

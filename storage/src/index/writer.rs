@@ -432,7 +432,7 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
 
     let patient_pk = upsert_patient(tx, new)?;
     let study_pk = upsert_study(tx, new, patient_pk)?;
-    let series_pk = upsert_series(tx, a, study_pk)?;
+    let series_pk = upsert_series(tx, a, study_pk, &new.clinic_id)?;
     tx.prepare_cached(
         "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, number_of_frames,
             transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)
@@ -611,25 +611,36 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
         .query_row(params![a.study_instance_uid, new.received_at], |r| r.get(0))?)
 }
 
-fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i64> {
+/// The series row for `a` under `study_pk`, sent by `clinic_id`. Only the
+/// clinic whose study holds a series changes it (its attributes, or which
+/// of its own studies it is in): another clinic naming the same Series
+/// Instance UID adds instances to it but neither moves nor relabels it.
+fn upsert_series(
+    tx: &Connection,
+    a: &InstanceAttrs,
+    study_pk: i64,
+    clinic_id: &str,
+) -> Result<i64> {
     let updated: Option<i64> = tx
         .prepare_cached(
             "INSERT INTO series (series_uid, study_pk, modality, series_number, description)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (series_uid) DO UPDATE SET
-            -- A series moves to another study only within one clinic: no
-            -- sender can pull another clinic's series under its own study.
-            study_pk = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk)
-                               = (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk)
+            study_pk = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
+                             AND (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk) = ?6
                 THEN excluded.study_pk ELSE series.study_pk END,
-            modality = excluded.modality,
-            series_number = excluded.series_number, description = excluded.description
-         -- Only when something changes (see upsert_patient).
-         WHERE (CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk)
-                        = (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk)
+            modality = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
+                THEN excluded.modality ELSE series.modality END,
+            series_number = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
+                THEN excluded.series_number ELSE series.series_number END,
+            description = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
+                THEN excluded.description ELSE series.description END
+         -- Only the owner, and only when something changes (see upsert_patient).
+         WHERE (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
+           AND (CASE WHEN (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk) = ?6
                      THEN excluded.study_pk ELSE series.study_pk END,
-                modality, series_number, description)
-            IS NOT (series.study_pk, excluded.modality, excluded.series_number, excluded.description)
+                excluded.modality, excluded.series_number, excluded.description)
+            IS NOT (series.study_pk, series.modality, series.series_number, series.description)
          RETURNING pk",
         )?
         .query_row(
@@ -638,7 +649,8 @@ fn upsert_series(tx: &Connection, a: &InstanceAttrs, study_pk: i64) -> Result<i6
                 study_pk,
                 a.modality,
                 a.series_number,
-                a.series_description
+                a.series_description,
+                clinic_id
             ],
             |r| r.get(0),
         )
