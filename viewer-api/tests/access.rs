@@ -482,38 +482,15 @@ async fn admin_command_manages_users_and_lists_the_audit_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
-    use dicom_dictionary_std::tags;
     let (_, samples) = demo_samples();
     let a = samples
         .iter()
         .find(|f| f.issuer_of_patient_id == "xinzhen" && f.modality == "CT")
         .unwrap();
-    let b = samples
-        .iter()
-        .find(|f| f.issuer_of_patient_id == "baishui" && f.modality != "ECG")
-        .unwrap();
-    let a_obj = dicom_object::open_file(&a.path).unwrap();
-    let a_series = a_obj
-        .element(tags::SERIES_INSTANCE_UID)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_string();
+    let a_series = common::series_of(&a.path);
     // Clinic B sends one of its own instances naming A's series (and B's own study).
     let dir = tempfile::tempdir().unwrap();
-    let forged = dir.path().join("forged.dcm");
-    std::fs::copy(&b.path, &forged).unwrap();
-    let out = std::process::Command::new("/usr/bin/dcmodify")
-        .args(["-nb", "-m", &format!("SeriesInstanceUID={a_series}")])
-        .arg(&forged)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (forged, b) = common::baishui_instance_in_series_of(&a.path, dir.path());
     let a_study: Vec<_> = samples
         .iter()
         .filter(|f| f.study_instance_uid == a.study_instance_uid)

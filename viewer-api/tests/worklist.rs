@@ -446,7 +446,6 @@ async fn watchers_see_current_items_new_studies_and_claims() {
 /// another clinic's instance filed into it is counted for the county only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_township_watcher_counts_only_what_its_clinic_sent() {
-    use dicom_dictionary_std::tags;
     let (files, uids) = studies_of("xinzhen", 1);
     let server = center_with(&files, "").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -471,28 +470,8 @@ async fn a_township_watcher_counts_only_what_its_clinic_sent() {
     assert_eq!(e.item.unwrap().instance_count as usize, files.len());
 
     // Baishui sends one of its instances naming a series of that study.
-    let series = dicom_object::open_file(&files[0].0)
-        .unwrap()
-        .element(tags::SERIES_INSTANCE_UID)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_string();
-    let b = demo_samples()
-        .1
-        .iter()
-        .find(|f| f.issuer_of_patient_id == "baishui" && f.modality != "ECG")
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let forged = dir.path().join("forged.dcm");
-    std::fs::copy(&b.path, &forged).unwrap();
-    let out = Command::new("/usr/bin/dcmodify")
-        .args(["-nb", "-m", &format!("SeriesInstanceUID={series}")])
-        .arg(&forged)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let (forged, _) = common::baishui_instance_in_series_of(&files[0].0, dir.path());
     ingest(&server.data_dir(), &[(forged, "baishui".to_string())]).await;
 
     let changed =

@@ -295,3 +295,40 @@ pub async fn center_with(files: &[(PathBuf, String)], viewer_extra: &str) -> Ser
     server.user("admin", "administrator", "county");
     server
 }
+
+/// Baishui's first non-ECG demo instance, copied into `dir` and edited by
+/// DCMTK's `dcmodify` to name the series of `file` (whose study is another
+/// clinic's): another clinic's instance filed into that series.
+pub fn baishui_instance_in_series_of(file: &Path, dir: &Path) -> (PathBuf, &'static SampleFile) {
+    let series = series_of(file);
+    let b = demo_samples()
+        .1
+        .iter()
+        .find(|f| f.issuer_of_patient_id == "baishui" && f.modality != "ECG")
+        .unwrap();
+    let forged = dir.join("forged.dcm");
+    std::fs::copy(&b.path, &forged).unwrap();
+    let out = std::process::Command::new("/usr/bin/dcmodify")
+        .args(["-nb", "-m", &format!("SeriesInstanceUID={series}")])
+        .arg(&forged)
+        .output()
+        .expect("run /usr/bin/dcmodify (Debian dcmtk)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (forged, b)
+}
+
+/// The Series Instance UID of a Part 10 file.
+pub fn series_of(file: &Path) -> String {
+    dicom_object::open_file(file)
+        .unwrap()
+        .element(dicom_dictionary_std::tags::SERIES_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string()
+}
