@@ -9,6 +9,12 @@ CONFIG=data/demo/center.toml
 SAMPLES=data/demo/samples
 
 mkdir -p data/demo
+# One center per data directory: a running gateway holds this lock (and a
+# second one would refuse to start anyway, after its logs were emptied here).
+if [ -e data/demo/writer.lock ] && ! flock -n data/demo/writer.lock true; then
+    echo "a center is already running on data/demo: stop it (Ctrl-C) first"
+    exit 1
+fi
 [ -f "$CONFIG" ] || cp config/demo.toml "$CONFIG"
 if [ ! -d "$SAMPLES" ]; then
     "$BIN/sample-dicom" --out "$SAMPLES" --seed 2026 --profile demo
