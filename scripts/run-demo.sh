@@ -11,7 +11,8 @@ SAMPLES=data/demo/samples
 mkdir -p data/demo
 # One center per data directory: a running gateway holds this lock (and a
 # second one would refuse to start anyway, after its logs were emptied here).
-if [ -e data/demo/writer.lock ] && ! flock -n data/demo/writer.lock true; then
+if command -v flock >/dev/null && [ -e data/demo/writer.lock ] \
+    && ! flock -n data/demo/writer.lock true; then
     echo "a center is already running on data/demo: stop it (Ctrl-C) first"
     exit 1
 fi

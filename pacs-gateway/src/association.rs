@@ -172,13 +172,14 @@ enum Pending {
         bytes: Vec<u8>,
     },
     /// A dataset we will discard, then answer with `status` (`why` for
-    /// the audit trail).
+    /// the audit trail, when the request was a query, retrieve or
+    /// commitment request).
     Discard {
         context_id: u8,
         message_id: u16,
         response_field: u16,
         status: u16,
-        why: &'static str,
+        why: Option<&'static str>,
     },
 }
 
@@ -445,7 +446,7 @@ impl Connection {
                                 message_id: *message_id,
                                 response_field,
                                 status,
-                                why: "identifier or request too large",
+                                why: Some("identifier or request too large"),
                             });
                         } else {
                             let action = kind.action();
@@ -510,8 +511,10 @@ impl Connection {
                             status,
                             why,
                         }) => {
-                            self.audit_refusal(shared, assoc, response_field, status, why)
-                                .await;
+                            if let Some(why) = why {
+                                self.audit_refusal(shared, assoc, response_field, status, why)
+                                    .await;
+                            }
                             let rsp = Response::new(response_field, message_id, status).encode();
                             self.respond(assoc, context_id, &rsp).await?;
                         }
@@ -621,15 +624,19 @@ impl Connection {
                         bytes: Vec::new(),
                     })),
                     (status, has_dataset) => {
+                        let why = if status.is_none() {
+                            "storage commitment request without its dataset"
+                        } else {
+                            "not a storage commitment request"
+                        };
                         let status = status.unwrap_or(status::PROCESSING_FAILURE);
-                        let why = "not a storage commitment request";
                         if has_dataset {
                             Ok(Some(Pending::Discard {
                                 context_id,
                                 message_id,
                                 response_field: field::N_ACTION_RSP,
                                 status,
-                                why,
+                                why: Some(why),
                             }))
                         } else {
                             self.audit_refusal(shared, assoc, field::N_ACTION_RSP, status, why)
@@ -678,11 +685,12 @@ impl Connection {
                     }
                 };
                 let response_field = other | 0x8000;
-                let why = if status == status::DATASET_MISMATCH {
+                // Only requests are audited (a stray response asks for nothing).
+                let why = (other & 0x8000 == 0).then_some(if status == status::DATASET_MISMATCH {
                     "no identifier"
                 } else {
                     "not this presentation context's SOP class"
-                };
+                });
                 if command.has_dataset() {
                     Ok(Some(Pending::Discard {
                         context_id,
@@ -692,8 +700,10 @@ impl Connection {
                         why,
                     }))
                 } else {
-                    self.audit_refusal(shared, assoc, response_field, status, why)
-                        .await;
+                    if let Some(why) = why {
+                        self.audit_refusal(shared, assoc, response_field, status, why)
+                            .await;
+                    }
                     let rsp = Response::new(response_field, message_id, status).encode();
                     self.respond(assoc, context_id, &rsp).await?;
                     Ok(None)

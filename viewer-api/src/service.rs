@@ -24,7 +24,7 @@ use crate::db::Db;
 use crate::error::{ApiError, Result};
 use crate::images::{self, Images};
 use crate::studies;
-use crate::worklist::{Scope, Worklist};
+use crate::worklist::{Scope, Watcher, Worklist};
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
@@ -362,6 +362,7 @@ impl WorklistService for Worklists {
         let app = self.0.clone();
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
+            let mut watcher = Watcher::new(scope, &current);
             for item in current {
                 let event = pb::WorklistEvent {
                     kind: pb::worklist_event::Kind::Current as i32,
@@ -386,29 +387,21 @@ impl WorklistService for Worklists {
                         }
                     }
                     change = changes.recv() => match change {
-                        Ok(mut change) => {
-                            if change.for_scope(&scope).is_none() {
-                                continue;
-                            }
-                            // The poller's item counts every clinic's
-                            // instances: a township watcher is shown its own.
-                            if !scope.sent_by.is_empty() && change.kind != pb::worklist_event::Kind::Removed {
-                                let uid = change.item.study_instance_uid.clone();
-                                match app.worklist.item_seen_by(scope.sent_by.clone(), uid).await {
-                                    Ok(item) => change.item = item,
-                                    Err(e) => {
-                                        let _ = tx.send(Err(e.into())).await;
-                                        return;
-                                    }
+                        Ok(change) => {
+                            let (kind, item) = match watcher.event(&app.worklist, change).await {
+                                Ok(Some(event)) => event,
+                                Ok(None) => continue,
+                                Err(e) => {
+                                    let _ = tx.send(Err(e.into())).await;
+                                    return;
                                 }
-                            }
-                            let Some(kind) = change.for_scope(&scope) else { continue };
+                            };
                             // Each pushed item is a read of that patient's
                             // data: audited before it goes out.
                             let mut entry = Entry::new("WatchWorklist", &caller);
                             entry.detail = format!("event {}", kind.as_str_name());
-                            entry.study_uid = change.item.study_instance_uid.clone();
-                            entry.patient_ref = patient_ref(&change.item);
+                            entry.study_uid = item.study_instance_uid.clone();
+                            entry.patient_ref = patient_ref(&item);
                             entry.matches = 1;
                             if let Err(e) = app.audited(entry, Ok(())).await {
                                 let _ = tx.send(Err(e)).await;
@@ -416,7 +409,7 @@ impl WorklistService for Worklists {
                             }
                             let event = pb::WorklistEvent {
                                 kind: kind as i32,
-                                item: Some(change.item),
+                                item: Some(item),
                             };
                             if tx.send(Ok(event)).await.is_err() {
                                 return;

@@ -50,6 +50,16 @@ pub struct Scope {
     pub sent_by: String,
 }
 
+/// What a caller's items count: everything for those who see every
+/// clinic, else what its clinic sent.
+fn sent_by_of(caller: &Caller) -> String {
+    if caller.sees_all_clinics() {
+        String::new()
+    } else {
+        caller.clinic_id.clone()
+    }
+}
+
 impl Scope {
     pub fn for_caller(caller: &Caller, filter: Option<&WorklistFilter>) -> Result<Scope> {
         caller.require_patient_access()?;
@@ -89,11 +99,7 @@ impl Scope {
             date_to: f.study_date_to,
             statuses,
             study_uid: String::new(),
-            sent_by: if caller.sees_all_clinics() {
-                String::new()
-            } else {
-                caller.clinic_id.clone()
-            },
+            sent_by: sent_by_of(caller),
         })
     }
 
@@ -369,7 +375,7 @@ impl Worklist {
             })
             .await?;
         self.poke.notify_one();
-        self.item(study_uid).await
+        self.item_seen_by(sent_by_of(caller), study_uid).await
     }
 
     /// Changes from now on.
@@ -422,15 +428,10 @@ impl Worklist {
         current: &HashMap<String, WorklistItem>,
     ) {
         use worklist_event::Kind;
-        let same = |a: &WorklistItem, b: &WorklistItem| {
-            let mut a = a.clone();
-            a.waiting_seconds = b.waiting_seconds;
-            a == *b
-        };
         for (uid, item) in current {
             let kind = match previous.get(uid) {
                 None => Kind::Added,
-                Some(old) if !same(old, item) => Kind::Changed,
+                Some(old) if !same_but_waiting(old, item) => Kind::Changed,
                 Some(_) => continue,
             };
             let _ = self.changes.send(Change {
@@ -449,18 +450,65 @@ impl Worklist {
     }
 }
 
-impl Change {
-    /// What a watcher with `scope` sees of this change, if anything: a
-    /// change that takes an item out of the filter (claimed, for a watcher
-    /// of unread items) is a removal for that watcher.
-    pub fn for_scope(&self, scope: &Scope) -> Option<worklist_event::Kind> {
+/// Whether two items show the same, apart from how long they have waited.
+fn same_but_waiting(a: &WorklistItem, b: &WorklistItem) -> bool {
+    let mut a = a.clone();
+    a.waiting_seconds = b.waiting_seconds;
+    a == *b
+}
+
+/// What one watcher has been shown, to turn the poller's changes into its
+/// own events: an item enters (Added) when it first passes the watcher's
+/// filter, changes (Changed) only when what it shows changes, and leaves
+/// (Removed) when it stops passing or leaves the worklist. A township
+/// watcher's items count only what its clinic sent: each change is read
+/// again for it.
+pub struct Watcher {
+    scope: Scope,
+    shown: HashMap<String, WorklistItem>,
+}
+
+impl Watcher {
+    pub fn new(scope: Scope, current: &[WorklistItem]) -> Watcher {
+        let shown = current
+            .iter()
+            .map(|i| (i.study_instance_uid.clone(), i.clone()))
+            .collect();
+        Watcher { scope, shown }
+    }
+
+    /// The event this watcher gets for `change`, if any.
+    pub async fn event(
+        &mut self,
+        worklist: &Worklist,
+        change: Change,
+    ) -> Result<Option<(worklist_event::Kind, WorklistItem)>> {
         use worklist_event::Kind;
-        let clinic_visible = scope.clinic_id.is_empty() || self.item.clinic_id == scope.clinic_id;
-        match self.kind {
-            Kind::Removed => clinic_visible.then_some(Kind::Removed),
-            kind if scope.admits(&self.item) => Some(kind),
-            Kind::Changed => clinic_visible.then_some(Kind::Removed),
-            _ => None,
+        let uid = change.item.study_instance_uid.clone();
+        if change.kind == Kind::Removed {
+            return Ok(self.shown.remove(&uid).map(|item| (Kind::Removed, item)));
         }
+        if !self.scope.clinic_id.is_empty() && change.item.clinic_id != self.scope.clinic_id {
+            return Ok(None);
+        }
+        let item = if self.scope.sent_by.is_empty() {
+            change.item
+        } else {
+            worklist
+                .item_seen_by(self.scope.sent_by.clone(), uid.clone())
+                .await?
+        };
+        let kind = match (self.shown.get(&uid), self.scope.admits(&item)) {
+            (None, true) => Kind::Added,
+            (Some(shown), true) if same_but_waiting(shown, &item) => return Ok(None),
+            (Some(_), true) => Kind::Changed,
+            (Some(_), false) => {
+                self.shown.remove(&uid);
+                return Ok(Some((Kind::Removed, item)));
+            }
+            (None, false) => return Ok(None),
+        };
+        self.shown.insert(uid, item.clone());
+        Ok(Some((kind, item)))
     }
 }

@@ -490,13 +490,28 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
     let a_series = common::series_of(&a.path);
     // Clinic B sends one of its own instances naming A's series (and B's own study).
     let dir = tempfile::tempdir().unwrap();
-    let (forged, b) = common::baishui_instance_in_series_of(&a.path, dir.path());
+    let (forged, b) = common::baishui_instance_with(
+        dir.path(),
+        "forged.dcm",
+        &[("SeriesInstanceUID", &a_series)],
+    );
+    // ... and a series of its own, of its own modality, under A's study.
+    let (own_series, _) = common::baishui_instance_with(
+        dir.path(),
+        "own-series.dcm",
+        &[
+            ("StudyInstanceUID", &a.study_instance_uid),
+            ("SeriesInstanceUID", "2.25.424242"),
+            ("SOPInstanceUID", "2.25.424243"),
+        ],
+    );
     let a_study: Vec<_> = samples
         .iter()
         .filter(|f| f.study_instance_uid == a.study_instance_uid)
         .collect();
     let mut files = with_clinic(a_study.iter().copied());
     files.push((forged, "baishui".to_string()));
+    files.push((own_series, "baishui".to_string()));
     let server = center_with(&files, "").await;
     let mut c = server.clients().await;
     let staff = server.login("staff_b").await;
@@ -527,7 +542,8 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
         assert!(
             meta.instances
                 .iter()
-                .all(|i| i.sop_instance_uid == b.sop_instance_uid),
+                .all(|i| i.sop_instance_uid == b.sop_instance_uid
+                    || i.sop_instance_uid == "2.25.424243"),
             "B's staff see only what B sent: {:?}",
             meta.instances
         );
@@ -599,5 +615,6 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
             .into_inner()
             .items,
     );
-    assert_eq!(all.instance_count as usize, a_study.len() + 1);
+    assert_eq!(all.instance_count as usize, a_study.len() + 2);
+    assert!(all.modalities.contains(&b.modality), "{:?}", all.modalities);
 }

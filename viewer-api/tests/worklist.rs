@@ -443,7 +443,8 @@ async fn watchers_see_current_items_new_studies_and_claims() {
 }
 
 /// A township watcher is shown its clinic's study as the clinic sent it:
-/// another clinic's instance filed into it is counted for the county only.
+/// another clinic's instance filed into it is counted, and announced, for
+/// the county only; the clinic's own next instance is announced to both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_township_watcher_counts_only_what_its_clinic_sent() {
     let (files, uids) = studies_of("xinzhen", 1);
@@ -466,20 +467,38 @@ async fn a_township_watcher_counts_only_what_its_clinic_sent() {
     let ours = |e: &consortium_proto::v1::WorklistEvent| {
         e.item.as_ref().unwrap().study_instance_uid == uids[0]
     };
+    let changed =
+        |e: &consortium_proto::v1::WorklistEvent| e.kind == Kind::Changed as i32 && ours(e);
     let e = next_where(&mut mine, ours).await;
+    assert_eq!(e.item.unwrap().instance_count as usize, files.len());
+    let e = next_where(&mut all, ours).await;
     assert_eq!(e.item.unwrap().instance_count as usize, files.len());
 
     // Baishui sends one of its instances naming a series of that study.
     let dir = tempfile::tempdir().unwrap();
-    let (forged, _) = common::baishui_instance_in_series_of(&files[0].0, dir.path());
+    let series = common::series_of(&files[0].0);
+    let (forged, _) =
+        common::baishui_instance_with(dir.path(), "forged.dcm", &[("SeriesInstanceUID", &series)]);
     ingest(&server.data_dir(), &[(forged, "baishui".to_string())]).await;
-
-    let changed =
-        |e: &consortium_proto::v1::WorklistEvent| e.kind == Kind::Changed as i32 && ours(e);
     let e = next_where(&mut all, changed).await;
     assert_eq!(e.item.unwrap().instance_count as usize, files.len() + 1);
-    let e = next_where(&mut mine, changed).await;
-    assert_eq!(e.item.unwrap().instance_count as usize, files.len());
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), mine.message()).await;
+    assert!(quiet.is_err(), "nothing changed for xinzhen: {quiet:?}");
+
+    // Xinzhen's own next instance: both are told (the study leaves the
+    // worklist while it is arriving, and comes back settled).
+    let more = common::edited_copy(
+        &files[0].0,
+        dir.path(),
+        "more.dcm",
+        &[("SOPInstanceUID", "2.25.5150001")],
+    );
+    ingest(&server.data_dir(), &[(more, "xinzhen".to_string())]).await;
+    let back = |e: &consortium_proto::v1::WorklistEvent| e.kind == Kind::Added as i32 && ours(e);
+    let e = next_where(&mut mine, back).await;
+    assert_eq!(e.item.unwrap().instance_count as usize, files.len() + 1);
+    let e = next_where(&mut all, back).await;
+    assert_eq!(e.item.unwrap().instance_count as usize, files.len() + 2);
 }
 
 /// The next event that satisfies `pred` (others are skipped), within 5 s.

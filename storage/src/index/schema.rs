@@ -198,6 +198,18 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE instance_versions ADD COLUMN sop_class_uid TEXT NOT NULL DEFAULT '';
     "#,
+    // 7: the clinic that created each series: only it relabels the series
+    // or moves it between its own studies (another clinic may file a series
+    // of its own under a study it does not own). Existing series: the first
+    // sender of their earliest instance, else their study's clinic.
+    r#"
+    ALTER TABLE series ADD COLUMN clinic_id TEXT NOT NULL DEFAULT '';
+    UPDATE series SET clinic_id = COALESCE(
+        (SELECT i.clinic_id FROM instances i WHERE i.series_pk = series.pk
+         ORDER BY i.received_at, i.pk LIMIT 1),
+        (SELECT st.clinic_id FROM studies st WHERE st.pk = series.study_pk),
+        '');
+    "#,
 ];
 
 /// Fills the name group columns of rows written without them (rows from

@@ -612,9 +612,10 @@ fn upsert_study(tx: &Connection, new: &NewInstance, patient_pk: i64) -> Result<i
 }
 
 /// The series row for `a` under `study_pk`, sent by `clinic_id`. Only the
-/// clinic whose study holds a series changes it (its attributes, or which
-/// of its own studies it is in): another clinic naming the same Series
-/// Instance UID adds instances to it but neither moves nor relabels it.
+/// clinic that created a series changes it: its attributes, or which of
+/// that clinic's own studies it is in. Another clinic naming the same
+/// Series Instance UID adds instances to it but neither moves nor relabels
+/// it.
 fn upsert_series(
     tx: &Connection,
     a: &InstanceAttrs,
@@ -623,20 +624,15 @@ fn upsert_series(
 ) -> Result<i64> {
     let updated: Option<i64> = tx
         .prepare_cached(
-            "INSERT INTO series (series_uid, study_pk, modality, series_number, description)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO series (series_uid, study_pk, modality, series_number, description, clinic_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (series_uid) DO UPDATE SET
-            study_pk = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
-                             AND (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk) = ?6
+            study_pk = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk) = ?6
                 THEN excluded.study_pk ELSE series.study_pk END,
-            modality = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
-                THEN excluded.modality ELSE series.modality END,
-            series_number = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
-                THEN excluded.series_number ELSE series.series_number END,
-            description = CASE WHEN (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
-                THEN excluded.description ELSE series.description END
-         -- Only the owner, and only when something changes (see upsert_patient).
-         WHERE (SELECT clinic_id FROM studies WHERE pk = series.study_pk) = ?6
+            modality = excluded.modality,
+            series_number = excluded.series_number, description = excluded.description
+         -- Only its creator, and only when something changes (see upsert_patient).
+         WHERE series.clinic_id = ?6
            AND (CASE WHEN (SELECT clinic_id FROM studies WHERE pk = excluded.study_pk) = ?6
                      THEN excluded.study_pk ELSE series.study_pk END,
                 excluded.modality, excluded.series_number, excluded.description)
@@ -696,6 +692,86 @@ mod tests {
             reply,
         };
         (job, rx)
+    }
+
+    /// Instance `uid` of `clinic` in study `study`, series `series`.
+    fn sent(
+        clinic: &str,
+        uid: &str,
+        study: &str,
+        series: &str,
+        modality: &str,
+        description: &str,
+    ) -> NewInstance {
+        NewInstance {
+            attrs: InstanceAttrs {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop_instance_uid: uid.into(),
+                study_instance_uid: study.into(),
+                series_instance_uid: series.into(),
+                patient_id: format!("P-{clinic}"),
+                modality: modality.into(),
+                series_description: description.into(),
+                ..InstanceAttrs::default()
+            },
+            clinic_id: clinic.into(),
+            calling_ae: "AE".into(),
+            blob_key: format!("instances/{uid}.dcm"),
+            sha256: format!("sha-{uid}"),
+            size: 4,
+            dataset_offset: 0,
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            received_at: "2026-01-01T00:00:00.000000Z".into(),
+        }
+    }
+
+    #[test]
+    fn only_the_clinic_that_created_a_series_relabels_or_moves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::index::open_writer(&dir.path().join("index.sqlite")).unwrap();
+        let series = |uid: &str| -> (String, String, String) {
+            conn.query_row(
+                "SELECT st.study_uid, se.modality, se.description FROM series se
+                 JOIN studies st ON st.pk = se.study_pk WHERE se.series_uid = ?1",
+                [uid],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+        };
+        let store = |new: NewInstance| insert(&conn, &new).unwrap();
+        let owned = |s: &str, m: &str, d: &str| (s.to_string(), m.to_string(), d.to_string());
+
+        // A's series; A corrects it, then moves it to another study of its own.
+        store(sent("a", "2.25.11", "2.25.1", "2.25.1.1", "CT", "first"));
+        store(sent(
+            "a",
+            "2.25.12",
+            "2.25.1",
+            "2.25.1.1",
+            "CT",
+            "corrected",
+        ));
+        assert_eq!(series("2.25.1.1"), owned("2.25.1", "CT", "corrected"));
+        store(sent(
+            "a",
+            "2.25.13",
+            "2.25.2",
+            "2.25.1.1",
+            "CT",
+            "corrected",
+        ));
+        assert_eq!(series("2.25.1.1"), owned("2.25.2", "CT", "corrected"));
+
+        // B names A's series: neither relabelled nor moved to B's study.
+        store(sent("b", "2.25.21", "2.25.9", "2.25.1.1", "DX", "theirs"));
+        assert_eq!(series("2.25.1.1"), owned("2.25.2", "CT", "corrected"));
+
+        // B's own series filed under A's study: B corrects it, A cannot.
+        store(sent("b", "2.25.22", "2.25.2", "2.25.2.7", "DX", "x"));
+        store(sent("b", "2.25.23", "2.25.2", "2.25.2.7", "DX", "y"));
+        assert_eq!(series("2.25.2.7"), owned("2.25.2", "DX", "y"));
+        store(sent("a", "2.25.14", "2.25.2", "2.25.2.7", "CT", "z"));
+        assert_eq!(series("2.25.2.7"), owned("2.25.2", "DX", "y"));
     }
 
     #[test]

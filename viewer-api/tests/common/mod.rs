@@ -296,21 +296,34 @@ pub async fn center_with(files: &[(PathBuf, String)], viewer_extra: &str) -> Ser
     server
 }
 
-/// Baishui's first non-ECG demo instance, copied into `dir` and edited by
-/// DCMTK's `dcmodify` to name the series of `file` (whose study is another
-/// clinic's): another clinic's instance filed into that series.
-pub fn baishui_instance_in_series_of(file: &Path, dir: &Path) -> (PathBuf, &'static SampleFile) {
-    let series = series_of(file);
+/// Baishui's first non-ECG demo instance, copied into `dir` as `name` and
+/// edited (see [`edited_copy`]): another clinic's instance filed where the
+/// edits say.
+pub fn baishui_instance_with(
+    dir: &Path,
+    name: &str,
+    edits: &[(&str, &str)],
+) -> (PathBuf, &'static SampleFile) {
     let b = demo_samples()
         .1
         .iter()
         .find(|f| f.issuer_of_patient_id == "baishui" && f.modality != "ECG")
         .unwrap();
-    let forged = dir.join("forged.dcm");
-    std::fs::copy(&b.path, &forged).unwrap();
-    let out = std::process::Command::new("/usr/bin/dcmodify")
-        .args(["-nb", "-m", &format!("SeriesInstanceUID={series}")])
-        .arg(&forged)
+    (edited_copy(&b.path, dir, name, edits), b)
+}
+
+/// `file` copied into `dir` as `name` and edited by DCMTK's `dcmodify`
+/// (`edits`: keyword and value).
+pub fn edited_copy(file: &Path, dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let copy = dir.join(name);
+    std::fs::copy(file, &copy).unwrap();
+    let mut cmd = std::process::Command::new("/usr/bin/dcmodify");
+    cmd.arg("-nb");
+    for (keyword, value) in edits {
+        cmd.args(["-m", &format!("{keyword}={value}")]);
+    }
+    let out = cmd
+        .arg(&copy)
         .output()
         .expect("run /usr/bin/dcmodify (Debian dcmtk)");
     assert!(
@@ -318,7 +331,7 @@ pub fn baishui_instance_in_series_of(file: &Path, dir: &Path) -> (PathBuf, &'sta
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (forged, b)
+    copy
 }
 
 /// The Series Instance UID of a Part 10 file.
