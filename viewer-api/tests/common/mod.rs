@@ -19,12 +19,27 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_viewer-api");
 
-/// The demo sample set, generated once per test binary.
+/// The demo sample set, generated once per test binary (the list comes
+/// with the generation) and kept in one place under the target directory:
+/// the same seed gives the same bytes, so every test binary and every run
+/// shares one copy instead of leaving one behind in /tmp.
 pub fn demo_samples() -> &'static (PathBuf, Vec<SampleFile>) {
     static SAMPLES: OnceLock<(PathBuf, Vec<SampleFile>)> = OnceLock::new();
     SAMPLES.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let files = sample_dicom::generate(&dir, &sample_dicom::Options::demo(7)).unwrap();
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = root.join("viewer-demo-samples-7");
+        let fresh = tempfile::tempdir_in(root).unwrap();
+        let files = sample_dicom::generate(fresh.path(), &sample_dicom::Options::demo(7)).unwrap();
+        let files = files
+            .into_iter()
+            .map(|mut f| {
+                f.path = dir.join(f.path.strip_prefix(fresh.path()).unwrap());
+                f
+            })
+            .collect();
+        // The first run moves its copy into place; later ones drop theirs
+        // (a non-empty directory is never replaced).
+        let _ = std::fs::rename(fresh.path(), &dir);
         (dir, files)
     })
 }
