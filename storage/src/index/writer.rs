@@ -433,6 +433,15 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
     let patient_pk = upsert_patient(tx, new)?;
     let study_pk = upsert_study(tx, new, patient_pk)?;
     let series_pk = upsert_series(tx, a, study_pk, &new.clinic_id)?;
+    // An instance filed into another clinic's series (which stays in its
+    // own study) leaves the study row of its own Study UID empty: no empty
+    // study is kept to show up in worklists and queries.
+    tx.prepare_cached(
+        "DELETE FROM studies WHERE pk = ?1
+           AND NOT EXISTS (SELECT 1 FROM series WHERE study_pk = ?1)
+           AND NOT EXISTS (SELECT 1 FROM worklist WHERE study_pk = ?1)",
+    )?
+    .execute([study_pk])?;
     tx.prepare_cached(
         "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, number_of_frames,
             transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)
@@ -762,9 +771,18 @@ mod tests {
         ));
         assert_eq!(series("2.25.1.1"), owned("2.25.2", "CT", "corrected"));
 
-        // B names A's series: neither relabelled nor moved to B's study.
+        // B names A's series: neither relabelled nor moved to B's study,
+        // and B's Study UID is left with no empty study row.
         store(sent("b", "2.25.21", "2.25.9", "2.25.1.1", "DX", "theirs"));
         assert_eq!(series("2.25.1.1"), owned("2.25.2", "CT", "corrected"));
+        let studies: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM studies WHERE study_uid = '2.25.9'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(studies, 0);
 
         // B's own series filed under A's study: B corrects it, A cannot.
         store(sent("b", "2.25.22", "2.25.2", "2.25.2.7", "DX", "x"));
