@@ -1725,7 +1725,6 @@ fn expect_cancel(command: &Command, message_id: u16, during: &str) -> Result<(),
     }
 }
 
-/// A sub-operation count as the US element carries it.
 /// A sub-operation status that counts as a warning: the C-STORE warnings
 /// (PS3.4 B.2.3, 0xBxxx) and the general ones of PS3.7 Annex C (attribute
 /// list error, attribute value out of range): the instance was stored.
@@ -1733,6 +1732,7 @@ fn is_warning(status: u16) -> bool {
     matches!(status, 0xB000..=0xBFFF | 0x0107 | 0x0116)
 }
 
+/// A sub-operation count as the US element carries it.
 fn saturate(n: u32) -> u16 {
     n.min(u32::from(u16::MAX)) as u16
 }

@@ -62,7 +62,7 @@ pub(crate) fn list(
     model: &str,
     clinic: Option<String>,
 ) -> Result<(Vec<Item>, String), ListError> {
-    let request = crate::find::parse(identifier, transfer_syntax, model, clinic.clone())
+    let request = crate::find::parse(identifier, transfer_syntax, model, clinic)
         .map_err(ListError::Identifier)?;
     let what = request.describe();
     let mut query = request.query;

@@ -352,7 +352,7 @@ pub fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
     use sha2::Digest;
     use std::io::Read;
     // One buffer per thread, not a fresh one per file: a commitment request
-    // hashes hundreds of blobs on the blocking threads.
+    // hashes hundreds of blobs on the same few threads.
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
     }

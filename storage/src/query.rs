@@ -45,6 +45,15 @@ impl Level {
 pub const MODALITIES_IN_STUDY: &str = "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m \
      FROM series x WHERE x.study_pk = st.pk AND x.modality != '' ORDER BY 1))";
 
+/// [`MODALITIES_IN_STUDY`] over only the series (alias `x`) for which
+/// `series_condition` holds.
+pub fn modalities_in_study_where(series_condition: &str) -> String {
+    format!(
+        "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m \
+         FROM series x WHERE x.study_pk = st.pk AND x.modality != '' AND {series_condition} ORDER BY 1))"
+    )
+}
+
 /// Attributes the index can match and return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Key {
@@ -240,11 +249,7 @@ impl Key {
                  JOIN studies z ON z.pk = y.study_pk WHERE z.patient_pk = p.pk AND {})",
                 sent("x")
             ),
-            ModalitiesInStudy => format!(
-                "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m \
-                 FROM series x WHERE x.study_pk = st.pk AND x.modality != '' AND {} ORDER BY 1))",
-                series_sent("x")
-            ),
+            ModalitiesInStudy => modalities_in_study_where(&series_sent("x")),
             SopClassesInStudy => format!(
                 "(SELECT group_concat(c, '\\') FROM (SELECT DISTINCT x.sop_class_uid AS c FROM instances x \
                  JOIN series y ON y.pk = x.series_pk WHERE y.study_pk = st.pk AND {} ORDER BY 1))",

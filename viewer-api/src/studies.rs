@@ -10,6 +10,16 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
 
+/// Whose instances a caller's counts and modalities cover: every clinic's
+/// (`""`) for those who see them all, else only its own clinic's.
+pub fn counted_clinic(caller: &Caller) -> &str {
+    if caller.sees_all_clinics() {
+        ""
+    } else {
+        &caller.clinic_id
+    }
+}
+
 /// A study and whose patient it is.
 #[derive(Debug, Clone)]
 pub struct StudyRow {
@@ -256,15 +266,10 @@ pub fn dataset_json(obj: &DefaultDicomObject) -> Result<String> {
 /// what the caller may see.
 pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Vec<PriorStudy>> {
     // A township caller is shown the modalities of what its clinic sent.
-    let sent_by = if caller.sees_all_clinics() {
-        ""
-    } else {
-        caller.clinic_id.as_str()
-    };
-    let series_shown = format!(
+    let modalities = storage::query::modalities_in_study_where(&format!(
         "(?3 = '' OR {})",
         storage::query::series_sent_by_clinic("x", "?3")
-    );
+    ));
     let mut stmt = conn.prepare_cached(&format!(
         "WITH keys (id, issuer) AS (
              SELECT other_id, issuer FROM patient_other_ids WHERE patient_pk = ?1 AND issuer != ''
@@ -278,15 +283,14 @@ pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Ve
              FROM keys JOIN ids ON ids.id = keys.id AND ids.issuer = keys.issuer)
          SELECT st.study_uid, st.clinic_id, st.study_date, st.description,
                 substr(min(CASE WHEN l.how = 'same patient record' THEN '0' ELSE '1' END || l.how), 2),
-                (SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m FROM series x
-                   WHERE x.study_pk = st.pk AND x.modality != '' AND {series_shown} ORDER BY 1))
+                {modalities}
          FROM linked l JOIN studies st ON st.patient_pk = l.patient_pk
          WHERE st.pk != ?2
          GROUP BY st.pk
          ORDER BY st.study_date DESC, st.study_time DESC, st.study_uid"
     ))?;
     let rows = stmt.query_map(
-        rusqlite::params![study.patient_pk, study.pk, sent_by],
+        rusqlite::params![study.patient_pk, study.pk, counted_clinic(caller)],
         |r| {
             let modalities = r.get(5)?;
             Ok(PriorStudy {

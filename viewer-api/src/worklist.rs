@@ -15,8 +15,9 @@ use tokio::sync::{Notify, broadcast};
 use crate::auth::{Caller, Role};
 use crate::db::{Db, now_unix};
 use crate::error::{ApiError, Result};
+use crate::studies::counted_clinic;
 use crate::studies::split_modalities;
-use storage::query::{sent_by_clinic, series_sent_by_clinic};
+use storage::query::{modalities_in_study_where, sent_by_clinic, series_sent_by_clinic};
 
 /// One change seen by the poller.
 #[derive(Debug, Clone)]
@@ -48,16 +49,6 @@ pub struct Scope {
     /// instances it sent (not another clinic's series filed under the same
     /// study). Empty for the county, who see everything.
     pub sent_by: String,
-}
-
-/// What a caller's items count: everything for those who see every
-/// clinic, else what its clinic sent.
-fn sent_by_of(caller: &Caller) -> String {
-    if caller.sees_all_clinics() {
-        String::new()
-    } else {
-        caller.clinic_id.clone()
-    }
 }
 
 impl Scope {
@@ -99,7 +90,7 @@ impl Scope {
             date_to: f.study_date_to,
             statuses,
             study_uid: String::new(),
-            sent_by: sent_by_of(caller),
+            sent_by: counted_clinic(caller).to_string(),
         })
     }
 
@@ -122,15 +113,14 @@ fn query_items(
     let now = now_unix();
     let cutoff = storage::utc_timestamp(SystemTime::now() - settle);
     // ?10: the caller's clinic when only what it sent counts, else ''.
-    let series_counts = format!("(?10 = '' OR {})", series_sent_by_clinic("x", "?10"));
+    let series_shown = format!("(?10 = '' OR {})", series_sent_by_clinic("x", "?10"));
+    let modalities = modalities_in_study_where(&series_shown);
     let instance_counts = format!("(?10 = '' OR {})", sent_by_clinic("i", "?10"));
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT * FROM (
            SELECT st.study_uid, st.clinic_id, p.name, p.patient_id, st.study_date, st.description,
                   st.accession_number,
-                  (SELECT group_concat(m, '\\') FROM (SELECT DISTINCT x.modality AS m FROM series x
-                     WHERE x.study_pk = st.pk AND x.modality != '' AND {series_counts} ORDER BY 1))
-                     AS modalities,
+                  {modalities} AS modalities,
                   (SELECT count(*) FROM series se JOIN instances i ON i.series_pk = se.pk
                      WHERE se.study_pk = st.pk AND {instance_counts}) AS n,
                   COALESCE(w.priority, CASE st.requested_priority
@@ -147,7 +137,7 @@ fn query_items(
              AND (?4 = '' OR st.study_date >= ?4)
              AND (?5 = '' OR st.study_date <= ?5)
              AND (?6 = '' OR EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND x.modality = ?6
-                                      AND {series_counts}))
+                                      AND {series_shown}))
              AND (?7 = '' OR st.study_uid = ?7))
          WHERE (?8 = '' OR instr(?8, ',' || status || ',') > 0)
          ORDER BY prio, last_at, study_uid
@@ -375,7 +365,8 @@ impl Worklist {
             })
             .await?;
         self.poke.notify_one();
-        self.item_seen_by(sent_by_of(caller), study_uid).await
+        self.item_seen_by(counted_clinic(caller).to_string(), study_uid)
+            .await
     }
 
     /// Changes from now on.
