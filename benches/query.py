@@ -6,14 +6,15 @@
    bulk-inserted, no pixel data), then study-level C-FIND by Patient ID, by
    name wildcard, by date range with modality, and series/image-level
    queries inside a study: median and p99 over one open association, with
-   two clients: pynetdicom, and a minimal socket client (benches/rawfind.py)
+   two clients: pynetdicom, and a minimal socket client (benches/rawscu.py)
    whose own cost per query is small enough not to hide the servers'; and
    per findscu process.
 2. Shared size: the same 10,000 one-instance studies sent to both servers
    (storescu, 4 associations); the same queries against both; our ratio.
 3. Retrieval: a 60-slice CT study from the bench corpus, sent to both;
-   whole-study C-GET (getscu) and C-MOVE to a DCMTK storescp (movescu);
-   MB/s and our ratio.
+   whole-study C-GET (getscu) and C-MOVE to a DCMTK storescp (movescu, and
+   the socket client over an open association, which leaves out movescu's
+   own start); MB/s and our ratio, rounds alternating between the servers.
 Order alternates between the servers; medians. Orthanc runs with its
 shipped defaults plus the AE declarations C-GET/C-MOVE need, loopback only
 (see ingest.py for the bind shim). Results: table on stdout and
@@ -35,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest  # noqa: E402
-import rawfind  # noqa: E402
+import rawscu  # noqa: E402
 
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
@@ -245,9 +246,9 @@ def time_queries_raw(port, keys, repeats, calling=ingest.CALLING_AE):
     """Like time_queries, with the minimal socket client (identifiers encoded
     before the clock starts, for both servers alike)."""
     out = {}
-    with rawfind.RawFind(port, calling, ingest.CALLED_AE) as f:
+    with rawscu.RawScu(port, calling, ingest.CALLED_AE) as f:
         for name, ds in queries(keys):
-            identifier = rawfind.encode(ds)
+            identifier = rawscu.encode(ds)
             f.find(identifier)  # warm
             times, matches = [], 0
             for _ in range(repeats):
@@ -334,48 +335,72 @@ def _timed(cmd, what, check=True):
     return time.perf_counter() - start, r.stdout + r.stderr
 
 
-def retrieve(port, study_uid, workdir, dest: ingest.StoreScp, nbytes, runs=7):
-    """Whole-study C-GET (getscu) and C-MOVE (movescu, to a DCMTK storescp).
-
-    One run of each with receivers that write files (getscu -od, storescp
-    BENCHDEST) checks delivery (60 files each) and is reported as is; then
-    `runs` runs of each with receivers that take every byte but write
-    nothing (getscu --ignore, storescp --ignore as BENCHNULL), so the
-    receiving side's disk writes do not hide the servers' own speed: MB/s
-    of the median run."""
+def check_retrieval(port, study_uid, workdir, dest: ingest.StoreScp):
+    """One whole-study C-GET (getscu -od) and one C-MOVE to a storescp that
+    writes files: both must deliver the 60 instances. Seconds of each."""
     got = workdir / "got"
     got.mkdir(exist_ok=True)
-    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(port)]
-    get = ["/usr/bin/getscu", "-S", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE]
-    move = ["/usr/bin/movescu", "-v", "-S", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE]
-    get_s, _ = _timed(get + ["-od", str(got)] + keys, "getscu")
-    move_s, _ = _timed(move + ["-aem", "BENCHDEST"] + keys, "movescu")
+    get_s, _ = _timed(GET + ["-od", str(got)] + _keys(study_uid, port), "getscu")
+    move_s, _ = _timed(MOVE + ["-aem", "BENCHDEST"] + _keys(study_uid, port), "movescu")
     if len(list(got.iterdir())) != 60:
         raise ingest.BenchError(f"C-GET delivered {len(list(got.iterdir()))} of 60")
     if dest.count_received() != 60:
         raise ingest.BenchError(f"C-MOVE delivered {dest.count_received()} of 60")
-    # The same tools retrieving a study that matches nothing: process start,
-    # association, query and release, the fixed cost of every run above.
-    nothing = ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=2.25.1", "127.0.0.1", str(port)]
-    gets, moves, get_fixed, move_fixed = [], [], [], []
-    for _ in range(runs):
-        t, _ = _timed(get + ["--ignore"] + keys, "getscu --ignore")
-        gets.append(t)
-        t, out = _timed(move + ["-aem", "BENCHNULL"] + keys, "movescu to BENCHNULL")
-        # Success (not 0xB000) means no sub-operation failed.
-        if "Received Final Move Response (Success)" not in out:
-            raise ingest.BenchError(f"C-MOVE to BENCHNULL did not succeed:\n{out[-1500:]}")
-        moves.append(t)
-        # (Orthanc answers a move of nothing with 0xC000; the time is what counts.)
-        get_fixed.append(_timed(get + ["--ignore"] + nothing, "getscu (no match)", check=False)[0])
-        move_fixed.append(_timed(move + ["-aem", "BENCHNULL"] + nothing, "movescu (no match)", check=False)[0])
-    mb = nbytes / 1e6
-    med = statistics.median
-    return {"get_mb_s": round(mb / med(gets), 1), "move_mb_s": round(mb / med(moves), 1),
-            "get_fixed_ms": round(med(get_fixed) * 1000, 1), "move_fixed_ms": round(med(move_fixed) * 1000, 1),
-            "get_net_mb_s": round(mb / max(1e-6, med(gets) - med(get_fixed)), 1),
-            "move_net_mb_s": round(mb / max(1e-6, med(moves) - med(move_fixed)), 1),
-            "get_mb_s_receiver_writes": round(mb / get_s, 1), "move_mb_s_receiver_writes": round(mb / move_s, 1)}
+    return get_s, move_s
+
+
+GET = ["/usr/bin/getscu", "-S", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE]
+MOVE = ["/usr/bin/movescu", "-v", "-S", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE]
+NO_STUDY = "2.25.1"
+
+
+def _keys(study_uid, port):
+    return ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(port)]
+
+
+def retrieval_round(port, study_uid, raw_moves=2):
+    """One round of timed retrievals of the whole study, receivers taking
+    every byte but writing nothing (getscu --ignore, storescp --ignore as
+    BENCHNULL), so the receiving side's disk does not hide the servers' own
+    speed. Seconds for: getscu, movescu; the same tools on a study matching
+    nothing (process start, association, query, release: their fixed cost);
+    and `raw_moves` C-MOVEs from the socket client over one open
+    association (the server's time from request to final response)."""
+    out = {}
+    out["get"], _ = _timed(GET + ["--ignore"] + _keys(study_uid, port), "getscu --ignore")
+    out["move"], text = _timed(MOVE + ["-aem", "BENCHNULL"] + _keys(study_uid, port), "movescu to BENCHNULL")
+    # Success (not 0xB000) means no sub-operation failed.
+    if "Received Final Move Response (Success)" not in text:
+        raise ingest.BenchError(f"C-MOVE to BENCHNULL did not succeed:\n{text[-1500:]}")
+    # (Orthanc answers a move of nothing with 0xC000; the time is what counts.)
+    out["get_fixed"] = _timed(GET + ["--ignore"] + _keys(NO_STUDY, port), "getscu (no match)", check=False)[0]
+    out["move_fixed"] = _timed(MOVE + ["-aem", "BENCHNULL"] + _keys(NO_STUDY, port), "movescu (no match)",
+                               check=False)[0]
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.StudyInstanceUID = "STUDY", study_uid
+    identifier = rawscu.encode(ds)
+    out["raw_move"] = []
+    with rawscu.RawScu(port, ingest.CALLING_AE, ingest.CALLED_AE, rawscu.RawScu.MOVE) as m:
+        for _ in range(raw_moves):
+            start = time.perf_counter()
+            completed, failed, warning = m.move(identifier, "BENCHNULL")
+            out["raw_move"].append(time.perf_counter() - start)
+            if (completed, failed, warning) != (60, 0, 0):
+                raise ingest.BenchError(f"socket C-MOVE: {completed} completed, {failed} failed, {warning} warning")
+    return out
+
+
+def retrieval_summary(rounds, nbytes, writes):
+    """MB/s of the median run of each kind, from `retrieval_round` results."""
+    mb, med = nbytes / 1e6, statistics.median
+    times = {k: med([t for r in rounds for t in (r[k] if isinstance(r[k], list) else [r[k]])])
+             for k in rounds[0]}
+    return {"get_mb_s": round(mb / times["get"], 1), "move_mb_s": round(mb / times["move"], 1),
+            "get_fixed_ms": round(times["get_fixed"] * 1000, 1), "move_fixed_ms": round(times["move_fixed"] * 1000, 1),
+            "get_net_mb_s": round(mb / max(1e-6, times["get"] - times["get_fixed"]), 1),
+            "move_net_mb_s": round(mb / max(1e-6, times["move"] - times["move_fixed"]), 1),
+            "move_raw_mb_s": round(mb / times["raw_move"], 1), "move_raw_ms": round(times["raw_move"] * 1000, 1),
+            "get_mb_s_receiver_writes": round(mb / writes[0], 1), "move_mb_s_receiver_writes": round(mb / writes[1], 1)}
 
 
 def main(argv):
@@ -383,6 +408,7 @@ def main(argv):
     p.add_argument("--large-studies", type=int, default=100_000)
     p.add_argument("--shared-studies", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--retrieve-rounds", type=int, default=7)
     args = p.parse_args(argv)
     ingest.WORK_ROOT.mkdir(parents=True, exist_ok=True)
     shim = ingest.build_shim()
@@ -422,31 +448,43 @@ def main(argv):
         ct_study = subprocess.run(["/usr/bin/dcmdump", "+P", "0020,000d", str(ct[0])], capture_output=True,
                                   text=True).stdout.split("[")[1].split("]")[0]
         shared_keys = {"patient_id": "P0000042", "name_prefix": "WANG^WEIF*", "study": ct_study}
-        for name in ("gateway", "orthanc"):
-            dest = ingest.StoreScp(work / f"dest-{name}", shim)
-            null = NullScp(work / f"null-{name}", shim)
-            for d in (f"dest-{name}", f"null-{name}"):
-                (work / d).mkdir()
-            dest.start()
-            null.start()
-            server = (Gateway if name == "gateway" else Orthanc)(
-                work / name, shim, dests={"BENCHDEST": dest.port, "BENCHNULL": null.port})
-            (work / name).mkdir()
-            server.start()
-            try:
+        # Both servers run side by side (each with its own move
+        # destinations), so retrieval rounds can alternate between them.
+        servers, helpers = {}, []
+        try:
+            for name in ("gateway", "orthanc"):
+                dest = ingest.StoreScp(work / f"dest-{name}", shim)
+                null = NullScp(work / f"null-{name}", shim)
+                for d in (f"dest-{name}", f"null-{name}", name):
+                    (work / d).mkdir()
+                for helper in (dest, null):
+                    helper.start()
+                    helpers.append(helper)
+                server = (Gateway if name == "gateway" else Orthanc)(
+                    work / name, shim, dests={"BENCHDEST": dest.port, "BENCHNULL": null.port})
+                server.start()
+                helpers.append(server)
+                servers[name] = (server, dest)
                 t0 = time.perf_counter()
                 send(files, server.port)
                 send(ct, server.port)
                 ingest.log(f"{name}: {len(files) + len(ct)} instances loaded in {time.perf_counter() - t0:.0f} s")
+            for name, (server, dest) in servers.items():
                 results[name] = {"queries": time_queries(server.port, shared_keys, args.repeats),
                                  "raw_queries": time_queries_raw(server.port, shared_keys, args.repeats),
-                                 "findscu_median_ms": time_findscu(server.port, shared_keys),
-                                 "retrieve": retrieve(server.port, ct_study, work / name, dest, ct_bytes)}
+                                 "findscu_median_ms": time_findscu(server.port, shared_keys)}
+            writes = {name: check_retrieval(server.port, ct_study, work / name, dest)
+                      for name, (server, dest) in servers.items()}
+            rounds = {name: [] for name in servers}
+            for r in range(args.retrieve_rounds):
+                for name in (("gateway", "orthanc") if r % 2 == 0 else ("orthanc", "gateway")):
+                    rounds[name].append(retrieval_round(servers[name][0].port, ct_study))
+            for name in servers:
+                results[name]["retrieve"] = retrieval_summary(rounds[name], ct_bytes, writes[name])
                 ingest.log(f"{name}: {json.dumps(results[name])}")
-            finally:
-                server.stop()
-                dest.stop()
-                null.stop()
+        finally:
+            for helper in reversed(helpers):
+                helper.stop()
     except ingest.BenchError as e:
         ingest.log(f"query benchmark FAILED: {e}")
         return 1
@@ -454,7 +492,7 @@ def main(argv):
         import shutil
         shutil.rmtree(work, ignore_errors=True)
 
-    for client, key in (("pynetdicom", "queries"), ("socket client, benches/rawfind.py", "raw_queries")):
+    for client, key in (("pynetdicom", "queries"), ("socket client, benches/rawscu.py", "raw_queries")):
         print(f"C-FIND latency ({client}, one association, {args.repeats} repeats; ms median / p99)")
         print(f"{'query':<28}{'ours @' + str(args.large_studies):>18}{'ours @' + str(args.shared_studies):>18}"
               f"{'Orthanc @' + str(args.shared_studies):>18}{'ratio':>8}")
@@ -474,13 +512,21 @@ def main(argv):
     ours, theirs = results["gateway"]["retrieve"], results["orthanc"]["retrieve"]
     print(f"60-slice CT study ({ct_bytes / 1e6:.1f} MB), MB/s (target >= 2.0x Orthanc):")
     print(f"{'':<6}{'ours':>8}{'Orthanc':>9}{'ratio':>7}   measured how")
-    for k in ("get", "move"):
-        for suffix, how in (("_mb_s_receiver_writes", "one run, the receiver writes files"),
-                            ("_mb_s", "median of 7, receiver discards (getscu/storescp --ignore)"),
-                            ("_net_mb_s", f"same, less each tool's run on a study matching nothing "
-                                          f"(ours {ours[k + '_fixed_ms']} ms, Orthanc {theirs[k + '_fixed_ms']} ms)")):
-            a, b = ours[k + suffix], theirs[k + suffix]
-            print(f"{k.upper():<6}{a:>8}{b:>9}{a / b:>6.1f}x   {how}")
+    n = args.retrieve_rounds
+    rows = [("get", "_mb_s_receiver_writes", "getscu, one run, the receiver writes files"),
+            ("get", "_mb_s", f"getscu, median of {n} rounds, receiver discards (--ignore)"),
+            ("get", "_net_mb_s", f"same, less getscu's run on a study matching nothing "
+                                 f"(ours {ours['get_fixed_ms']} ms, Orthanc {theirs['get_fixed_ms']} ms)"),
+            ("move", "_mb_s_receiver_writes", "movescu, one run, storescp writes files"),
+            ("move", "_mb_s", f"movescu, median of {n} rounds, storescp --ignore"),
+            ("move", "_net_mb_s", f"same, less movescu's run on a study matching nothing "
+                                  f"(ours {ours['move_fixed_ms']} ms, Orthanc {theirs['move_fixed_ms']} ms)"),
+            ("move", "_raw_mb_s", f"socket client over an open association, median of {2 * n} "
+                                  f"(ours {ours['move_raw_ms']} ms, Orthanc {theirs['move_raw_ms']} ms)")]
+    for k, suffix, how in rows:
+        a, b = ours[k + suffix], theirs[k + suffix]
+        print(f"{k.upper():<6}{a:>8}{b:>9}{a / b:>6.1f}x   {how}")
+    print("(rounds alternate between the servers, which run side by side)")
     ingest.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = ingest.RESULTS_DIR / f"query-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
