@@ -30,6 +30,10 @@ impl StoreError {
             StoreError::Storage(storage::Error::Dataset(e)) if e.is_mismatch() => {
                 status::DATASET_MISMATCH
             }
+            // Like an instance over the size limit.
+            StoreError::Storage(storage::Error::Dataset(DatasetError::InflatesBeyond {
+                ..
+            })) => status::OUT_OF_RESOURCES,
             StoreError::Storage(storage::Error::Dataset(_)) => status::CANNOT_UNDERSTAND,
             StoreError::Storage(_) => status::OUT_OF_RESOURCES,
         }
@@ -120,9 +124,9 @@ impl StoreInProgress {
         let st = storage.clone();
         let validate = move || -> Result<_, storage::Error> {
             let ts = spool.transfer_syntax().to_string();
-            let offset = spool.dataset_offset();
+            let (offset, limit) = (spool.dataset_offset(), spool.dataset_limit());
             let spooled = st.finish_spool(spool)?;
-            let attrs = storage::attrs::read_file(spooled.path(), offset, &ts)?;
+            let attrs = storage::attrs::read_file(spooled.path(), offset, &ts, limit)?;
             check_matches(&attrs, &class, &instance)?;
             Ok((spooled, attrs))
         };

@@ -465,3 +465,59 @@ fn unknown_calling_wrong_called_and_disallowed_address_are_refused() {
     );
     assert_healthy_and_clean(&gw, 0);
 }
+
+/// An instance over `max_instance_bytes`, and a deflated one that is small
+/// on the wire but inflates beyond that limit (a decompression bomb): both
+/// are refused with 0xA700 (out of resources) after their last byte,
+/// nothing is indexed, and the gateway goes on serving. The bomb is
+/// refused without inflating it all.
+#[test]
+fn oversized_and_inflating_instances_get_a700() {
+    const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+    let dir = tempfile::tempdir().unwrap();
+    let spec = GatewaySpec {
+        gateway_extra: "max_instance_bytes = 1048576".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &[EXPLICIT_LE]),
+        (3, CT_IMAGE_STORAGE, &[DEFLATED]),
+    ];
+    let Association::Accepted(mut scu) =
+        scu::associate(gw.port, common::CT_AE, common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    let big = scu::ct_dataset("2.25.8801", "2.25.88", 2 << 20);
+    assert_eq!(
+        scu.store(1, CT_IMAGE_STORAGE, "2.25.8801", &big),
+        Reply::Status(0xA700)
+    );
+    // 64 MiB once inflated, about 64 KiB on the wire.
+    let bomb = scu::ct_dataset("2.25.8802", "2.25.88", 64 << 20);
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&bomb).unwrap();
+    let deflated = enc.finish().unwrap();
+    assert!(deflated.len() < 1 << 20, "{} bytes", deflated.len());
+    assert_eq!(
+        scu.store(3, CT_IMAGE_STORAGE, "2.25.8802", &deflated),
+        Reply::Status(0xA700)
+    );
+    // A deflated instance within the limit is stored.
+    let fits = scu::ct_dataset("2.25.8803", "2.25.88", 512 << 10);
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&fits).unwrap();
+    assert_eq!(
+        scu.store(3, CT_IMAGE_STORAGE, "2.25.8803", &enc.finish().unwrap()),
+        Reply::Status(0x0000)
+    );
+    assert!(scu.release());
+    assert!(
+        gw.log()
+            .contains("inflates beyond the limit of 1048576 bytes"),
+        "{}",
+        gw.log()
+    );
+    assert_healthy_and_clean(&gw, 1);
+}

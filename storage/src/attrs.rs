@@ -40,6 +40,10 @@ pub enum DatasetError {
     },
     #[error("cannot read spooled dataset: {0}")]
     Io(String),
+    /// A deflated dataset that inflates beyond the size limit (a
+    /// decompression bomb, or simply too large once inflated).
+    #[error("deflated dataset inflates beyond the limit of {limit} bytes")]
+    InflatesBeyond { limit: u64 },
 }
 
 impl DatasetError {
@@ -136,10 +140,13 @@ pub struct InstanceAttrs {
 }
 
 /// Reads the index attributes of the dataset starting at `offset` in `path`.
+/// A deflated dataset is inflated (and walked to its end) only up to
+/// `max_inflated` bytes.
 pub fn read_file(
     path: &Path,
     offset: u64,
     transfer_syntax: &str,
+    max_inflated: u64,
 ) -> Result<InstanceAttrs, DatasetError> {
     let io = |e: std::io::Error| DatasetError::Io(e.to_string());
     let mut file = File::open(path).map_err(io)?;
@@ -152,7 +159,8 @@ pub fn read_file(
     let mut collector = Collector::default();
     if encoding.deflated {
         let inflater = flate2::read::DeflateDecoder::new(BufReader::with_capacity(64 * 1024, file));
-        let mut walker = Walker::new(StreamSource(BufReader::new(inflater)), None, encoding);
+        let source = StreamSource::new(BufReader::new(inflater), max_inflated);
+        let mut walker = Walker::new(source, None, encoding);
         walker.walk_dataset(None, 0, None, &mut collector)?;
     } else {
         // A header is a few KiB: one read of 16 KiB usually holds it all.
@@ -186,8 +194,8 @@ fn walk_bytes(
     let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
     if encoding.deflated {
         let inflater = flate2::read::DeflateDecoder::new(dataset);
-        Walker::new(StreamSource(BufReader::new(inflater)), None, encoding)
-            .walk_dataset(None, 0, None, collector)
+        let source = StreamSource::new(BufReader::new(inflater), u64::MAX);
+        Walker::new(source, None, encoding).walk_dataset(None, 0, None, collector)
     } else {
         let cursor = std::io::Cursor::new(dataset);
         Walker::new(SliceSource(cursor), Some(dataset.len() as u64), encoding)
@@ -238,19 +246,47 @@ impl Source for SliceSource<'_> {
     }
 }
 
-/// A forward-only source of unknown length (an inflating reader).
-struct StreamSource<R>(R);
+/// A forward-only source of unknown length (an inflating reader), read up
+/// to `limit` bytes.
+struct StreamSource<R> {
+    reader: R,
+    read: u64,
+    limit: u64,
+}
+
+impl<R> StreamSource<R> {
+    fn new(reader: R, limit: u64) -> Self {
+        StreamSource {
+            reader,
+            read: 0,
+            limit,
+        }
+    }
+
+    /// Counts `n` more bytes against the limit, before they are inflated.
+    fn take_budget(&mut self, n: u64) -> Result<(), DatasetError> {
+        match self.read.checked_add(n) {
+            Some(read) if read <= self.limit => {
+                self.read = read;
+                Ok(())
+            }
+            _ => Err(DatasetError::InflatesBeyond { limit: self.limit }),
+        }
+    }
+}
 
 impl<R: std::io::BufRead> Source for StreamSource<R> {
     fn at_end(&mut self) -> Result<bool, DatasetError> {
-        Ok(self.0.fill_buf().map_err(eof_as_truncated)?.is_empty())
+        Ok(self.reader.fill_buf().map_err(eof_as_truncated)?.is_empty())
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError> {
-        self.0.read_exact(buf).map_err(eof_as_truncated)
+        self.take_budget(buf.len() as u64)?;
+        self.reader.read_exact(buf).map_err(eof_as_truncated)
     }
     fn skip(&mut self, n: u64) -> Result<(), DatasetError> {
-        let copied = std::io::copy(&mut (&mut self.0).take(n), &mut std::io::sink())
+        self.take_budget(n)?;
+        let copied = std::io::copy(&mut (&mut self.reader).take(n), &mut std::io::sink())
             .map_err(eof_as_truncated)?;
         if copied == n {
             Ok(())

@@ -62,7 +62,7 @@ impl Spool {
         let new_size = self.size + data.len() as u64;
         if new_size > self.limit {
             return Err(Error::TooLarge {
-                limit: self.limit - self.dataset_offset,
+                limit: self.dataset_limit(),
             });
         }
         let file = self.file.as_mut().ok_or(Error::ShuttingDown)?;
@@ -75,6 +75,12 @@ impl Spool {
 
     pub fn transfer_syntax(&self) -> &str {
         &self.transfer_syntax
+    }
+
+    /// Largest dataset accepted, in bytes: also the most a deflated one may
+    /// inflate to.
+    pub fn dataset_limit(&self) -> u64 {
+        self.limit - self.dataset_offset
     }
 
     /// Offset of the dataset in the file (after the Part 10 header).

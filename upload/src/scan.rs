@@ -7,6 +7,11 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// Most a deflated file may inflate to: the center's default instance size
+/// limit (beyond it the center would refuse the file anyway), so a
+/// decompression bomb on a stick costs the scan seconds, not hours.
+const MAX_INFLATED: u64 = 4 << 30;
+
 /// A DICOM instance to send.
 #[derive(Debug, Clone)]
 pub(crate) struct Candidate {
@@ -282,7 +287,7 @@ fn inspect(path: &Path) -> Result<Candidate, Skipped> {
             skip("not a DICOM Part 10 file".into(), SkipKind::NotDicom)
         });
     };
-    let attrs = storage::attrs::read_file(path, offset as u64, &transfer_syntax)
+    let attrs = storage::attrs::read_file(path, offset as u64, &transfer_syntax, MAX_INFLATED)
         .map_err(|e| skip(format!("unusable DICOM file: {e}"), SkipKind::Unusable))?;
     Ok(Candidate {
         path: path.to_owned(),

@@ -218,6 +218,34 @@ fn reads_deflated_datasets() {
 }
 
 #[test]
+fn a_deflated_dataset_is_inflated_only_up_to_the_limit() {
+    use std::io::Write;
+    // 8 MiB of zero pixels deflate to about 8 KiB: a small decompression bomb.
+    let mut ds = base("ISO_IR 192", b"Bomb^Test");
+    ds.extend(el(PIXEL_DATA, b"OB", &vec![0u8; 8 << 20]));
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&ds).unwrap();
+    let deflated = enc.finish().unwrap();
+    assert!(deflated.len() < 64 * 1024, "{} bytes", deflated.len());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.dcm");
+    std::fs::write(&path, &deflated).unwrap();
+    const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+    let limited = read_file(&path, 0, DEFLATED, 1 << 20);
+    assert!(
+        matches!(limited, Err(DatasetError::InflatesBeyond { limit }) if limit == 1 << 20),
+        "{limited:?}"
+    );
+    // The same file within a limit it fits: read to its end.
+    let attrs = read_file(&path, 0, DEFLATED, ds.len() as u64).unwrap();
+    assert_eq!(attrs.patient_name.text, "Bomb^Test");
+    assert!(matches!(
+        read_file(&path, 0, DEFLATED, ds.len() as u64 - 1),
+        Err(DatasetError::InflatesBeyond { .. })
+    ));
+}
+
+#[test]
 fn reads_big_endian() {
     fn be(tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -299,7 +327,7 @@ fn a_file_reads_like_memory_across_skips_beyond_its_buffer() {
     let path = dir.path().join("instance.dcm");
     std::fs::write(&path, [preamble.as_slice(), &ds].concat()).unwrap();
 
-    let from_file = read_file(&path, preamble.len() as u64, EXPLICIT_LE).unwrap();
+    let from_file = read_file(&path, preamble.len() as u64, EXPLICIT_LE, u64::MAX).unwrap();
     let from_memory = read_bytes(&ds, EXPLICIT_LE).unwrap();
     assert_eq!(from_file.patient_id, "XZ0042");
     assert_eq!(from_file.patient_name.text, "Zhao^Lei=赵^磊");
@@ -309,7 +337,7 @@ fn a_file_reads_like_memory_across_skips_beyond_its_buffer() {
 
     // A file cut inside the large value is refused, not misread.
     std::fs::write(&path, [preamble.as_slice(), &ds[..30_000]].concat()).unwrap();
-    let cut = read_file(&path, preamble.len() as u64, EXPLICIT_LE);
+    let cut = read_file(&path, preamble.len() as u64, EXPLICIT_LE, u64::MAX);
     assert!(
         matches!(cut, Err(DatasetError::BadLength { length: 40960, .. })),
         "{cut:?}"
