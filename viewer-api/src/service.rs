@@ -686,13 +686,23 @@ impl CenterService for Center {
         request: Request<pb::GetCenterInfoRequest>,
     ) -> Result<Response<pb::GetCenterInfoResponse>, Status> {
         // No patient data, but like every call, for signed-in users only.
-        self.0.caller(&request, "GetCenterInfo").await?;
+        let caller = self.0.caller(&request, "GetCenterInfo").await?;
+        // A township clinic's users count what their clinic sent, as in
+        // their worklist; the county counts everything.
+        let clinic = crate::studies::counted_clinic(&caller).to_string();
         let instance_count = self
             .0
             .db
-            .read(
-                |c| Ok(c.query_row("SELECT count(*) FROM instances", [], |r| r.get::<_, i64>(0))?),
-            )
+            .read(move |c| {
+                let count = |r: &rusqlite::Row| r.get::<_, i64>(0);
+                Ok(if clinic.is_empty() {
+                    c.query_row("SELECT count(*) FROM instances", [], count)?
+                } else {
+                    let sent = storage::query::sent_by_clinic("i", "?1");
+                    let sql = format!("SELECT count(*) FROM instances i WHERE {sent}");
+                    c.query_row(&sql, [&clinic], count)?
+                })
+            })
             .await? as u64;
         let config = &self.0.config;
         Ok(Response::new(pb::GetCenterInfoResponse {

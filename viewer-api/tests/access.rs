@@ -65,6 +65,27 @@ async fn roles_see_what_they_may_and_every_read_is_audited() {
         .await
         .unwrap();
 
+    // The center's instance count: everything for the county, only what
+    // its clinic sent for a township clinic's user.
+    let count_for = |token: String| {
+        let channel = server.channel();
+        async move {
+            CenterServiceClient::new(channel.await)
+                .get_center_info(authed(GetCenterInfoRequest {}, &token))
+                .await
+                .unwrap()
+                .into_inner()
+                .instance_count as usize
+        }
+    };
+    let sent_by = |clinic: &str| files.iter().filter(|(_, c)| c == clinic).count();
+    assert_eq!(count_for(rad.clone()).await, files.len());
+    assert_eq!(
+        count_for(server.login("staff_b").await).await,
+        sent_by("baishui")
+    );
+    assert!(sent_by("baishui") > 0 && sent_by("baishui") < files.len());
+
     // A xinzhen technician sees only xinzhen; asking for baishui is refused.
     let tech = server.login("tech_x").await;
     let items = c
@@ -250,7 +271,8 @@ async fn missing_forged_expired_and_revoked_tokens_are_refused() {
         .await
         .unwrap()
         .into_inner();
-    assert!(info.instance_count > 0);
+    // The one instance held is xinzhen's: none of it is counted for baishui.
+    assert_eq!(info.instance_count, 0);
     assert!(info.clinics.iter().any(|c| c.id == "xinzhen"));
 
     let forged = "ab".repeat(32);
