@@ -1201,14 +1201,18 @@ impl Connection {
                             ));
                             break;
                         }
-                        let dataset =
-                            crate::find::encode_match(&request, &values, &context.transfer_syntax)
-                                .map_err(|e| {
-                                    End::Abort(
-                                        AbortReason::ReasonNotSpecified,
-                                        format!("cannot encode match: {e}"),
-                                    )
-                                })?;
+                        let dataset = crate::find::encode_match(
+                            &request,
+                            &values,
+                            &context.transfer_syntax,
+                            &shared.config.gateway.ae_title,
+                        )
+                        .map_err(|e| {
+                            End::Abort(
+                                AbortReason::ReasonNotSpecified,
+                                format!("cannot encode match: {e}"),
+                            )
+                        })?;
                         let rsp = Response::new(field::C_FIND_RSP, message_id, pending_status)
                             .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
                             .with_dataset()

@@ -3,7 +3,10 @@
 //! sending clinic's id, `(0009,xx01)` LO in a block reserved for private
 //! creator "CONSORTIUM CENTER". The identifier becomes a
 //! `storage::query::Query`; each match goes back as a pending response with
-//! only the requested keys, in UTF-8 (ISO_IR 192) when any value is not ASCII.
+//! only the requested keys, in UTF-8 (ISO_IR 192) when any value is not ASCII,
+//! plus Retrieve AE Title and Instance Availability when asked. A value the
+//! query cannot apply (a key below its level, a computed key, a key we do not
+//! hold) makes the pending status 0xFF01 (PS3.4 C.4.1.1.4).
 
 use dicom_core::header::Header;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
@@ -99,6 +102,9 @@ pub(crate) struct Request {
     returned: Vec<(Tag, VR)>,
     /// Requested keys we cannot answer: returned zero-length.
     unsupported: Vec<(Tag, VR)>,
+    /// Keys whose value is the same for every match (where to retrieve
+    /// from), returned as such.
+    constant: Vec<(Tag, VR, Constant)>,
     /// True when an unsupported key carried a value to match (pending
     /// responses then say 0xFF01: optional keys not supported).
     pub(crate) unmatched_keys: bool,
@@ -116,6 +122,27 @@ impl Request {
             }
         }
         parts.join("; ")
+    }
+}
+
+/// A key answered the same for every match.
+#[derive(Debug, Clone, Copy)]
+enum Constant {
+    /// Retrieve AE Title (0008,0054): this center's AE title.
+    RetrieveAeTitle,
+    /// Instance Availability (0008,0056): everything is ONLINE.
+    InstanceAvailability,
+}
+
+/// The text of a query value. A private key from a requester without our
+/// dictionary arrives as UN (implicit VR, or explicit VR UN): its bytes are
+/// text, not numbers.
+fn value_text(element: &dicom_core::DataElement<InMemDicomObject>) -> String {
+    match element.value() {
+        dicom_core::DicomValue::Primitive(PrimitiveValue::U8(bytes)) if element.vr() == VR::UN => {
+            String::from_utf8_lossy(bytes).into_owned()
+        }
+        _ => element.to_str().map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 
@@ -151,6 +178,7 @@ pub(crate) fn parse(
     };
     let mut returned = Vec::new();
     let mut unsupported = Vec::new();
+    let mut constant = Vec::new();
     let mut unmatched_keys = false;
     // Our private block, if the requester reserved one for our creator.
     let private_creator = obj
@@ -159,7 +187,7 @@ pub(crate) fn parse(
             let t = e.tag();
             t.group() == 0x0009
                 && (0x0010..=0x00FF).contains(&t.element())
-                && e.to_str().is_ok_and(|v| v.trim() == PRIVATE_CREATOR)
+                && value_text(e).trim_end_matches(['\0', ' ']).trim() == PRIVATE_CREATOR
         })
         .map(|e| e.tag());
     let sending_clinic =
@@ -173,22 +201,38 @@ pub(crate) fn parse(
         {
             continue;
         }
-        let mut value = element.to_str().map(|s| s.to_string()).unwrap_or_default();
+        let mut value = value_text(element);
         let known = if Some(tag) == sending_clinic {
-            // Requesters without our dictionary send it as UN, padded with NUL.
+            // Padded with NUL by requesters that send it as UN.
             value = value.trim_end_matches(['\0', ' ']).to_string();
             Some((tag, VR::LO, Key::SendingClinic))
         } else {
             KEYS.iter().find(|(t, _, _)| *t == tag).copied()
         };
+        let is_private_creator = tag.group() % 2 == 1 && (0x0010..=0x00FF).contains(&tag.element());
         match known.as_ref() {
             Some((_, vr, key)) => {
                 let matcher = Matcher::parse(&value, matches!(vr, VR::DA | VR::TM | VR::DT));
+                // A value for a key below the query's level, or for a
+                // computed one, narrows nothing (PS3.4 C.4.1.1.4: 0xFF01).
+                unmatched_keys |= matcher != Matcher::Universal && !key.is_matched_at(level);
                 query.conditions.push((*key, matcher));
                 query.returns.push(*key);
                 returned.push((tag, *vr));
             }
+            None if tag == tags::RETRIEVE_AE_TITLE || tag == tags::INSTANCE_AVAILABILITY => {
+                unmatched_keys |= !value.trim().is_empty();
+                let (vr, which) = if tag == tags::RETRIEVE_AE_TITLE {
+                    (VR::AE, Constant::RetrieveAeTitle)
+                } else {
+                    (VR::CS, Constant::InstanceAvailability)
+                };
+                constant.push((tag, vr, which));
+            }
             None if element.vr() == VR::SQ => {}
+            // Another vendor's private block: its creator is no query key
+            // (the block's own elements are, unsupported ones).
+            None if is_private_creator => {}
             None => {
                 unmatched_keys |= !value.trim().is_empty();
                 unsupported.push((tag, element.vr()));
@@ -200,16 +244,19 @@ pub(crate) fn parse(
         level_code,
         returned,
         unsupported,
+        constant,
         unmatched_keys,
         private_creator,
     })
 }
 
-/// Encodes one match as a response identifier in `transfer_syntax`.
+/// Encodes one match as a response identifier in `transfer_syntax`;
+/// `ae_title` is where it can be retrieved from.
 pub(crate) fn encode_match(
     request: &Request,
     values: &[String],
     transfer_syntax: &str,
+    ae_title: &str,
 ) -> Result<Vec<u8>, String> {
     let ts = TransferSyntaxRegistry
         .get(transfer_syntax)
@@ -247,6 +294,13 @@ pub(crate) fn encode_match(
     }
     for (tag, vr) in &request.unsupported {
         obj.put(DataElement::new(*tag, *vr, PrimitiveValue::Empty));
+    }
+    for (tag, vr, which) in &request.constant {
+        let value = match which {
+            Constant::RetrieveAeTitle => ae_title,
+            Constant::InstanceAvailability => "ONLINE",
+        };
+        obj.put(DataElement::new(*tag, *vr, PrimitiveValue::from(value)));
     }
     let mut out = Vec::new();
     if non_ascii {

@@ -644,3 +644,142 @@ fn replace(bytes: &mut [u8], from: &[u8], to: &[u8]) {
         .expect("present");
     bytes[at..at + to.len()].copy_from_slice(to);
 }
+
+/// Runs tests/py/find_keys.py (pynetdicom, implicit VR) at `level`: the
+/// statuses, and each match's values by keyword or tag.
+fn find_keys(
+    port: u16,
+    calling: &str,
+    level: &str,
+    keys: &[&str],
+) -> (Vec<u16>, Vec<std::collections::BTreeMap<String, String>>) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/find_keys.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([&port.to_string(), calling, level])
+        .args(keys)
+        .output()
+        .expect("python3 with pynetdicom");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    #[derive(serde::Deserialize)]
+    struct Found {
+        statuses: Vec<u16>,
+        rows: Vec<std::collections::BTreeMap<String, String>>,
+    }
+    let found: Found = serde_json::from_slice(&out.stdout).unwrap();
+    (found.statuses, found.rows)
+}
+
+/// One CT instance with the given patient name and study time.
+fn named_instance(uid: &str, study: &str, name: &str, time: &str) -> Vec<u8> {
+    use common::scu::el;
+    [
+        el(0x0008_0005, b"CS", b"ISO_IR 192"),
+        el(0x0008_0016, b"UI", common::scu::CT_IMAGE_STORAGE.as_bytes()),
+        el(0x0008_0018, b"UI", uid.as_bytes()),
+        el(0x0008_0030, b"TM", time.as_bytes()),
+        el(0x0008_0060, b"CS", b"CT"),
+        el(0x0010_0010, b"PN", name.as_bytes()),
+        el(0x0010_0020, b"LO", format!("P{study}").as_bytes()),
+        el(0x0020_000D, b"UI", study.as_bytes()),
+        el(0x0020_000E, b"UI", format!("{study}.1").as_bytes()),
+        el(0x7FE0_0010, b"OW", &[0u8; 64]),
+    ]
+    .concat()
+}
+
+/// PS3.4 C.2.2.2 details, with pynetdicom over implicit VR: person names
+/// without their insignificant trailing delimiters and by component group
+/// (an empty group matches any), times of different precision in a range,
+/// the private sending-clinic key read as UN, 0xFF01 for a value given to
+/// a key the level cannot match, Retrieve AE Title, and another vendor's
+/// private creator (no warning).
+#[test]
+fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let contexts: &[(u8, &str, &[&str])] = &[(
+        1,
+        common::scu::CT_IMAGE_STORAGE,
+        &[common::scu::EXPLICIT_LE],
+    )];
+    let common::scu::Association::Accepted(mut scu) =
+        common::scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    for (uid, study, name, time) in [
+        ("2.25.5011", "2.25.501", "Wang^XiaoDong=王^小东=", "1030"),
+        ("2.25.5021", "2.25.502", "LI^NA^", "103000.5"),
+        ("2.25.5031", "2.25.503", "Zhao^Lei", "113000"),
+    ] {
+        assert_eq!(
+            scu.store(
+                1,
+                common::scu::CT_IMAGE_STORAGE,
+                uid,
+                &named_instance(uid, study, name, time)
+            ),
+            common::scu::Reply::Status(0)
+        );
+    }
+    assert!(scu.release());
+    let studies = |keys: &[&str]| {
+        let mut k = vec!["StudyInstanceUID="];
+        k.extend_from_slice(keys);
+        let (statuses, rows) = find_keys(gw.port, "COUNTYWS1", "STUDY", &k);
+        let mut uids: Vec<String> = rows.iter().map(|r| r["StudyInstanceUID"].clone()).collect();
+        uids.sort();
+        (statuses, uids)
+    };
+    let found = |keys: &[&str]| studies(keys).1;
+    // Names: by ideographic group alone, both groups, trailing delimiters.
+    assert_eq!(found(&["PatientName==王^小东"]), ["2.25.501"]);
+    assert_eq!(found(&["PatientName=Wang^XiaoDong=王^小东"]), ["2.25.501"]);
+    assert_eq!(found(&["PatientName=wang^xiaodong"]), ["2.25.501"]);
+    assert_eq!(found(&["PatientName=LI^NA"]), ["2.25.502"]);
+    assert_eq!(found(&["PatientName=Li^Na^^"]), ["2.25.502"]);
+    assert!(found(&["PatientName=Wang^XiaoDong=李^小东"]).is_empty());
+    // Times: "1030" is 10:30:00, inside "103000-"; an upper bound "1030"
+    // includes 10:30:00.5.
+    assert_eq!(
+        found(&["StudyTime=103000-"]),
+        ["2.25.501", "2.25.502", "2.25.503"]
+    );
+    assert_eq!(found(&["StudyTime=-1030"]), ["2.25.501", "2.25.502"]);
+    assert_eq!(found(&["StudyTime=103000.6-"]), ["2.25.503"]);
+    // The sending clinic's private key arrives as UN over implicit VR.
+    let creator = "(0009,0010):LO=CONSORTIUM CENTER";
+    assert_eq!(found(&[creator, "(0009,1001):LO=county"]).len(), 3);
+    assert!(found(&[creator, "(0009,1001):LO=baishui"]).is_empty());
+    // Pending statuses: 0xFF00 normally; 0xFF01 when a key's value is not
+    // applied (Modality is a SERIES key; SOPClassesInStudy is computed).
+    let (statuses, _) = studies(&[]);
+    assert_eq!(statuses, [0xFF00, 0xFF00, 0xFF00, 0]);
+    let (statuses, uids) = studies(&["Modality=MR"]);
+    assert_eq!((statuses[0], uids.len()), (0xFF01, 3));
+    let (statuses, _) = studies(&["SOPClassesInStudy=1.2.3"]);
+    assert_eq!(statuses[0], 0xFF01);
+    // Another vendor's private creator is no unsupported key.
+    let (statuses, _) = studies(&["(0011,0010):LO=OTHER VENDOR"]);
+    assert_eq!(statuses[0], 0xFF00);
+    // Where to retrieve from: this center, online.
+    let (_, rows) = find_keys(
+        gw.port,
+        "COUNTYWS1",
+        "SERIES",
+        &[
+            "StudyInstanceUID=2.25.502",
+            "SeriesInstanceUID=",
+            "RetrieveAETitle=",
+            "InstanceAvailability=",
+        ],
+    );
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["RetrieveAETitle"], common::AE);
+    assert_eq!(rows[0]["InstanceAvailability"], "ONLINE");
+}

@@ -272,6 +272,13 @@ impl Key {
         })
     }
 
+    /// True when a query at `level` matches on this key: keys of levels
+    /// below the query's, and computed keys, are returned but never matched
+    /// (a value given for them is not applied: C-FIND warns 0xFF01).
+    pub fn is_matched_at(self, level: Level) -> bool {
+        self.level().depth() <= level.depth() && !self.is_return_only()
+    }
+
     /// True when the key is computed (returned, never matched).
     fn is_return_only(self) -> bool {
         use Key::*;
@@ -316,6 +323,38 @@ pub enum QueryEnd {
     Stopped(u64),
 }
 
+/// A person name as the index matches it: upper-cased, each component
+/// group without trailing empty components, no trailing empty groups
+/// (PS3.5 6.2: those delimiters are insignificant).
+pub fn pn_search_form(name: &str) -> String {
+    let upper = name.to_uppercase();
+    let groups: Vec<&str> = upper
+        .split('=')
+        .map(|g| g.trim_end_matches(['^', ' ']))
+        .collect();
+    groups.join("=").trim_end_matches('=').to_string()
+}
+
+/// A TM value as `HHMMSS.FFFFFF`, missing digits filled with `pad`
+/// (legacy `HH:MM:SS` accepted).
+fn tm_normalized(value: &str, pad: char) -> String {
+    let v = value.trim().replace(':', "");
+    let (whole, fraction) = v.split_once('.').unwrap_or((&v, ""));
+    let fill =
+        |s: &str, n: usize| -> String { s.chars().chain(std::iter::repeat(pad)).take(n).collect() };
+    format!("{}.{}", fill(whole, 6), fill(fraction, 6))
+}
+
+/// SQL for [`tm_normalized`] of column `col`, padded with zeros.
+fn tm_normalized_sql(col: &str) -> String {
+    let v = format!("replace({col}, ':', '')");
+    format!(
+        "(substr(CASE WHEN instr({v}, '.') > 0 THEN substr({v}, 1, instr({v}, '.') - 1) ELSE {v} END \
+         || '000000', 1, 6) || '.' || substr(CASE WHEN instr({v}, '.') > 0 \
+         THEN substr({v}, instr({v}, '.') + 1) ELSE '' END || '000000', 1, 6))"
+    )
+}
+
 /// Converts DICOM wildcards to a GLOB pattern (`[` and `]` escaped).
 fn glob(pattern: &str) -> String {
     let mut out = String::with_capacity(pattern.len());
@@ -345,18 +384,53 @@ fn condition_sql(
         format!("?{}", params.len())
     };
     if key == Key::PatientName {
-        // Upper-cased, matched on the whole value or any component group.
-        let pattern = match matcher {
+        // Upper-cased, without insignificant trailing components and groups
+        // (PS3.5 6.2), as the index keeps it.
+        let value = match matcher {
             Matcher::Universal => return None,
-            Matcher::Single(v) => glob(&v.to_uppercase()),
-            Matcher::Wildcard(v) => glob(&v.to_uppercase()),
-            Matcher::List(vs) => glob(&vs.join("\\").to_uppercase()),
+            Matcher::Single(v) | Matcher::Wildcard(v) => pn_search_form(v),
+            Matcher::List(vs) => pn_search_form(&vs.join("\\")),
             Matcher::Range(..) => return Some("0".into()),
         };
-        let p = bind(pattern);
-        return Some(format!(
-            "(p.name_search GLOB {p} OR p.name_alpha GLOB {p} OR p.name_ideo GLOB {p} OR p.name_phon GLOB {p})"
-        ));
+        if !value.contains('=') {
+            // One group: the whole name or any of its groups.
+            let p = bind(glob(&value));
+            return Some(format!(
+                "(p.name_search GLOB {p} OR p.name_alpha GLOB {p} OR p.name_ideo GLOB {p} OR p.name_phon GLOB {p})"
+            ));
+        }
+        // Several groups: each one given matches its own group; an empty
+        // one (`=王^小东`) matches any.
+        let mut parts = Vec::new();
+        for (group, col) in value
+            .split('=')
+            .zip(["p.name_alpha", "p.name_ideo", "p.name_phon"])
+        {
+            if !group.is_empty() && group != "*" {
+                parts.push(format!("{col} GLOB {}", bind(glob(group))));
+            }
+        }
+        return Some(if parts.is_empty() {
+            "1".into()
+        } else {
+            format!("({})", parts.join(" AND "))
+        });
+    }
+    if key == Key::StudyTime
+        && let Matcher::Range(from, to) = matcher
+    {
+        // Times of any precision compare as HHMMSS.FFFFFF: a lower bound
+        // padded with zeros, an upper one with nines (`1030` ends at
+        // 10:30:59.999999), the stored value with zeros.
+        let mut parts = vec![format!("{col} != ''")];
+        let stored = tm_normalized_sql(col);
+        if let Some(f) = from {
+            parts.push(format!("{stored} >= {}", bind(tm_normalized(f, '0'))));
+        }
+        if let Some(t) = to {
+            parts.push(format!("{stored} <= {}", bind(tm_normalized(t, '9'))));
+        }
+        return Some(format!("({})", parts.join(" AND ")));
     }
     if key == Key::ModalitiesInStudy {
         let values = match matcher {
@@ -484,7 +558,7 @@ fn query_sql(query: &Query) -> (String, Vec<Value>) {
         }
         c
     });
-    let applies = |key: Key| key.level().depth() <= query.level.depth() && !key.is_return_only();
+    let applies = |key: Key| key.is_matched_at(query.level);
     let narrowed = query
         .conditions
         .iter()

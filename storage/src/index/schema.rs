@@ -210,6 +210,16 @@ const MIGRATIONS: &[&str] = &[
         (SELECT st.clinic_id FROM studies st WHERE st.pk = series.study_pk),
         '');
     "#,
+    // 8: person names matched without insignificant trailing delimiters
+    // (PS3.5 6.2): `WANG^XIAODONG^` and `Wang^XiaoDong=王^小东=` are found
+    // by `WANG^XIAODONG` and `Wang^XiaoDong=王^小东`.
+    r#"
+    UPDATE patients SET name_alpha = rtrim(name_alpha, '^ '), name_ideo = rtrim(name_ideo, '^ '),
+        name_phon = rtrim(name_phon, '^ ')
+     WHERE name_alpha != '' OR name_ideo != '' OR name_phon != '';
+    UPDATE patients SET name_search = rtrim(name_alpha || '=' || name_ideo || '=' || name_phon, '=')
+     WHERE name_alpha != '' OR name_ideo != '' OR name_phon != '';
+    "#,
 ];
 
 /// Fills the name group columns of rows written without them (rows from
@@ -217,17 +227,17 @@ const MIGRATIONS: &[&str] = &[
 pub(crate) fn backfill_name_groups(conn: &Connection) -> Result<()> {
     conn.execute_batch(
         "UPDATE patients SET
-            name_alpha = CASE WHEN instr(name_search, '=') > 0
-                THEN substr(name_search, 1, instr(name_search, '=') - 1) ELSE name_search END,
-            name_ideo = CASE WHEN instr(name_search, '=') = 0 THEN ''
+            name_alpha = rtrim(CASE WHEN instr(name_search, '=') > 0
+                THEN substr(name_search, 1, instr(name_search, '=') - 1) ELSE name_search END, '^ '),
+            name_ideo = rtrim(CASE WHEN instr(name_search, '=') = 0 THEN ''
                 WHEN instr(substr(name_search, instr(name_search, '=') + 1), '=') > 0
                 THEN substr(substr(name_search, instr(name_search, '=') + 1), 1,
                             instr(substr(name_search, instr(name_search, '=') + 1), '=') - 1)
-                ELSE substr(name_search, instr(name_search, '=') + 1) END,
-            name_phon = CASE WHEN instr(name_search, '=') = 0 THEN ''
+                ELSE substr(name_search, instr(name_search, '=') + 1) END, '^ '),
+            name_phon = rtrim(CASE WHEN instr(name_search, '=') = 0 THEN ''
                 WHEN instr(substr(name_search, instr(name_search, '=') + 1), '=') = 0 THEN ''
                 ELSE substr(substr(name_search, instr(name_search, '=') + 1),
-                            instr(substr(name_search, instr(name_search, '=') + 1), '=') + 1) END
+                            instr(substr(name_search, instr(name_search, '=') + 1), '=') + 1) END, '^ ')
          WHERE name_alpha = '' AND name_search != '';",
     )?;
     Ok(())
@@ -255,5 +265,52 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         tx.pragma_update(None, "user_version", found + 1)?;
         tx.commit()?;
         tracing::info!(version = found + 1, "index schema migrated");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_8_drops_insignificant_name_delimiters() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..7] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        conn.execute_batch(
+            "INSERT INTO patients (clinic_id, patient_id, name, name_search, name_alpha, name_ideo, name_phon)
+             VALUES ('a', '1', 'Wang^XiaoDong=王^小东=', 'WANG^XIAODONG=王^小东=', 'WANG^XIAODONG', '王^小东', ''),
+                    ('a', '2', 'Li^Na^', 'LI^NA^', 'LI^NA^', '', ''),
+                    ('a', '3', '=张^三^', '=张^三^', '', '张^三^', ''),
+                    ('a', '4', 'Bulk^Loaded', 'BULK^LOADED', '', '', '');",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(String, String, String)> = conn
+            .prepare("SELECT name_search, name_alpha, name_ideo FROM patients ORDER BY patient_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let row = |s: &str, a: &str, i: &str| (s.to_string(), a.to_string(), i.to_string());
+        assert_eq!(
+            rows,
+            [
+                row("WANG^XIAODONG=王^小东", "WANG^XIAODONG", "王^小东"),
+                row("LI^NA", "LI^NA", ""),
+                row("=张^三", "", "张^三"),
+                // Rows without groups yet are left to backfill_name_groups.
+                row("BULK^LOADED", "", ""),
+            ]
+        );
+        // The writer's form is the same.
+        assert_eq!(
+            crate::query::pn_search_form("Wang^XiaoDong=王^小东="),
+            "WANG^XIAODONG=王^小东"
+        );
+        assert_eq!(crate::query::pn_search_form("=张^三^"), "=张^三");
     }
 }

@@ -496,8 +496,9 @@ fn record_version(tx: &Connection, sql: &str, new: &NewInstance) -> Result<()> {
 
 fn upsert_patient(tx: &Connection, new: &NewInstance) -> Result<i64> {
     let a = &new.attrs;
-    // Upper-cased for case-insensitive matching, whole and per component group.
-    let search = a.patient_name.text.to_uppercase();
+    // Upper-cased for case-insensitive matching, whole and per component
+    // group, without insignificant trailing delimiters.
+    let search = crate::query::pn_search_form(&a.patient_name.text);
     let mut groups = search.split('=').map(str::to_string);
     // Unchanged rows are not rewritten (the DO UPDATE's WHERE): an update
     // rewrites every index on an assigned column, and a study's instances
