@@ -14,6 +14,7 @@ use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::Settings;
+use crate::record::Record;
 
 const SOP_CLASS: &str = "1.2.840.10008.1.20.1";
 const WELL_KNOWN_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
@@ -89,16 +90,21 @@ async fn commit_chunk(
     }
 }
 
+/// A stored instance handed to the committer: SOP class, SOP instance, and
+/// the SHA-256 of the file as sent (for the record).
+pub(crate) type Stored = (String, String, String);
+
 /// Storage commitment beside the sending lanes: each stored instance is
 /// handed over at once, and one association of its own asks the center
 /// about whatever has gathered while its previous request was being
 /// checked. The center's re-verification (reading and hashing every
 /// instance) so overlaps the sending instead of following it; what remains
-/// at the end is the last batch. Instances whose request failed are not in
-/// the answers: the caller asks again for them.
+/// at the end is the last batch. Each confirmation goes into the record as
+/// it arrives. Instances whose request failed are not in the answers: the
+/// caller asks again for them.
 pub(crate) struct Committer {
-    stored: tokio::sync::mpsc::UnboundedSender<(String, String)>,
-    task: tokio::task::JoinHandle<Answers>,
+    stored: tokio::sync::mpsc::UnboundedSender<Stored>,
+    task: tokio::task::JoinHandle<(Answers, Record)>,
 }
 
 /// A batch waits for more instances at most this long while sending goes on.
@@ -109,32 +115,45 @@ const GATHER_ENOUGH: usize = 256;
 const GIVE_UP_AFTER: u32 = 3;
 
 impl Committer {
-    pub(crate) fn start(settings: &Settings) -> Self {
+    pub(crate) fn start(settings: &Settings, record: Record) -> Self {
         let (stored, received) = tokio::sync::mpsc::unbounded_channel();
         let settings = settings.clone();
-        let task = tokio::spawn(async move { run_committer(&settings, received).await });
+        let task = tokio::spawn(async move { run_committer(&settings, received, record).await });
         Self { stored, task }
     }
 
-    /// Where lanes hand over each stored instance (SOP class, instance).
-    pub(crate) fn stored(&self) -> tokio::sync::mpsc::UnboundedSender<(String, String)> {
+    /// Where lanes hand over each stored instance.
+    pub(crate) fn stored(&self) -> tokio::sync::mpsc::UnboundedSender<Stored> {
         self.stored.clone()
     }
 
-    /// Waits for the answers to everything handed over.
-    pub(crate) async fn finish(self) -> Answers {
+    /// Waits for the answers to everything handed over; gives the record back.
+    pub(crate) async fn finish(self) -> (Answers, Record) {
         drop(self.stored);
-        self.task.await.unwrap_or_default()
+        self.task.await.expect("committer task")
+    }
+}
+
+/// Records the instances of `batch` that `answers` says are committed.
+fn record_committed(record: &mut Record, batch: &[Stored], answers: &Answers) {
+    let committed = batch
+        .iter()
+        .filter(|(_, uid, _)| answers.get(uid) == Some(&None))
+        .map(|(_, uid, sha)| (uid.as_str(), sha.as_str()));
+    // A short SQLite transaction: on this worker thread, not the runtime's.
+    if let Err(e) = tokio::task::block_in_place(|| record.mark_committed(committed)) {
+        eprintln!("consortium-upload: cannot update the record: {e}");
     }
 }
 
 async fn run_committer(
     settings: &Settings,
-    mut received: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
-) -> Answers {
+    mut received: tokio::sync::mpsc::UnboundedReceiver<Stored>,
+    mut record: Record,
+) -> (Answers, Record) {
     let mut answers = Answers::new();
     let mut assoc: Option<(Association, String)> = None;
-    let mut batch: Vec<(String, String)> = Vec::new();
+    let mut batch: Vec<Stored> = Vec::new();
     let mut sending = true;
     // After a few failures in a row (the center refuses or drops this
     // association), stop asking during the run: batches are then left to
@@ -172,9 +191,14 @@ async fn run_committer(
             failures += 1;
             continue;
         };
-        match exchange(a, 1, ts, &chunk).await {
+        let refs: Vec<(String, String)> = chunk
+            .iter()
+            .map(|(class, uid, _)| (class.clone(), uid.clone()))
+            .collect();
+        match exchange(a, 1, ts, &refs).await {
             Ok(a) => {
                 failures = 0;
+                record_committed(&mut record, &chunk, &a);
                 answers.extend(a);
             }
             Err(_) => {
@@ -188,7 +212,7 @@ async fn run_committer(
     if let Some((a, _)) = assoc {
         a.release().await;
     }
-    answers
+    (answers, record)
 }
 
 /// The commitment exchange on an open association: N-ACTION, N-ACTION-RSP,
@@ -350,6 +374,12 @@ fn new_uid() -> String {
 }
 
 /// Failure Reason in words.
+/// Failure reasons worth asking about again: the center could not check
+/// the instance this time (PS3.3 C.14.1.1), not "it is not here".
+pub(crate) fn may_pass(reason: u16) -> bool {
+    matches!(reason, 0x0110 | 0x0213)
+}
+
 pub(crate) fn describe_failure(reason: u16) -> &'static str {
     match reason {
         0x0110 => "processing failure (the center could not verify it)",

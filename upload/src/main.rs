@@ -2,11 +2,12 @@
 //! center and end with a certain answer: every instance is committed, or
 //! exactly these are not and here is why.
 //!
-//! Steps: scan (non-DICOM files listed and skipped), skip what the local
-//! record says this center already committed, send over parallel
+//! Steps: scan (non-DICOM files listed and skipped), skip sending what the
+//! local record says this center already committed, send over parallel
 //! associations with retries, request storage commitment for everything
-//! stored, record what was committed, print a summary. Exit status 0 only
-//! when every DICOM instance found is committed.
+//! stored (recording each confirmation as it arrives) and again for what
+//! was skipped, print a summary. Exit status 0 only when the center
+//! confirmed, in this run, every DICOM instance found.
 
 mod commit;
 mod progress;
@@ -203,7 +204,8 @@ async fn run(args: Args) -> ExitCode {
         .await
         .expect("scan task");
     let scanned_in = started.elapsed();
-    let mut record = match record::Record::open(&args.record, &center) {
+    let record_key = format!("{}@{center}", s.calling_ae);
+    let record = match record::Record::open(&args.record, &record_key) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(
@@ -267,11 +269,11 @@ async fn run(args: Args) -> ExitCode {
     let progress = progress::Progress::new(to_send.len() as u64, total_bytes);
     let send_started = std::time::Instant::now();
     let commit_started = send_started;
-    let committer = commit::Committer::start(s);
+    let committer = commit::Committer::start(s, record);
     let results = send::send_all(s, to_send, &progress, &committer).await;
     progress.finish();
     let sent_in = send_started.elapsed();
-    let mut answers = committer.finish().await;
+    let (mut answers, mut record) = committer.finish().await;
 
     let stored: Vec<(&scan::Candidate, &str)> = results
         .iter()
@@ -280,14 +282,23 @@ async fn run(args: Args) -> ExitCode {
             _ => None,
         })
         .collect();
-    // Whatever the sending associations could not get confirmed, ask again.
-    let unanswered: Vec<(String, String)> = stored
+    // Ask again about whatever the committer could not get confirmed (no
+    // answer, or "could not check it now"), and about every file the
+    // record says was committed before: "committed" is only ever said on
+    // the center's word of this run.
+    let ask_again: Vec<(String, String)> = stored
         .iter()
-        .filter(|(c, _)| !answers.contains_key(&c.sop_instance_uid))
-        .map(|(c, _)| (c.sop_class_uid.clone(), c.sop_instance_uid.clone()))
+        .map(|(c, _)| *c)
+        .filter(|c| match answers.get(&c.sop_instance_uid) {
+            None => true,
+            Some(Some(reason)) => commit::may_pass(*reason),
+            Some(None) => false,
+        })
+        .chain(already.iter())
+        .map(|c| (c.sop_class_uid.clone(), c.sop_instance_uid.clone()))
         .collect();
-    if !unanswered.is_empty() {
-        let (more, failed) = commit::commit(s, &unanswered).await;
+    if !ask_again.is_empty() {
+        let (more, failed) = commit::commit(s, &ask_again).await;
         answers.extend(more);
         if let Some(e) = failed {
             eprintln!("consortium-upload: storage commitment failed: {e}");
@@ -310,6 +321,24 @@ async fn run(args: Args) -> ExitCode {
             .map(|(c, sha)| (c.sop_instance_uid.as_str(), *sha)),
     ) {
         eprintln!("consortium-upload: cannot update the record: {e}");
+    }
+    // Recorded before, not confirmed now: forgotten, so the next run sends
+    // them again.
+    let (already, lapsed): (Vec<_>, Vec<_>) = already
+        .into_iter()
+        .partition(|c| answers.get(&c.sop_instance_uid) == Some(&None));
+    if let Err(e) = record.forget(lapsed.iter().map(|c| c.sop_instance_uid.as_str())) {
+        eprintln!("consortium-upload: cannot update the record: {e}");
+    }
+    for c in &lapsed {
+        let why = match answers.get(&c.sop_instance_uid) {
+            Some(Some(reason)) => format!("0x{reason:04X} {}", commit::describe_failure(*reason)),
+            _ => "the center did not confirm it".to_string(),
+        };
+        println!(
+            "NOT COMMITTED {}: committed in an earlier run, but not confirmed now ({why}); run again to send it",
+            c.path.display()
+        );
     }
 
     // Per-file results that need attention.
@@ -358,6 +387,12 @@ async fn run(args: Args) -> ExitCode {
         for c in &already {
             lines.push(format!("{}\talready committed\t", c.path.display()));
         }
+        for c in &lapsed {
+            lines.push(format!(
+                "{}\tnot committed\tcommitted in an earlier run, not confirmed now",
+                c.path.display()
+            ));
+        }
         for (c, outcome) in &results {
             let (what, detail) = match outcome {
                 send::Outcome::Stored { converted_to, .. } => {
@@ -404,7 +439,7 @@ async fn run(args: Args) -> ExitCode {
         count(scan::SkipKind::Unusable),
         count(scan::SkipKind::Copy),
     );
-    let not_committed = stored.len() - committed.len();
+    let not_committed = stored.len() - committed.len() + lapsed.len();
     println!(
         "summary: {} stored, {} committed, {} already committed before, {} refused, {} failed, {} not committed, {} unusable DICOM files, {} non-DICOM files skipped, {} identical copies skipped",
         stored.len(),

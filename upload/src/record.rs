@@ -1,5 +1,8 @@
 //! The local record of what the center has confirmed: re-runs skip files
-//! whose (SOP Instance UID, file SHA-256) the same center already committed.
+//! whose (SOP Instance UID, file SHA-256) the same center already committed
+//! for the same calling AE (the center confirms to a clinic only what that
+//! clinic sent). Written as each confirmation arrives, so an interrupted
+//! run resumes where it stopped.
 
 use std::path::Path;
 
@@ -8,7 +11,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 #[derive(Debug)]
 pub(crate) struct Record {
     conn: Connection,
-    /// `host:port/AE`: a record is only valid for the center that confirmed it.
+    /// `CALLING@host:port/CALLED`: a record is only valid for the center
+    /// that confirmed it, to the clinic that sent it.
     center: String,
 }
 
@@ -71,6 +75,24 @@ impl Record {
             )?;
             for (uid, sha) in items {
                 stmt.execute(params![self.center, uid, sha])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// Forgets every version of these instances: the center no longer
+    /// confirms them, so the next run sends them again.
+    pub(crate) fn forget<'a>(
+        &mut self,
+        sop_instance_uids: impl IntoIterator<Item = &'a str>,
+    ) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "DELETE FROM committed WHERE center = ?1 AND sop_instance_uid = ?2",
+            )?;
+            for uid in sop_instance_uids {
+                stmt.execute(params![self.center, uid])?;
             }
         }
         tx.commit()

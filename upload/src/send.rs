@@ -99,13 +99,17 @@ async fn lane(
     settings: &Settings,
     files: Vec<Candidate>,
     progress: &Progress,
-    stored: &tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    stored: &tokio::sync::mpsc::UnboundedSender<commit::Stored>,
 ) -> Vec<(Candidate, Outcome)> {
     let mut pending: VecDeque<Candidate> = files.into();
     let mut results = Vec::new();
     let mut prefetched: Option<Prefetch> = None;
     let mut attempts: HashMap<String, u32> = HashMap::new();
     let mut failures_in_a_row = 0u32;
+    // C-STOREs answered 0xA7xx one after the other, with no success
+    // between: beyond `settings.retries` of them the center itself is short
+    // of resources (a full disk), not one file too large; the lane stops.
+    let mut short_in_a_row = 0u32;
     while !pending.is_empty() {
         let (contexts, batch_len) = propose(&pending);
         let assoc = settings.associate(&contexts).await;
@@ -128,6 +132,9 @@ async fn lane(
         let mut message_id = 0u16;
         let mut lost: Option<ClientError> = None;
         let mut unusable = false;
+        // Files to try again after this association's batch (which its
+        // contexts cover; files behind it may need others).
+        let mut again: Vec<Candidate> = Vec::new();
         for _ in 0..batch_len {
             let Some(file) = pending.pop_front() else {
                 break;
@@ -153,12 +160,20 @@ async fn lane(
             {
                 Ok((status, comment, sha256)) => {
                     failures_in_a_row = 0;
-                    match classify(status) {
+                    let class = classify(status);
+                    short_in_a_row = match class {
+                        Class::Transient => short_in_a_row + 1,
+                        _ => 0,
+                    };
+                    match class {
                         Class::Stored => {
                             progress.done(&file);
                             // The committer outlives the lanes.
-                            let _ = stored
-                                .send((file.sop_class_uid.clone(), file.sop_instance_uid.clone()));
+                            let _ = stored.send((
+                                file.sop_class_uid.clone(),
+                                file.sop_instance_uid.clone(),
+                                sha256.clone(),
+                            ));
                             results.push((
                                 file,
                                 Outcome::Stored {
@@ -171,16 +186,26 @@ async fn lane(
                         Class::Transient => {
                             let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
                             *n += 1;
-                            if *n > settings.retries {
+                            if short_in_a_row > settings.retries {
+                                progress.done(&file);
+                                results.push((file, Outcome::Refused { status, comment }));
+                                let reason = format!(
+                                    "not sent: the center answered 0x{status:04X} (out of resources) \
+                                     to {short_in_a_row} requests in a row"
+                                );
+                                pending.extend(again.drain(..));
+                                fail_pending(&mut pending, &reason, progress, &mut results);
+                                break;
+                            } else if *n > settings.retries {
                                 progress.done(&file);
                                 results.push((file, Outcome::Refused { status, comment }));
                             } else {
                                 // The center is short of resources: give it time.
-                                let wait = backoff(*n);
+                                let wait = backoff((*n).max(short_in_a_row));
                                 progress.note(&format!(
                                     "the center is out of resources (0x{status:04X}); retrying in {wait:?}"
                                 ));
-                                pending.push_back(file);
+                                again.push(file);
                                 tokio::time::sleep(wait).await;
                             }
                         }
@@ -219,6 +244,7 @@ async fn lane(
                 }
             }
         }
+        pending.extend(again);
         match lost {
             None if unusable => assoc.abort().await,
             None => assoc.release().await,

@@ -38,11 +38,16 @@ struct Gateway {
 
 impl Gateway {
     fn start(dir: &Path, listen: &str) -> Gateway {
+        Gateway::start_with(dir, listen, "")
+    }
+
+    /// With `extra` lines in the `[gateway]` section.
+    fn start_with(dir: &Path, listen: &str, extra: &str) -> Gateway {
         let config = dir.join("gateway.toml");
         std::fs::write(
             &config,
             format!(
-                "[gateway]\nae_title = \"COUNTYPACS\"\nlisten = \"{listen}\"\n\n[storage]\ndata_dir = \"{}\"\n\n\
+                "[gateway]\nae_title = \"COUNTYPACS\"\nlisten = \"{listen}\"\n{extra}\n\n[storage]\ndata_dir = \"{}\"\n\n\
                  [[clinics]]\nid = \"xinzhen\"\nname = \"新镇乡卫生院\"\nae_titles = [\"XINZHEN_CT\"]\n",
                 dir.join("data").display()
             ),
@@ -537,4 +542,129 @@ fn dicomdir_and_config_file_and_missing_uid() {
         "{text}"
     );
     assert_eq!(gw.count("SELECT count(*) FROM instances"), cts.len() as i64);
+}
+
+fn record_rows(record: &Path) -> i64 {
+    rusqlite::Connection::open(record)
+        .and_then(|c| c.query_row("SELECT count(*) FROM committed", [], |r| r.get(0)))
+        .unwrap_or(0)
+}
+
+/// The tool itself killed part way (SIGKILL: no chance to tidy up): what
+/// the center confirmed before is already in the record, so the re-run
+/// sends only the rest.
+#[test]
+fn a_killed_upload_resumes_from_what_was_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::demo(25)).unwrap();
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let record = dir.path().join("record.sqlite");
+    let mut tool = Command::new(env!("CARGO_BIN_EXE_consortium-upload"))
+        .args(["--port", &gw.port.to_string(), "--calling-ae", "XINZHEN_CT"])
+        .args(["--associations", "1"])
+        .arg("--record")
+        .arg(&record)
+        .arg(&samples)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while record_rows(&record) == 0 {
+        assert!(Instant::now() < deadline, "no confirmation recorded");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        tool.try_wait().unwrap().is_none(),
+        "the upload ended before it could be interrupted"
+    );
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+    let recorded = record_rows(&record) as usize;
+    assert!(recorded > 0 && recorded < files.len(), "{recorded}");
+
+    let again = upload(gw.port, &record, &[], &[&samples]);
+    let text = stdout(&again);
+    assert!(again.status.success(), "{text}");
+    assert_eq!(summary_count(&text, "already committed before"), recorded);
+    assert_eq!(summary_count(&text, "stored"), files.len() - recorded);
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instance_versions"),
+        files.len() as i64
+    );
+}
+
+/// "Committed" is only said on the center's word of this run: files the
+/// record calls committed are confirmed again, and when the center no
+/// longer holds them (here: a new, empty center at the same address) they
+/// are reported, forgotten, and sent by the next run.
+#[test]
+fn a_record_the_center_no_longer_confirms_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(26)).unwrap();
+    let record = dir.path().join("record.sqlite");
+    let first_dir = dir.path().join("first");
+    std::fs::create_dir_all(&first_dir).unwrap();
+    let mut gw = Gateway::start(&first_dir, "127.0.0.1:0");
+    let port = gw.port;
+    assert!(upload(port, &record, &[], &[&samples]).status.success());
+    gw.kill();
+    drop(gw);
+
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let gw = Gateway::start(&second_dir, &format!("127.0.0.1:{port}"));
+    let lapsed = upload(port, &record, &[], &[&samples]);
+    let text = stdout(&lapsed);
+    assert!(!lapsed.status.success(), "{text}");
+    assert_eq!(summary_count(&text, "already committed before"), 0);
+    assert_eq!(summary_count(&text, "not committed"), files.len());
+    assert!(
+        text.contains("committed in an earlier run, but not confirmed now (0x0112"),
+        "{text}"
+    );
+    assert_eq!(record_rows(&record), 0);
+
+    let resent = upload(port, &record, &[], &[&samples]);
+    let text = stdout(&resent);
+    assert!(resent.status.success(), "{text}");
+    assert_eq!(summary_count(&text, "committed"), files.len());
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instances"),
+        files.len() as i64
+    );
+}
+
+/// A center that answers 0xA700 (out of resources) to everything: the tool
+/// stops after a few answers in a row instead of retrying every file with
+/// backoff, and says why.
+#[test]
+fn a_center_out_of_resources_ends_the_upload_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(27)).unwrap();
+    // Every sample is over this limit: each C-STORE is answered 0xA700.
+    let gw = Gateway::start_with(dir.path(), "127.0.0.1:0", "max_instance_bytes = 64");
+    let record = dir.path().join("record.sqlite");
+    let started = Instant::now();
+    let out = upload(gw.port, &record, &["--associations", "1"], &[&samples]);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("(out of resources) to 3 requests in a row"),
+        "{text}"
+    );
+    assert_eq!(
+        summary_count(&text, "refused") + summary_count(&text, "failed"),
+        files.len()
+    );
+    // --retries 2: three answers, backoffs of 0.5 and 1 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(gw.count("SELECT count(*) FROM instances"), 0);
 }
