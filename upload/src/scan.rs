@@ -60,7 +60,14 @@ pub(crate) fn scan(inputs: &[PathBuf]) -> (Vec<Candidate>, Vec<Skipped>) {
             walk(input, &mut files, &mut skipped, &mut HashSet::new());
         } else if is_dicomdir(input) {
             match dicomdir_files(input) {
-                Ok(found) => files.extend(found),
+                Ok((found, bad)) => {
+                    files.extend(found);
+                    skipped.extend(bad.into_iter().map(|why| Skipped {
+                        path: input.clone(),
+                        reason: format!("DICOMDIR record not followed: {why}"),
+                        kind: SkipKind::Unusable,
+                    }));
+                }
                 Err(reason) => skipped.push(Skipped {
                     path: input.clone(),
                     reason: format!("cannot read DICOMDIR: {reason}"),
@@ -212,8 +219,10 @@ fn walk(
     }
 }
 
-/// Files referenced by a DICOMDIR's directory records.
-fn dicomdir_files(path: &Path) -> Result<Vec<PathBuf>, String> {
+/// Files referenced by a DICOMDIR's directory records, and the records
+/// whose Referenced File ID cannot be used (each named, the rest still
+/// sent).
+fn dicomdir_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<String>), String> {
     use dicom_dictionary_std::tags;
     let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
     let base = path.parent().unwrap_or(Path::new("."));
@@ -223,22 +232,42 @@ fn dicomdir_files(path: &Path) -> Result<Vec<PathBuf>, String> {
         .items()
         .ok_or("Directory Record Sequence is not a sequence")?;
     let mut out = Vec::new();
+    let mut bad = Vec::new();
     for record in records {
-        if let Ok(id) = record.element(tags::REFERENCED_FILE_ID) {
-            let parts = id.to_multi_str().map_err(|e| e.to_string())?;
-            let mut p = base.to_path_buf();
-            for part in parts.iter() {
-                let part = part.trim();
-                // File IDs are uppercase letters, digits and underscores: never "..".
-                if part.is_empty() || !part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(format!("invalid Referenced File ID component {part:?}"));
-                }
-                p = child_any_case(&p, part);
-            }
-            out.push(p);
+        let Ok(id) = record.element(tags::REFERENCED_FILE_ID) else {
+            continue;
+        };
+        match referenced_file(base, id) {
+            Ok(p) => out.push(p),
+            Err(why) => bad.push(why),
         }
     }
-    Ok(out)
+    Ok((out, bad))
+}
+
+/// The file a Referenced File ID names under `base`. PS3.10 allows only
+/// uppercase letters, digits and underscores in a component; media often
+/// add an extension (`IM0001.DCM`), which is accepted. Nothing that could
+/// leave `base` (`..`, a separator, an empty component) is.
+fn referenced_file(
+    base: &Path,
+    id: &dicom_core::DataElement<dicom_object::InMemDicomObject>,
+) -> Result<PathBuf, String> {
+    let parts = id.to_multi_str().map_err(|e| e.to_string())?;
+    let mut p = base.to_path_buf();
+    for part in parts.iter() {
+        let part = part.trim();
+        let usable = !part.is_empty()
+            && part.chars().any(|c| c != '.')
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !usable {
+            return Err(format!("invalid Referenced File ID {:?}", parts.join("\\")));
+        }
+        p = child_any_case(&p, part);
+    }
+    Ok(p)
 }
 
 /// `dir/name`, or the entry of `dir` whose name differs from `name` only

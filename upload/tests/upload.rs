@@ -499,6 +499,26 @@ fn dicomdir_and_config_file_and_missing_uid() {
         "{}",
         String::from_utf8_lossy(&mkdir.stderr)
     );
+    // Two records edited in place (same lengths, so the records' offsets
+    // hold): one names its file with an extension, as much media does; one
+    // tries to leave the media's folder. The first is sent, the second is
+    // named and skipped, and neither stops the rest.
+    assert!(cts.len() >= 3, "{} CT files", cts.len());
+    let dicomdir = media.join("DICOMDIR");
+    let mut bytes = std::fs::read(&dicomdir).unwrap();
+    for (from, to) in [
+        (b"IMAGES\\IM0002", b"IMAGES\\IM2.DCM"),
+        (b"IMAGES\\IM0001", b"IMAGES\\..\\IM01"),
+    ] {
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from.as_slice())
+            .expect("record in the DICOMDIR");
+        bytes[at..at + to.len()].copy_from_slice(to);
+    }
+    std::fs::write(&dicomdir, bytes).unwrap();
+    std::fs::rename(media.join("IMAGES/IM0002"), media.join("IMAGES/IM2.DCM")).unwrap();
+
     // One copy without its SOP Instance UID (DCMTK's dcmodify erases it).
     let broken = dir.path().join("no-uid.dcm");
     std::fs::copy(&cts[0].path, &broken).unwrap();
@@ -532,16 +552,26 @@ fn dicomdir_and_config_file_and_missing_uid() {
         .output()
         .unwrap();
     let text = stdout(&out);
-    // The DICOMDIR's instances are committed; the UID-less file is named, and fails the run.
+    // The DICOMDIR's instances are committed but the one behind the bad
+    // record; that record and the UID-less file are named, and fail the run.
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert_eq!(summary_count(&text, "committed"), cts.len(), "{text}");
+    assert_eq!(summary_count(&text, "committed"), cts.len() - 1, "{text}");
+    assert!(
+        text.contains(
+            r#"DICOMDIR record not followed: invalid Referenced File ID "IMAGES\\..\\IM01""#
+        ),
+        "{text}"
+    );
     assert!(
         text.contains(
             "no-uid.dcm: unusable DICOM file: required attribute SOP Instance UID is missing"
         ),
         "{text}"
     );
-    assert_eq!(gw.count("SELECT count(*) FROM instances"), cts.len() as i64);
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instances"),
+        cts.len() as i64 - 1
+    );
 }
 
 fn record_rows(record: &Path) -> i64 {
