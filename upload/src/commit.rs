@@ -373,13 +373,13 @@ fn new_uid() -> String {
     format!("2.25.{}", u128::from_be_bytes(n) >> 1)
 }
 
-/// Failure Reason in words.
 /// Failure reasons worth asking about again: the center could not check
 /// the instance this time (PS3.3 C.14.1.1), not "it is not here".
 pub(crate) fn may_pass(reason: u16) -> bool {
     matches!(reason, 0x0110 | 0x0213)
 }
 
+/// Failure Reason in words.
 pub(crate) fn describe_failure(reason: u16) -> &'static str {
     match reason {
         0x0110 => "processing failure (the center could not verify it)",

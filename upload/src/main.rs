@@ -322,12 +322,16 @@ async fn run(args: Args) -> ExitCode {
     ) {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }
-    // Recorded before, not confirmed now: forgotten, so the next run sends
-    // them again.
+    // Recorded before, not confirmed now. Those the center says it does
+    // not hold (not "could not check now", nor no answer at all) are
+    // forgotten, so the next run sends them again.
     let (already, lapsed): (Vec<_>, Vec<_>) = already
         .into_iter()
         .partition(|c| answers.get(&c.sop_instance_uid) == Some(&None));
-    if let Err(e) = record.forget(lapsed.iter().map(|c| c.sop_instance_uid.as_str())) {
+    let gone = lapsed.iter().filter(
+        |c| matches!(answers.get(&c.sop_instance_uid), Some(Some(r)) if !commit::may_pass(*r)),
+    );
+    if let Err(e) = record.forget(gone.map(|c| c.sop_instance_uid.as_str())) {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }
     for c in &lapsed {
@@ -336,7 +340,7 @@ async fn run(args: Args) -> ExitCode {
             _ => "the center did not confirm it".to_string(),
         };
         println!(
-            "NOT COMMITTED {}: committed in an earlier run, but not confirmed now ({why}); run again to send it",
+            "NOT COMMITTED {}: committed in an earlier run, but not confirmed now ({why}); run again",
             c.path.display()
         );
     }
