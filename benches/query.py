@@ -457,13 +457,15 @@ def main(argv):
                 null = NullScp(work / f"null-{name}", shim)
                 for d in (f"dest-{name}", f"null-{name}", name):
                     (work / d).mkdir()
+                # Registered before starting, so one that fails to start
+                # after spawning is stopped too.
                 for helper in (dest, null):
-                    helper.start()
                     helpers.append(helper)
+                    helper.start()
                 server = (Gateway if name == "gateway" else Orthanc)(
                     work / name, shim, dests={"BENCHDEST": dest.port, "BENCHNULL": null.port})
-                server.start()
                 helpers.append(server)
+                server.start()
                 servers[name] = (server, dest)
                 t0 = time.perf_counter()
                 send(files, server.port)
@@ -485,7 +487,7 @@ def main(argv):
         finally:
             for helper in reversed(helpers):
                 helper.stop()
-    except ingest.BenchError as e:
+    except (ingest.BenchError, RuntimeError, OSError) as e:
         ingest.log(f"query benchmark FAILED: {e}")
         return 1
     finally:

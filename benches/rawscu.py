@@ -89,7 +89,8 @@ class RawScu:
 
     def __init__(self, port: int, calling: str, called: str, sop_class: bytes = FIND,
                  host: str = "127.0.0.1"):
-        self.sock = socket.create_connection((host, port))
+        # A server that stops answering fails the run instead of hanging it.
+        self.sock = socket.create_connection((host, port), timeout=120)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.message_id, self.sop_class = 0, sop_class
         self.pdvs: deque[tuple[int, bytes]] = deque()

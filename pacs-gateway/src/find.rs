@@ -230,9 +230,12 @@ pub(crate) fn parse(
                 constant.push((tag, vr, which));
             }
             None if element.vr() == VR::SQ => {}
-            // Another vendor's private block: its creator is no query key
-            // (the block's own elements are, unsupported ones).
-            None if is_private_creator => {}
+            // Another vendor's private block is not echoed (its elements
+            // would come back without their creator, PS3.5 7.8.1); a value
+            // to match in it is one we do not apply.
+            None if tag.group() % 2 == 1 => {
+                unmatched_keys |= !is_private_creator && !value.trim().is_empty();
+            }
             None => {
                 unmatched_keys |= !value.trim().is_empty();
                 unsupported.push((tag, element.vr()));

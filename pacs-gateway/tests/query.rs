@@ -716,6 +716,7 @@ fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
         ("2.25.5011", "2.25.501", "Wang^XiaoDong=王^小东=", "1030"),
         ("2.25.5021", "2.25.502", "LI^NA^", "103000.5"),
         ("2.25.5031", "2.25.503", "Zhao^Lei", "113000"),
+        ("2.25.5041", "2.25.504", "Zhang^^^", "0900"),
     ] {
         assert_eq!(
             scu.store(
@@ -744,29 +745,51 @@ fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
     assert_eq!(found(&["PatientName=LI^NA"]), ["2.25.502"]);
     assert_eq!(found(&["PatientName=Li^Na^^"]), ["2.25.502"]);
     assert!(found(&["PatientName=Wang^XiaoDong=李^小东"]).is_empty());
+    // A family name alone is found by "any given name" too.
+    assert_eq!(found(&["PatientName=ZHANG^*"]), ["2.25.504"]);
+    assert_eq!(found(&["PatientName=zhang"]), ["2.25.504"]);
+    // Only delimiters: universal.
+    assert_eq!(found(&["PatientName=^"]).len(), 4);
     // Times: "1030" is 10:30:00, inside "103000-"; an upper bound "1030"
     // includes 10:30:00.5.
     assert_eq!(
         found(&["StudyTime=103000-"]),
         ["2.25.501", "2.25.502", "2.25.503"]
     );
-    assert_eq!(found(&["StudyTime=-1030"]), ["2.25.501", "2.25.502"]);
+    assert_eq!(
+        found(&["StudyTime=-1030"]),
+        ["2.25.501", "2.25.502", "2.25.504"]
+    );
     assert_eq!(found(&["StudyTime=103000.6-"]), ["2.25.503"]);
     // The sending clinic's private key arrives as UN over implicit VR.
     let creator = "(0009,0010):LO=CONSORTIUM CENTER";
-    assert_eq!(found(&[creator, "(0009,1001):LO=county"]).len(), 3);
+    assert_eq!(found(&[creator, "(0009,1001):LO=county"]).len(), 4);
     assert!(found(&[creator, "(0009,1001):LO=baishui"]).is_empty());
     // Pending statuses: 0xFF00 normally; 0xFF01 when a key's value is not
     // applied (Modality is a SERIES key; SOPClassesInStudy is computed).
     let (statuses, _) = studies(&[]);
-    assert_eq!(statuses, [0xFF00, 0xFF00, 0xFF00, 0]);
+    assert_eq!(statuses, [0xFF00, 0xFF00, 0xFF00, 0xFF00, 0]);
     let (statuses, uids) = studies(&["Modality=MR"]);
-    assert_eq!((statuses[0], uids.len()), (0xFF01, 3));
+    assert_eq!((statuses[0], uids.len()), (0xFF01, 4));
     let (statuses, _) = studies(&["SOPClassesInStudy=1.2.3"]);
     assert_eq!(statuses[0], 0xFF01);
-    // Another vendor's private creator is no unsupported key.
-    let (statuses, _) = studies(&["(0011,0010):LO=OTHER VENDOR"]);
+    // Another vendor's private block: not echoed (its elements would come
+    // back without their creator), a value in it not applied.
+    let vendor = "(0011,0010):LO=OTHER VENDOR";
+    let (statuses, rows) = find_keys(
+        gw.port,
+        "COUNTYWS1",
+        "STUDY",
+        &["StudyInstanceUID=", vendor, "(0011,1001):LO="],
+    );
     assert_eq!(statuses[0], 0xFF00);
+    assert!(
+        rows.iter()
+            .all(|r| !r.keys().any(|k| k.starts_with("(0011"))),
+        "{rows:?}"
+    );
+    let (statuses, _) = studies(&[vendor, "(0011,1001):LO=X"]);
+    assert_eq!(statuses[0], 0xFF01);
     // Where to retrieve from: this center, online.
     let (_, rows) = find_keys(
         gw.port,

@@ -262,16 +262,28 @@ impl<R> StreamSource<R> {
             limit,
         }
     }
+}
 
-    /// Counts `n` more bytes against the limit, before they are inflated.
-    fn take_budget(&mut self, n: u64) -> Result<(), DatasetError> {
-        match self.read.checked_add(n) {
-            Some(read) if read <= self.limit => {
-                self.read = read;
-                Ok(())
-            }
-            _ => Err(DatasetError::InflatesBeyond { limit: self.limit }),
+impl<R: std::io::BufRead> StreamSource<R> {
+    /// Inflates and drops `n` bytes, no more than the limit allows: past it,
+    /// a stream with bytes left inflates beyond the limit; one that ends
+    /// first is truncated (a garbled length, not a bomb).
+    fn consume(&mut self, n: u64) -> Result<(), DatasetError> {
+        let allowed = n.min(self.limit - self.read);
+        let copied = std::io::copy(&mut (&mut self.reader).take(allowed), &mut std::io::sink())
+            .map_err(eof_as_truncated)?;
+        self.read += copied;
+        if copied < allowed {
+            return Err(DatasetError::Truncated);
         }
+        if allowed < n {
+            return Err(if self.at_end()? {
+                DatasetError::Truncated
+            } else {
+                DatasetError::InflatesBeyond { limit: self.limit }
+            });
+        }
+        Ok(())
     }
 }
 
@@ -281,18 +293,15 @@ impl<R: std::io::BufRead> Source for StreamSource<R> {
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), DatasetError> {
-        self.take_budget(buf.len() as u64)?;
-        self.reader.read_exact(buf).map_err(eof_as_truncated)
+        if buf.len() as u64 > self.limit - self.read {
+            return self.consume(buf.len() as u64);
+        }
+        self.reader.read_exact(buf).map_err(eof_as_truncated)?;
+        self.read += buf.len() as u64;
+        Ok(())
     }
     fn skip(&mut self, n: u64) -> Result<(), DatasetError> {
-        self.take_budget(n)?;
-        let copied = std::io::copy(&mut (&mut self.reader).take(n), &mut std::io::sink())
-            .map_err(eof_as_truncated)?;
-        if copied == n {
-            Ok(())
-        } else {
-            Err(DatasetError::Truncated)
-        }
+        self.consume(n)
     }
 }
 

@@ -392,11 +392,34 @@ fn condition_sql(
             Matcher::List(vs) => pn_search_form(&vs.join("\\")),
             Matcher::Range(..) => return Some("0".into()),
         };
+        // Only delimiters: no condition.
+        if value.is_empty() {
+            return None;
+        }
+        // `WANG^*` also finds `WANG`, stored without its empty components.
+        let mut any_of = |cols: &[&str], pattern: &str| -> String {
+            let mut patterns = vec![pattern];
+            let base = pattern.trim_end_matches(['^', '*']);
+            if pattern.ends_with("^*") && !base.is_empty() {
+                patterns.push(base);
+            }
+            let binds: Vec<String> = patterns.iter().map(|p| bind(glob(p))).collect();
+            let tests: Vec<String> = cols
+                .iter()
+                .flat_map(|c| binds.iter().map(move |b| format!("{c} GLOB {b}")))
+                .collect();
+            format!("({})", tests.join(" OR "))
+        };
         if !value.contains('=') {
             // One group: the whole name or any of its groups.
-            let p = bind(glob(&value));
-            return Some(format!(
-                "(p.name_search GLOB {p} OR p.name_alpha GLOB {p} OR p.name_ideo GLOB {p} OR p.name_phon GLOB {p})"
+            return Some(any_of(
+                &[
+                    "p.name_search",
+                    "p.name_alpha",
+                    "p.name_ideo",
+                    "p.name_phon",
+                ],
+                &value,
             ));
         }
         // Several groups: each one given matches its own group; an empty
@@ -407,7 +430,7 @@ fn condition_sql(
             .zip(["p.name_alpha", "p.name_ideo", "p.name_phon"])
         {
             if !group.is_empty() && group != "*" {
-                parts.push(format!("{col} GLOB {}", bind(glob(group))));
+                parts.push(any_of(&[col], group));
             }
         }
         return Some(if parts.is_empty() {

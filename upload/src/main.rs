@@ -205,7 +205,9 @@ async fn run(args: Args) -> ExitCode {
         .expect("scan task");
     let scanned_in = started.elapsed();
     let record_key = format!("{}@{center}", s.calling_ae);
-    let record = match record::Record::open(&args.record, &record_key) {
+    // Records from before the calling AE was part of the key are taken
+    // over: what they skip is confirmed by the center again anyway.
+    let record = match record::Record::open(&args.record, &record_key, &center) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(
@@ -322,15 +324,17 @@ async fn run(args: Args) -> ExitCode {
     ) {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }
-    // Recorded before, not confirmed now. Those the center says it does
-    // not hold (not "could not check now", nor no answer at all) are
-    // forgotten, so the next run sends them again.
+    // Recorded before, not confirmed now. Those the center answered with a
+    // failure (not held, damaged: 0x0110 too, asked twice by now) are
+    // forgotten, so the next run sends them again (re-sending is
+    // harmless); without any answer (the center unreachable) the record
+    // stays.
     let (already, lapsed): (Vec<_>, Vec<_>) = already
         .into_iter()
         .partition(|c| answers.get(&c.sop_instance_uid) == Some(&None));
-    let gone = lapsed.iter().filter(
-        |c| matches!(answers.get(&c.sop_instance_uid), Some(Some(r)) if !commit::may_pass(*r)),
-    );
+    let gone = lapsed
+        .iter()
+        .filter(|c| matches!(answers.get(&c.sop_instance_uid), Some(Some(_))));
     if let Err(e) = record.forget(gone.map(|c| c.sop_instance_uid.as_str())) {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }

@@ -17,7 +17,9 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    pub(crate) fn open(path: &Path, center: &str) -> rusqlite::Result<Record> {
+    /// Opens (creating) the record at `path` for `center`; rows kept under
+    /// `legacy_center` (an older key for the same center) become its own.
+    pub(crate) fn open(path: &Path, center: &str, legacy_center: &str) -> rusqlite::Result<Record> {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -31,6 +33,10 @@ impl Record {
                  committed_at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
                  PRIMARY KEY (center, sop_instance_uid, sha256)
              );",
+        )?;
+        conn.execute(
+            "UPDATE OR IGNORE committed SET center = ?1 WHERE center = ?2",
+            params![center, legacy_center],
         )?;
         Ok(Record {
             conn,

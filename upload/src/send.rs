@@ -106,10 +106,11 @@ async fn lane(
     let mut prefetched: Option<Prefetch> = None;
     let mut attempts: HashMap<String, u32> = HashMap::new();
     let mut failures_in_a_row = 0u32;
-    // C-STOREs answered 0xA7xx one after the other, with no success
-    // between: beyond `settings.retries` of them the center itself is short
-    // of resources (a full disk), not one file too large; the lane stops.
-    let mut short_in_a_row = 0u32;
+    // Different files answered 0xA7xx one after the other, with no success
+    // between: more than `settings.retries` of them (and at least three)
+    // means the center itself is short of resources (a full disk), not one
+    // file too large for it; the lane stops.
+    let mut short_in_a_row: std::collections::HashSet<String> = Default::default();
     while !pending.is_empty() {
         let (contexts, batch_len) = propose(&pending);
         let assoc = settings.associate(&contexts).await;
@@ -161,10 +162,13 @@ async fn lane(
                 Ok((status, comment, sha256)) => {
                     failures_in_a_row = 0;
                     let class = classify(status);
-                    short_in_a_row = match class {
-                        Class::Transient => short_in_a_row + 1,
-                        _ => 0,
-                    };
+                    match class {
+                        Class::Transient => {
+                            short_in_a_row.insert(file.sop_instance_uid.clone());
+                        }
+                        _ => short_in_a_row.clear(),
+                    }
+                    let short = short_in_a_row.len() as u32;
                     match class {
                         Class::Stored => {
                             progress.done(&file);
@@ -186,12 +190,12 @@ async fn lane(
                         Class::Transient => {
                             let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
                             *n += 1;
-                            if short_in_a_row > settings.retries {
+                            if short > settings.retries.max(2) {
                                 progress.done(&file);
                                 results.push((file, Outcome::Refused { status, comment }));
                                 let reason = format!(
                                     "not sent: the center answered 0x{status:04X} (out of resources) \
-                                     to {short_in_a_row} requests in a row"
+                                     to {short} files in a row"
                                 );
                                 pending.extend(again.drain(..));
                                 fail_pending(&mut pending, &reason, progress, &mut results);
@@ -201,7 +205,7 @@ async fn lane(
                                 results.push((file, Outcome::Refused { status, comment }));
                             } else {
                                 // The center is short of resources: give it time.
-                                let wait = backoff((*n).max(short_in_a_row));
+                                let wait = backoff((*n).max(short));
                                 progress.note(&format!(
                                     "the center is out of resources (0x{status:04X}); retrying in {wait:?}"
                                 ));

@@ -665,6 +665,31 @@ fn a_record_the_center_no_longer_confirms_is_not_trusted() {
         gw.count("SELECT count(*) FROM instances"),
         files.len() as i64
     );
+
+    // One stored object damaged at the center (same size, other bytes): its
+    // file is reported (0x0110), forgotten, and repaired by the next run.
+    let key: String = gw
+        .index()
+        .query_row("SELECT blob_key FROM instances LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    let blob = second_dir.join("data/blobs").join(key);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&blob, bytes).unwrap();
+    let damaged = upload(port, &record, &[], &[&samples]);
+    let text = stdout(&damaged);
+    assert!(!damaged.status.success(), "{text}");
+    assert!(text.contains("not confirmed now (0x0110"), "{text}");
+    assert_eq!(record_rows(&record), files.len() as i64 - 1);
+    let repaired = upload(port, &record, &[], &[&samples]);
+    let text = stdout(&repaired);
+    assert!(repaired.status.success(), "{text}");
+    assert_eq!(summary_count(&text, "stored"), 1);
+    assert_eq!(
+        summary_count(&text, "already committed before"),
+        files.len() - 1
+    );
 }
 
 /// A center that answers 0xA700 (out of resources) to everything: the tool
@@ -683,7 +708,7 @@ fn a_center_out_of_resources_ends_the_upload_promptly() {
     let text = stdout(&out);
     assert!(!out.status.success(), "{text}");
     assert!(
-        text.contains("(out of resources) to 3 requests in a row"),
+        text.contains("(out of resources) to 3 files in a row"),
         "{text}"
     );
     assert_eq!(

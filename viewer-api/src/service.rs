@@ -687,8 +687,8 @@ impl CenterService for Center {
     ) -> Result<Response<pb::GetCenterInfoResponse>, Status> {
         // No patient data, but like every call, for signed-in users only.
         let caller = self.0.caller(&request, "GetCenterInfo").await?;
-        // A township clinic's users count what their clinic sent, as in
-        // their worklist; the county counts everything.
+        // A township clinic's users count the instances whose current
+        // bytes their clinic sent; the county counts everything.
         let clinic = crate::studies::counted_clinic(&caller).to_string();
         let instance_count = self
             .0
@@ -698,9 +698,15 @@ impl CenterService for Center {
                 Ok(if clinic.is_empty() {
                     c.query_row("SELECT count(*) FROM instances", [], count)?
                 } else {
-                    let sent = storage::query::sent_by_clinic("i", "?1");
-                    let sql = format!("SELECT count(*) FROM instances i WHERE {sent}");
-                    c.query_row(&sql, [&clinic], count)?
+                    // From the clinic's senders' rows, each looked up by its
+                    // UID: no pass over every instance of the center.
+                    c.query_row(
+                        "SELECT count(*) FROM instance_senders s JOIN instances i \
+                         ON i.sop_instance_uid = s.sop_instance_uid AND i.sha256 = s.sha256 \
+                         WHERE s.clinic_id = ?1",
+                        [&clinic],
+                        count,
+                    )?
                 })
             })
             .await? as u64;

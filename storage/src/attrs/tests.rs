@@ -243,6 +243,17 @@ fn a_deflated_dataset_is_inflated_only_up_to_the_limit() {
         read_file(&path, 0, DEFLATED, ds.len() as u64 - 1),
         Err(DatasetError::InflatesBeyond { .. })
     ));
+    // A garbled length beyond the limit in a stream that ends first is a
+    // truncated dataset (0xC000 to a sender), not a bomb (0xA700).
+    let mut garbled = base("ISO_IR 192", b"Cut^Short");
+    garbled.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    garbled.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    garbled.extend_from_slice(&[1u8; 100]);
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&garbled).unwrap();
+    std::fs::write(&path, enc.finish().unwrap()).unwrap();
+    let cut = read_file(&path, 0, DEFLATED, 1 << 20);
+    assert!(matches!(cut, Err(DatasetError::Truncated)), "{cut:?}");
 }
 
 #[test]
