@@ -396,18 +396,22 @@ fn condition_sql(
         if value.is_empty() {
             return None;
         }
-        // `WANG^*` also finds `WANG`, stored without its empty components.
+        // `WANG^*` also finds `WANG`, stored without its empty components:
+        // through the index by the prefix `WANG*`, then either form.
         let mut any_of = |cols: &[&str], pattern: &str| -> String {
-            let mut patterns = vec![pattern];
             let base = pattern.trim_end_matches(['^', '*']);
-            if pattern.ends_with("^*") && !base.is_empty() {
-                patterns.push(base);
-            }
-            let binds: Vec<String> = patterns.iter().map(|p| bind(glob(p))).collect();
-            let tests: Vec<String> = cols
-                .iter()
-                .flat_map(|c| binds.iter().map(move |b| format!("{c} GLOB {b}")))
-                .collect();
+            let tests: Vec<String> = if pattern.ends_with("^*") && !base.is_empty() {
+                let prefix = bind(glob(&format!("{base}*")));
+                let (whole, given) = (bind(glob(base)), bind(glob(pattern)));
+                cols.iter()
+                    .map(|c| {
+                        format!("({c} GLOB {prefix} AND ({c} GLOB {whole} OR {c} GLOB {given}))")
+                    })
+                    .collect()
+            } else {
+                let p = bind(glob(pattern));
+                cols.iter().map(|c| format!("{c} GLOB {p}")).collect()
+            };
             format!("({})", tests.join(" OR "))
         };
         if !value.contains('=') {
