@@ -3,7 +3,8 @@
 //! sending clinic's id, `(0009,xx01)` LO in a block reserved for private
 //! creator "CONSORTIUM CENTER". The identifier becomes a
 //! `storage::query::Query`; each match goes back as a pending response with
-//! only the requested keys, in UTF-8 (ISO_IR 192) when any value is not ASCII,
+//! only the requested keys, in the query's character set when it is GB18030
+//! (or ISO_IR 100 and the values are Latin-1), else UTF-8 (ISO_IR 192),
 //! plus Retrieve AE Title and Instance Availability when asked. A value the
 //! query cannot apply (a key below its level, a computed key, a key we do not
 //! hold) makes the pending status 0xFF01 (PS3.4 C.4.1.1.4).
@@ -110,6 +111,9 @@ pub(crate) struct Request {
     pub(crate) unmatched_keys: bool,
     /// The private creator element of our block, echoed in responses.
     private_creator: Option<Tag>,
+    /// The query's Specific Character Set, answered in when it can carry
+    /// the response (see [`response_charset`]).
+    charset: String,
 }
 
 impl Request {
@@ -158,6 +162,13 @@ pub(crate) fn parse(
         .get(transfer_syntax)
         .ok_or("unsupported transfer syntax")?;
     let obj = InMemDicomObject::read_dataset_with_ts(identifier, ts).map_err(|e| e.to_string())?;
+    let charset = obj
+        .element_opt(tags::SPECIFIC_CHARACTER_SET)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_multi_str().ok().map(|v| v.to_vec()))
+        .map(|v| v.join("\\").trim().to_string())
+        .unwrap_or_default();
     let level_code = obj
         .element_opt(tags::QUERY_RETRIEVE_LEVEL)
         .ok()
@@ -250,7 +261,26 @@ pub(crate) fn parse(
         constant,
         unmatched_keys,
         private_creator,
+        charset,
     })
+}
+
+/// The character set of a response with non-ASCII `values`: the query's own
+/// when it can carry them (GB18030 carries every character; ISO_IR 100 only
+/// Latin-1), so a requester that asked in GB18030 or Latin-1 reads its
+/// answers in it; UTF-8 otherwise (PS3.4 C.4.1.1.3.2 lets the SCP choose).
+fn response_charset(query: &str, values: &[String]) -> (&'static str, SpecificCharacterSet) {
+    let latin1 = |v: &String| v.chars().all(|c| (c as u32) < 0x100);
+    match query {
+        "GB18030" => (
+            "GB18030",
+            SpecificCharacterSet::from_code("GB18030").expect("dicom-rs knows GB18030"),
+        ),
+        "ISO_IR 100" if values.iter().all(latin1) => {
+            ("ISO_IR 100", SpecificCharacterSet::ISO_IR_100)
+        }
+        _ => ("ISO_IR 192", SpecificCharacterSet::ISO_IR_192),
+    }
 }
 
 /// Encodes one match as a response identifier in `transfer_syntax`;
@@ -307,12 +337,13 @@ pub(crate) fn encode_match(
     }
     let mut out = Vec::new();
     if non_ascii {
+        let (code, charset) = response_charset(&request.charset, values);
         obj.put(DataElement::new(
             tags::SPECIFIC_CHARACTER_SET,
             VR::CS,
-            PrimitiveValue::from("ISO_IR 192"),
+            PrimitiveValue::from(code),
         ));
-        obj.write_dataset_with_ts_cs(&mut out, ts, SpecificCharacterSet::ISO_IR_192)
+        obj.write_dataset_with_ts_cs(&mut out, ts, charset)
     } else {
         obj.write_dataset_with_ts(&mut out, ts)
     }

@@ -717,6 +717,7 @@ fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
         ("2.25.5021", "2.25.502", "LI^NA^", "103000.5"),
         ("2.25.5031", "2.25.503", "Zhao^Lei", "113000"),
         ("2.25.5041", "2.25.504", "Zhang^^^", "0900"),
+        ("2.25.5051", "2.25.505", "Müller^Jörg", "120000"),
     ] {
         assert_eq!(
             scu.store(
@@ -749,28 +750,28 @@ fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
     assert_eq!(found(&["PatientName=ZHANG^*"]), ["2.25.504"]);
     assert_eq!(found(&["PatientName=zhang"]), ["2.25.504"]);
     // Only delimiters: universal.
-    assert_eq!(found(&["PatientName=^"]).len(), 4);
+    assert_eq!(found(&["PatientName=^"]).len(), 5);
     // Times: "1030" is 10:30:00, inside "103000-"; an upper bound "1030"
     // includes 10:30:00.5.
     assert_eq!(
         found(&["StudyTime=103000-"]),
-        ["2.25.501", "2.25.502", "2.25.503"]
+        ["2.25.501", "2.25.502", "2.25.503", "2.25.505"]
     );
     assert_eq!(
         found(&["StudyTime=-1030"]),
         ["2.25.501", "2.25.502", "2.25.504"]
     );
-    assert_eq!(found(&["StudyTime=103000.6-"]), ["2.25.503"]);
+    assert_eq!(found(&["StudyTime=103000.6-"]), ["2.25.503", "2.25.505"]);
     // The sending clinic's private key arrives as UN over implicit VR.
     let creator = "(0009,0010):LO=CONSORTIUM CENTER";
-    assert_eq!(found(&[creator, "(0009,1001):LO=county"]).len(), 4);
+    assert_eq!(found(&[creator, "(0009,1001):LO=county"]).len(), 5);
     assert!(found(&[creator, "(0009,1001):LO=baishui"]).is_empty());
     // Pending statuses: 0xFF00 normally; 0xFF01 when a key's value is not
     // applied (Modality is a SERIES key; SOPClassesInStudy is computed).
     let (statuses, _) = studies(&[]);
-    assert_eq!(statuses, [0xFF00, 0xFF00, 0xFF00, 0xFF00, 0]);
+    assert_eq!(statuses, [0xFF00, 0xFF00, 0xFF00, 0xFF00, 0xFF00, 0]);
     let (statuses, uids) = studies(&["Modality=MR"]);
-    assert_eq!((statuses[0], uids.len()), (0xFF01, 4));
+    assert_eq!((statuses[0], uids.len()), (0xFF01, 5));
     let (statuses, _) = studies(&["SOPClassesInStudy=1.2.3"]);
     assert_eq!(statuses[0], 0xFF01);
     // Another vendor's private block: not echoed (its elements would come
@@ -790,6 +791,39 @@ fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
     );
     let (statuses, _) = studies(&[vendor, "(0011,1001):LO=X"]);
     assert_eq!(statuses[0], 0xFF01);
+    // Answers in the query's character set when it can carry them: GB18030
+    // always, ISO_IR 100 for Latin-1 names; UTF-8 otherwise.
+    let names_in = |charset: &str, name: &str| {
+        let (_, rows) = find_keys(
+            gw.port,
+            "COUNTYWS1",
+            "STUDY",
+            &[
+                &format!("SpecificCharacterSet={charset}"),
+                &format!("PatientName={name}"),
+            ],
+        );
+        let mut got: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| (r["SpecificCharacterSet"].clone(), r["PatientName"].clone()))
+            .collect();
+        got.sort();
+        got
+    };
+    let pair = |cs: &str, name: &str| (cs.to_string(), name.to_string());
+    assert_eq!(
+        names_in("GB18030", "=王^小东"),
+        [pair("GB18030", "Wang^XiaoDong=王^小东")]
+    );
+    assert_eq!(
+        names_in("ISO_IR 100", "Müller*"),
+        [pair("ISO_IR 100", "Müller^Jörg")]
+    );
+    assert_eq!(
+        names_in("ISO_IR 100", "W*"),
+        [pair("ISO_IR 192", "Wang^XiaoDong=王^小东")]
+    );
+
     // Where to retrieve from: this center, online.
     let (_, rows) = find_keys(
         gw.port,
