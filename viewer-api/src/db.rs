@@ -20,6 +20,7 @@ struct Inner {
     /// Without parameter-dependent plans here, statements need no
     /// re-preparing for each new value (stable plans).
     readers: Arc<ReaderPool>,
+    data_dir: std::path::PathBuf,
 }
 
 impl Db {
@@ -30,8 +31,16 @@ impl Db {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 readers: ReaderPool::new(data_dir.join(storage::INDEX_FILE), true),
+                data_dir: data_dir.to_owned(),
             }),
         })
+    }
+
+    /// A read connection of its own, outside the pool: for a poller that
+    /// asks it whether anything was committed since (`PRAGMA data_version`
+    /// is per connection).
+    pub fn own_reader(&self) -> Result<storage::index::IndexReader> {
+        Ok(storage::index::IndexReader::open_in(&self.inner.data_dir)?)
     }
 
     /// Opens the index of `config`'s data directory and records the

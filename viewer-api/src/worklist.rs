@@ -2,7 +2,9 @@
 //! exclusive claims with expiring leases, and a change feed for watchers.
 //!
 //! The gateway (another process) adds studies, so changes are found by
-//! polling the index once a second; claims made here are published at once.
+//! polling the index once a second, while it changes or studies may still
+//! settle (an idle index is not re-read); claims made here are published
+//! at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -375,7 +377,8 @@ impl Worklist {
     }
 
     /// Polls the index for changes once a second (or at once after a local
-    /// claim) and publishes them. Runs until the process stops.
+    /// claim) and publishes them; an idle index is not re-read. Runs until
+    /// the process stops.
     pub async fn run_poller(self: Arc<Self>) {
         let scope = Scope {
             statuses: format!(
@@ -386,7 +389,40 @@ impl Worklist {
             ..Scope::default()
         };
         let mut known: Option<HashMap<String, WorklistItem>> = None;
+        // Whether polling can find anything new: the index changed (another
+        // connection committed: the gateway, a claim), a study may have
+        // settled since (something was committed within the settle time),
+        // or a claim's lease may have run out. Otherwise the poll, which
+        // counts every listed study's instances, is skipped.
+        let watch = self.db.own_reader().ok();
+        let mut seen_version: Option<i64> = None;
+        let mut changed_at = std::time::Instant::now();
+        let mut poked = true;
         loop {
+            let version = watch.as_ref().and_then(|w| {
+                w.connection()
+                    .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+                    .ok()
+            });
+            if version.is_none() || version != seen_version {
+                seen_version = version;
+                changed_at = std::time::Instant::now();
+            }
+            if !poked
+                && !worth_polling(
+                    known.as_ref(),
+                    changed_at.elapsed(),
+                    self.settle,
+                    now_unix(),
+                )
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = self.poke.notified() => poked = true,
+                }
+                continue;
+            }
+            poked = false;
             let settle = self.settle;
             let s = scope.clone();
             match self
@@ -408,7 +444,7 @@ impl Worklist {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = self.poke.notified() => {}
+                _ = self.poke.notified() => poked = true,
             }
         }
     }
@@ -439,6 +475,25 @@ impl Worklist {
             }
         }
     }
+}
+
+/// Whether a poll can find anything `known` (the last poll's items) does
+/// not show, `since_change` after the index last changed: nothing was
+/// polled yet, a study may have settled since (a commit within the settle
+/// time, plus a margin), or a listed claim's lease has run out.
+fn worth_polling(
+    known: Option<&HashMap<String, WorklistItem>>,
+    since_change: Duration,
+    settle: Duration,
+    now: i64,
+) -> bool {
+    let Some(items) = known else {
+        return true;
+    };
+    since_change <= settle + Duration::from_secs(2)
+        || items
+            .values()
+            .any(|i| i.lease_expires_at_unix != 0 && i.lease_expires_at_unix <= now)
 }
 
 /// Whether two items show the same, apart from how long they have waited.
@@ -501,5 +556,31 @@ impl Watcher {
         };
         self.shown.insert(uid, item.clone());
         Ok(Some((kind, item)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_index_is_not_polled() {
+        let settle = Duration::from_secs(60);
+        let secs = Duration::from_secs;
+        let mut items = HashMap::new();
+        // Nothing polled yet; a change within the settle time (a study may
+        // still settle): poll.
+        assert!(worth_polling(None, secs(3600), settle, 1_000));
+        assert!(worth_polling(Some(&items), secs(61), settle, 1_000));
+        // Idle for longer: no poll...
+        assert!(!worth_polling(Some(&items), secs(63), settle, 1_000));
+        // ... unless a listed claim's lease has run out.
+        let claimed = WorklistItem {
+            lease_expires_at_unix: 1_000,
+            ..Default::default()
+        };
+        items.insert("2.25.1".to_string(), claimed);
+        assert!(!worth_polling(Some(&items), secs(63), settle, 999));
+        assert!(worth_polling(Some(&items), secs(63), settle, 1_000));
     }
 }
