@@ -761,6 +761,54 @@ impl Connection {
         };
         let scope = (!assoc.county).then(|| assoc.source.clinic_id.clone());
         let model = retrieve::find_model_of(&context.abstract_syntax);
+        let destination_config = match &move_to {
+            Some(ae) => {
+                let found = shared
+                    .config
+                    .destinations
+                    .iter()
+                    .find(|d| &d.ae_title == ae);
+                // A destination this clinic may not send to is, for it, not
+                // a known one (0xA801 is the status C-MOVE defines).
+                let refusal = match found {
+                    None => Some(("destination unknown", "move destination unknown")),
+                    Some(_) if !shared.config.may_move_to(&assoc.source.clinic_id, ae) => Some((
+                        "destination not allowed for this clinic",
+                        "move destination not allowed for this clinic",
+                    )),
+                    Some(_) => None,
+                };
+                if let Some((why, comment)) = refusal {
+                    warn!(destination = %ae, why, "C-MOVE refused");
+                    // Refused before any instance is listed; the audit row
+                    // still names what was asked for.
+                    let what = crate::find::parse(
+                        identifier,
+                        &context.transfer_syntax,
+                        model,
+                        scope.clone(),
+                    )
+                    .map_or_else(|e| format!("invalid identifier: {e}"), |r| r.describe());
+                    self.audit(
+                        shared,
+                        assoc,
+                        action,
+                        &format!("to {ae}; {what}"),
+                        &format!("refused: {why}"),
+                        0,
+                    )
+                    .await;
+                    let rsp =
+                        Response::new(rsp_field, message_id, status::MOVE_DESTINATION_UNKNOWN)
+                            .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
+                            .error_comment(comment)
+                            .encode();
+                    return self.respond(assoc, context_id, &rsp).await;
+                }
+                found
+            }
+            None => None,
+        };
         let listed = {
             let (storage, identifier, ts) = (
                 shared.storage.clone(),
@@ -804,45 +852,6 @@ impl Connection {
                     .encode();
                 return self.respond(assoc, context_id, &rsp).await;
             }
-        };
-        let destination_config = match &move_to {
-            Some(ae) => {
-                let found = shared
-                    .config
-                    .destinations
-                    .iter()
-                    .find(|d| &d.ae_title == ae);
-                // A destination this clinic may not send to is, for it, not
-                // a known one (0xA801 is the status C-MOVE defines).
-                let refusal = match found {
-                    None => Some(("destination unknown", "move destination unknown")),
-                    Some(_) if !shared.config.may_move_to(&assoc.source.clinic_id, ae) => Some((
-                        "destination not allowed for this clinic",
-                        "move destination not allowed for this clinic",
-                    )),
-                    Some(_) => None,
-                };
-                if let Some((why, comment)) = refusal {
-                    warn!(destination = %ae, why, "C-MOVE refused");
-                    self.audit(
-                        shared,
-                        assoc,
-                        action,
-                        &format!("to {ae}; {what}"),
-                        &format!("refused: {why}"),
-                        0,
-                    )
-                    .await;
-                    let rsp =
-                        Response::new(rsp_field, message_id, status::MOVE_DESTINATION_UNKNOWN)
-                            .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
-                            .error_comment(comment)
-                            .encode();
-                    return self.respond(assoc, context_id, &rsp).await;
-                }
-                found
-            }
-            None => None,
         };
         // The first stored object is read while the destination's
         // association is being opened; then one is read ahead while the

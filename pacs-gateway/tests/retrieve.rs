@@ -174,6 +174,12 @@ fn unknown_and_unreachable_destinations_fail_cleanly() {
         audited_outcome(&gw, "C-MOVE"),
         "refused: destination unknown"
     );
+    // The destination is checked first, before the identifier is used to
+    // list anything: an unknown one is 0xA801 even when the identifier
+    // names nothing (which alone would be 0xA900).
+    let out = movescu_for(gw.port, "NOWHERE", "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MoveDestinationUnknown"), "{err}");
 
     let out = movescu("DOWNSCP");
     assert_every_sub_operation_failed(&gw, &out, uids.len());
