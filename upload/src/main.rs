@@ -264,7 +264,13 @@ async fn run(args: Args) -> ExitCode {
             already.len(),
             skipped.len()
         );
-        return ExitCode::SUCCESS;
+        // Like the real run: unusable DICOM files make it fail.
+        let unusable = skipped.iter().any(|s| s.kind == scan::SkipKind::Unusable);
+        return if unusable {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
     }
 
     let total_bytes = to_send.iter().map(|c| c.size).sum();

@@ -244,6 +244,15 @@ fn bad_files_are_reported_and_the_rest_still_committed() {
     .unwrap();
     std::fs::write(samples.join("empty.dcm"), b"").unwrap();
     let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    // A dry run already names the unusable file and fails as the run would.
+    let dry = upload(
+        gw.port,
+        &dir.path().join("record.sqlite"),
+        &["--dry-run"],
+        &[&samples],
+    );
+    assert_eq!(dry.status.code(), Some(1), "{}", stdout(&dry));
+    assert!(stdout(&dry).contains("truncated.dcm: unusable DICOM file"));
     let out = upload(gw.port, &dir.path().join("record.sqlite"), &[], &[&samples]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
