@@ -66,6 +66,16 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                 ApiError::InvalidArgument(format!("--clinic is required\n{USAGE}"))
             })?;
             let name = flag("--name").unwrap_or_default();
+            // Radiologists read every clinic's patients: the county's staff.
+            let county = config
+                .clinics
+                .iter()
+                .any(|c| c.id == clinic && c.role == consortium_config::ClinicRole::County);
+            if role == Role::Radiologist && !county {
+                return Err(ApiError::InvalidArgument(format!(
+                    "a radiologist belongs to a clinic with role \"county\" in the configuration, not `{clinic}`"
+                )));
+            }
             let password = read_password()?;
             db.write_blocking(|c| {
                 auth::create_user(c, &username, &name, role, &clinic, &password)
@@ -77,7 +87,9 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
         }
         "set-password" => {
             let username = positional(0).ok_or_else(usage)?;
-            let hash = auth::hash_password(&read_password()?)?;
+            let password = read_password()?;
+            auth::check_new_password(&password)?;
+            let hash = auth::hash_password(&password)?;
             // A new password is often the answer to a leak: old tokens go too.
             update_user_and_revoke(
                 &db,
@@ -154,8 +166,11 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                 let mut rows = stmt.query(params![user, limit])?;
                 println!("at\twho\tclinic\tpeer\taction\tstudy\tpatient\tdetail\toutcome\tmatches");
                 while let Some(r) = rows.next()? {
+                    // Values from the network (a typed user name, a
+                    // requested UID) may hold control characters: shown
+                    // escaped, so no row can forge or hide another.
                     let cols: Vec<String> = (0..9)
-                        .map(|i| r.get::<_, String>(i))
+                        .map(|i| r.get::<_, String>(i).map(|v| printable(&v)))
                         .collect::<Result<_, _>>()?;
                     println!("{}\t{}", cols.join("\t"), r.get::<_, i64>(9)?);
                 }
@@ -192,6 +207,21 @@ fn update_user_and_revoke(
         tx.commit()?;
         Ok(())
     })
+}
+
+/// `value` with control characters (tabs, newlines, terminal escapes)
+/// escaped.
+fn printable(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn read_password() -> Result<String> {

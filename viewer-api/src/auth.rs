@@ -175,6 +175,16 @@ pub fn find_user(conn: &Connection, username: &str) -> Result<Option<UserRow>> {
 }
 
 /// Creates a user (admin command, demo setup). The clinic must exist.
+/// A password a user may be given: at least 8 characters.
+pub fn check_new_password(password: &str) -> Result<()> {
+    if password.chars().count() < 8 {
+        return Err(ApiError::InvalidArgument(
+            "a password has at least 8 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub fn create_user(
     conn: &Connection,
     username: &str,
@@ -188,11 +198,7 @@ pub fn create_user(
             "a user name is 1 to 64 characters without spaces".into(),
         ));
     }
-    if password.chars().count() < 8 {
-        return Err(ApiError::InvalidArgument(
-            "a password has at least 8 characters".into(),
-        ));
-    }
+    check_new_password(password)?;
     let clinic: Option<String> = conn
         .query_row("SELECT id FROM clinics WHERE id = ?1", [clinic_id], |r| {
             r.get(0)

@@ -212,9 +212,31 @@ impl IdentityService for Identity {
         let peer = peer_of(&req);
         let r = req.into_inner();
         let result = self.0.auth.login(&r.username, &r.password, &peer).await;
+        // As typed, without control characters (no forged audit lines).
+        let username: String = r
+            .username
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect();
+        let result = match result {
+            Ok(signed_in) => Ok(signed_in),
+            Err(e) => {
+                // Failed logins need no account: like other unauthenticated
+                // refusals, an address gets its share of rows a minute, then
+                // a count (the append-only audit table is no disk to fill).
+                if let Some(mut entry) = self.0.refusal_entry("Login", &peer, &e) {
+                    entry.username = username;
+                    if let Err(a) = audit::record(&self.0.db, entry).await {
+                        tracing::error!(error = %a, "audit write failed");
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         let entry = Entry {
             action: "Login",
-            username: r.username.chars().take(64).collect(),
+            username,
             peer,
             clinic_id: result
                 .as_ref()

@@ -415,6 +415,26 @@ async fn failed_logins_are_limited() {
             .count()
             >= 5
     );
+    // A flood of failed logins needs no account: an address gets at most
+    // 60 rows a minute (then a count), and a typed user name cannot forge
+    // audit lines.
+    for _ in 0..80 {
+        let _ = c
+            .identity
+            .login(LoginRequest {
+                username: "evil\nforged\u{1b}[2K".into(),
+                password: "whatever".into(),
+            })
+            .await;
+    }
+    let audit = server.audit();
+    let denied_logins = audit
+        .iter()
+        .filter(|(_, a, _, o)| a == "Login" && o.starts_with("denied"))
+        .count();
+    assert!(denied_logins <= 60, "{denied_logins} rows");
+    assert!(audit.iter().any(|(u, _, _, _)| u == "evilforged[2K"), "{audit:#?}");
+    assert!(audit.iter().all(|(u, _, _, _)| !u.contains(['\n', '\u{1b}'])));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,7 +445,7 @@ async fn admin_command_manages_users_and_lists_the_audit_log() {
             "create-user",
             "x",
             "--role",
-            "radiologist",
+            "technician",
             "--clinic",
             "nowhere",
         ],
@@ -445,6 +465,26 @@ async fn admin_command_manages_users_and_lists_the_audit_log() {
         "abc\n",
     );
     assert!(!out.status.success());
+    // Radiologists read every clinic: only the county's staff may be one.
+    let out = server.admin(
+        &[
+            "create-user",
+            "rad_x",
+            "--role",
+            "radiologist",
+            "--clinic",
+            "xinzhen",
+        ],
+        "password-rad_x\n",
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("role \"county\""));
+    // A new password is held to the same minimum as a first one.
+    for weak in ["", "\n", "short\n"] {
+        let out = server.admin(&["set-password", "rad1"], weak);
+        assert!(!out.status.success(), "{weak:?} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("at least 8 characters"));
+    }
     assert!(
         server
             .admin(&["create-clinic", "hilltop", "Hilltop clinic"], "")
