@@ -147,6 +147,17 @@ fn is_service_class(uid: &str) -> bool {
         || crate::retrieve::is_move_class(uid)
 }
 
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+/// Little or big endian, implicit or explicit VR: what any decodable
+/// stored object can be converted to.
+fn is_uncompressed(uid: &str) -> bool {
+    matches!(
+        uid,
+        "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2"
+    )
+}
+
 fn is_service_transfer_syntax(uid: &str) -> bool {
     matches!(uid, "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1")
 }
@@ -196,7 +207,9 @@ pub(crate) fn is_supported_transfer_syntax(uid: &str) -> bool {
 
 /// The A-ASSOCIATE-AC for an acceptable request, and the accepted contexts.
 /// The first proposed transfer syntax we support is chosen: it is usually the
-/// one the sender's file is already in, so it is stored as is.
+/// one the sender's file is already in, so it is stored as is. On storage
+/// contexts where the requestor takes the SCP role (C-GET), an uncompressed
+/// one is preferred (see below).
 pub(crate) fn accept(
     rq: &AssociationRQ,
     max_pdu_length: u32,
@@ -221,23 +234,44 @@ pub(crate) fn accept(
         .iter()
         .map(|pc| {
             let abstract_syntax = pc.abstract_syntax.trim_end_matches('\0').to_string();
+            let requestor_scp = roles
+                .iter()
+                .any(|(uid, r)| *uid == abstract_syntax && r.scp);
+            let proposed: Vec<&str> = pc
+                .transfer_syntaxes
+                .iter()
+                .map(|t| t.trim_end_matches('\0'))
+                .collect();
             let (reason, ts) = if !is_supported_abstract_syntax(&abstract_syntax) {
                 (
                     PresentationContextResultReason::AbstractSyntaxNotSupported,
                     None,
                 )
             } else {
-                match pc
-                    .transfer_syntaxes
-                    .iter()
-                    .map(|t| t.trim_end_matches('\0'))
-                    .find(|t| {
+                // On a context where we will send (a C-GET requestor as
+                // storage SCP), a syntax we can produce from anything stored:
+                // explicit VR little endian (what most instances are stored
+                // in, so sent as they are), else another uncompressed one;
+                // a compressed first choice would fail every instance stored
+                // otherwise.
+                let producible = requestor_scp
+                    .then(|| {
+                        proposed
+                            .iter()
+                            .find(|t| **t == EXPLICIT_LE)
+                            .or_else(|| proposed.iter().find(|t| is_uncompressed(t)))
+                    })
+                    .flatten()
+                    .copied();
+                match producible.or_else(|| {
+                    proposed.iter().copied().find(|t| {
                         if is_service_class(&abstract_syntax) {
                             is_service_transfer_syntax(t)
                         } else {
                             is_supported_transfer_syntax(t)
                         }
-                    }) {
+                    })
+                }) {
                     Some(ts) => (
                         PresentationContextResultReason::Acceptance,
                         Some(ts.to_string()),
@@ -249,9 +283,6 @@ pub(crate) fn accept(
                 }
             };
             if let Some(ts) = &ts {
-                let requestor_scp = roles
-                    .iter()
-                    .any(|(uid, r)| *uid == abstract_syntax && r.scp);
                 accepted.insert(
                     pc.id,
                     Context {
@@ -317,6 +348,51 @@ mod tests {
         assert!(is_supported_abstract_syntax("1.2.840.10008.5.1.4.1.2.2.2"));
         assert!(is_supported_abstract_syntax("1.2.840.10008.1.20.1"));
         assert!(!is_supported_abstract_syntax("1.2.840.10008.5.1.4.31"));
+    }
+
+    /// A C-GET requestor's storage contexts: where it takes the SCP role we
+    /// send, so an uncompressed syntax (explicit VR first) is chosen over a
+    /// compressed first choice; elsewhere the first supported one.
+    #[test]
+    fn contexts_we_send_on_get_a_syntax_we_can_produce() {
+        use dicom_ul::pdu::{PresentationContextProposed, RequestorRoles};
+        const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+        const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
+        const JPEG_LOSSLESS: &str = "1.2.840.10008.1.2.4.70";
+        const JPEG_LS: &str = "1.2.840.10008.1.2.4.80";
+        const ILE: &str = "1.2.840.10008.1.2";
+        let pc = |id: u8, class: &str, ts: &[&str]| PresentationContextProposed {
+            id,
+            abstract_syntax: class.to_string(),
+            transfer_syntaxes: ts.iter().map(|t| t.to_string()).collect(),
+        };
+        let rq = AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "COUNTYWS1".into(),
+            called_ae_title: "COUNTYPACS".into(),
+            application_context_name: "1.2.840.10008.3.1.1.1".into(),
+            presentation_contexts: vec![
+                pc(1, CT, &[JPEG_LOSSLESS, EXPLICIT_LE, ILE]),
+                pc(3, CT, &[ILE, EXPLICIT_LE]),
+                pc(5, CT, &[JPEG_LS]),
+                pc(7, MR, &[JPEG_LOSSLESS, EXPLICIT_LE]),
+            ],
+            user_variables: vec![UserVariableItem::ScuScpRoleSelectionSubItem(
+                CT.to_string(),
+                RequestorRoles {
+                    scu: false,
+                    scp: true,
+                },
+            )],
+        };
+        let (_, accepted) = accept(&rq, 16384);
+        let ts = |id: u8| accepted[&id].transfer_syntax.as_str();
+        assert_eq!(ts(1), EXPLICIT_LE);
+        assert_eq!(ts(3), EXPLICIT_LE);
+        assert_eq!(ts(5), JPEG_LS, "nothing producible proposed: as before");
+        // No SCP role for MR: it is the requestor who would send, as stored.
+        assert_eq!(ts(7), JPEG_LOSSLESS);
+        assert!(accepted[&1].requestor_scp && !accepted[&7].requestor_scp);
     }
 
     #[test]

@@ -433,8 +433,15 @@ async fn failed_logins_are_limited() {
         .filter(|(_, a, _, o)| a == "Login" && o.starts_with("denied"))
         .count();
     assert!(denied_logins <= 60, "{denied_logins} rows");
-    assert!(audit.iter().any(|(u, _, _, _)| u == "evilforged[2K"), "{audit:#?}");
-    assert!(audit.iter().all(|(u, _, _, _)| !u.contains(['\n', '\u{1b}'])));
+    assert!(
+        audit.iter().any(|(u, _, _, _)| u == "evilforged[2K"),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .all(|(u, _, _, _)| !u.contains(['\n', '\u{1b}']))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
