@@ -650,16 +650,7 @@ impl Connection {
                 }
             }
             Some(field::N_EVENT_REPORT_RSP) => {
-                let status = command.u16(tag::STATUS).unwrap_or(0xFFFF);
-                let answered = command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO);
-                if status == status::SUCCESS {
-                    self.unacked_reports
-                        .retain(|r| Some(r.message_id) != answered);
-                }
-                info!(
-                    status = format_args!("0x{status:04X}"),
-                    "storage commitment report acknowledged"
-                );
+                self.take_report_ack(&command);
                 Ok(None)
             }
             Some(other) => {
@@ -1071,6 +1062,7 @@ impl Connection {
                 Some(field::C_CANCEL_RQ) if is_cancel_for(&cmd, get_message_id) => {
                     self.pending_cancel = true;
                 }
+                _ if self.take_report_ack(&cmd) => {}
                 _ => {
                     return Err(End::Abort(
                         AbortReason::UnexpectedPduParameter,
@@ -1101,6 +1093,15 @@ impl Connection {
         }
     }
 
+    /// When `command` answers a storage commitment report we sent (an
+    /// N-EVENT-REPORT-RSP without a dataset), takes it as the report's
+    /// acknowledgement and returns true. It may arrive at any time, also in
+    /// the middle of the requestor's next operation (PS3.7: responses to
+    /// our requests are not bound to its own).
+    fn take_report_ack(&mut self, command: &Command) -> bool {
+        take_report_ack(&mut self.unacked_reports, command)
+    }
+
     /// True when a C-CANCEL for `message_id` has arrived (checks without waiting).
     async fn cancel_arrived(&mut self, message_id: u16) -> Result<bool, End> {
         if self.pending_cancel {
@@ -1117,6 +1118,9 @@ impl Connection {
             Some(command) => command,
             None => self.next_command(bytes).await?,
         };
+        if self.take_report_ack(&command) {
+            return Ok(false);
+        }
         expect_cancel(&command, message_id, "a retrieve")?;
         self.pending_cancel = true;
         Ok(true)
@@ -1251,6 +1255,10 @@ impl Connection {
                         // Only a C-CANCEL for this query may arrive now.
                         let body = pdata_or_end(pdu, "a C-FIND")?;
                         if let Some(command) = command_from(body, &mut cancel_bytes)? {
+                            if take_report_ack(&mut self.unacked_reports, &command) {
+                                cancel_bytes.clear();
+                                continue;
+                            }
                             expect_cancel(&command, message_id, "a C-FIND")?;
                             end_status = Some((status::CANCEL, ""));
                             break;
@@ -1718,6 +1726,24 @@ fn command_from(body: Bytes, bytes: &mut Vec<u8>) -> Result<Option<Command>, End
         }
     }
     Ok(None)
+}
+
+/// See [`Connection::take_report_ack`] (a function of the one field, for
+/// callers holding the stream).
+fn take_report_ack(unacked: &mut Vec<UnackedReport>, command: &Command) -> bool {
+    if command.command_field() != Some(field::N_EVENT_REPORT_RSP) || command.has_dataset() {
+        return false;
+    }
+    let status = command.u16(tag::STATUS).unwrap_or(0xFFFF);
+    let answered = command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO);
+    if status == status::SUCCESS {
+        unacked.retain(|r| Some(r.message_id) != answered);
+    }
+    info!(
+        status = format_args!("0x{status:04X}"),
+        "storage commitment report acknowledged"
+    );
+    true
 }
 
 /// True when `command` is a C-CANCEL for the request `message_id`.

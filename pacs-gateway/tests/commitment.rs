@@ -237,3 +237,139 @@ mod serde_like {
         }
     }
 }
+
+/// One DIMSE message from the gateway: its command set, and whether a
+/// dataset followed.
+fn read_message(stream: &mut std::net::TcpStream) -> (Vec<u8>, bool) {
+    let (mut command, mut has_dataset, mut in_dataset) = (Vec::new(), false, false);
+    loop {
+        let Some(scu::RawPdu::PData(pdvs)) = scu::read_any(stream) else {
+            panic!("expected P-DATA-TF (the gateway aborted or closed)")
+        };
+        for (_, is_command, is_last, data) in pdvs {
+            if is_command {
+                command.extend_from_slice(&data);
+                if is_last {
+                    // (0000,0800) Command Data Set Type: 0x0101 means none.
+                    has_dataset = element_u16(&command, 0x0800) != Some(0x0101);
+                    if !has_dataset {
+                        return (command, false);
+                    }
+                    in_dataset = true;
+                }
+            } else if in_dataset && is_last {
+                return (command, has_dataset);
+            }
+        }
+    }
+}
+
+/// The US value of command element (0000,`element`).
+fn element_u16(command: &[u8], element: u16) -> Option<u16> {
+    let mut rest = command;
+    while rest.len() >= 8 {
+        let e = u16::from_le_bytes([rest[2], rest[3]]);
+        let len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+        if e == element && len == 2 {
+            return Some(u16::from_le_bytes([rest[8], rest[9]]));
+        }
+        rest = &rest[8 + len..];
+    }
+    None
+}
+
+/// The requestor answers the commitment report while its next operation
+/// (a C-FIND it had queued behind the N-ACTION) is being answered: PS3.7
+/// lets a response to the gateway's request arrive at any time. It is
+/// taken as the report's acknowledgement and the C-FIND goes on (it used
+/// to abort the association, and the report was sent again later).
+#[test]
+fn a_report_answered_during_the_next_query_is_acknowledged() {
+    use common::scu::el;
+    const COMMITMENT: &str = "1.2.840.10008.1.20.1";
+    const FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
+        (3, COMMITMENT, &[scu::EXPLICIT_LE]),
+        (5, FIND, &[scu::EXPLICIT_LE]),
+    ];
+    let scu::Association::Accepted(mut a) =
+        scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    let uids: Vec<String> = (0..200).map(|i| format!("2.25.81{i:03}")).collect();
+    for uid in &uids {
+        let ds = scu::ct_dataset(uid, "2.25.81", 64);
+        assert_eq!(a.store(1, CT_IMAGE_STORAGE, uid, &ds), Reply::Status(0));
+    }
+    // N-ACTION for one instance.
+    let n_action = scu::command(&[
+        (0x0003, scu::uid_value(COMMITMENT)),
+        (0x0100, 0x0130u16.to_le_bytes().to_vec()),
+        (0x0110, 900u16.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+        (0x1001, scu::uid_value("1.2.840.10008.1.20.1.1")),
+        (0x1008, 1u16.to_le_bytes().to_vec()),
+    ]);
+    let item = [
+        el(0x0008_1150, b"UI", CT_IMAGE_STORAGE.as_bytes()),
+        el(0x0008_1155, b"UI", uids[0].as_bytes()),
+    ]
+    .concat();
+    let mut request = el(0x0008_1195, b"UI", b"2.25.8199");
+    // Referenced SOP Sequence, one item, undefined lengths.
+    request.extend_from_slice(&[0x08, 0x00, 0x99, 0x11, b'S', b'Q', 0, 0]);
+    request.extend_from_slice(&u32::MAX.to_le_bytes());
+    request.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+    request.extend_from_slice(&(item.len() as u32).to_le_bytes());
+    request.extend_from_slice(&item);
+    request.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    a.send_message(3, true, &n_action);
+    a.send_message(3, false, &request);
+    let (rsp, _) = read_message(&mut a.stream);
+    assert_eq!(element_u16(&rsp, 0x0100), Some(0x8130), "N-ACTION-RSP");
+    assert_eq!(element_u16(&rsp, 0x0900), Some(0));
+    // The C-FIND goes out at once, before the report is read.
+    let identifier = [
+        el(0x0008_0018, b"UI", b""),
+        el(0x0008_0052, b"CS", b"IMAGE"),
+    ]
+    .concat();
+    a.send_message(5, true, &scu::query_rq(FIND, 0x0020, 901));
+    a.send_message(5, false, &identifier);
+    // The report comes first; its answer goes behind the C-FIND.
+    let (report, has_dataset) = read_message(&mut a.stream);
+    assert_eq!(
+        element_u16(&report, 0x0100),
+        Some(0x0100),
+        "N-EVENT-REPORT-RQ"
+    );
+    assert!(has_dataset);
+    let report_id = element_u16(&report, 0x0110).unwrap();
+    let answer = scu::command(&[
+        (0x0002, scu::uid_value(COMMITMENT)),
+        (0x0100, 0x8100u16.to_le_bytes().to_vec()),
+        (0x0120, report_id.to_le_bytes().to_vec()),
+        (0x0800, 0x0101u16.to_le_bytes().to_vec()),
+        (0x0900, 0u16.to_le_bytes().to_vec()),
+        (0x1000, scu::uid_value("1.2.840.10008.1.20.1.1")),
+        (0x1002, 1u16.to_le_bytes().to_vec()),
+    ]);
+    a.send_message(3, true, &answer);
+    // Every match, then success: the association was not aborted.
+    let mut matches = 0;
+    loop {
+        let (rsp, _) = read_message(&mut a.stream);
+        match element_u16(&rsp, 0x0900) {
+            Some(0xFF00) => matches += 1,
+            Some(0) => break,
+            other => panic!("C-FIND status {other:?}"),
+        }
+    }
+    assert_eq!(matches, uids.len());
+    assert!(a.release());
+    assert!(gw.log().contains("storage commitment report acknowledged"));
+}
