@@ -887,6 +887,7 @@ impl Connection {
                     },
                     None => Err("not read".to_string()),
                 };
+                let sending = sending && (move_to.is_none() || destination.is_some());
                 ahead = items.get(n + 1).filter(|_| sending).map(read_ahead);
                 let mut give_up = false;
                 let result = match (&move_to, destination.as_mut()) {
@@ -910,6 +911,8 @@ impl Connection {
                 if give_up && let Some(dest) = destination.take() {
                     warn!("the association to the move destination is out of step; aborted");
                     dest.abort().await;
+                    // Nothing more is read for a destination given up.
+                    ahead = None;
                 }
                 match result {
                     Ok(0x0000) => completed += 1,
@@ -1678,10 +1681,26 @@ fn failed_uid_list(uids: &[String], transfer_syntax: &str) -> Option<Vec<u8>> {
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
     let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(transfer_syntax)?;
+    // In explicit VR a UI value has a 16-bit length: as many UIDs as fit
+    // (the counts still say how many failed), not no list at all.
+    let mut listed = 0usize;
+    let mut length = 0usize;
+    for uid in uids {
+        let next = length + uid.len() + usize::from(listed > 0);
+        if transfer_syntax != "1.2.840.10008.1.2" && next > 0xFFFE {
+            warn!(
+                listed,
+                failed = uids.len(),
+                "failed SOP instance UID list cut to what explicit VR can carry"
+            );
+            break;
+        }
+        (listed, length) = (listed + 1, next);
+    }
     let obj = dicom_object::InMemDicomObject::from_element_iter([DataElement::new(
         dicom_dictionary_std::tags::FAILED_SOP_INSTANCE_UID_LIST,
         VR::UI,
-        PrimitiveValue::Strs(uids.iter().cloned().collect()),
+        PrimitiveValue::Strs(uids[..listed].iter().cloned().collect()),
     )]);
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, ts).ok()?;
@@ -1820,5 +1839,24 @@ fn pdu_kind(pdu: &Incoming) -> &'static str {
             Pdu::AbortRQ { .. } => "A-ABORT",
             Pdu::Unknown { .. } => "unknown PDU",
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed-UID list too long for explicit VR's 16-bit length is cut to
+    /// what fits; implicit VR carries it all.
+    #[test]
+    fn failed_uid_lists_fit_their_transfer_syntax() {
+        let uids: Vec<String> = (0..2000).map(|i| format!("2.25.{i:058}")).collect();
+        let explicit = failed_uid_list(&uids, "1.2.840.10008.1.2.1").expect("encoded");
+        let value_len = u16::from_le_bytes([explicit[6], explicit[7]]) as usize;
+        assert_eq!(explicit.len(), 8 + value_len);
+        assert_eq!(value_len / 64, 65534 / 64, "as many 63-byte UIDs as fit");
+        let implicit = failed_uid_list(&uids, "1.2.840.10008.1.2").expect("encoded");
+        let value_len = u32::from_le_bytes(implicit[4..8].try_into().unwrap()) as usize;
+        assert_eq!(value_len, 2000 * 64 - 1 + 1, "all, padded to even");
     }
 }

@@ -76,6 +76,11 @@ pub(crate) fn parse_request(dataset: &[u8], transfer_syntax: &str) -> Result<Req
         .flatten()
         .and_then(|e| e.items())
         .ok_or("missing Referenced SOP Sequence")?;
+    // The report must name what was asked (PS3.4 J.3.3): nothing asked is
+    // no request.
+    if items.is_empty() {
+        return Err("empty Referenced SOP Sequence".into());
+    }
     if items.len() > MAX_REFERENCES {
         return Err(format!(
             "more than {MAX_REFERENCES} instances in one request"

@@ -53,6 +53,10 @@ fn pynetdicom_commitment_reports_committed_and_failed_instances() {
     assert_eq!(all.event_type, 1);
     assert!(all.transaction_uid_matches);
     assert_eq!(all.committed, vec!["2.25.7001", "2.25.7002"]);
+    // A request naming nothing is refused: its report would have no
+    // Referenced SOP Sequence, which PS3.4 J.3.3 requires.
+    let nothing = commit_scu(gw.port, "XINZHEN_CT", &[]);
+    assert_eq!(nothing.action_status, 0x0110);
 
     // Damage one blob on disk: re-verification must catch it.
     let (blob, _) = gw.blob_of("2.25.7003").unwrap();
@@ -109,12 +113,13 @@ fn pynetdicom_commitment_reports_committed_and_failed_instances() {
         summary,
         [
             ("XINZHEN_CT", "committed 2, failed 0"),
+            ("XINZHEN_CT", "refused: empty Referenced SOP Sequence"),
             ("XINZHEN_CT", "committed 1, failed 3"),
             ("BAISHUI_DR", "committed 0, failed 1"),
             ("COUNTYWS1", "committed 1, failed 0"),
         ]
     );
-    assert!(rows[1].1.ends_with("; 4 instances"), "{}", rows[1].1);
+    assert!(rows[2].1.ends_with("; 4 instances"), "{}", rows[2].1);
 }
 
 #[test]
