@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use consortium_config::{Config, ViewerConfig};
 use consortium_proto::v1::center_service_server::CenterServiceServer;
@@ -18,6 +19,11 @@ use crate::service::{App, Center, Identity, Imaging, Studies, Worklists};
 /// Largest message accepted or sent (rendered frames of big images).
 const MAX_MESSAGE: usize = 64 << 20;
 
+/// How long a client has to complete the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent gRPC calls on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 200;
+
 /// The TLS settings, or `None` for plaintext, which only a loopback address may use.
 pub fn transport(viewer: &ViewerConfig) -> Result<Option<ServerTlsConfig>, String> {
     match (&viewer.tls_cert, &viewer.tls_key) {
@@ -26,7 +32,12 @@ pub fn transport(viewer: &ViewerConfig) -> Result<Option<ServerTlsConfig>, Strin
                 std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
             };
             let identity = TlsIdentity::from_pem(read(cert)?, read(key)?);
-            Ok(Some(ServerTlsConfig::new().identity(identity)))
+            // A connection that never finishes its handshake is closed.
+            Ok(Some(
+                ServerTlsConfig::new()
+                    .identity(identity)
+                    .timeout(TLS_HANDSHAKE_TIMEOUT),
+            ))
         }
         (None, None) if viewer.listen.ip().is_loopback() => Ok(None),
         (None, None) => Err(format!(
@@ -52,7 +63,7 @@ pub async fn serve(
     tokio::spawn(app.worklist.clone().run_poller());
     let flusher = app.clone();
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        let mut every = tokio::time::interval(Duration::from_secs(5));
         loop {
             every.tick().await;
             flusher.flush_refusals().await;
@@ -77,8 +88,15 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().map_err(|e| e.to_string())?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| e.to_string())?;
 
-    let mut builder =
-        Server::builder().trace_fn(|req| tracing::info_span!("grpc", call = %req.uri().path()));
+    // Limits a client cannot lift: streams per connection (hyper's own
+    // default, which tonic otherwise replaces with none), and keepalives
+    // that close connections whose peer has gone.
+    let mut builder = Server::builder()
+        .trace_fn(|req| tracing::info_span!("grpc", call = %req.uri().path()))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(|e| e.to_string())?;
     }

@@ -163,6 +163,25 @@ async fn tls_when_configured_and_plaintext_only_on_loopback() {
             .unwrap_err();
         assert_ne!(err.code(), tonic::Code::Ok);
     }
+    // A connection that never starts its TLS handshake is closed once the
+    // handshake time is up, not held open.
+    let started = std::time::Instant::now();
+    let mut silent = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let read = std::io::Read::read(&mut silent, &mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && started.elapsed() < Duration::from_secs(20),
+        "{read:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
     // SIGTERM stops it cleanly.
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
