@@ -55,6 +55,7 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                 ));
             }
             db.save_clinics([(id.as_str(), name.as_str())])?;
+            audit_admin(&db, "Admin create-clinic", format!("clinic {id}"))?;
             println!("clinic {id} saved");
         }
         "create-user" => {
@@ -80,6 +81,11 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
             db.write_blocking(|c| {
                 auth::create_user(c, &username, &name, role, &clinic, &password)
             })?;
+            audit_admin(
+                &db,
+                "Admin create-user",
+                format!("user {username}, role {}, clinic {clinic}", role.as_str()),
+            )?;
             println!(
                 "user {username} created ({}, clinic {clinic})",
                 role.as_str()
@@ -97,6 +103,7 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                 &username,
                 Some(&hash),
             )?;
+            audit_admin(&db, "Admin set-password", format!("user {username}"))?;
             println!("password of {username} changed and their tokens revoked");
         }
         "disable-user" => {
@@ -107,6 +114,7 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                 &username,
                 None,
             )?;
+            audit_admin(&db, "Admin disable-user", format!("user {username}"))?;
             println!("user {username} disabled and their tokens revoked");
         }
         "list-users" => {
@@ -143,6 +151,11 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                         .as_ref()
                         .map_or(8 * 3600, |v| v.token_lifetime_s),
                 );
+            if ttl > MAX_ISSUED_TTL_S {
+                return Err(ApiError::InvalidArgument(format!(
+                    "--ttl is at most {MAX_ISSUED_TTL_S} seconds (7 days)"
+                )));
+            }
             let (token, expires) = db.write_blocking(|c| {
                 let user = auth::find_user(c, &username)?
                     .filter(|u| !u.disabled)
@@ -151,12 +164,20 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
                     })?;
                 auth::issue_token(c, user.pk, Duration::from_secs(ttl))
             })?;
+            // A token acts as that user: who minted it is on record.
+            audit_admin(
+                &db,
+                "Admin issue-token",
+                format!("token for {username}, {ttl} s"),
+            )?;
             println!("{token}");
             eprintln!("token for {username}, expires at Unix time {expires}");
         }
         "audit" => {
             let limit: i64 = flag("--limit").and_then(|l| l.parse().ok()).unwrap_or(50);
             let user = flag("--user").unwrap_or_default();
+            // The log names patients: reading it is itself on record.
+            audit_admin(&db, "Admin audit", format!("limit {limit}, user {user:?}"))?;
             db.write_blocking(|c| {
                 let mut stmt = c.prepare(
                     "SELECT at, CASE WHEN username != '' THEN username ELSE calling_ae END, clinic_id, peer,
@@ -207,6 +228,28 @@ fn update_user_and_revoke(
         tx.commit()?;
         Ok(())
     })
+}
+
+/// Longest lifetime of a token issued by an administrator.
+const MAX_ISSUED_TTL_S: u64 = 7 * 24 * 3600;
+
+/// Records an administrator's action, with the local account that ran it
+/// (the admin command runs on the server).
+fn audit_admin(db: &Db, action: &'static str, detail: String) -> Result<()> {
+    let who = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    crate::audit::record_blocking(
+        db,
+        crate::audit::Entry {
+            action,
+            username: format!("admin-cli:{who}"),
+            peer: "local".into(),
+            detail,
+            outcome: "success".into(),
+            ..Default::default()
+        },
+    )
 }
 
 /// `value` with control characters (tabs, newlines, terminal escapes)

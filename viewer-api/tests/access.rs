@@ -547,6 +547,33 @@ async fn admin_command_manages_users_and_lists_the_audit_log() {
     let out = server.admin(&["audit", "--user", "hill_staff"], "");
     let audit = String::from_utf8(out.stdout).unwrap();
     assert!(audit.lines().nth(1).unwrap().contains("Login"), "{audit}");
+    // Tokens an administrator mints are bounded and on record, as are the
+    // other administrative changes and reads of the audit log, with the
+    // local account that ran them.
+    let out = server.admin(&["issue-token", "rad1", "--ttl", "31536000"], "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most"));
+    assert!(
+        server
+            .admin(&["issue-token", "rad1", "--ttl", "60"], "")
+            .status
+            .success()
+    );
+    let rows = server.audit();
+    for action in [
+        "Admin create-clinic",
+        "Admin create-user",
+        "Admin set-password",
+        "Admin issue-token",
+        "Admin audit",
+    ] {
+        assert!(
+            rows.iter().any(|(who, a, _, o)| a == action
+                && who.starts_with("admin-cli:")
+                && o == "success"),
+            "{action}: {rows:#?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
