@@ -192,6 +192,45 @@ impl App {
     }
 }
 
+/// `rx`'s items, for as long as `caller`'s token stays valid (checked every
+/// [`WATCH_RECHECK`], as a watch is): a logout, revocation, disabled user or
+/// expiry ends a long download or series stream with `unauthenticated`
+/// instead of letting it run on. Dropping `rx` stops its producer.
+fn while_valid<T: Send + 'static>(
+    app: Arc<App>,
+    caller: Caller,
+    mut rx: mpsc::Receiver<std::result::Result<T, Status>>,
+) -> Streamed<T> {
+    let (tx, out) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut recheck = tokio::time::interval(WATCH_RECHECK);
+        recheck.tick().await; // (the first tick is immediate)
+        loop {
+            tokio::select! {
+                biased;
+                _ = recheck.tick() => {
+                    if !app.auth.still_valid(&caller).await {
+                        let _ = tx
+                            .send(Err(Status::unauthenticated("the token is no longer valid; log in again")))
+                            .await;
+                        return;
+                    }
+                }
+                item = rx.recv() => match item {
+                    Some(item) => {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(out))
+}
+
 /// The audit trail's `clinic:patient-id` of a worklist item.
 fn patient_ref(item: &pb::WorklistItem) -> String {
     format!("{}:{}", item.clinic_id, item.patient_id)
@@ -668,7 +707,7 @@ impl ImageService for Imaging {
         let (instances, spec) = self.0.audited(entry, result).await?;
         let (tx, rx) = mpsc::channel(4);
         self.0.images.stream_series(instances, spec, tx);
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(while_valid(self.0.clone(), caller, rx)))
     }
 
     type GetRawInstanceStream = Streamed<pb::RawChunk>;
@@ -682,6 +721,7 @@ impl ImageService for Imaging {
         let mut entry = Entry::new("GetRawInstance", &caller);
         entry.detail = r.sop_instance_uid.clone();
         let app = self.0.clone();
+        let streaming_for = caller.clone();
         let (result, entry) = tokio::task::spawn_blocking(move || {
             let result = app.instance_blocking(&caller, &r.sop_instance_uid, &mut entry);
             (result, entry)
@@ -697,7 +737,11 @@ impl ImageService for Imaging {
                 let _ = errors.send(Err(e.into())).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(while_valid(
+            self.0.clone(),
+            streaming_for,
+            rx,
+        )))
     }
 }
 

@@ -724,3 +724,46 @@ async fn a_large_instance_streams_in_many_chunks_byte_for_byte() {
         .into_inner();
     assert_eq!((frame.width, frame.height), (128, 128));
 }
+
+/// A long download ends when its token is revoked (here: logout) while it
+/// runs, as a worklist watch does, instead of running to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_ends_when_its_token_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("large.dcm");
+    let large = sample_dicom::write_large_instance(&path, 40 << 20, 4).unwrap();
+    let server = center_with(&[(path.clone(), "xinzhen".to_string())], "").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+    let mut stream = c
+        .images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: large.sop_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let mut received = first.data.len() as u64;
+    c.identity
+        .logout(authed(consortium_proto::v1::LogoutRequest {}, &token))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => received += chunk.data.len() as u64,
+            Ok(None) => panic!("all {received} bytes came through after the logout"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        received < first.total_size,
+        "{received} of {}",
+        first.total_size
+    );
+}
