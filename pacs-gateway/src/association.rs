@@ -650,7 +650,8 @@ impl Connection {
                 }
             }
             Some(field::N_EVENT_REPORT_RSP) => {
-                self.take_report_ack(&command);
+                // Between operations an answer with a dataset counts too.
+                ack_report(&mut self.unacked_reports, &command);
                 Ok(None)
             }
             Some(other) => {
@@ -1753,6 +1754,13 @@ fn take_report_ack(unacked: &mut Vec<UnackedReport>, command: &Command) -> bool 
     if command.command_field() != Some(field::N_EVENT_REPORT_RSP) || command.has_dataset() {
         return false;
     }
+    ack_report(unacked, command);
+    true
+}
+
+/// Takes an N-EVENT-REPORT-RSP as the acknowledgement of the report it
+/// answers (when it says success).
+fn ack_report(unacked: &mut Vec<UnackedReport>, command: &Command) {
     let status = command.u16(tag::STATUS).unwrap_or(0xFFFF);
     let answered = command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO);
     if status == status::SUCCESS {
@@ -1762,7 +1770,6 @@ fn take_report_ack(unacked: &mut Vec<UnackedReport>, command: &Command) -> bool 
         status = format_args!("0x{status:04X}"),
         "storage commitment report acknowledged"
     );
-    true
 }
 
 /// True when `command` is a C-CANCEL for the request `message_id`.

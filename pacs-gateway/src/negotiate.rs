@@ -249,12 +249,23 @@ pub(crate) fn accept(
                 )
             } else {
                 // On a context where we will send (a C-GET requestor as
-                // storage SCP), a syntax we can produce from anything stored:
-                // explicit VR little endian (what most instances are stored
-                // in, so sent as they are), else another uncompressed one;
-                // a compressed first choice would fail every instance stored
-                // otherwise.
-                let producible = requestor_scp
+                // storage SCP), a syntax we can produce from anything
+                // decodable: explicit VR little endian (what most instances
+                // are stored in, so sent as they are), else another
+                // uncompressed one; a compressed first choice would fail
+                // every instance stored otherwise.
+                let first = proposed.iter().copied().find(|t| {
+                    if is_service_class(&abstract_syntax) {
+                        is_service_transfer_syntax(t)
+                    } else {
+                        is_supported_transfer_syntax(t)
+                    }
+                });
+                // (A first choice we cannot decode, e.g. HTJ2K or video,
+                // stays: instances stored in it can only go as stored.)
+                let decodable_first =
+                    first.is_some_and(|t| storage::transcode::can_convert(t, EXPLICIT_LE));
+                let producible = (requestor_scp && decodable_first)
                     .then(|| {
                         proposed
                             .iter()
@@ -263,15 +274,7 @@ pub(crate) fn accept(
                     })
                     .flatten()
                     .copied();
-                match producible.or_else(|| {
-                    proposed.iter().copied().find(|t| {
-                        if is_service_class(&abstract_syntax) {
-                            is_service_transfer_syntax(t)
-                        } else {
-                            is_supported_transfer_syntax(t)
-                        }
-                    })
-                }) {
+                match producible.or(first) {
                     Some(ts) => (
                         PresentationContextResultReason::Acceptance,
                         Some(ts.to_string()),
@@ -361,6 +364,7 @@ mod tests {
         const JPEG_LOSSLESS: &str = "1.2.840.10008.1.2.4.70";
         const JPEG_LS: &str = "1.2.840.10008.1.2.4.80";
         const ILE: &str = "1.2.840.10008.1.2";
+        const HTJ2K: &str = "1.2.840.10008.1.2.4.201";
         let pc = |id: u8, class: &str, ts: &[&str]| PresentationContextProposed {
             id,
             abstract_syntax: class.to_string(),
@@ -376,6 +380,7 @@ mod tests {
                 pc(3, CT, &[ILE, EXPLICIT_LE]),
                 pc(5, CT, &[JPEG_LS]),
                 pc(7, MR, &[JPEG_LOSSLESS, EXPLICIT_LE]),
+                pc(9, CT, &[HTJ2K, EXPLICIT_LE]),
             ],
             user_variables: vec![UserVariableItem::ScuScpRoleSelectionSubItem(
                 CT.to_string(),
@@ -390,6 +395,7 @@ mod tests {
         assert_eq!(ts(1), EXPLICIT_LE);
         assert_eq!(ts(3), EXPLICIT_LE);
         assert_eq!(ts(5), JPEG_LS, "nothing producible proposed: as before");
+        assert_eq!(ts(9), HTJ2K, "not decodable: only ever sent as stored");
         // No SCP role for MR: it is the requestor who would send, as stored.
         assert_eq!(ts(7), JPEG_LOSSLESS);
         assert!(accepted[&1].requestor_scp && !accepted[&7].requestor_scp);

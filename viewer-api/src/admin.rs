@@ -139,18 +139,20 @@ pub fn run(config: &Config, args: &[String]) -> Result<()> {
         }
         "issue-token" => {
             let username = positional(0).ok_or_else(usage)?;
-            let ttl = flag("--ttl")
+            let asked = flag("--ttl")
                 .map(|t| {
                     t.parse::<u64>()
                         .map_err(|_| ApiError::InvalidArgument("--ttl is seconds".into()))
                 })
-                .transpose()?
-                .unwrap_or(
-                    config
-                        .viewer
-                        .as_ref()
-                        .map_or(8 * 3600, |v| v.token_lifetime_s),
-                );
+                .transpose()?;
+            // Without --ttl: the configured login lifetime, within the cap.
+            let ttl = asked.unwrap_or(
+                config
+                    .viewer
+                    .as_ref()
+                    .map_or(8 * 3600, |v| v.token_lifetime_s)
+                    .min(MAX_ISSUED_TTL_S),
+            );
             if ttl > MAX_ISSUED_TTL_S {
                 return Err(ApiError::InvalidArgument(format!(
                     "--ttl is at most {MAX_ISSUED_TTL_S} seconds (7 days)"

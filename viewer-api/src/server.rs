@@ -95,8 +95,7 @@ pub async fn serve(
         .trace_fn(|req| tracing::info_span!("grpc", call = %req.uri().path()))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(|e| e.to_string())?;
     }
@@ -117,7 +116,11 @@ pub async fn serve(
         )
         .add_service(CenterServiceServer::new(Center(a(&app))))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // (TCP keepalive is set here: the builder's applies only to
+            // listeners it binds itself.)
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
             shutdown,
         )
         .await

@@ -397,6 +397,7 @@ impl Worklist {
         let watch = self.db.own_reader().ok();
         let mut seen_version: Option<i64> = None;
         let mut changed_at = std::time::Instant::now();
+        let mut polled_at = std::time::Instant::now();
         let mut poked = true;
         loop {
             let version = watch.as_ref().and_then(|w| {
@@ -408,7 +409,11 @@ impl Worklist {
                 seen_version = version;
                 changed_at = std::time::Instant::now();
             }
+            // Once a minute regardless: settling is judged by the wall clock,
+            // which may step, and a failed poll must not leave it idle.
+            let overdue = polled_at.elapsed() >= Duration::from_secs(60);
             if !poked
+                && !overdue
                 && !worth_polling(
                     known.as_ref(),
                     changed_at.elapsed(),
@@ -423,6 +428,7 @@ impl Worklist {
                 continue;
             }
             poked = false;
+            polled_at = std::time::Instant::now();
             let settle = self.settle;
             let s = scope.clone();
             match self
