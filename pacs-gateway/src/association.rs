@@ -888,7 +888,8 @@ impl Connection {
                     },
                     None => Err("not read".to_string()),
                 };
-                let sending = sending && (move_to.is_none() || destination.is_some());
+                // (Not for a destination given up, below.)
+                let sending = move_to.is_none() || destination.is_some();
                 ahead = items.get(n + 1).filter(|_| sending).map(read_ahead);
                 let mut give_up = false;
                 let result = match (&move_to, destination.as_mut()) {
@@ -1066,7 +1067,7 @@ impl Connection {
                 Some(field::C_CANCEL_RQ) if is_cancel_for(&cmd, get_message_id) => {
                     self.pending_cancel = true;
                 }
-                _ if self.take_report_ack(&cmd) => {}
+                _ if take_report_ack(&mut self.unacked_reports, &cmd) => {}
                 _ => {
                     return Err(End::Abort(
                         AbortReason::UnexpectedPduParameter,
@@ -1097,15 +1098,6 @@ impl Connection {
         }
     }
 
-    /// When `command` answers a storage commitment report we sent (an
-    /// N-EVENT-REPORT-RSP without a dataset), takes it as the report's
-    /// acknowledgement and returns true. It may arrive at any time, also in
-    /// the middle of the requestor's next operation (PS3.7: responses to
-    /// our requests are not bound to its own).
-    fn take_report_ack(&mut self, command: &Command) -> bool {
-        take_report_ack(&mut self.unacked_reports, command)
-    }
-
     /// True when a C-CANCEL for `message_id` has arrived (checks without waiting).
     async fn cancel_arrived(&mut self, message_id: u16) -> Result<bool, End> {
         if self.pending_cancel {
@@ -1122,7 +1114,7 @@ impl Connection {
             Some(command) => command,
             None => self.next_command(bytes).await?,
         };
-        if self.take_report_ack(&command) {
+        if take_report_ack(&mut self.unacked_reports, &command) {
             return Ok(false);
         }
         expect_cancel(&command, message_id, "a retrieve")?;
@@ -1748,8 +1740,12 @@ fn command_from(body: Bytes, bytes: &mut Vec<u8>) -> Result<Option<Command>, End
     Ok(None)
 }
 
-/// See [`Connection::take_report_ack`] (a function of the one field, for
-/// callers holding the stream).
+/// When `command` answers a storage commitment report we sent (an
+/// N-EVENT-REPORT-RSP without a dataset), takes it as the report's
+/// acknowledgement and returns true. It may arrive at any time, also in the
+/// middle of the requestor's next operation (PS3.7: responses to our
+/// requests are not bound to its own). A function of the one field, for
+/// callers holding the stream.
 fn take_report_ack(unacked: &mut Vec<UnackedReport>, command: &Command) -> bool {
     if command.command_field() != Some(field::N_EVENT_REPORT_RSP) || command.has_dataset() {
         return false;

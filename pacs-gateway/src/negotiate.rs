@@ -149,15 +149,6 @@ fn is_service_class(uid: &str) -> bool {
 
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
-/// Little or big endian, implicit or explicit VR: what any decodable
-/// stored object can be converted to.
-fn is_uncompressed(uid: &str) -> bool {
-    matches!(
-        uid,
-        "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2"
-    )
-}
-
 fn is_service_transfer_syntax(uid: &str) -> bool {
     matches!(uid, "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1")
 }
@@ -267,10 +258,11 @@ pub(crate) fn accept(
                     first.is_some_and(|t| storage::transcode::can_convert(t, EXPLICIT_LE));
                 let producible = (requestor_scp && decodable_first)
                     .then(|| {
-                        proposed
-                            .iter()
-                            .find(|t| **t == EXPLICIT_LE)
-                            .or_else(|| proposed.iter().find(|t| is_uncompressed(t)))
+                        proposed.iter().find(|t| **t == EXPLICIT_LE).or_else(|| {
+                            proposed
+                                .iter()
+                                .find(|t| storage::transcode::is_conversion_target(t))
+                        })
                     })
                     .flatten()
                     .copied();

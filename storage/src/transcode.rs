@@ -40,10 +40,15 @@ fn is_uncompressed(ts: &str) -> bool {
     matches!(ts, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE | DEFLATED)
 }
 
+/// True for the syntaxes anything convertible can be rewritten as: explicit
+/// or implicit VR little endian, explicit big endian.
+pub fn is_conversion_target(ts: &str) -> bool {
+    matches!(ts, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE)
+}
+
 /// True when `from` can be rewritten as `to` (an uncompressed syntax).
 pub fn can_convert(from: &str, to: &str) -> bool {
-    matches!(to, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE)
-        && (is_uncompressed(from) || DECODABLE.contains(&from))
+    is_conversion_target(to) && (is_uncompressed(from) || DECODABLE.contains(&from))
 }
 
 /// Decodes the pixel data of a compressed Part 10 blob and writes its

@@ -161,16 +161,9 @@ async fn lane(
             {
                 Ok((status, comment, sha256)) => {
                     failures_in_a_row = 0;
-                    let class = classify(status);
-                    match class {
-                        Class::Transient => {
-                            short_in_a_row.insert(file.sop_instance_uid.clone());
-                        }
-                        _ => short_in_a_row.clear(),
-                    }
-                    let short = short_in_a_row.len() as u32;
-                    match class {
+                    match classify(status) {
                         Class::Stored => {
+                            short_in_a_row.clear();
                             progress.done(&file);
                             // The committer outlives the lanes.
                             let _ = stored.send((
@@ -188,6 +181,8 @@ async fn lane(
                             ));
                         }
                         Class::Transient => {
+                            short_in_a_row.insert(file.sop_instance_uid.clone());
+                            let short = short_in_a_row.len() as u32;
                             let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
                             *n += 1;
                             if short > settings.retries.max(2) {
@@ -214,6 +209,7 @@ async fn lane(
                             }
                         }
                         Class::Refused => {
+                            short_in_a_row.clear();
                             progress.done(&file);
                             results.push((file, Outcome::Refused { status, comment }));
                         }

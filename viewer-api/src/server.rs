@@ -20,7 +20,7 @@ use crate::service::{App, Center, Identity, Imaging, Studies, Worklists};
 const MAX_MESSAGE: usize = 64 << 20;
 
 /// How long a client has to complete the TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent gRPC calls on one connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 200;
 

@@ -192,6 +192,11 @@ impl App {
     }
 }
 
+/// What a running stream ends with when its token is no longer valid.
+fn token_lapsed() -> Status {
+    Status::unauthenticated("the token is no longer valid; log in again")
+}
+
 /// `rx`'s items, for as long as `caller`'s token stays valid (checked every
 /// [`WATCH_RECHECK`], as a watch is): a logout, revocation, disabled user or
 /// expiry ends a long download or series stream with `unauthenticated`
@@ -211,7 +216,7 @@ fn while_valid<T: Send + 'static>(
                 _ = recheck.tick() => {
                     if !app.auth.still_valid(&caller).await {
                         let _ = tx
-                            .send(Err(Status::unauthenticated("the token is no longer valid; log in again")))
+                            .send(Err(token_lapsed()))
                             .await;
                         return;
                     }
@@ -442,7 +447,7 @@ impl WorklistService for Worklists {
                     _ = recheck.tick() => {
                         if !app.auth.still_valid(&caller).await {
                             let _ = tx
-                                .send(Err(Status::unauthenticated("the token is no longer valid; log in again")))
+                                .send(Err(token_lapsed()))
                                 .await;
                             return;
                         }

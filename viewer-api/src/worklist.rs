@@ -398,8 +398,15 @@ impl Worklist {
         let mut seen_version: Option<i64> = None;
         let mut changed_at = std::time::Instant::now();
         let mut polled_at = std::time::Instant::now();
-        let mut poked = true;
+        let mut first = true;
         loop {
+            // A second between polls, or a local claim's poke.
+            let poked = first
+                || tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                    _ = self.poke.notified() => true,
+                };
+            first = false;
             let version = watch.as_ref().and_then(|w| {
                 w.connection()
                     .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
@@ -409,25 +416,13 @@ impl Worklist {
                 seen_version = version;
                 changed_at = std::time::Instant::now();
             }
-            // Once a minute regardless: settling is judged by the wall clock,
-            // which may step, and a failed poll must not leave it idle.
-            let overdue = polled_at.elapsed() >= Duration::from_secs(60);
-            if !poked
-                && !overdue
-                && !worth_polling(
-                    known.as_ref(),
-                    changed_at.elapsed(),
-                    self.settle,
-                    now_unix(),
-                )
-            {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = self.poke.notified() => poked = true,
-                }
+            let since = Since {
+                change: changed_at.elapsed(),
+                poll: polled_at.elapsed(),
+            };
+            if !poked && !worth_polling(known.as_ref(), since, self.settle, now_unix()) {
                 continue;
             }
-            poked = false;
             polled_at = std::time::Instant::now();
             let settle = self.settle;
             let s = scope.clone();
@@ -447,10 +442,6 @@ impl Worklist {
                     known = Some(current);
                 }
                 Err(e) => tracing::warn!(error = %e, "worklist poll failed"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = self.poke.notified() => poked = true,
             }
         }
     }
@@ -483,20 +474,29 @@ impl Worklist {
     }
 }
 
+/// How long ago the index last changed, and the worklist was last polled.
+#[derive(Debug, Clone, Copy)]
+struct Since {
+    change: Duration,
+    poll: Duration,
+}
+
 /// Whether a poll can find anything `known` (the last poll's items) does
-/// not show, `since_change` after the index last changed: nothing was
-/// polled yet, a study may have settled since (a commit within the settle
-/// time, plus a margin), or a listed claim's lease has run out.
+/// not show: nothing was polled yet, a study may have settled since (a
+/// commit within the settle time, plus a margin), or a listed claim's lease
+/// has run out. And once a minute regardless: settling is judged by the
+/// wall clock, which may step, and a failed poll must not leave it idle.
 fn worth_polling(
     known: Option<&HashMap<String, WorklistItem>>,
-    since_change: Duration,
+    since: Since,
     settle: Duration,
     now: i64,
 ) -> bool {
     let Some(items) = known else {
         return true;
     };
-    since_change <= settle + Duration::from_secs(2)
+    since.change <= settle + Duration::from_secs(2)
+        || since.poll >= Duration::from_secs(60)
         || items
             .values()
             .any(|i| i.lease_expires_at_unix != 0 && i.lease_expires_at_unix <= now)
@@ -573,20 +573,31 @@ mod tests {
     fn an_idle_index_is_not_polled() {
         let settle = Duration::from_secs(60);
         let secs = Duration::from_secs;
+        // The index last changed `change` s ago, polled a second ago.
+        let since = |change: u64| Since {
+            change: secs(change),
+            poll: secs(1),
+        };
         let mut items = HashMap::new();
         // Nothing polled yet; a change within the settle time (a study may
         // still settle): poll.
-        assert!(worth_polling(None, secs(3600), settle, 1_000));
-        assert!(worth_polling(Some(&items), secs(61), settle, 1_000));
+        assert!(worth_polling(None, since(3600), settle, 1_000));
+        assert!(worth_polling(Some(&items), since(61), settle, 1_000));
         // Idle for longer: no poll...
-        assert!(!worth_polling(Some(&items), secs(63), settle, 1_000));
+        assert!(!worth_polling(Some(&items), since(63), settle, 1_000));
+        // ... but for one a minute.
+        let overdue = Since {
+            change: secs(3600),
+            poll: secs(60),
+        };
+        assert!(worth_polling(Some(&items), overdue, settle, 1_000));
         // ... unless a listed claim's lease has run out.
         let claimed = WorklistItem {
             lease_expires_at_unix: 1_000,
             ..Default::default()
         };
         items.insert("2.25.1".to_string(), claimed);
-        assert!(!worth_polling(Some(&items), secs(63), settle, 999));
-        assert!(worth_polling(Some(&items), secs(63), settle, 1_000));
+        assert!(!worth_polling(Some(&items), since(63), settle, 999));
+        assert!(worth_polling(Some(&items), since(63), settle, 1_000));
     }
 }
