@@ -3,7 +3,8 @@
 # DICOM clients and storescp), dicom3tools (dciodvfy), protoc (gRPC codegen),
 # cmake and g++ (CharLS, the JPEG-LS codec), gdcmconv (JPEG 2000 test files),
 # pynetdicom (a second, independent DICOM implementation for tests), and
-# Python grpcio with reflection and health (a gRPC client we did not write).
+# Python grpcio with reflection and health (a gRPC client we did not write),
+# and moto's S3-compatible server (the S3 blob store's tests).
 # `--bench` also installs Orthanc and hyperfine for the benchmarks.
 set -euo pipefail
 
@@ -37,6 +38,10 @@ if ! python3 -c 'import grpc, grpc_reflection, grpc_health' 2>/dev/null; then
     echo "installing: grpcio, grpcio-reflection, grpcio-health-checking (PyPI)"
     python3 -m pip install --quiet --disable-pip-version-check \
         'grpcio>=1.60,<2' 'grpcio-reflection>=1.60,<2' 'grpcio-health-checking>=1.60,<2'
+fi
+if ! command -v moto_server >/dev/null; then
+    echo "installing: moto[server] (PyPI; an S3-compatible server for tests)"
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
 fi
 # Orthanc's package starts a system service; benchmarks run their own instance.
 if [ "${1:-}" = "--bench" ] && command -v service >/dev/null; then

@@ -77,10 +77,54 @@ impl GatewayConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Blobs, the spool and the SQLite index. (An S3-compatible blob store
-    /// is supported by `storage::Storage::open_with_store`, not yet by this
-    /// file.)
+    /// The spool and the SQLite index, and the blobs unless `s3` is set.
     pub data_dir: PathBuf,
+    /// `[storage.s3]`: blobs in an S3-compatible object store instead of
+    /// `data_dir/blobs`.
+    #[serde(default)]
+    pub s3: Option<S3Config>,
+}
+
+/// `[storage.s3]`: an S3-compatible bucket for the blobs (AWS S3, MinIO,
+/// Ceph RGW, Garage...). A PUT it has answered is durable, so a success
+/// status to a sender rests on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    #[serde(default = "defaults::s3_region")]
+    pub region: String,
+    /// `https://host:port` of a non-AWS server; AWS itself when absent.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    /// Plain `http://` endpoints are refused unless this is true (a server
+    /// on the same host or a closed network).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Bucket addressed as `endpoint/bucket/key` (MinIO, Ceph and most
+    /// servers other than AWS) instead of `bucket.endpoint/key`.
+    #[serde(default = "defaults::s3_path_style")]
+    pub path_style: bool,
+}
+
+/// A secret from the configuration: printed as `[redacted]`, so that a
+/// logged or debug-printed configuration never shows it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// `[[clinics]]`: a member institution allowed to send and query.
@@ -180,6 +224,12 @@ mod defaults {
     pub(super) fn max_find_results() -> u64 {
         10_000
     }
+    pub(super) fn s3_region() -> String {
+        "us-east-1".into()
+    }
+    pub(super) fn s3_path_style() -> bool {
+        true
+    }
 }
 
 /// Why an association's identity does not match the clinic registry.
@@ -243,6 +293,9 @@ impl Config {
         for dest in &self.destinations {
             validate_ae_title(&dest.ae_title)?;
         }
+        if let Some(s3) = &self.storage.s3 {
+            s3.validate()?;
+        }
         Ok(())
     }
 
@@ -277,6 +330,36 @@ impl Config {
             }
             _ => Ok(clinic),
         }
+    }
+}
+
+impl S3Config {
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |msg: &str| Err(Error::Invalid(format!("storage.s3: {msg}")));
+        // S3 bucket naming rules (lower case, digits, dots, hyphens).
+        let name_ok = (3..=63).contains(&self.bucket.len())
+            && self
+                .bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !name_ok {
+            return invalid("bucket must be 3-63 lower-case letters, digits, dots or hyphens");
+        }
+        if self.access_key_id.is_empty() || self.secret_access_key.0.is_empty() {
+            return invalid("access_key_id and secret_access_key are required");
+        }
+        match self.endpoint.as_deref() {
+            None => {}
+            Some(e) if e.starts_with("https://") => {}
+            Some(e) if e.starts_with("http://") && !self.allow_http => {
+                return invalid(
+                    "a plain http:// endpoint needs allow_http = true (blobs and keys would cross the network unencrypted)",
+                );
+            }
+            Some(e) if e.starts_with("http://") => {}
+            Some(_) => return invalid("endpoint must start with https:// or http://"),
+        }
+        Ok(())
     }
 }
 
@@ -372,6 +455,33 @@ port = 11113
         let bad_pdu = EXAMPLE.replace("262144", "100");
         assert!(matches!(
             Config::from_toml(&bad_pdu),
+            Err(Error::Invalid(_))
+        ));
+        let s3 = |extra: &str| {
+            EXAMPLE.replace(
+                "data_dir = \"data\"",
+                &format!(
+                    "data_dir = \"data\"\n[storage.s3]\nbucket = \"consortium\"\naccess_key_id = \"AK\"\nsecret_access_key = \"sekret\"\n{extra}"
+                ),
+            )
+        };
+        let config = Config::from_toml(&s3("endpoint = \"https://s3.local:9000\"")).unwrap();
+        let parsed = config.storage.s3.as_ref().unwrap();
+        assert_eq!(parsed.region, "us-east-1");
+        assert_eq!(parsed.secret_access_key.expose(), "sekret");
+        assert!(!format!("{config:?}").contains("sekret"));
+        assert!(matches!(
+            Config::from_toml(&s3("endpoint = \"http://s3.local:9000\"")),
+            Err(Error::Invalid(_))
+        ));
+        assert!(
+            Config::from_toml(&s3(
+                "endpoint = \"http://127.0.0.1:9000\"\nallow_http = true"
+            ))
+            .is_ok()
+        );
+        assert!(matches!(
+            Config::from_toml(&s3("").replace("\"consortium\"", "\"Bad_Bucket\"")),
             Err(Error::Invalid(_))
         ));
         let unknown_key = EXAMPLE.replace("[storage]", "[storage]\nbogus = 1");

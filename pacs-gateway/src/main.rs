@@ -89,7 +89,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
-    let storage = storage::Storage::open(&config.storage.data_dir).map_err(|e| e.to_string())?;
+    let storage = storage::Storage::open_configured(&config.storage).map_err(|e| e.to_string())?;
     let clinics = config
         .clinics
         .iter()

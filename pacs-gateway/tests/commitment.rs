@@ -6,25 +6,9 @@ mod common;
 
 use std::process::Command;
 
+use common::commit::{commit_scu, serde_like};
 use common::scu::{self, CT_IMAGE_STORAGE, Reply};
 use common::{Gateway, GatewaySpec};
-
-fn commit_scu(port: u16, calling: &str, refs: &[(&str, &str)]) -> serde_like::Report {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/commit_scu.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(port.to_string())
-        .arg(calling)
-        .args(refs.iter().map(|(c, i)| format!("{c}:{i}")))
-        .output()
-        .expect("run python3 (pynetdicom is installed by scripts/install-deps.sh)");
-    assert!(
-        out.status.success(),
-        "commit_scu.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_like::parse(&String::from_utf8_lossy(&out.stdout))
-}
 
 #[test]
 fn pynetdicom_commitment_reports_committed_and_failed_instances() {
@@ -177,70 +161,6 @@ fn report_goes_to_a_new_association_when_the_requester_left() {
         gw.log()
             .contains("storage commitment report delivered on a new association")
     );
-}
-
-/// The tiny JSON the script prints, parsed without a JSON dependency.
-mod serde_like {
-    #![allow(unreachable_pub)]
-    #[derive(Debug)]
-    pub struct Report {
-        pub action_status: i64,
-        pub event_type: i64,
-        pub transaction_uid_matches: bool,
-        pub committed: Vec<String>,
-        pub failed: Vec<(String, u16)>,
-    }
-
-    impl Report {
-        pub fn failed_reason(&self, uid: &str) -> Option<u16> {
-            self.failed.iter().find(|(u, _)| u == uid).map(|(_, r)| *r)
-        }
-    }
-
-    fn field<'a>(json: &'a str, name: &str) -> &'a str {
-        let key = format!("\"{name}\": ");
-        let start = json
-            .find(&key)
-            .unwrap_or_else(|| panic!("{name} missing in {json}"))
-            + key.len();
-        let rest = &json[start..];
-        let end = match rest.as_bytes()[0] {
-            b'[' => rest.find(']').unwrap() + 1,
-            b'{' => rest.find('}').unwrap() + 1,
-            _ => rest.find([',', '}']).unwrap(),
-        };
-        &rest[..end]
-    }
-
-    fn strings(list: &str) -> Vec<String> {
-        list.trim_matches(['[', ']'])
-            .split(',')
-            .map(|s| s.trim().trim_matches('"').to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    }
-
-    pub fn parse(json: &str) -> Report {
-        let failed = field(json, "failed")
-            .trim_matches(['{', '}'])
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|pair| {
-                let (k, v) = pair.split_once(':').unwrap();
-                (
-                    k.trim().trim_matches('"').to_string(),
-                    v.trim().parse().unwrap(),
-                )
-            })
-            .collect();
-        Report {
-            action_status: field(json, "action_status").parse().unwrap(),
-            event_type: field(json, "event_type").parse().unwrap(),
-            transaction_uid_matches: json.contains("\"transaction_uid_matches\": true"),
-            committed: strings(field(json, "committed")),
-            failed,
-        }
-    }
 }
 
 /// One DIMSE message from the gateway: its command set, and whether a

@@ -76,10 +76,56 @@ impl BlobStore {
         Ok(())
     }
 
-    /// The blob store of a data directory laid out by [`crate::Storage::open`],
-    /// for services that only read blobs (the viewer-api).
-    pub fn open_local(data_dir: &Path) -> Result<BlobStore> {
-        BlobStore::local(&data_dir.join("blobs"))
+    /// The blob store a `[storage]` section names: its S3-compatible bucket,
+    /// else `data_dir/blobs`. For services that only read blobs (the
+    /// viewer-api) as well as for [`crate::Storage::open_configured`].
+    pub fn open(config: &consortium_config::StorageConfig) -> Result<BlobStore> {
+        match &config.s3 {
+            Some(s3) => BlobStore::s3(s3),
+            None => BlobStore::local(&config.data_dir.join("blobs")),
+        }
+    }
+
+    /// An S3-compatible bucket. Requests that fail for a transient reason
+    /// are retried for at most 20 s, so that a store which is down fails a
+    /// C-STORE within a sender's usual DIMSE timeout instead of holding it.
+    #[cfg(feature = "s3")]
+    pub fn s3(config: &consortium_config::S3Config) -> Result<BlobStore> {
+        use object_store::aws::AmazonS3Builder;
+        use object_store::{ClientOptions, RetryConfig};
+        use std::time::Duration;
+        // reqwest's rustls takes the process's provider: ring, as tonic's.
+        // Installing fails only when one is already installed, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_access_key_id(&config.access_key_id)
+            .with_secret_access_key(config.secret_access_key.expose())
+            .with_virtual_hosted_style_request(!config.path_style)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(config.allow_http)
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(120)),
+            )
+            .with_retry(RetryConfig {
+                max_retries: 4,
+                retry_timeout: Duration::from_secs(20),
+                ..RetryConfig::default()
+            });
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        Ok(BlobStore::remote(Arc::new(builder.build()?)))
+    }
+
+    #[cfg(not(feature = "s3"))]
+    pub fn s3(_: &consortium_config::S3Config) -> Result<BlobStore> {
+        Err(object_store::Error::NotSupported {
+            source: "this program was built without storage's `s3` feature".into(),
+        }
+        .into())
     }
 
     pub(crate) fn remote(store: Arc<dyn ObjectStore>) -> BlobStore {

@@ -105,6 +105,15 @@ impl Storage {
         Storage::open_with_blobs(data_dir, blobs)
     }
 
+    /// Opens the storage a `[storage]` section describes: blobs in its S3
+    /// bucket when it names one, else on the local disk as [`Storage::open`].
+    pub fn open_configured(config: &consortium_config::StorageConfig) -> Result<Storage> {
+        match &config.s3 {
+            Some(_) => Storage::open_with_blobs(&config.data_dir, BlobStore::open(config)?),
+            None => Storage::open(&config.data_dir),
+        }
+    }
+
     /// Opens storage with blobs in any object store (in-memory, S3-compatible).
     /// The spool and the index still live under `data_dir`.
     pub fn open_with_store(

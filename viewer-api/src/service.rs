@@ -90,7 +90,7 @@ impl App {
             ApiError::InvalidArgument("the configuration has no [viewer] section".into())
         })?;
         let db = Db::open_configured(&config)?;
-        let blobs = storage::BlobStore::open_local(&config.storage.data_dir)?;
+        let blobs = storage::BlobStore::open(&config.storage)?;
         Ok(Arc::new(App {
             auth: Auth::new(db.clone(), Duration::from_secs(viewer.token_lifetime_s))?,
             worklist: Worklist::new(

@@ -3,6 +3,8 @@
 //! encoded by dicom-ul), and helpers to inspect what was stored.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod commit;
+pub mod s3;
 pub mod scu;
 
 use std::io::{BufRead, BufReader};
@@ -13,9 +15,11 @@ use std::time::Duration;
 pub const AE: &str = "COUNTYPACS";
 pub const CT_AE: &str = "XINZHEN_CT";
 
-/// Configuration for a test gateway; `extra` is appended to `[gateway]`.
+/// Configuration for a test gateway; `gateway_extra` is appended to
+/// `[gateway]`, `storage_extra` to `[storage]`.
 pub struct GatewaySpec {
     pub gateway_extra: String,
+    pub storage_extra: String,
     pub clinics: String,
 }
 
@@ -23,6 +27,7 @@ impl Default for GatewaySpec {
     fn default() -> Self {
         GatewaySpec {
             gateway_extra: String::new(),
+            storage_extra: String::new(),
             clinics: r#"
 [[clinics]]
 id = "xinzhen"
@@ -67,8 +72,8 @@ impl Gateway {
         // A relative data directory, as in the README's example: the
         // gateway runs in `dir`.
         let config = format!(
-            "[gateway]\nae_title = \"{AE}\"\nlisten = \"127.0.0.1:0\"\n{}\n\n[storage]\ndata_dir = \"data\"\n{}",
-            spec.gateway_extra, spec.clinics
+            "[gateway]\nae_title = \"{AE}\"\nlisten = \"127.0.0.1:0\"\n{}\n\n[storage]\ndata_dir = \"data\"\n{}\n{}",
+            spec.gateway_extra, spec.storage_extra, spec.clinics
         );
         std::fs::write(&config_path, config).unwrap();
         Gateway::start_with(config_path, data_dir, dir.join("gateway.log"))

@@ -83,7 +83,20 @@ role = "county"
 
 /// Stores `files` through the storage layer as clinic `clinic_of(file)` sent them.
 pub async fn ingest(data_dir: &Path, files: &[(PathBuf, String)]) {
-    let storage = storage::Storage::open(data_dir).unwrap();
+    ingest_into(storage::Storage::open(data_dir).unwrap(), files).await;
+}
+
+/// Like [`ingest`], into the storage a configuration file describes.
+pub async fn ingest_configured(config: &Path, files: &[(PathBuf, String)]) {
+    let config = consortium_config::Config::from_file(config).unwrap();
+    ingest_into(
+        storage::Storage::open_configured(&config.storage).unwrap(),
+        files,
+    )
+    .await;
+}
+
+async fn ingest_into(storage: storage::Storage, files: &[(PathBuf, String)]) {
     for (path, clinic) in files {
         let bytes = std::fs::read(path).unwrap();
         let (ts, offset) = storage::part10::parse_file_header(&bytes).expect("Part 10 file");

@@ -1,0 +1,88 @@
+//! The viewer-api reading blobs from an S3-compatible bucket
+//! (`[storage.s3]`), against a real S3 server on loopback (moto's).
+
+mod common;
+// The gateway's tests own the S3 server helper; it depends on nothing else there.
+#[path = "../../pacs-gateway/tests/common/s3.rs"]
+mod s3_server;
+
+use common::{Server, authed, demo_samples, ingest_configured, with_clinic};
+use consortium_proto::v1::{GetRawInstanceRequest, RenderFrameRequest};
+use sha2::{Digest, Sha256};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_instances_and_frames_come_from_the_bucket() {
+    let (tmp, config) = Server::prepare("");
+    let s3 = s3_server::S3Server::start(tmp.path());
+    s3.create_bucket();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let data_line = text
+        .lines()
+        .find(|l| l.starts_with("data_dir = "))
+        .unwrap()
+        .to_owned();
+    let text = text.replace(
+        &data_line,
+        &format!(
+            "{data_line}\n{}",
+            s3_server::storage_section(s3.port, "viewer-test-secret")
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let (_, samples) = demo_samples();
+    let ct = samples.iter().find(|f| f.modality == "CT").unwrap();
+    ingest_configured(&config, &with_clinic([ct])).await;
+    let server = Server::start(tmp, config);
+    server.user("rad1", "radiologist", "county");
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+
+    let mut stream = c
+        .images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: ct.sop_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut bytes, mut sha) = (Vec::new(), String::new());
+    while let Some(chunk) = stream.message().await.unwrap() {
+        if chunk.offset == 0 {
+            sha = chunk.sha256.clone();
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let key = format!("instances/{}/{sha}.dcm", &sha[..2]);
+    let object = s3.object(&key).expect("the instance is in the bucket");
+    assert!(bytes == object, "GetRawInstance returns the bucket's bytes");
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(digest, sha);
+    assert!(
+        !server.data_dir().join("blobs").join(&key).exists(),
+        "no local copy"
+    );
+
+    let frame = c
+        .images
+        .render_frame(authed(
+            RenderFrameRequest {
+                sop_instance_uid: ct.sop_instance_uid.clone(),
+                frame_number: 1,
+                options: None,
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let png = image::load_from_memory_with_format(&frame.data, image::ImageFormat::Png).unwrap();
+    assert_eq!((png.width(), png.height()), (512, 512), "a CT slice");
+    assert!(!server.log().contains("viewer-test-secret"));
+}
