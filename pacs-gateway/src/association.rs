@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) storage: Storage,
     pub(crate) admission: Arc<Admission>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Wakes the delivery of owed commitment reports (`report_delivery`).
+    pub(crate) reports_due: tokio::sync::Notify,
 }
 
 /// Serves one TCP connection to completion.
@@ -62,20 +64,21 @@ struct Connection {
     last_message_id: u16,
     /// A C-CANCEL arrived for the retrieve in progress.
     pending_cancel: bool,
-    /// A storage commitment report sent here but not yet acknowledged:
-    /// (event type, dataset). If the association ends first, it is
-    /// delivered on a new association to the requester.
+    /// Storage commitment reports owed on this association (recorded in
+    /// storage's ledger). Those not acknowledged when it ends are
+    /// delivered on a new association by `report_delivery`.
     unacked_reports: Vec<UnackedReport>,
 }
 
 /// Longest a write to the peer may take before the association is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A storage commitment report not yet acknowledged by its requester.
+/// A storage commitment report sent on this association; forgotten by the
+/// ledger once acknowledged.
 struct UnackedReport {
     message_id: u16,
-    event_type: u16,
-    dataset: Vec<u8>,
+    transaction_uid: String,
+    acknowledged: bool,
 }
 
 /// Largest N-ACTION dataset collected (about 50,000 references).
@@ -336,17 +339,33 @@ impl Connection {
                 self.release().await;
             }
         }
+        self.settle_reports(shared, &assoc, true).await;
+    }
+
+    /// Tells the ledger which reports were acknowledged; with `ending`,
+    /// also which are now due on a new association (and wakes their
+    /// delivery).
+    async fn settle_reports(&mut self, shared: &Shared, assoc: &Established, ending: bool) {
+        let requester = &assoc.source.calling_ae;
+        let mut woke = false;
         for report in std::mem::take(&mut self.unacked_reports) {
-            let requester = assoc.source.calling_ae.clone();
-            let config = shared.config.clone();
-            let span = tracing::Span::current();
-            tokio::spawn(
-                async move {
-                    deliver_report_later(&config, &requester, report.event_type, report.dataset)
-                        .await
-                }
-                .instrument(span),
-            );
+            let txn = &report.transaction_uid;
+            let res = if report.acknowledged {
+                shared.storage.report_settled(requester, txn).await
+            } else if ending {
+                woke = true;
+                let now = crate::report_delivery::unix_now();
+                shared.storage.report_due(requester, txn, now, false).await
+            } else {
+                self.unacked_reports.push(report);
+                continue;
+            };
+            if let Err(e) = res {
+                tracing::error!(error = %e, transaction_uid = %txn, "cannot update the owed commitment reports");
+            }
+        }
+        if woke {
+            shared.reports_due.notify_one();
         }
     }
 
@@ -1393,6 +1412,38 @@ impl Connection {
         };
         let requested = request.references.len();
         let scope = (!assoc.county).then_some(assoc.source.clinic_id.as_str());
+        self.settle_reports(shared, assoc, false).await;
+        // Answering success promises a report: the request is recorded
+        // first, so that a report the requester leaves without, or one cut
+        // short by a restart, is still delivered (`report_delivery`).
+        let owed = storage::OwedReport {
+            requester_ae: assoc.source.calling_ae.clone(),
+            transaction_uid: request.transaction_uid.clone(),
+            clinic_scope: scope.map(str::to_owned),
+            references: request
+                .references
+                .iter()
+                .map(|r| (r.sop_class_uid.clone(), r.sop_instance_uid.clone()))
+                .collect(),
+            created_at: crate::report_delivery::unix_now(),
+            attempts: 0,
+        };
+        if let Err(e) = shared.storage.owe_report(owed).await {
+            tracing::error!(error = %e, "cannot record a storage commitment request");
+            self.audit_refusal(
+                shared,
+                assoc,
+                field::N_ACTION_RSP,
+                status::PROCESSING_FAILURE,
+                "cannot record the request",
+            )
+            .await;
+            let rsp = Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
+                .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+                .error_comment("the center cannot record the request now; ask again later")
+                .encode();
+            return self.respond(assoc, context_id, &rsp).await;
+        }
         // The request is accepted at once; the verdict follows in the
         // N-EVENT-REPORT, however long re-verifying takes (PS3.4 Annex J).
         let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
@@ -1424,22 +1475,15 @@ impl Connection {
             outcome.committed.len() as u64,
         )
         .await;
-        // Owed from now on: if anything below fails, the report still goes
-        // out on a new association (implicit VR LE is what that offers).
+        // If anything below fails, the ledger still has the report: it goes
+        // out on a new association once this one ends.
         self.last_message_id = self.last_message_id.wrapping_add(1);
         let report_id = self.last_message_id;
-        match commitment::event_report_dataset(&outcome, "1.2.840.10008.1.2") {
-            Ok(dataset) => self.unacked_reports.push(UnackedReport {
-                message_id: report_id,
-                event_type: outcome.event_type(),
-                dataset,
-            }),
-            // (Not queued empty: it could never be delivered.)
-            Err(e) => tracing::error!(
-                error = %e,
-                "cannot encode the storage commitment report for a later delivery"
-            ),
-        }
+        self.unacked_reports.push(UnackedReport {
+            message_id: report_id,
+            transaction_uid: outcome.transaction_uid.clone(),
+            acknowledged: false,
+        });
         answered?;
 
         let report = commitment::event_report_dataset(&outcome, &ts).map_err(|e| {
@@ -1493,77 +1537,6 @@ impl Connection {
             Err(_) => Err(End::Lost("peer stopped reading".into())),
         }
     }
-}
-
-/// Delivers a storage commitment report on a new association to the
-/// requester's configured address (PS3.4 J.3.3), with a few retries.
-async fn deliver_report_later(config: &Config, requester: &str, event_type: u16, dataset: Vec<u8>) {
-    use consortium_dimse::client::{self, Proposed};
-    let Some(dest) = config.destinations.iter().find(|d| d.ae_title == requester) else {
-        warn!(
-            "storage commitment report not acknowledged and the requester has no configured address; it is lost"
-        );
-        return;
-    };
-    let contexts = [Proposed {
-        id: 1,
-        abstract_syntax: commitment::SOP_CLASS.to_string(),
-        transfer_syntaxes: vec!["1.2.840.10008.1.2".to_string()],
-    }];
-    for attempt in 0..3u32 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
-        }
-        let assoc = client::associate_with_scp_role(
-            (dest.host.as_str(), dest.port),
-            &config.gateway.ae_title,
-            requester,
-            &contexts,
-            &[commitment::SOP_CLASS],
-            config.gateway.max_pdu_length,
-            Duration::from_secs(30),
-        )
-        .await;
-        let mut assoc = match assoc {
-            Ok(a) if a.accepted.contains_key(&1) => a,
-            Ok(a) => {
-                a.abort().await;
-                warn!("the requester refused the storage commitment context for the report");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, attempt, "cannot reach the requester for the commitment report");
-                continue;
-            }
-        };
-        let rq = Response::request(field::N_EVENT_REPORT_RQ, 1, true)
-            .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
-            .uid(
-                tag::AFFECTED_SOP_INSTANCE_UID,
-                commitment::WELL_KNOWN_INSTANCE,
-            )
-            .u16(tag::EVENT_TYPE_ID, event_type)
-            .encode();
-        let sent = async {
-            assoc.send_command(1, &rq).await?;
-            assoc.send_dataset(1, &dataset).await?;
-            assoc.receive(0).await
-        }
-        .await;
-        match sent {
-            Ok(rsp) => {
-                let status = rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF);
-                info!(
-                    status = format_args!("0x{status:04X}"),
-                    "storage commitment report delivered on a new association"
-                );
-                assoc.release().await;
-                return;
-            }
-            Err(e) => warn!(error = %e, attempt, "commitment report delivery failed"),
-        }
-    }
-    warn!("giving up on delivering a storage commitment report");
 }
 
 /// Opens the association to a C-MOVE destination, proposing each needed
@@ -1746,7 +1719,7 @@ fn command_from(body: Bytes, bytes: &mut Vec<u8>) -> Result<Option<Command>, End
 /// middle of the requestor's next operation (PS3.7: responses to our
 /// requests are not bound to its own). A function of the one field, for
 /// callers holding the stream.
-fn take_report_ack(unacked: &mut Vec<UnackedReport>, command: &Command) -> bool {
+fn take_report_ack(unacked: &mut [UnackedReport], command: &Command) -> bool {
     if command.command_field() != Some(field::N_EVENT_REPORT_RSP) || command.has_dataset() {
         return false;
     }
@@ -1756,11 +1729,13 @@ fn take_report_ack(unacked: &mut Vec<UnackedReport>, command: &Command) -> bool 
 
 /// Takes an N-EVENT-REPORT-RSP as the acknowledgement of the report it
 /// answers (when it says success).
-fn ack_report(unacked: &mut Vec<UnackedReport>, command: &Command) {
+fn ack_report(unacked: &mut [UnackedReport], command: &Command) {
     let status = command.u16(tag::STATUS).unwrap_or(0xFFFF);
     let answered = command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO);
     if status == status::SUCCESS {
-        unacked.retain(|r| Some(r.message_id) != answered);
+        for r in unacked.iter_mut() {
+            r.acknowledged |= Some(r.message_id) == answered;
+        }
     }
     info!(
         status = format_args!("0x{status:04X}"),

@@ -11,6 +11,7 @@
 //! shared with the upload tool.
 //! - `c_store`: C-STORE into `storage`, and its error-to-status mapping.
 //! - `commitment`: Storage Commitment Push Model (N-ACTION, N-EVENT-REPORT).
+//! - `report_delivery`: reports owed to requesters that left, on new associations.
 //! - `find`: C-FIND identifiers to index queries and back.
 //! - `retrieve`: what a C-GET / C-MOVE names, and each instance's bytes (as stored, or transcoded).
 
@@ -20,6 +21,7 @@ mod c_store;
 mod commitment;
 mod find;
 mod negotiate;
+mod report_delivery;
 mod retrieve;
 pub mod server;
 

@@ -37,7 +37,9 @@ pub async fn run(
         config: config.clone(),
         storage,
         shutdown: stop_rx,
+        reports_due: tokio::sync::Notify::new(),
     });
+    tokio::spawn(crate::report_delivery::run(shared.clone()));
     let connections = Arc::new(Semaphore::new(
         config.gateway.max_associations + HANDSHAKE_SLACK,
     ));

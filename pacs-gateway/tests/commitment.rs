@@ -104,6 +104,22 @@ fn pynetdicom_commitment_reports_committed_and_failed_instances() {
         ]
     );
     assert!(rows[2].1.ends_with("; 4 instances"), "{}", rows[2].1);
+    // Every report was acknowledged: none is owed any more.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let owed: i64 = gw
+            .index()
+            .query_row("SELECT count(*) FROM owed_reports", [], |r| r.get(0))
+            .unwrap();
+        if owed == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{owed} reports still owed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -163,6 +179,131 @@ fn report_goes_to_a_new_association_when_the_requester_left() {
     );
 }
 
+/// A raw N-ACTION-RQ (Request Storage Commitment) with message ID `id`,
+/// and its dataset in explicit VR LE: transaction `txn`, CT `instances`.
+fn n_action(id: u16, txn: &str, instances: &[&str]) -> (Vec<u8>, Vec<u8>) {
+    use common::scu::el;
+    let command = scu::command(&[
+        (0x0003, scu::uid_value(COMMITMENT)),
+        (0x0100, 0x0130u16.to_le_bytes().to_vec()),
+        (0x0110, id.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+        (0x1001, scu::uid_value("1.2.840.10008.1.20.1.1")),
+        (0x1008, 1u16.to_le_bytes().to_vec()),
+    ]);
+    let mut request = el(0x0008_1195, b"UI", txn.as_bytes());
+    // Referenced SOP Sequence, undefined lengths.
+    request.extend_from_slice(&[0x08, 0x00, 0x99, 0x11, b'S', b'Q', 0, 0]);
+    request.extend_from_slice(&u32::MAX.to_le_bytes());
+    for uid in instances {
+        let item = [
+            el(0x0008_1150, b"UI", CT_IMAGE_STORAGE.as_bytes()),
+            el(0x0008_1155, b"UI", uid.as_bytes()),
+        ]
+        .concat();
+        request.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+        request.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        request.extend_from_slice(&item);
+    }
+    request.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    (command, request)
+}
+
+const COMMITMENT: &str = "1.2.840.10008.1.20.1";
+
+/// The report owed to a requester that left is in storage's ledger, not
+/// only in memory: the gateway killed while the requester cannot be
+/// reached delivers it after its restart, and then forgets it.
+#[test]
+fn an_owed_report_survives_a_gateway_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = GatewaySpec {
+        clinics: format!(
+            "{}\n[[destinations]]\nae_title = \"COUNTYWS1\"\nhost = \"127.0.0.1\"\nport = {listen}\n",
+            GatewaySpec::default().clinics
+        ),
+        ..Default::default()
+    };
+    let mut gw = Gateway::start(dir.path(), &spec);
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
+        (3, COMMITMENT, &[scu::EXPLICIT_LE]),
+    ];
+    let scu::Association::Accepted(mut a) =
+        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    let uids = ["2.25.7301", "2.25.7302"];
+    for uid in uids {
+        let ds = scu::ct_dataset(uid, "2.25.73", 1024);
+        assert_eq!(a.store(1, CT_IMAGE_STORAGE, uid, &ds), Reply::Status(0));
+    }
+    let (command, request) = n_action(7, "2.25.7399", &uids);
+    a.send_message(3, true, &command);
+    a.send_message(3, false, &request);
+    let (rsp, _) = read_message(&mut a.stream);
+    assert_eq!(element_u16(&rsp, 0x0900), Some(0), "N-ACTION-RSP success");
+    // Gone before the report is read; nobody listens at its address yet.
+    let abort = scu::encode(&dicom_ul::pdu::Pdu::AbortRQ {
+        source: dicom_ul::pdu::AbortRQSource::ServiceUser,
+    });
+    std::io::Write::write_all(&mut a.stream, &abort).unwrap();
+    drop(a);
+    let owed = |gw: &Gateway| -> i64 {
+        gw.index()
+            .query_row("SELECT count(*) FROM owed_reports", [], |r| r.get(0))
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gw.log().contains("commitment report delivery failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(owed(&gw), 1);
+
+    gw.sigkill_in_place();
+    let gw = gw.restart();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/commit_report_listener.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(listen.to_string())
+        .arg("COUNTYWS1")
+        .arg("40")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_like::parse(&stdout);
+    assert_eq!(report.event_type, 1, "{stdout}\n{}", gw.log());
+    assert_eq!(report.committed, uids);
+    assert!(
+        stdout.contains("\"transaction_uid\": \"2.25.7399\""),
+        "{stdout}"
+    );
+    // Delivered: forgotten by the ledger.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while owed(&gw) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still owed after delivery"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// One DIMSE message from the gateway: its command set, and whether a
 /// dataset followed.
 fn read_message(stream: &mut std::net::TcpStream) -> (Vec<u8>, bool) {
@@ -211,7 +352,6 @@ fn element_u16(command: &[u8], element: u16) -> Option<u16> {
 #[test]
 fn a_report_answered_during_the_next_query_is_acknowledged() {
     use common::scu::el;
-    const COMMITMENT: &str = "1.2.840.10008.1.20.1";
     const FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path(), &GatewaySpec::default());
@@ -231,27 +371,7 @@ fn a_report_answered_during_the_next_query_is_acknowledged() {
         assert_eq!(a.store(1, CT_IMAGE_STORAGE, uid, &ds), Reply::Status(0));
     }
     // N-ACTION for one instance.
-    let n_action = scu::command(&[
-        (0x0003, scu::uid_value(COMMITMENT)),
-        (0x0100, 0x0130u16.to_le_bytes().to_vec()),
-        (0x0110, 900u16.to_le_bytes().to_vec()),
-        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
-        (0x1001, scu::uid_value("1.2.840.10008.1.20.1.1")),
-        (0x1008, 1u16.to_le_bytes().to_vec()),
-    ]);
-    let item = [
-        el(0x0008_1150, b"UI", CT_IMAGE_STORAGE.as_bytes()),
-        el(0x0008_1155, b"UI", uids[0].as_bytes()),
-    ]
-    .concat();
-    let mut request = el(0x0008_1195, b"UI", b"2.25.8199");
-    // Referenced SOP Sequence, one item, undefined lengths.
-    request.extend_from_slice(&[0x08, 0x00, 0x99, 0x11, b'S', b'Q', 0, 0]);
-    request.extend_from_slice(&u32::MAX.to_le_bytes());
-    request.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
-    request.extend_from_slice(&(item.len() as u32).to_le_bytes());
-    request.extend_from_slice(&item);
-    request.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    let (n_action, request) = n_action(900, "2.25.8199", &[&uids[0]]);
     a.send_message(3, true, &n_action);
     a.send_message(3, false, &request);
     let (rsp, _) = read_message(&mut a.stream);

@@ -6,6 +6,7 @@
 //! - [`attrs`]: index attributes read from the spooled dataset without trusting it.
 //! - [`blobs`]: content-addressed blobs (`LocalFileSystem` or any `ObjectStore`).
 //! - [`index`]: schema migrations, the single group-committing writer, queries.
+//! - [`owed`]: storage commitment reports owed to requesters, until acknowledged.
 //! - [`part10`]: the Part 10 header written in front of each received dataset.
 //!
 //! # Durability contract
@@ -20,6 +21,7 @@ pub mod background;
 pub mod blobs;
 mod error;
 pub mod index;
+pub mod owed;
 pub mod part10;
 pub mod query;
 pub mod spool;
@@ -35,6 +37,7 @@ pub use attrs::{DatasetError, InstanceAttrs};
 pub use blobs::BlobStore;
 pub use error::{Error, Result};
 pub use index::{IndexReader, InstanceRecord, PooledReader, StoreOutcome};
+pub use owed::OwedReport;
 pub use spool::{Spool, Spooled};
 
 use index::writer::{Job, NewInstance};

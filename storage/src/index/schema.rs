@@ -220,6 +220,22 @@ const MIGRATIONS: &[&str] = &[
     UPDATE patients SET name_search = rtrim(name_alpha || '=' || name_ideo || '=' || name_phon, '=')
      WHERE name_alpha != '' OR name_ideo != '' OR name_phon != '';
     "#,
+    // 9: storage commitment reports owed to requesters: recorded before the
+    // N-ACTION is answered, removed once a report is acknowledged, so that
+    // neither a requester that left nor a restart of the gateway loses one.
+    // `due_at` (Unix seconds) is NULL while an association still holds it.
+    r#"
+    CREATE TABLE owed_reports (
+        requester_ae    TEXT NOT NULL,
+        transaction_uid TEXT NOT NULL,
+        clinic_scope    TEXT,
+        refs            TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        due_at          INTEGER,
+        PRIMARY KEY (requester_ae, transaction_uid)
+    );
+    "#,
 ];
 
 /// Fills the name group columns of rows written without them (rows from

@@ -66,6 +66,10 @@ pub(crate) enum Job {
         entry: crate::AuditEntry,
         reply: oneshot::Sender<Result<()>>,
     },
+    Owed {
+        change: crate::owed::Change,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 pub(crate) fn spawn(conn: Connection) -> std::io::Result<mpsc::Sender<Job>> {
@@ -107,7 +111,7 @@ fn sync_stage(rx: mpsc::Receiver<Job>, pool: SyncPool, next: mpsc::Sender<Synced
             .iter()
             .flat_map(|j| match j {
                 Job::Insert { to_sync, .. } => to_sync.clone(),
-                Job::Clinics { .. } | Job::Audit { .. } => Vec::new(),
+                Job::Clinics { .. } | Job::Audit { .. } | Job::Owed { .. } => Vec::new(),
             })
             .collect();
         to_sync.sort();
@@ -255,7 +259,7 @@ fn is_busy(e: &Error) -> bool {
 fn blob_files(job: &Job) -> impl Iterator<Item = &PathBuf> {
     let items: &[SyncItem] = match job {
         Job::Insert { to_sync, .. } => to_sync,
-        Job::Clinics { .. } | Job::Audit { .. } => &[],
+        Job::Clinics { .. } | Job::Audit { .. } | Job::Owed { .. } => &[],
     };
     items.iter().filter_map(|i| match i {
         SyncItem::File(p) => Some(p),
@@ -317,7 +321,7 @@ impl Job {
             Job::Insert { reply, .. } => {
                 let _ = reply.send(res.map(|o| o.unwrap_or(StoreOutcome::Stored)));
             }
-            Job::Clinics { reply, .. } | Job::Audit { reply, .. } => {
+            Job::Clinics { reply, .. } | Job::Audit { reply, .. } | Job::Owed { reply, .. } => {
                 let _ = reply.send(res.map(drop));
             }
         }
@@ -330,6 +334,7 @@ fn run_job(c: &Connection, job: &Job) -> Result<Option<StoreOutcome>> {
         Job::Insert { instance, .. } => insert(c, instance).map(Some),
         Job::Clinics { clinics, .. } => upsert_clinics(c, clinics).map(|_| None),
         Job::Audit { entry, .. } => insert_audit(c, entry).map(|_| None),
+        Job::Owed { change, .. } => change.apply(c).map(|_| None),
     }
 }
 

@@ -1,0 +1,204 @@
+//! Storage commitment reports owed to requesters that left before
+//! acknowledging one (PS3.4 J.3.3): delivered on a new association to the
+//! requester's configured address (`[[destinations]]`), from storage's
+//! ledger of owed reports, so that a restart of the gateway loses none.
+//! Each attempt re-verifies, so a late report says what the center holds
+//! when it is sent.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::association::Shared;
+use crate::commitment::{self, Reference, Request};
+use consortium_config::Destination;
+use consortium_dimse::{Response, field, tag};
+use storage::OwedReport;
+
+/// A report still undelivered this long after its request is given up.
+const GIVE_UP_AFTER_S: i64 = 24 * 60 * 60;
+/// The first retry after a failed delivery; doubled each time, up to `MAX_RETRY_S`.
+const FIRST_RETRY_S: i64 = 5;
+const MAX_RETRY_S: i64 = 10 * 60;
+/// Implicit VR little endian: what every requester accepts.
+const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Delivers owed reports as they fall due until shutdown. At start every
+/// owed report is due: no association holds one any more.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    if let Err(e) = shared.storage.all_reports_due(unix_now()).await {
+        error!(error = %e, "cannot read the owed commitment reports");
+    }
+    loop {
+        let next = match shared.storage.due_reports(unix_now()) {
+            Ok((due, _)) if !due.is_empty() => {
+                for report in due {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    let span = info_span!(
+                        "owed report",
+                        requester_ae = %report.requester_ae,
+                        transaction_uid = %report.transaction_uid
+                    );
+                    deliver(&shared, report).instrument(span).await;
+                }
+                continue; // each was settled or put off: look again
+            }
+            Ok((_, next)) => next,
+            Err(e) => {
+                error!(error = %e, "cannot read the owed commitment reports");
+                Some(unix_now() + 60)
+            }
+        };
+        let wait = next.map_or(MAX_RETRY_S, |t| (t - unix_now()).clamp(1, MAX_RETRY_S));
+        tokio::select! {
+            () = shared.reports_due.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One attempt: re-verify, send, then settle the report or put it off.
+async fn deliver(shared: &Shared, report: OwedReport) {
+    let storage = &shared.storage;
+    let (requester, txn) = (
+        report.requester_ae.as_str(),
+        report.transaction_uid.as_str(),
+    );
+    let now = unix_now();
+    let settle = || async {
+        if let Err(e) = storage.report_settled(requester, txn).await {
+            error!(error = %e, "cannot update the owed commitment reports");
+        }
+    };
+    if now - report.created_at > GIVE_UP_AFTER_S {
+        warn!(
+            attempts = report.attempts,
+            "giving up on a storage commitment report undelivered for a day"
+        );
+        return settle().await;
+    }
+    let config = &shared.config;
+    let Some(dest) = config.destinations.iter().find(|d| d.ae_title == requester) else {
+        warn!(
+            "storage commitment report not acknowledged and the requester has no configured address; it is lost"
+        );
+        return settle().await;
+    };
+    let request = Request {
+        transaction_uid: report.transaction_uid.clone(),
+        references: report
+            .references
+            .iter()
+            .map(|(class, instance)| Reference {
+                sop_class_uid: class.clone(),
+                sop_instance_uid: instance.clone(),
+            })
+            .collect(),
+    };
+    let outcome = commitment::verify(storage, report.clinic_scope.as_deref(), request).await;
+    let dataset = match commitment::event_report_dataset(&outcome, IMPLICIT_VR_LE) {
+        Ok(d) => d,
+        Err(e) => {
+            error!(error = %e, "cannot encode a storage commitment report; it is lost");
+            return settle().await;
+        }
+    };
+    match send(config, dest, outcome.event_type(), &dataset).await {
+        Ok(Sent::Answered(status)) => {
+            info!(
+                status = format_args!("0x{status:04X}"),
+                committed = outcome.committed.len(),
+                failed = outcome.failed.len(),
+                "storage commitment report delivered on a new association"
+            );
+            settle().await;
+        }
+        Ok(Sent::ContextRefused) => {
+            warn!(
+                "the requester refused the storage commitment context for the report; it is lost"
+            );
+            settle().await;
+        }
+        Err(e) => {
+            let retry_in = (FIRST_RETRY_S << report.attempts.min(16)).min(MAX_RETRY_S);
+            warn!(error = %e, attempt = report.attempts, retry_in_s = retry_in, "commitment report delivery failed");
+            if let Err(e) = storage
+                .report_due(requester, txn, now + retry_in, true)
+                .await
+            {
+                error!(error = %e, "cannot update the owed commitment reports");
+            }
+        }
+    }
+}
+
+enum Sent {
+    /// The requester's N-EVENT-REPORT-RSP status.
+    Answered(u16),
+    ContextRefused,
+}
+
+/// Opens an association to `dest` as the commitment SCP (role selection)
+/// and sends the N-EVENT-REPORT.
+async fn send(
+    config: &consortium_config::Config,
+    dest: &Destination,
+    event_type: u16,
+    dataset: &[u8],
+) -> Result<Sent, String> {
+    use consortium_dimse::client::{self, Proposed};
+    let contexts = [Proposed {
+        id: 1,
+        abstract_syntax: commitment::SOP_CLASS.to_string(),
+        transfer_syntaxes: vec![IMPLICIT_VR_LE.to_string()],
+    }];
+    let mut assoc = client::associate_with_scp_role(
+        (dest.host.as_str(), dest.port),
+        &config.gateway.ae_title,
+        &dest.ae_title,
+        &contexts,
+        &[commitment::SOP_CLASS],
+        config.gateway.max_pdu_length,
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|e| format!("cannot reach the requester: {e}"))?;
+    if !assoc.accepted.contains_key(&1) {
+        assoc.abort().await;
+        return Ok(Sent::ContextRefused);
+    }
+    let rq = Response::request(field::N_EVENT_REPORT_RQ, 1, true)
+        .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+        .uid(
+            tag::AFFECTED_SOP_INSTANCE_UID,
+            commitment::WELL_KNOWN_INSTANCE,
+        )
+        .u16(tag::EVENT_TYPE_ID, event_type)
+        .encode();
+    let answered = async {
+        assoc.send_command(1, &rq).await?;
+        assoc.send_dataset(1, dataset).await?;
+        assoc.receive(0).await
+    }
+    .await;
+    match answered {
+        Ok(rsp) => {
+            assoc.release().await;
+            Ok(Sent::Answered(
+                rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF),
+            ))
+        }
+        Err(e) => Err(format!("sending the report: {e}")),
+    }
+}

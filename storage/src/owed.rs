@@ -1,0 +1,259 @@
+//! The ledger of storage commitment reports owed to requesters (PS3.4
+//! J.3.3). The gateway records a request before it answers the N-ACTION
+//! and removes it once a report is acknowledged, so that neither a
+//! requester that left nor a restart of the gateway loses a report. What a
+//! report says is decided when it is sent (by re-verifying); this is only
+//! the list of what is owed, to whom, and when to try next.
+
+use rusqlite::{Connection, params};
+
+use crate::index::writer::Job;
+use crate::{Result, Storage};
+
+/// A report owed to a requester.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedReport {
+    /// The calling AE title that asked.
+    pub requester_ae: String,
+    pub transaction_uid: String,
+    /// The clinic whose instances alone may be confirmed (`None`: the
+    /// county's stations, which may confirm any).
+    pub clinic_scope: Option<String>,
+    /// (Referenced SOP Class UID, Referenced SOP Instance UID), as asked.
+    pub references: Vec<(String, String)>,
+    /// Unix seconds of the request.
+    pub created_at: i64,
+    /// Deliveries on a new association tried so far.
+    pub attempts: u32,
+}
+
+/// A change to the ledger, applied by the index writer (durably, like an
+/// instance row).
+#[derive(Debug)]
+pub(crate) enum Change {
+    /// Held by the association that asked (not due) until released. A
+    /// request repeating its transaction UID replaces the earlier one.
+    Add(OwedReport),
+    Remove {
+        requester_ae: String,
+        transaction_uid: String,
+    },
+    Due {
+        requester_ae: String,
+        transaction_uid: String,
+        at: i64,
+        attempted: bool,
+    },
+    /// At start no association holds a report and none need wait: all due at `at`.
+    AllDue { at: i64 },
+}
+
+impl Change {
+    pub(crate) fn apply(&self, c: &Connection) -> Result<()> {
+        match self {
+            Change::Add(r) => {
+                c.prepare_cached(
+                    "INSERT OR REPLACE INTO owed_reports
+                       (requester_ae, transaction_uid, clinic_scope, refs, created_at, attempts, due_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0, NULL)",
+                )?
+                .execute(params![
+                    r.requester_ae,
+                    r.transaction_uid,
+                    r.clinic_scope,
+                    encode_refs(&r.references),
+                    r.created_at
+                ])?;
+            }
+            Change::Remove {
+                requester_ae,
+                transaction_uid,
+            } => {
+                c.prepare_cached(
+                    "DELETE FROM owed_reports WHERE requester_ae = ?1 AND transaction_uid = ?2",
+                )?
+                .execute(params![requester_ae, transaction_uid])?;
+            }
+            Change::Due {
+                requester_ae,
+                transaction_uid,
+                at,
+                attempted,
+            } => {
+                c.prepare_cached(
+                    "UPDATE owed_reports SET due_at = ?3, attempts = attempts + ?4
+                     WHERE requester_ae = ?1 AND transaction_uid = ?2",
+                )?
+                .execute(params![
+                    requester_ae,
+                    transaction_uid,
+                    at,
+                    *attempted as i64
+                ])?;
+            }
+            Change::AllDue { at } => {
+                c.prepare_cached(
+                    "UPDATE owed_reports SET due_at = ?1 WHERE due_at IS NULL OR due_at > ?1",
+                )?
+                .execute([at])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// References as text: one `class<TAB>instance` line each. A peer's value
+/// could hold a tab or a newline, so `%`, tab and newline are escaped.
+fn encode_refs(refs: &[(String, String)]) -> String {
+    let esc = |s: &str| {
+        s.replace('%', "%25")
+            .replace('\t', "%09")
+            .replace('\n', "%0A")
+    };
+    refs.iter()
+        .map(|(class, instance)| format!("{}\t{}\n", esc(class), esc(instance)))
+        .collect()
+}
+
+fn decode_refs(text: &str) -> Vec<(String, String)> {
+    let unesc = |s: &str| {
+        s.replace("%0A", "\n")
+            .replace("%09", "\t")
+            .replace("%25", "%")
+    };
+    text.lines()
+        .filter_map(|line| line.split_once('\t'))
+        .map(|(class, instance)| (unesc(class), unesc(instance)))
+        .collect()
+}
+
+impl Storage {
+    /// Records a report as owed, held by the asking association.
+    pub async fn owe_report(&self, report: OwedReport) -> Result<()> {
+        self.change_owed(Change::Add(report)).await
+    }
+
+    /// The report was acknowledged (or will never be deliverable): forgets it.
+    pub async fn report_settled(&self, requester_ae: &str, transaction_uid: &str) -> Result<()> {
+        self.change_owed(Change::Remove {
+            requester_ae: requester_ae.into(),
+            transaction_uid: transaction_uid.into(),
+        })
+        .await
+    }
+
+    /// The report is to be delivered on a new association from `at` (Unix
+    /// seconds); `attempted` counts a failed delivery.
+    pub async fn report_due(
+        &self,
+        requester_ae: &str,
+        transaction_uid: &str,
+        at: i64,
+        attempted: bool,
+    ) -> Result<()> {
+        self.change_owed(Change::Due {
+            requester_ae: requester_ae.into(),
+            transaction_uid: transaction_uid.into(),
+            at,
+            attempted,
+        })
+        .await
+    }
+
+    /// Makes every owed report due at `at` (at start: none is held, and a
+    /// restart is as good a time as any to try again).
+    pub async fn all_reports_due(&self, at: i64) -> Result<()> {
+        self.change_owed(Change::AllDue { at }).await
+    }
+
+    async fn change_owed(&self, change: Change) -> Result<()> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Owed { change, reply })?;
+        rx.await.map_err(|_| crate::Error::ShuttingDown)?
+    }
+
+    /// The reports due at `now`, oldest first, and when the next of the
+    /// others falls due (reports held by an association are neither).
+    pub fn due_reports(&self, now: i64) -> Result<(Vec<OwedReport>, Option<i64>)> {
+        let reader = self.reader()?;
+        let c = reader.connection();
+        let due = c
+            .prepare_cached(
+                "SELECT requester_ae, transaction_uid, clinic_scope, refs, created_at, attempts
+                 FROM owed_reports WHERE due_at <= ?1 ORDER BY created_at",
+            )?
+            .query_map([now], |r| {
+                Ok(OwedReport {
+                    requester_ae: r.get(0)?,
+                    transaction_uid: r.get(1)?,
+                    clinic_scope: r.get(2)?,
+                    references: decode_refs(&r.get::<_, String>(3)?),
+                    created_at: r.get(4)?,
+                    attempts: r.get::<_, i64>(5)? as u32,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let next = c
+            .prepare_cached("SELECT min(due_at) FROM owed_reports WHERE due_at > ?1")?
+            .query_row([now], |r| r.get(0))?;
+        Ok((due, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(txn: &str) -> OwedReport {
+        OwedReport {
+            requester_ae: "XINZHEN_CT".into(),
+            transaction_uid: txn.into(),
+            clinic_scope: Some("xinzhen".into()),
+            references: vec![
+                ("1.2.840.10008.5.1.4.1.1.2".into(), "2.25.1".into()),
+                ("odd\tclass%".into(), "two\nlines".into()),
+            ],
+            created_at: 1_000,
+            attempts: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn owed_reports_are_held_then_due_then_settled_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Storage::open(dir.path()).unwrap();
+            storage.owe_report(report("2.25.10")).await.unwrap();
+            storage.owe_report(report("2.25.11")).await.unwrap();
+            // Held by their association: not due.
+            assert_eq!(storage.due_reports(5_000).unwrap(), (vec![], None));
+            storage
+                .report_due("XINZHEN_CT", "2.25.10", 2_000, false)
+                .await
+                .unwrap();
+            let (due, next) = storage.due_reports(1_500).unwrap();
+            assert!(due.is_empty());
+            assert_eq!(next, Some(2_000));
+            let (due, _) = storage.due_reports(2_000).unwrap();
+            assert_eq!(due, vec![report("2.25.10")], "references survive escaping");
+            storage
+                .report_due("XINZHEN_CT", "2.25.10", 9_000, true)
+                .await
+                .unwrap();
+            storage
+                .report_settled("XINZHEN_CT", "2.25.11")
+                .await
+                .unwrap();
+        }
+        // After a restart every owed report is due at once.
+        let storage = Storage::open(dir.path()).unwrap();
+        storage.all_reports_due(3_000).await.unwrap();
+        let (due, next) = storage.due_reports(3_000).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].transaction_uid.as_str(), due[0].attempts),
+            ("2.25.10", 1)
+        );
+        assert_eq!(next, None);
+    }
+}
