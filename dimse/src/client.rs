@@ -108,6 +108,10 @@ pub struct Association {
     pub accepted: HashMap<u8, (String, String)>,
     /// Largest PDU the acceptor takes (0 = unlimited).
     pub peer_max_pdu: u32,
+    /// Abstract syntaxes for which the acceptor agreed that we act as SCP
+    /// (SCP/SCU role selection, PS3.7 D.3.3.4; without its answer the
+    /// default roles hold and we are SCU only).
+    pub scp_role_accepted: Vec<String>,
     timeout: Duration,
 }
 
@@ -145,6 +149,7 @@ pub async fn associate_with_scp_role(
         reader: PduReader::new(max_pdu),
         accepted: HashMap::new(),
         peer_max_pdu: 0,
+        scp_role_accepted: Vec::new(),
         timeout,
     };
     let rq = Pdu::AssociationRQ(AssociationRQ {
@@ -199,6 +204,21 @@ pub async fn associate_with_scp_role(
                     _ => None,
                 })
                 .unwrap_or(0);
+            assoc.scp_role_accepted = ac
+                .user_variables
+                .iter()
+                .filter_map(|v| match v {
+                    UserVariableItem::ScuScpRoleSelectionSubItem(uid, roles)
+                        if roles.scp
+                            && scp_role_for
+                                .iter()
+                                .any(|s| uid.trim_end_matches('\0') == *s) =>
+                    {
+                        Some(uid.trim_end_matches('\0').to_string())
+                    }
+                    _ => None,
+                })
+                .collect();
             Ok(assoc)
         }
         Incoming::Other(Pdu::AssociationRJ(rj)) => Err(ClientError::Rejected(rj)),

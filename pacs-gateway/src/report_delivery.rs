@@ -126,7 +126,7 @@ async fn deliver(shared: &Shared, report: OwedReport) {
         }
         Ok(Sent::ContextRefused) => {
             warn!(
-                "the requester refused the storage commitment context for the report; it is lost"
+                "the requester refused the storage commitment context, or our SCP role on it, for the report; it is lost"
             );
             settle().await;
         }
@@ -174,7 +174,14 @@ async fn send(
     )
     .await
     .map_err(|e| format!("cannot reach the requester: {e}"))?;
-    if !assoc.accepted.contains_key(&1) {
+    // The report may go only where we were accepted as the commitment SCP
+    // (PS3.4 J.3.3 and PS3.7 D.3.3.4: without that answer we are SCU).
+    if !assoc.accepted.contains_key(&1)
+        || !assoc
+            .scp_role_accepted
+            .iter()
+            .any(|uid| uid == commitment::SOP_CLASS)
+    {
         assoc.abort().await;
         return Ok(Sent::ContextRefused);
     }

@@ -304,6 +304,79 @@ fn an_owed_report_survives_a_gateway_restart() {
     }
 }
 
+/// A requester that accepts the commitment context on the new association
+/// but not the center's SCP role on it gets no N-EVENT-REPORT there (PS3.7
+/// D.3.3.4: we would be its SCU); the report is given up, not retried.
+#[test]
+fn no_report_where_our_scp_role_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = GatewaySpec {
+        clinics: format!(
+            "{}\n[[destinations]]\nae_title = \"COUNTYWS1\"\nhost = \"127.0.0.1\"\nport = {listen}\n",
+            GatewaySpec::default().clinics
+        ),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/commit_report_listener.py"
+    );
+    let listener = Command::new("python3")
+        .arg(script)
+        .arg(listen.to_string())
+        .arg("COUNTYWS1")
+        .arg("6")
+        .arg("--refuse-scp-role")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
+        (3, COMMITMENT, &[scu::EXPLICIT_LE]),
+    ];
+    let scu::Association::Accepted(mut a) =
+        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    let ds = scu::ct_dataset("2.25.7401", "2.25.74", 1024);
+    assert_eq!(
+        a.store(1, CT_IMAGE_STORAGE, "2.25.7401", &ds),
+        Reply::Status(0)
+    );
+    // Wait for the listener to be up, then ask and leave.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "listener not up");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (command, request) = n_action(7, "2.25.7499", &["2.25.7401"]);
+    a.send_message(3, true, &command);
+    a.send_message(3, false, &request);
+    let (rsp, _) = read_message(&mut a.stream);
+    assert_eq!(element_u16(&rsp, 0x0900), Some(0), "N-ACTION-RSP success");
+    let abort = scu::encode(&dicom_ul::pdu::Pdu::AbortRQ {
+        source: dicom_ul::pdu::AbortRQSource::ServiceUser,
+    });
+    std::io::Write::write_all(&mut a.stream, &abort).unwrap();
+    drop(a);
+    let out = listener.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(serde_like::parse(&stdout).event_type, -1, "{stdout}");
+    assert!(gw.log().contains("or our SCP role on it"), "{}", gw.log());
+    let owed: i64 = gw
+        .index()
+        .query_row("SELECT count(*) FROM owed_reports", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(owed, 0, "given up, not retried");
+}
+
 /// One DIMSE message from the gateway: its command set, and whether a
 /// dataset followed.
 fn read_message(stream: &mut std::net::TcpStream) -> (Vec<u8>, bool) {

@@ -1,7 +1,9 @@
 """Storage commitment requester's listening side only: waits for one
 N-EVENT-REPORT on a new association (PS3.4 J.3.3), with pynetdicom.
 
-usage: commit_report_listener.py LISTEN_PORT AE_TITLE TIMEOUT_S
+usage: commit_report_listener.py LISTEN_PORT AE_TITLE TIMEOUT_S [--refuse-scp-role]
+(--refuse-scp-role: the commitment context is accepted, but not the center's
+SCP role on it, so the center may not send the report.)
 Prints JSON: {"action_status": -1, "event_type": int, "transaction_uid": str,
 "committed": [...], "failed": {...}} (event_type -1 when none came).
 """
@@ -13,6 +15,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 listen_port, title, timeout = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+refuse_role = "--refuse-scp-role" in sys.argv[4:]
 done = threading.Event()
 report = {}
 
@@ -28,7 +31,10 @@ def on_report(event):
 
 
 ae = AE(ae_title=title)
-ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+if refuse_role:
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=False)
+else:
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
 server = ae.start_server(("127.0.0.1", listen_port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
 got = done.wait(timeout=timeout)
 server.shutdown()
