@@ -185,6 +185,10 @@ pub struct ViewerConfig {
     /// decode, in MiB (default 256).
     #[serde(default = "defaults::frame_cache_mib")]
     pub frame_cache_mib: u64,
+    /// Series streams, raw downloads and worklist watches one user may have
+    /// open at once (default 16).
+    #[serde(default = "defaults::max_streams_per_user")]
+    pub max_streams_per_user: usize,
 }
 
 mod defaults {
@@ -202,6 +206,9 @@ mod defaults {
     }
     pub(super) fn frame_cache_mib() -> u64 {
         256
+    }
+    pub(super) fn max_streams_per_user() -> usize {
+        16
     }
     pub(super) fn max_associations() -> usize {
         200

@@ -357,7 +357,7 @@ impl Auth {
                 .locked_for(&user_key, now)
                 .or_else(|| limiter.locked_for(&peer_key, now))
             {
-                return Err(ApiError::TooManyAttempts(format!(
+                return Err(ApiError::ResourceExhausted(format!(
                     "too many failed logins; try again in {} s",
                     wait.as_secs().max(1)
                 )));

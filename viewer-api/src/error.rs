@@ -19,8 +19,9 @@ pub enum ApiError {
     /// A claimed study, a study still arriving, a frame that cannot be rendered.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Too many failed logins, or too many streams open for one user.
     #[error("{0}")]
-    TooManyAttempts(String),
+    ResourceExhausted(String),
     #[error("{0}")]
     Unimplemented(String),
     /// The client did not take a stream's data in time.
@@ -71,7 +72,7 @@ impl From<ApiError> for Status {
             e @ ApiError::NotFound(_) => Status::not_found(e.to_string()),
             ApiError::InvalidArgument(m) => Status::invalid_argument(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::TooManyAttempts(m) => Status::resource_exhausted(m),
+            ApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ApiError::Unimplemented(m) => Status::unimplemented(m),
             ApiError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ApiError::Internal(detail) => {

@@ -23,5 +23,6 @@ pub mod images;
 pub mod render;
 pub mod server;
 pub mod service;
+pub mod streams;
 pub mod studies;
 pub mod worklist;

@@ -23,6 +23,7 @@ use crate::auth::{Auth, Caller};
 use crate::db::Db;
 use crate::error::{ApiError, Result};
 use crate::images::{self, Images};
+use crate::streams::{StreamLimits, StreamSlot};
 use crate::studies;
 use crate::worklist::{Scope, Watcher, Worklist};
 
@@ -38,6 +39,8 @@ pub struct App {
     pub auth: Auth,
     pub worklist: Arc<Worklist>,
     pub images: Arc<Images>,
+    /// Long-lived streams open per user.
+    pub streams: Arc<StreamLimits>,
     /// Unauthenticated refusals audited per peer address and minute.
     refusals: std::sync::Mutex<HashMap<String, RefusalWindow>>,
 }
@@ -99,6 +102,7 @@ impl App {
                 Duration::from_secs(viewer.lease_s),
             ),
             refusals: std::sync::Mutex::new(HashMap::new()),
+            streams: StreamLimits::new(viewer.max_streams_per_user),
             images: Arc::new(Images::new(
                 blobs,
                 (viewer.render_cache_mib << 20) as usize,
@@ -200,14 +204,17 @@ fn token_lapsed() -> Status {
 /// `rx`'s items, for as long as `caller`'s token stays valid (checked every
 /// [`WATCH_RECHECK`], as a watch is): a logout, revocation, disabled user or
 /// expiry ends a long download or series stream with `unauthenticated`
-/// instead of letting it run on. Dropping `rx` stops its producer.
+/// instead of letting it run on. Dropping `rx` stops its producer. `slot`
+/// is held until the stream ends.
 fn while_valid<T: Send + 'static>(
     app: Arc<App>,
     caller: Caller,
+    slot: StreamSlot,
     mut rx: mpsc::Receiver<std::result::Result<T, Status>>,
 ) -> Streamed<T> {
     let (tx, out) = mpsc::channel(4);
     tokio::spawn(async move {
+        let _slot = slot;
         let mut recheck = tokio::time::interval(WATCH_RECHECK);
         recheck.tick().await; // (the first tick is immediate)
         loop {
@@ -418,15 +425,17 @@ impl WorklistService for Worklists {
         let mut changes = self.0.worklist.subscribe();
         let result = async {
             let scope = Scope::for_caller(&caller, r.filter.as_ref())?;
+            let slot = self.0.streams.acquire(&caller)?;
             let current = self.0.worklist.list(scope.clone(), 500).await?;
-            Ok((scope, current))
+            Ok((scope, current, slot))
         }
         .await;
-        entry.matches = result.as_ref().map_or(0, |(_, c)| c.len() as u64);
-        let (scope, current) = self.0.audited(entry, result).await?;
+        entry.matches = result.as_ref().map_or(0, |(_, c, _)| c.len() as u64);
+        let (scope, current, slot) = self.0.audited(entry, result).await?;
         let (tx, rx) = mpsc::channel(64);
         let app = self.0.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             use tokio::sync::broadcast::error::RecvError;
             let mut watcher = Watcher::new(scope, &current);
             for item in current {
@@ -697,6 +706,7 @@ impl ImageService for Imaging {
             caller.require_patient_access()?;
             studies::check_uid(&r.series_instance_uid, "series_instance_uid")?;
             let spec = images::spec_from(r.options.as_ref(), 0)?;
+            let slot = self.0.streams.acquire(&caller)?;
             let (c, uid) = (caller.clone(), r.series_instance_uid.clone());
             let instances = self
                 .0
@@ -706,13 +716,13 @@ impl ImageService for Imaging {
             entry.study_uid = instances[0].study_uid.clone();
             entry.patient_ref = instances[0].patient_ref.clone();
             entry.matches = instances.len() as u64;
-            Ok((instances, spec))
+            Ok((instances, spec, slot))
         }
         .await;
-        let (instances, spec) = self.0.audited(entry, result).await?;
+        let (instances, spec, slot) = self.0.audited(entry, result).await?;
         let (tx, rx) = mpsc::channel(4);
         self.0.images.stream_series(instances, spec, tx);
-        Ok(Response::new(while_valid(self.0.clone(), caller, rx)))
+        Ok(Response::new(while_valid(self.0.clone(), caller, slot, rx)))
     }
 
     type GetRawInstanceStream = Streamed<pb::RawChunk>;
@@ -727,13 +737,17 @@ impl ImageService for Imaging {
         entry.detail = r.sop_instance_uid.clone();
         let app = self.0.clone();
         let streaming_for = caller.clone();
+        let slot = self.0.streams.acquire(&caller);
         let (result, entry) = tokio::task::spawn_blocking(move || {
-            let result = app.instance_blocking(&caller, &r.sop_instance_uid, &mut entry);
+            let result = slot.and_then(|slot| {
+                app.instance_blocking(&caller, &r.sop_instance_uid, &mut entry)
+                    .map(|instance| (instance, slot))
+            });
             (result, entry)
         })
         .await
         .map_err(ApiError::from)?;
-        let instance = self.0.audited(entry, result).await?;
+        let (instance, slot) = self.0.audited(entry, result).await?;
         let (tx, rx) = mpsc::channel(4);
         let images = self.0.images.clone();
         tokio::spawn(async move {
@@ -745,6 +759,7 @@ impl ImageService for Imaging {
         Ok(Response::new(while_valid(
             self.0.clone(),
             streaming_for,
+            slot,
             rx,
         )))
     }

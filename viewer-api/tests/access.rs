@@ -714,3 +714,79 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
     assert_eq!(all.instance_count as usize, a_study.len() + 2);
     assert!(all.modalities.contains(&b.modality), "{:?}", all.modalities);
 }
+
+/// One user may hold only `max_streams_per_user` streams open at once
+/// (watches, series streams, raw downloads): the next is refused with
+/// resource_exhausted and audited; another user is not affected; a stream
+/// that ends gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_limited_per_user() {
+    use consortium_proto::v1::WatchWorklistRequest;
+    let (files, x_study, _) = two_clinics();
+    let server = center_with(&files, "max_streams_per_user = 2").await;
+    let c = server.clients().await;
+    let rad1 = server.login("rad1").await;
+    let rad2 = server.login("rad2").await;
+    let watch = |token: &str| {
+        let mut w = c.worklist.clone();
+        let req = authed(WatchWorklistRequest { filter: None }, token);
+        async move { w.watch_worklist(req).await }
+    };
+    let first = watch(&rad1).await.unwrap().into_inner();
+    let _second = watch(&rad1).await.unwrap().into_inner();
+    let err = watch(&rad1).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("2 streams"), "{}", err.message());
+    // A raw download counts too.
+    let (_, samples) = demo_samples();
+    let sop = samples
+        .iter()
+        .find(|f| f.study_instance_uid == x_study)
+        .unwrap()
+        .sop_instance_uid
+        .clone();
+    let raw = |token: &str| {
+        let mut images = c.images.clone();
+        let req = authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: sop.clone(),
+            },
+            token,
+        );
+        async move { images.get_raw_instance(req).await }
+    };
+    assert_eq!(
+        raw(&rad1).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    // Another user has places of their own.
+    let mut theirs = raw(&rad2).await.unwrap().into_inner();
+    while theirs.message().await.unwrap().is_some() {}
+    // The client dropping a watch gives its place back.
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut again = loop {
+        match raw(&rad1).await {
+            Ok(stream) => break stream.into_inner(),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the place never came back"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    while again.message().await.unwrap().is_some() {}
+    let refused = server
+        .audit()
+        .into_iter()
+        .filter(|(user, action, _, outcome)| {
+            user == "rad1"
+                && action == "WatchWorklist"
+                && outcome.contains("streams are already open")
+        })
+        .count();
+    assert_eq!(refused, 1, "{:?}", server.audit());
+}
