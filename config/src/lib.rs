@@ -104,7 +104,8 @@ pub struct S3Config {
     #[serde(default)]
     pub allow_http: bool,
     /// Bucket addressed as `endpoint/bucket/key` (MinIO, Ceph and most
-    /// servers other than AWS) instead of `bucket.endpoint/key`.
+    /// servers other than AWS) instead of `bucket.host/key` (then an
+    /// `endpoint` must be the bucket's own host).
     #[serde(default = "defaults::s3_path_style")]
     pub path_style: bool,
 }
@@ -366,6 +367,18 @@ impl S3Config {
             Some(e) if e.starts_with("http://") => {}
             Some(_) => return invalid("endpoint must start with https:// or http://"),
         }
+        // Virtual-hosted style takes the endpoint as it is: the bucket must
+        // be in its host already, or every key would land in another bucket.
+        if let Some(e) = &self.endpoint
+            && !self.path_style
+            && !e
+                .split_once("://")
+                .is_some_and(|(_, host)| host.starts_with(&format!("{}.", self.bucket)))
+        {
+            return invalid(
+                "with path_style = false the endpoint must be the bucket's own host (https://BUCKET.host)",
+            );
+        }
         Ok(())
     }
 }
@@ -484,6 +497,16 @@ port = 11113
         assert!(
             Config::from_toml(&s3(
                 "endpoint = \"http://127.0.0.1:9000\"\nallow_http = true"
+            ))
+            .is_ok()
+        );
+        assert!(matches!(
+            Config::from_toml(&s3("endpoint = \"https://s3.local\"\npath_style = false")),
+            Err(Error::Invalid(_))
+        ));
+        assert!(
+            Config::from_toml(&s3(
+                "endpoint = \"https://consortium.s3.local\"\npath_style = false"
             ))
             .is_ok()
         );

@@ -77,7 +77,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// ledger once acknowledged.
 struct UnackedReport {
     message_id: u16,
-    transaction_uid: String,
+    /// Its row in storage's ledger of owed reports.
+    owed_id: i64,
     acknowledged: bool,
 }
 
@@ -339,29 +340,27 @@ impl Connection {
                 self.release().await;
             }
         }
-        self.settle_reports(shared, &assoc, true).await;
+        self.settle_reports(shared, true).await;
     }
 
     /// Tells the ledger which reports were acknowledged; with `ending`,
     /// also which are now due on a new association (and wakes their
     /// delivery).
-    async fn settle_reports(&mut self, shared: &Shared, assoc: &Established, ending: bool) {
-        let requester = &assoc.source.calling_ae;
+    async fn settle_reports(&mut self, shared: &Shared, ending: bool) {
         let mut woke = false;
         for report in std::mem::take(&mut self.unacked_reports) {
-            let txn = &report.transaction_uid;
             let res = if report.acknowledged {
-                shared.storage.report_settled(requester, txn).await
+                shared.storage.report_settled(report.owed_id).await
             } else if ending {
                 woke = true;
                 let now = crate::report_delivery::unix_now();
-                shared.storage.report_due(requester, txn, now, false).await
+                shared.storage.report_due(report.owed_id, now, false).await
             } else {
                 self.unacked_reports.push(report);
                 continue;
             };
             if let Err(e) = res {
-                tracing::error!(error = %e, transaction_uid = %txn, "cannot update the owed commitment reports");
+                tracing::error!(error = %e, "cannot update the owed commitment reports");
             }
         }
         if woke {
@@ -741,7 +740,7 @@ impl Connection {
             Err(e) => {
                 warn!(sop_instance_uid = %sop_instance, status = format_args!("0x{:04X}", e.status()), error = %e, "C-STORE failed");
                 rsp = Response::new(field::C_STORE_RSP, message_id, e.status())
-                    .error_comment(&e.to_string());
+                    .error_comment(&e.comment());
             }
         }
         if storage::part10::is_valid_uid(&sop_class) {
@@ -1412,11 +1411,12 @@ impl Connection {
         };
         let requested = request.references.len();
         let scope = (!assoc.county).then_some(assoc.source.clinic_id.as_str());
-        self.settle_reports(shared, assoc, false).await;
+        self.settle_reports(shared, false).await;
         // Answering success promises a report: the request is recorded
         // first, so that a report the requester leaves without, or one cut
         // short by a restart, is still delivered (`report_delivery`).
         let owed = storage::OwedReport {
+            id: 0,
             requester_ae: assoc.source.calling_ae.clone(),
             transaction_uid: request.transaction_uid.clone(),
             clinic_scope: scope.map(str::to_owned),
@@ -1428,22 +1428,26 @@ impl Connection {
             created_at: crate::report_delivery::unix_now(),
             attempts: 0,
         };
-        if let Err(e) = shared.storage.owe_report(owed).await {
-            tracing::error!(error = %e, "cannot record a storage commitment request");
-            self.audit_refusal(
-                shared,
-                assoc,
-                field::N_ACTION_RSP,
-                status::PROCESSING_FAILURE,
-                "cannot record the request",
-            )
-            .await;
-            let rsp = Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
-                .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
-                .error_comment("the center cannot record the request now; ask again later")
-                .encode();
-            return self.respond(assoc, context_id, &rsp).await;
-        }
+        let owed_id = match shared.storage.owe_report(owed).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a storage commitment request");
+                self.audit_refusal(
+                    shared,
+                    assoc,
+                    field::N_ACTION_RSP,
+                    status::PROCESSING_FAILURE,
+                    "cannot record the request",
+                )
+                .await;
+                let rsp =
+                    Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
+                        .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+                        .error_comment("the center cannot record the request now; ask again later")
+                        .encode();
+                return self.respond(assoc, context_id, &rsp).await;
+            }
+        };
         // The request is accepted at once; the verdict follows in the
         // N-EVENT-REPORT, however long re-verifying takes (PS3.4 Annex J).
         let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
@@ -1481,7 +1485,7 @@ impl Connection {
         let report_id = self.last_message_id;
         self.unacked_reports.push(UnackedReport {
             message_id: report_id,
-            transaction_uid: outcome.transaction_uid.clone(),
+            owed_id,
             acknowledged: false,
         });
         answered?;

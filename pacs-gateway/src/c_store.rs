@@ -38,6 +38,20 @@ impl StoreError {
             StoreError::Storage(_) => status::OUT_OF_RESOURCES,
         }
     }
+
+    /// The Error Comment for the sender: what was wrong with what it sent,
+    /// or that the center could not keep it now. The center's own failures
+    /// (disk, index, object store: paths, endpoints, buckets) stay in the log.
+    pub(crate) fn comment(&self) -> String {
+        match self {
+            StoreError::Storage(storage::Error::Dataset(_))
+            | StoreError::Storage(storage::Error::TooLarge { .. }) => self.to_string(),
+            StoreError::Storage(_) => {
+                "the center cannot keep the instance now; send it again later".into()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// A C-STORE whose dataset is arriving.

@@ -90,6 +90,11 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> Result<(), String> {
     let storage = storage::Storage::open_configured(&config.storage).map_err(|e| e.to_string())?;
+    storage
+        .blobs()
+        .check_writable()
+        .await
+        .map_err(|e| format!("the blob store cannot be written: {e}"))?;
     let clinics = config
         .clinics
         .iter()

@@ -21,6 +21,12 @@ const GIVE_UP_AFTER_S: i64 = 24 * 60 * 60;
 /// The first retry after a failed delivery; doubled each time, up to `MAX_RETRY_S`.
 const FIRST_RETRY_S: i64 = 5;
 const MAX_RETRY_S: i64 = 10 * 60;
+/// Reports delivered at the same time.
+const PARALLEL: usize = 4;
+/// The longest one delivery may take, connecting included.
+const SEND_TIMEOUT: Duration = Duration::from_secs(90);
+/// How soon to look again after the ledger could not be read or written.
+const LEDGER_RETRY_S: i64 = 30;
 /// Implicit VR little endian: what every requester accepts.
 const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 
@@ -30,33 +36,61 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Delivers owed reports as they fall due until shutdown. At start every
-/// owed report is due: no association holds one any more.
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.clone();
+/// Makes every owed report due: at start no association holds one. Runs
+/// before the listener accepts, so that it cannot touch a report a new
+/// association holds.
+pub(crate) async fn all_due_at_start(shared: &Shared) {
     if let Err(e) = shared.storage.all_reports_due(unix_now()).await {
         error!(error = %e, "cannot read the owed commitment reports");
     }
+}
+
+/// Delivers owed reports as they fall due until shutdown, several at a
+/// time (one requester that is slow or down does not hold up the others).
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
     loop {
         let next = match shared.storage.due_reports(unix_now()) {
             Ok((due, _)) if !due.is_empty() => {
-                for report in due {
-                    if *shutdown.borrow() {
-                        return;
+                let mut attempts = tokio::task::JoinSet::new();
+                let mut due = due.into_iter();
+                let mut ledger_ok = true;
+                loop {
+                    while attempts.len() < PARALLEL {
+                        let Some(report) = due.next() else { break };
+                        let span = info_span!(
+                            "owed report",
+                            requester_ae = %report.requester_ae,
+                            transaction_uid = %report.transaction_uid
+                        );
+                        let shared = shared.clone();
+                        attempts
+                            .spawn(async move { deliver(&shared, report).await }.instrument(span));
                     }
-                    let span = info_span!(
-                        "owed report",
-                        requester_ae = %report.requester_ae,
-                        transaction_uid = %report.transaction_uid
-                    );
-                    deliver(&shared, report).instrument(span).await;
+                    tokio::select! {
+                        done = attempts.join_next() => match done {
+                            Some(Ok(ok)) => ledger_ok &= ok,
+                            Some(Err(e)) => {
+                                error!(error = %e, "a report delivery failed");
+                                ledger_ok = false;
+                            }
+                            None => break,
+                        },
+                        _ = shutdown.changed() => return,
+                    }
                 }
-                continue; // each was settled or put off: look again
+                if ledger_ok {
+                    continue; // each was settled or put off: look again
+                }
+                // A report the ledger could not settle or put off is still
+                // due: look again only after a while, not at once (that
+                // would send it over and over).
+                Some(unix_now() + LEDGER_RETRY_S)
             }
             Ok((_, next)) => next,
             Err(e) => {
                 error!(error = %e, "cannot read the owed commitment reports");
-                Some(unix_now() + 60)
+                Some(unix_now() + LEDGER_RETRY_S)
             }
         };
         let wait = next.map_or(MAX_RETRY_S, |t| (t - unix_now()).clamp(1, MAX_RETRY_S));
@@ -69,19 +103,20 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 }
 
 /// One attempt: re-verify, send, then settle the report or put it off.
-async fn deliver(shared: &Shared, report: OwedReport) {
+/// False when the ledger could not be updated.
+async fn deliver(shared: &Shared, report: OwedReport) -> bool {
     let storage = &shared.storage;
-    let (requester, txn) = (
-        report.requester_ae.as_str(),
-        report.transaction_uid.as_str(),
-    );
-    let now = unix_now();
+    let id = report.id;
     let settle = || async {
-        if let Err(e) = storage.report_settled(requester, txn).await {
-            error!(error = %e, "cannot update the owed commitment reports");
+        match storage.report_settled(id).await {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %e, "cannot update the owed commitment reports");
+                false
+            }
         }
     };
-    if now - report.created_at > GIVE_UP_AFTER_S {
+    if unix_now() - report.created_at > GIVE_UP_AFTER_S {
         warn!(
             attempts = report.attempts,
             "giving up on a storage commitment report undelivered for a day"
@@ -89,7 +124,11 @@ async fn deliver(shared: &Shared, report: OwedReport) {
         return settle().await;
     }
     let config = &shared.config;
-    let Some(dest) = config.destinations.iter().find(|d| d.ae_title == requester) else {
+    let Some(dest) = config
+        .destinations
+        .iter()
+        .find(|d| d.ae_title == report.requester_ae)
+    else {
         warn!(
             "storage commitment report not acknowledged and the requester has no configured address; it is lost"
         );
@@ -114,7 +153,13 @@ async fn deliver(shared: &Shared, report: OwedReport) {
             return settle().await;
         }
     };
-    match send(config, dest, outcome.event_type(), &dataset).await {
+    let sent = tokio::time::timeout(
+        SEND_TIMEOUT,
+        send(config, dest, outcome.event_type(), &dataset),
+    )
+    .await
+    .unwrap_or_else(|_| Err("the requester stopped answering".into()));
+    match sent {
         Ok(Sent::Answered(status)) => {
             info!(
                 status = format_args!("0x{status:04X}"),
@@ -122,22 +167,24 @@ async fn deliver(shared: &Shared, report: OwedReport) {
                 failed = outcome.failed.len(),
                 "storage commitment report delivered on a new association"
             );
-            settle().await;
+            settle().await
         }
         Ok(Sent::ContextRefused) => {
             warn!(
-                "the requester refused the storage commitment context, or our SCP role on it, for the report; it is lost"
+                "the requester refused the storage commitment context, or our SCP role on it, for the report; it is lost (check the requester's configuration)"
             );
-            settle().await;
+            settle().await
         }
         Err(e) => {
             let retry_in = (FIRST_RETRY_S << report.attempts.min(16)).min(MAX_RETRY_S);
             warn!(error = %e, attempt = report.attempts, retry_in_s = retry_in, "commitment report delivery failed");
-            if let Err(e) = storage
-                .report_due(requester, txn, now + retry_in, true)
-                .await
-            {
-                error!(error = %e, "cannot update the owed commitment reports");
+            // From now, after the attempt (which may have taken a while).
+            match storage.report_due(id, unix_now() + retry_in, true).await {
+                Ok(()) => true,
+                Err(e) => {
+                    error!(error = %e, "cannot update the owed commitment reports");
+                    false
+                }
             }
         }
     }
@@ -196,7 +243,8 @@ async fn send(
     let answered = async {
         assoc.send_command(1, &rq).await?;
         assoc.send_dataset(1, dataset).await?;
-        assoc.receive(0).await
+        // (An answer with a dataset is an answer too.)
+        assoc.receive(64 << 10).await
     }
     .await;
     match answered {

@@ -39,6 +39,7 @@ pub async fn run(
         shutdown: stop_rx,
         reports_due: tokio::sync::Notify::new(),
     });
+    crate::report_delivery::all_due_at_start(&shared).await;
     tokio::spawn(crate::report_delivery::run(shared.clone()));
     let connections = Arc::new(Semaphore::new(
         config.gateway.max_associations + HANDSHAKE_SLACK,

@@ -211,25 +211,61 @@ fn n_action(id: u16, txn: &str, instances: &[&str]) -> (Vec<u8>, Vec<u8>) {
 
 const COMMITMENT: &str = "1.2.840.10008.1.20.1";
 
+/// pynetdicom listening for one commitment report as `COUNTYWS1` on a port
+/// of its choosing (`tests/py/commit_report_listener.py`); the process and
+/// the port. `extra`: the script's options.
+fn report_listener(timeout_s: u32, extra: &[&str]) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/commit_report_listener.py"
+    );
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(["0", "COUNTYWS1", &timeout_s.to_string()])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("listener said {line:?}"))
+        .parse()
+        .unwrap();
+    (child, port)
+}
+
+/// A gateway whose `COUNTYWS1` destination is `port`.
+fn with_destination(dir: &std::path::Path, port: u16) -> Gateway {
+    let spec = GatewaySpec {
+        clinics: format!(
+            "{}\n[[destinations]]\nae_title = \"COUNTYWS1\"\nhost = \"127.0.0.1\"\nport = {port}\n",
+            GatewaySpec::default().clinics
+        ),
+        ..Default::default()
+    };
+    Gateway::start(dir, &spec)
+}
+
 /// The report owed to a requester that left is in storage's ledger, not
 /// only in memory: the gateway killed while the requester cannot be
 /// reached delivers it after its restart, and then forgets it.
 #[test]
 fn an_owed_report_survives_a_gateway_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+    // Nobody listens at the requester's address at first (a port just
+    // freed); the restarted gateway is told the listener's.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let spec = GatewaySpec {
-        clinics: format!(
-            "{}\n[[destinations]]\nae_title = \"COUNTYWS1\"\nhost = \"127.0.0.1\"\nport = {listen}\n",
-            GatewaySpec::default().clinics
-        ),
-        ..Default::default()
-    };
-    let mut gw = Gateway::start(dir.path(), &spec);
+    let mut gw = with_destination(dir.path(), closed);
     let contexts: &[(u8, &str, &[&str])] = &[
         (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
         (3, COMMITMENT, &[scu::EXPLICIT_LE]),
@@ -268,23 +304,18 @@ fn an_owed_report_survives_a_gateway_restart() {
     assert_eq!(owed(&gw), 1);
 
     gw.sigkill_in_place();
+    // The requester is back before the gateway: the restarted gateway's
+    // first attempt delivers.
+    let (listener, port) = report_listener(30, &[]);
+    let config = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(
+        &gw.config_path,
+        config.replace(&format!("port = {closed}"), &format!("port = {port}")),
+    )
+    .unwrap();
     let gw = gw.restart();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/py/commit_report_listener.py"
-    );
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(listen.to_string())
-        .arg("COUNTYWS1")
-        .arg("40")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = listener.wait_with_output().unwrap();
+    assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report = serde_like::parse(&stdout);
     assert_eq!(report.event_type, 1, "{stdout}\n{}", gw.log());
@@ -310,32 +341,8 @@ fn an_owed_report_survives_a_gateway_restart() {
 #[test]
 fn no_report_where_our_scp_role_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let spec = GatewaySpec {
-        clinics: format!(
-            "{}\n[[destinations]]\nae_title = \"COUNTYWS1\"\nhost = \"127.0.0.1\"\nport = {listen}\n",
-            GatewaySpec::default().clinics
-        ),
-        ..Default::default()
-    };
-    let gw = Gateway::start(dir.path(), &spec);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/py/commit_report_listener.py"
-    );
-    let listener = Command::new("python3")
-        .arg(script)
-        .arg(listen.to_string())
-        .arg("COUNTYWS1")
-        .arg("6")
-        .arg("--refuse-scp-role")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (listener, port) = report_listener(6, &["--refuse-scp-role"]);
+    let gw = with_destination(dir.path(), port);
     let contexts: &[(u8, &str, &[&str])] = &[
         (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
         (3, COMMITMENT, &[scu::EXPLICIT_LE]),
@@ -350,12 +357,7 @@ fn no_report_where_our_scp_role_is_refused() {
         a.store(1, CT_IMAGE_STORAGE, "2.25.7401", &ds),
         Reply::Status(0)
     );
-    // Wait for the listener to be up, then ask and leave.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "listener not up");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // Ask and leave.
     let (command, request) = n_action(7, "2.25.7499", &["2.25.7401"]);
     a.send_message(3, true, &command);
     a.send_message(3, false, &request);

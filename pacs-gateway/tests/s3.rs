@@ -170,3 +170,35 @@ fn a_store_that_is_down_fails_the_c_store_and_indexes_nothing() {
         gw.log()
     );
 }
+
+/// A bucket that does not exist (or credentials that may not write) stops
+/// the gateway at start, with the reason, instead of failing every C-STORE.
+#[test]
+fn a_missing_bucket_stops_the_gateway_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path()); // no bucket created
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nae_title = \"{}\"\nlisten = \"127.0.0.1:0\"\n\n[storage]\ndata_dir = \"data\"\n{}",
+            common::AE,
+            common::s3::storage_section(s3.port, SECRET)
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pacs-gateway"))
+        .current_dir(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "never said it was listening");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the blob store cannot be written"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET));
+}

@@ -88,7 +88,8 @@ impl BlobStore {
 
     /// An S3-compatible bucket. Requests that fail for a transient reason
     /// are retried for at most 20 s, so that a store which is down fails a
-    /// C-STORE within a sender's usual DIMSE timeout instead of holding it.
+    /// C-STORE promptly instead of holding the sender; one that hangs takes
+    /// up to a minute per request (a 16 MiB part on a slow link needs time).
     #[cfg(feature = "s3")]
     pub fn s3(config: &consortium_config::S3Config) -> Result<BlobStore> {
         use object_store::aws::AmazonS3Builder;
@@ -107,7 +108,7 @@ impl BlobStore {
                 ClientOptions::new()
                     .with_allow_http(config.allow_http)
                     .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(120)),
+                    .with_timeout(Duration::from_secs(60)),
             )
             .with_retry(RetryConfig {
                 max_retries: 4,
@@ -126,6 +127,23 @@ impl BlobStore {
             source: "this program was built without storage's `s3` feature".into(),
         }
         .into())
+    }
+
+    /// Checks that blobs can be written (a remote store: its bucket exists
+    /// and the credentials may write), so that a misconfigured store stops
+    /// the gateway at start instead of failing every C-STORE.
+    pub async fn check_writable(&self) -> Result<()> {
+        if self.local_root.is_some() {
+            return Ok(());
+        }
+        let probe = ObjectPath::from("probe/gateway-start");
+        self.store
+            .put(
+                &probe,
+                PutPayload::from_static(b"written by pacs-gateway at start"),
+            )
+            .await?;
+        Ok(())
     }
 
     pub(crate) fn remote(store: Arc<dyn ObjectStore>) -> BlobStore {

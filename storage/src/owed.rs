@@ -13,6 +13,8 @@ use crate::{Result, Storage};
 /// A report owed to a requester.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwedReport {
+    /// The ledger's id of this report (ignored by [`Storage::owe_report`]).
+    pub id: i64,
     /// The calling AE title that asked.
     pub requester_ae: String,
     pub transaction_uid: String,
@@ -32,26 +34,39 @@ pub struct OwedReport {
 #[derive(Debug)]
 pub(crate) enum Change {
     /// Held by the association that asked (not due) until released. A
-    /// request repeating its transaction UID replaces the earlier one.
-    Add(OwedReport),
+    /// request repeating its transaction UID replaces the earlier one
+    /// (under a new id). `added` receives the new row's id.
+    Add {
+        report: OwedReport,
+        added: std::cell::Cell<i64>,
+    },
     Remove {
-        requester_ae: String,
-        transaction_uid: String,
+        id: i64,
     },
     Due {
-        requester_ae: String,
-        transaction_uid: String,
+        id: i64,
         at: i64,
         attempted: bool,
     },
     /// At start no association holds a report and none need wait: all due at `at`.
-    AllDue { at: i64 },
+    AllDue {
+        at: i64,
+    },
 }
 
 impl Change {
+    /// The id of the row changed (added, for `Add`).
+    pub(crate) fn row_id(&self) -> i64 {
+        match self {
+            Change::Add { added, .. } => added.get(),
+            Change::Remove { id } | Change::Due { id, .. } => *id,
+            Change::AllDue { .. } => 0,
+        }
+    }
+
     pub(crate) fn apply(&self, c: &Connection) -> Result<()> {
         match self {
-            Change::Add(r) => {
+            Change::Add { report: r, added } => {
                 c.prepare_cached(
                     "INSERT OR REPLACE INTO owed_reports
                        (requester_ae, transaction_uid, clinic_scope, refs, created_at, attempts, due_at)
@@ -64,32 +79,17 @@ impl Change {
                     encode_refs(&r.references),
                     r.created_at
                 ])?;
+                added.set(c.last_insert_rowid());
             }
-            Change::Remove {
-                requester_ae,
-                transaction_uid,
-            } => {
-                c.prepare_cached(
-                    "DELETE FROM owed_reports WHERE requester_ae = ?1 AND transaction_uid = ?2",
-                )?
-                .execute(params![requester_ae, transaction_uid])?;
+            Change::Remove { id } => {
+                c.prepare_cached("DELETE FROM owed_reports WHERE id = ?1")?
+                    .execute([id])?;
             }
-            Change::Due {
-                requester_ae,
-                transaction_uid,
-                at,
-                attempted,
-            } => {
+            Change::Due { id, at, attempted } => {
                 c.prepare_cached(
-                    "UPDATE owed_reports SET due_at = ?3, attempts = attempts + ?4
-                     WHERE requester_ae = ?1 AND transaction_uid = ?2",
+                    "UPDATE owed_reports SET due_at = ?2, attempts = attempts + ?3 WHERE id = ?1",
                 )?
-                .execute(params![
-                    requester_ae,
-                    transaction_uid,
-                    at,
-                    *attempted as i64
-                ])?;
+                .execute(params![id, at, *attempted as i64])?;
             }
             Change::AllDue { at } => {
                 c.prepare_cached(
@@ -128,45 +128,35 @@ fn decode_refs(text: &str) -> Vec<(String, String)> {
 }
 
 impl Storage {
-    /// Records a report as owed, held by the asking association.
-    pub async fn owe_report(&self, report: OwedReport) -> Result<()> {
-        self.change_owed(Change::Add(report)).await
+    /// Records a report as owed, held by the asking association; its id.
+    pub async fn owe_report(&self, report: OwedReport) -> Result<i64> {
+        self.change_owed(Change::Add {
+            report,
+            added: std::cell::Cell::new(0),
+        })
+        .await
     }
 
     /// The report was acknowledged (or will never be deliverable): forgets it.
-    pub async fn report_settled(&self, requester_ae: &str, transaction_uid: &str) -> Result<()> {
-        self.change_owed(Change::Remove {
-            requester_ae: requester_ae.into(),
-            transaction_uid: transaction_uid.into(),
-        })
-        .await
+    pub async fn report_settled(&self, id: i64) -> Result<()> {
+        self.change_owed(Change::Remove { id }).await.map(drop)
     }
 
     /// The report is to be delivered on a new association from `at` (Unix
     /// seconds); `attempted` counts a failed delivery.
-    pub async fn report_due(
-        &self,
-        requester_ae: &str,
-        transaction_uid: &str,
-        at: i64,
-        attempted: bool,
-    ) -> Result<()> {
-        self.change_owed(Change::Due {
-            requester_ae: requester_ae.into(),
-            transaction_uid: transaction_uid.into(),
-            at,
-            attempted,
-        })
-        .await
+    pub async fn report_due(&self, id: i64, at: i64, attempted: bool) -> Result<()> {
+        self.change_owed(Change::Due { id, at, attempted })
+            .await
+            .map(drop)
     }
 
     /// Makes every owed report due at `at` (at start: none is held, and a
     /// restart is as good a time as any to try again).
     pub async fn all_reports_due(&self, at: i64) -> Result<()> {
-        self.change_owed(Change::AllDue { at }).await
+        self.change_owed(Change::AllDue { at }).await.map(drop)
     }
 
-    async fn change_owed(&self, change: Change) -> Result<()> {
+    async fn change_owed(&self, change: Change) -> Result<i64> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.send(Job::Owed { change, reply })?;
         rx.await.map_err(|_| crate::Error::ShuttingDown)?
@@ -179,17 +169,18 @@ impl Storage {
         let c = reader.connection();
         let due = c
             .prepare_cached(
-                "SELECT requester_ae, transaction_uid, clinic_scope, refs, created_at, attempts
-                 FROM owed_reports WHERE due_at <= ?1 ORDER BY created_at",
+                "SELECT id, requester_ae, transaction_uid, clinic_scope, refs, created_at, attempts
+                 FROM owed_reports WHERE due_at <= ?1 ORDER BY id",
             )?
             .query_map([now], |r| {
                 Ok(OwedReport {
-                    requester_ae: r.get(0)?,
-                    transaction_uid: r.get(1)?,
-                    clinic_scope: r.get(2)?,
-                    references: decode_refs(&r.get::<_, String>(3)?),
-                    created_at: r.get(4)?,
-                    attempts: r.get::<_, i64>(5)? as u32,
+                    id: r.get(0)?,
+                    requester_ae: r.get(1)?,
+                    transaction_uid: r.get(2)?,
+                    clinic_scope: r.get(3)?,
+                    references: decode_refs(&r.get::<_, String>(4)?),
+                    created_at: r.get(5)?,
+                    attempts: r.get::<_, i64>(6)? as u32,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -206,6 +197,7 @@ mod tests {
 
     fn report(txn: &str) -> OwedReport {
         OwedReport {
+            id: 0,
             requester_ae: "XINZHEN_CT".into(),
             transaction_uid: txn.into(),
             clinic_scope: Some("xinzhen".into()),
@@ -221,39 +213,54 @@ mod tests {
     #[tokio::test]
     async fn owed_reports_are_held_then_due_then_settled_across_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let ten = {
             let storage = Storage::open(dir.path()).unwrap();
-            storage.owe_report(report("2.25.10")).await.unwrap();
-            storage.owe_report(report("2.25.11")).await.unwrap();
+            let ten = storage.owe_report(report("2.25.10")).await.unwrap();
+            let eleven = storage.owe_report(report("2.25.11")).await.unwrap();
+            assert_ne!(ten, eleven);
             // Held by their association: not due.
             assert_eq!(storage.due_reports(5_000).unwrap(), (vec![], None));
-            storage
-                .report_due("XINZHEN_CT", "2.25.10", 2_000, false)
-                .await
-                .unwrap();
+            storage.report_due(ten, 2_000, false).await.unwrap();
             let (due, next) = storage.due_reports(1_500).unwrap();
             assert!(due.is_empty());
             assert_eq!(next, Some(2_000));
             let (due, _) = storage.due_reports(2_000).unwrap();
-            assert_eq!(due, vec![report("2.25.10")], "references survive escaping");
-            storage
-                .report_due("XINZHEN_CT", "2.25.10", 9_000, true)
-                .await
-                .unwrap();
-            storage
-                .report_settled("XINZHEN_CT", "2.25.11")
-                .await
-                .unwrap();
-        }
+            let expected = OwedReport {
+                id: ten,
+                ..report("2.25.10")
+            };
+            assert_eq!(due, vec![expected], "references survive escaping");
+            storage.report_due(ten, 9_000, true).await.unwrap();
+            storage.report_settled(eleven).await.unwrap();
+            ten
+        };
         // After a restart every owed report is due at once.
         let storage = Storage::open(dir.path()).unwrap();
         storage.all_reports_due(3_000).await.unwrap();
         let (due, next) = storage.due_reports(3_000).unwrap();
         assert_eq!(due.len(), 1);
-        assert_eq!(
-            (due[0].transaction_uid.as_str(), due[0].attempts),
-            ("2.25.10", 1)
-        );
+        assert_eq!((due[0].id, due[0].attempts), (ten, 1));
         assert_eq!(next, None);
+    }
+
+    /// A request repeating a transaction UID replaces the older row; whoever
+    /// still holds the older one changes nothing any more.
+    #[tokio::test]
+    async fn a_repeated_transaction_uid_gets_a_row_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let first = storage.owe_report(report("2.25.20")).await.unwrap();
+        let second = storage.owe_report(report("2.25.20")).await.unwrap();
+        assert_ne!(first, second);
+        storage.report_settled(first).await.unwrap();
+        storage.report_due(first, 0, true).await.unwrap();
+        assert_eq!(
+            storage.due_reports(10).unwrap(),
+            (vec![], None),
+            "still held"
+        );
+        storage.report_due(second, 5, false).await.unwrap();
+        let (due, _) = storage.due_reports(10).unwrap();
+        assert_eq!((due.len(), due[0].id, due[0].attempts), (1, second, 0));
     }
 }

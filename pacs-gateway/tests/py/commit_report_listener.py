@@ -2,9 +2,11 @@
 N-EVENT-REPORT on a new association (PS3.4 J.3.3), with pynetdicom.
 
 usage: commit_report_listener.py LISTEN_PORT AE_TITLE TIMEOUT_S [--refuse-scp-role]
+First prints "listening on PORT" (LISTEN_PORT 0: a free port is chosen),
+then, when the report came or the time is up, one line of JSON:
 (--refuse-scp-role: the commitment context is accepted, but not the center's
 SCP role on it, so the center may not send the report.)
-Prints JSON: {"action_status": -1, "event_type": int, "transaction_uid": str,
+{"action_status": -1, "event_type": int, "transaction_uid": str,
 "committed": [...], "failed": {...}} (event_type -1 when none came).
 """
 import json
@@ -36,6 +38,7 @@ if refuse_role:
 else:
     ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
 server = ae.start_server(("127.0.0.1", listen_port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+print(f"listening on {server.server_address[1]}", flush=True)
 got = done.wait(timeout=timeout)
 server.shutdown()
 print(json.dumps({

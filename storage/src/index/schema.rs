@@ -224,8 +224,12 @@ const MIGRATIONS: &[&str] = &[
     // N-ACTION is answered, removed once a report is acknowledged, so that
     // neither a requester that left nor a restart of the gateway loses one.
     // `due_at` (Unix seconds) is NULL while an association still holds it.
+    // Rows are changed by `id` (never reused), so a request repeating a
+    // transaction UID replaces the older row without being changed by
+    // whoever still holds that one.
     r#"
     CREATE TABLE owed_reports (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
         requester_ae    TEXT NOT NULL,
         transaction_uid TEXT NOT NULL,
         clinic_scope    TEXT,
@@ -233,7 +237,7 @@ const MIGRATIONS: &[&str] = &[
         created_at      INTEGER NOT NULL,
         attempts        INTEGER NOT NULL DEFAULT 0,
         due_at          INTEGER,
-        PRIMARY KEY (requester_ae, transaction_uid)
+        UNIQUE (requester_ae, transaction_uid)
     );
     "#,
 ];

@@ -68,7 +68,8 @@ pub(crate) enum Job {
     },
     Owed {
         change: crate::owed::Change,
-        reply: oneshot::Sender<Result<()>>,
+        /// The row's id (of the row added, for `Change::Add`).
+        reply: oneshot::Sender<Result<i64>>,
     },
 }
 
@@ -321,8 +322,11 @@ impl Job {
             Job::Insert { reply, .. } => {
                 let _ = reply.send(res.map(|o| o.unwrap_or(StoreOutcome::Stored)));
             }
-            Job::Clinics { reply, .. } | Job::Audit { reply, .. } | Job::Owed { reply, .. } => {
+            Job::Clinics { reply, .. } | Job::Audit { reply, .. } => {
                 let _ = reply.send(res.map(drop));
+            }
+            Job::Owed { change, reply } => {
+                let _ = reply.send(res.map(|_| change.row_id()));
             }
         }
     }
