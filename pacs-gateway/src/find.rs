@@ -1,7 +1,9 @@
 //! C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root information
-//! models, PATIENT to IMAGE level, plus one private STUDY-level key: the
-//! sending clinic's id, `(0009,xx01)` LO in a block reserved for private
-//! creator "CONSORTIUM CENTER". The identifier becomes a
+//! models, PATIENT to IMAGE level, plus two private keys in a block
+//! reserved for private creator "CONSORTIUM CENTER": the sending clinic's
+//! id (STUDY level, `(0009,xx01)` LO) and the SHA-256 of an instance's
+//! current bytes (IMAGE level, `(0009,xx10)` LO, 64 hex digits; the upload
+//! tool's "already present" check). The identifier becomes a
 //! `storage::query::Query`; each match goes back as a pending response with
 //! only the requested keys, in the query's character set when it is GB18030
 //! (or ISO_IR 100 and the values are Latin-1), else UTF-8 (ISO_IR 192),
@@ -93,6 +95,9 @@ pub(crate) const PRIVATE_CREATOR: &str = "CONSORTIUM CENTER";
 /// Element offset, inside the private block, of the sending clinic's id
 /// (LO): `(0009,xx01)` where `(0009,00xx)` holds [`PRIVATE_CREATOR`].
 const SENDING_CLINIC_OFFSET: u16 = 0x01;
+/// Element offset of the SHA-256 of an instance's current bytes (LO, 64
+/// lower-case hex digits): `(0009,xx10)`.
+pub(crate) const INSTANCE_SHA256_OFFSET: u16 = 0x10;
 
 /// A parsed C-FIND identifier.
 #[derive(Debug)]
@@ -201,8 +206,12 @@ pub(crate) fn parse(
                 && value_text(e).trim_end_matches(['\0', ' ']).trim() == PRIVATE_CREATOR
         })
         .map(|e| e.tag());
-    let sending_clinic =
-        private_creator.map(|c| Tag(0x0009, (c.element() << 8) | SENDING_CLINIC_OFFSET));
+    let private_key =
+        |offset: u16| private_creator.map(|c| Tag(0x0009, (c.element() << 8) | offset));
+    let (sending_clinic, instance_sha256) = (
+        private_key(SENDING_CLINIC_OFFSET),
+        private_key(INSTANCE_SHA256_OFFSET),
+    );
     for element in obj.iter() {
         let tag = element.tag();
         if tag == tags::QUERY_RETRIEVE_LEVEL
@@ -213,10 +222,17 @@ pub(crate) fn parse(
             continue;
         }
         let mut value = value_text(element);
-        let known = if Some(tag) == sending_clinic {
+        let private = if Some(tag) == sending_clinic {
+            Some(Key::SendingClinic)
+        } else if Some(tag) == instance_sha256 {
+            Some(Key::InstanceSha256)
+        } else {
+            None
+        };
+        let known = if let Some(key) = private {
             // Padded with NUL by requesters that send it as UN.
             value = value.trim_end_matches(['\0', ' ']).to_string();
-            Some((tag, VR::LO, Key::SendingClinic))
+            Some((tag, VR::LO, key))
         } else {
             KEYS.iter().find(|(t, _, _)| *t == tag).copied()
         };

@@ -87,6 +87,9 @@ pub enum Key {
     SopClassUid,
     InstanceNumber,
     NumberOfFrames,
+    /// SHA-256 (lower-case hex) of the instance's current bytes: lets the
+    /// upload tool tell a file the center already holds from one it does not.
+    InstanceSha256,
 }
 
 /// How a key matches (PS3.4 C.2.2.2).
@@ -170,7 +173,9 @@ impl Key {
             | SeriesNumber
             | SeriesDescription
             | NumberOfSeriesRelatedInstances => Level::Series,
-            SopInstanceUid | SopClassUid | InstanceNumber | NumberOfFrames => Level::Image,
+            SopInstanceUid | SopClassUid | InstanceNumber | NumberOfFrames | InstanceSha256 => {
+                Level::Image
+            }
         }
     }
 
@@ -224,6 +229,7 @@ impl Key {
             SopClassUid => "i.sop_class_uid",
             InstanceNumber => "i.instance_number",
             NumberOfFrames => "i.number_of_frames",
+            InstanceSha256 => "i.sha256",
         }
     }
 

@@ -3,13 +3,15 @@
 //! exactly these are not and here is why.
 //!
 //! Steps: scan (non-DICOM files listed and skipped), skip sending what the
-//! local record says this center already committed, send over parallel
+//! local record says this center already committed and what the center
+//! says it already holds byte for byte (`present`), send over parallel
 //! associations with retries, request storage commitment for everything
 //! stored (recording each confirmation as it arrives) and again for what
 //! was skipped, print a summary. Exit status 0 only when the center
 //! confirmed, in this run, every DICOM instance found.
 
 mod commit;
+mod present;
 mod progress;
 mod record;
 mod scan;
@@ -273,6 +275,9 @@ async fn run(args: Args) -> ExitCode {
         };
     }
 
+    // Files the center already holds, byte for byte, and confirms: not sent again.
+    let (present, to_send, present_answers) = already_present(s, to_send).await;
+
     let total_bytes = to_send.iter().map(|c| c.size).sum();
     let progress = progress::Progress::new(to_send.len() as u64, total_bytes);
     let send_started = std::time::Instant::now();
@@ -282,6 +287,7 @@ async fn run(args: Args) -> ExitCode {
     progress.finish();
     let sent_in = send_started.elapsed();
     let (mut answers, mut record) = committer.finish().await;
+    answers.extend(present_answers);
 
     let stored: Vec<(&scan::Candidate, &str)> = results
         .iter()
@@ -326,7 +332,12 @@ async fn run(args: Args) -> ExitCode {
     if let Err(e) = record.mark_committed(
         committed
             .iter()
-            .map(|(c, sha)| (c.sop_instance_uid.as_str(), *sha)),
+            .map(|(c, sha)| (c.sop_instance_uid.as_str(), *sha))
+            .chain(
+                present
+                    .iter()
+                    .map(|c| (c.sop_instance_uid.as_str(), c.sha256.as_str())),
+            ),
     ) {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }
@@ -401,9 +412,9 @@ async fn run(args: Args) -> ExitCode {
         for c in &already {
             lines.push(format!("{}\talready committed\t", c.path.display()));
         }
-        for c in &lapsed {
+        for c in &present {
             lines.push(format!(
-                "{}\tnot committed\tcommitted in an earlier run, not confirmed now",
+                "{}\talready present\tthe center held these bytes; committed",
                 c.path.display()
             ));
         }
@@ -455,10 +466,11 @@ async fn run(args: Args) -> ExitCode {
     );
     let not_committed = stored.len() - committed.len() + lapsed.len();
     println!(
-        "summary: {} stored, {} committed, {} already committed before, {} refused, {} failed, {} not committed, {} unusable DICOM files, {} non-DICOM files skipped, {} identical copies skipped",
+        "summary: {} stored, {} committed, {} already committed before, {} already present at the center, {} refused, {} failed, {} not committed, {} unusable DICOM files, {} non-DICOM files skipped, {} identical copies skipped",
         stored.len(),
         committed.len(),
         already.len(),
+        present.len(),
         refused,
         failed,
         not_committed,
@@ -480,10 +492,72 @@ async fn run(args: Args) -> ExitCode {
     if refused + failed + not_committed + unusable == 0 {
         println!(
             "all {} instances are committed at {center}",
-            committed.len() + already.len()
+            committed.len() + already.len() + present.len()
         );
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Splits `to_send` into the files the center already holds with the same
+/// bytes and confirms by storage commitment now (hashed here only when the
+/// center knows their UID), and the rest, which are sent; also the center's
+/// answers about the first. A file the center holds but does not confirm
+/// (a damaged copy) is sent again, which repairs it. When the center cannot
+/// be asked, everything is sent.
+async fn already_present(
+    s: &Settings,
+    to_send: Vec<scan::Candidate>,
+) -> (Vec<scan::Candidate>, Vec<scan::Candidate>, commit::Answers) {
+    let uids: Vec<&str> = to_send
+        .iter()
+        .map(|c| c.sop_instance_uid.as_str())
+        .collect();
+    let held = match present::held_by_center(s, &uids).await {
+        Ok(held) => held,
+        Err(e) => {
+            // A refused association is reported once, by the sending lanes.
+            if !matches!(e, consortium_dimse::client::ClientError::Rejected(_)) {
+                eprintln!(
+                    "consortium-upload: cannot ask the center which files it already holds ({e}); sending them all"
+                );
+            }
+            return (Vec::new(), to_send, commit::Answers::new());
+        }
+    };
+    if held.is_empty() {
+        return (Vec::new(), to_send, commit::Answers::new());
+    }
+    let (held_here, mut rest) = tokio::task::spawn_blocking(move || {
+        let (mut present, mut rest) = (Vec::new(), Vec::new());
+        for mut c in to_send {
+            if let Some(held_sha) = held.get(&c.sop_instance_uid)
+                && let Ok((file_sha, as_kept)) = present::hashes(&c)
+                && &as_kept == held_sha
+            {
+                c.sha256 = file_sha;
+                present.push(c);
+                continue;
+            }
+            rest.push(c);
+        }
+        (present, rest)
+    })
+    .await
+    .expect("hashing task");
+    if held_here.is_empty() {
+        return (Vec::new(), rest, commit::Answers::new());
+    }
+    let refs: Vec<(String, String)> = held_here
+        .iter()
+        .map(|c| (c.sop_class_uid.clone(), c.sop_instance_uid.clone()))
+        .collect();
+    let (answers, _) = commit::commit(s, &refs).await;
+    let (present, unconfirmed): (Vec<_>, Vec<_>) = held_here
+        .into_iter()
+        .partition(|c| answers.get(&c.sop_instance_uid) == Some(&None));
+    rest.extend(unconfirmed);
+    let answers = answers.into_iter().filter(|(_, a)| a.is_none()).collect();
+    (present, rest, answers)
 }

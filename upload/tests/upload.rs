@@ -228,6 +228,58 @@ fn uploads_a_folder_commits_everything_and_reruns_send_nothing() {
         summary_count(&text, "already committed before"),
         files.len()
     );
+
+    // Another workstation (no record) with the same files, one of them
+    // changed: the center already holds the others byte for byte, so only
+    // the changed one is sent; the rest are confirmed and recorded.
+    let changed = &files
+        .iter()
+        .find(|f| f.modality == "CT" && f.transfer_syntax == "1.2.840.10008.1.2.1")
+        .expect("an uncompressed CT slice")
+        .path;
+    let mut bytes = std::fs::read(changed).unwrap();
+    let pixel = bytes.len() - 100; // inside the pixel data, the header intact
+    bytes[pixel] ^= 0x01;
+    std::fs::write(changed, &bytes).unwrap();
+    let fresh = dir.path().join("other-record.sqlite");
+    let report = dir.path().join("report-2.tsv");
+    let other = upload(
+        gw.port,
+        &fresh,
+        &["--report", report.to_str().unwrap()],
+        &[&samples],
+    );
+    let text = stdout(&other);
+    assert!(
+        other.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert_eq!(
+        summary_count(&text, "stored"),
+        1,
+        "{text}\n{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert_eq!(
+        summary_count(&text, "already present at the center"),
+        files.len() - 1
+    );
+    let report = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(
+        report
+            .lines()
+            .filter(|l| l.contains("\talready present\t"))
+            .count(),
+        files.len() - 1
+    );
+    assert!(report.contains(&format!("{}\tcommitted\t", changed.display())));
+    assert_eq!(record_rows(&fresh), files.len() as i64);
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instance_versions"),
+        files.len() as i64 + 1,
+        "only the changed file is a new version"
+    );
 }
 
 #[test]
@@ -471,8 +523,12 @@ fn gateway_killed_mid_upload_then_rerun_completes_without_duplicates() {
         "{text}\n{}",
         String::from_utf8_lossy(&second.stderr)
     );
+    // Stored before the kill but not confirmed: the center says it holds
+    // them, so they are not sent again.
     assert_eq!(
-        summary_count(&text, "committed") + summary_count(&text, "already committed before"),
+        summary_count(&text, "committed")
+            + summary_count(&text, "already committed before")
+            + summary_count(&text, "already present at the center"),
         files.len()
     );
     // Exactly one instance and one version per file: nothing duplicated.
@@ -627,7 +683,12 @@ fn a_killed_upload_resumes_from_what_was_confirmed() {
     let text = stdout(&again);
     assert!(again.status.success(), "{text}");
     assert_eq!(summary_count(&text, "already committed before"), recorded);
-    assert_eq!(summary_count(&text, "stored"), files.len() - recorded);
+    // Sent before the kill but not yet confirmed: the center holds them and
+    // confirms them now, so they are not sent again.
+    assert_eq!(
+        summary_count(&text, "stored") + summary_count(&text, "already present at the center"),
+        files.len() - recorded
+    );
     assert_eq!(
         gw.count("SELECT count(*) FROM instance_versions"),
         files.len() as i64
