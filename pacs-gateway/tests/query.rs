@@ -200,6 +200,35 @@ fn findscu_queries_at_every_level_with_scope_and_audit() {
         "{clinics:?}"
     );
 
+    // The SHA-256 of each instance's current bytes, an IMAGE-level private
+    // key (the upload tool's "already present" check), here in block 0x42;
+    // a township clinic sees no hash of bytes another clinic sent.
+    let baishui_study = text(&from_baishui[0], tags::STUDY_INSTANCE_UID);
+    let image_keys = [
+        "QueryRetrieveLevel=IMAGE".to_string(),
+        format!("StudyInstanceUID={baishui_study}"),
+        "SOPInstanceUID".into(),
+        "(0009,0042)=CONSORTIUM CENTER".into(),
+        "(0009,4210)".into(),
+    ];
+    let image_keys: Vec<&str> = image_keys.iter().map(String::as_str).collect();
+    let (_, hashed) = findscu(gw.port, "COUNTYWS1", &image_keys, &scratch.join("sha"));
+    assert!(!hashed.is_empty());
+    for i in &hashed {
+        let uid = text(i, tags::SOP_INSTANCE_UID);
+        let expected: String = gw
+            .index()
+            .query_row(
+                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?1",
+                [&uid],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(text(i, dicom_core::Tag(0x0009, 0x4210)), expected, "{uid}");
+    }
+    let (_, foreign) = findscu(gw.port, "XINZHEN_CT", &image_keys, &scratch.join("sha-x"));
+    assert!(foreign.is_empty(), "another clinic's instances and hashes");
+
     // Chinese name prefix, UTF-8 query, matched on the ideographic group.
     let name: String = gw
         .index()
@@ -335,11 +364,11 @@ fn findscu_queries_at_every_level_with_scope_and_audit() {
         &gw,
         "SELECT count(*) FROM audit WHERE action = 'C-FIND' AND outcome = 'success'",
     );
-    assert_eq!(audited, 10);
+    assert_eq!(audited, 12);
     let (ae, matches): (String, i64) = gw
         .index()
         .query_row(
-            "SELECT calling_ae, matches FROM audit WHERE calling_ae = 'XINZHEN_CT'",
+            "SELECT calling_ae, matches FROM audit WHERE calling_ae = 'XINZHEN_CT' ORDER BY pk LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

@@ -261,7 +261,7 @@ async fn run(args: Args) -> ExitCode {
             );
         }
         println!(
-            "dry run: {} to send, {} already committed, {} skipped",
+            "dry run: {} to send, {} already committed, {} skipped (files the center already holds are found when sending, and then not sent)",
             to_send.len(),
             already.len(),
             skipped.len()
@@ -276,7 +276,8 @@ async fn run(args: Args) -> ExitCode {
     }
 
     // Files the center already holds, byte for byte, and confirms: not sent again.
-    let (present, to_send, present_answers) = already_present(s, to_send).await;
+    let mut record = record;
+    let (present, to_send, present_answers) = already_present(s, to_send, &mut record).await;
 
     let total_bytes = to_send.iter().map(|c| c.size).sum();
     let progress = progress::Progress::new(to_send.len() as u64, total_bytes);
@@ -332,12 +333,7 @@ async fn run(args: Args) -> ExitCode {
     if let Err(e) = record.mark_committed(
         committed
             .iter()
-            .map(|(c, sha)| (c.sop_instance_uid.as_str(), *sha))
-            .chain(
-                present
-                    .iter()
-                    .map(|c| (c.sop_instance_uid.as_str(), c.sha256.as_str())),
-            ),
+            .map(|(c, sha)| (c.sop_instance_uid.as_str(), *sha)),
     ) {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }
@@ -415,6 +411,12 @@ async fn run(args: Args) -> ExitCode {
         for c in &present {
             lines.push(format!(
                 "{}\talready present\tthe center held these bytes; committed",
+                c.path.display()
+            ));
+        }
+        for c in &lapsed {
+            lines.push(format!(
+                "{}\tnot committed\tcommitted in an earlier run, not confirmed now",
                 c.path.display()
             ));
         }
@@ -509,23 +511,21 @@ async fn run(args: Args) -> ExitCode {
 async fn already_present(
     s: &Settings,
     to_send: Vec<scan::Candidate>,
+    record: &mut record::Record,
 ) -> (Vec<scan::Candidate>, Vec<scan::Candidate>, commit::Answers) {
     let uids: Vec<&str> = to_send
         .iter()
         .map(|c| c.sop_instance_uid.as_str())
         .collect();
-    let held = match present::held_by_center(s, &uids).await {
-        Ok(held) => held,
-        Err(e) => {
-            // A refused association is reported once, by the sending lanes.
-            if !matches!(e, consortium_dimse::client::ClientError::Rejected(_)) {
-                eprintln!(
-                    "consortium-upload: cannot ask the center which files it already holds ({e}); sending them all"
-                );
-            }
-            return (Vec::new(), to_send, commit::Answers::new());
+    let (held, failed) = present::held_by_center(s, &uids).await;
+    if let Some(e) = failed {
+        // A refused association is reported once, by the sending lanes.
+        if !matches!(e, consortium_dimse::client::ClientError::Rejected(_)) {
+            eprintln!(
+                "consortium-upload: cannot ask the center which files it already holds ({e}); sending the rest"
+            );
         }
-    };
+    }
     if held.is_empty() {
         return (Vec::new(), to_send, commit::Answers::new());
     }
@@ -553,11 +553,24 @@ async fn already_present(
         .iter()
         .map(|c| (c.sop_class_uid.clone(), c.sop_instance_uid.clone()))
         .collect();
-    let (answers, _) = commit::commit(s, &refs).await;
+    let (answers, failed) = commit::commit(s, &refs).await;
+    if let Some(e) = failed {
+        eprintln!(
+            "consortium-upload: the center could not confirm the files it holds ({e}); sending them"
+        );
+    }
     let (present, unconfirmed): (Vec<_>, Vec<_>) = held_here
         .into_iter()
         .partition(|c| answers.get(&c.sop_instance_uid) == Some(&None));
     rest.extend(unconfirmed);
+    // Recorded at once, like every other confirmation.
+    if let Err(e) = record.mark_committed(
+        present
+            .iter()
+            .map(|c| (c.sop_instance_uid.as_str(), c.sha256.as_str())),
+    ) {
+        eprintln!("consortium-upload: cannot update the record: {e}");
+    }
     let answers = answers.into_iter().filter(|(_, a)| a.is_none()).collect();
     (present, rest, answers)
 }

@@ -37,35 +37,39 @@ const BATCH: usize = 200;
 const MAX_RESPONSE: usize = 64 << 10;
 
 /// SHA-256 (lower-case hex) of the center's current bytes, per SOP Instance
-/// UID, for those of `uids` the center holds and lets this clinic see.
+/// UID, for those of `uids` the center holds and lets this clinic see; and
+/// the error that ended the queries early (the answers before it are kept).
 pub(crate) async fn held_by_center(
     settings: &Settings,
     uids: &[&str],
-) -> Result<HashMap<String, String>, ClientError> {
+) -> (HashMap<String, String>, Option<ClientError>) {
     let mut held = HashMap::new();
     if uids.is_empty() {
-        return Ok(held);
+        return (held, None);
     }
     let contexts = [Proposed {
         id: 1,
         abstract_syntax: STUDY_ROOT_FIND.to_string(),
         transfer_syntaxes: vec![EXPLICIT_VR_LE.into()],
     }];
-    let mut assoc = settings.associate(&contexts).await?;
+    let mut assoc = match settings.associate(&contexts).await {
+        Ok(a) => a,
+        Err(e) => return (held, Some(e)),
+    };
     if !assoc.accepted.contains_key(&1) {
         assoc.abort().await;
-        return Ok(held); // no C-FIND here: nothing is known to be present
+        return (held, None); // no C-FIND here: nothing is known to be present
     }
     let mut message_id = 0u16;
     for batch in uids.chunks(BATCH) {
         message_id = message_id.wrapping_add(1);
         if let Err(e) = query(&mut assoc, message_id, batch, &mut held).await {
             assoc.abort().await;
-            return Err(e);
+            return (held, Some(e));
         }
     }
     assoc.release().await;
-    Ok(held)
+    (held, None)
 }
 
 async fn query(
@@ -151,20 +155,39 @@ fn uid_and_sha256(dataset: &[u8]) -> Option<(String, String)> {
 }
 
 /// The SHA-256 of the file (the local record's key) and of its dataset as
-/// the center would keep it when sent as it is (behind the center's header).
+/// the center would keep it when sent as it is (behind the center's header,
+/// built by this program: a center whose header differs, a later release,
+/// only makes files be sent again). One streamed read, bounded memory.
 pub(crate) fn hashes(c: &Candidate) -> std::io::Result<(String, String)> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(&c.path)?;
-    let dataset = bytes
-        .get(c.dataset_offset as usize..)
-        .ok_or_else(|| std::io::Error::other("the file changed since it was scanned"))?;
-    let header =
-        storage::part10::file_header(&c.sop_class_uid, &c.sop_instance_uid, &c.transfer_syntax);
+    use std::io::Read;
+    let mut file = std::fs::File::open(&c.path)?;
+    let mut whole = Sha256::new();
     let mut kept = Sha256::new();
-    kept.update(&header);
-    kept.update(dataset);
+    kept.update(storage::part10::file_header(
+        &c.sop_class_uid,
+        &c.sop_instance_uid,
+        &c.transfer_syntax,
+    ));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        let skip = c.dataset_offset.saturating_sub(at).min(n as u64) as usize;
+        kept.update(&buf[skip..n]);
+        at += n as u64;
+    }
+    if at != c.size {
+        return Err(std::io::Error::other(
+            "the file changed since it was scanned",
+        ));
+    }
     Ok((
-        storage::spool::hex(&Sha256::digest(&bytes)),
+        storage::spool::hex(&whole.finalize()),
         storage::spool::hex(&kept.finalize()),
     ))
 }

@@ -716,11 +716,26 @@ fn a_record_the_center_no_longer_confirms_is_not_trusted() {
     let second_dir = dir.path().join("second");
     std::fs::create_dir_all(&second_dir).unwrap();
     let gw = Gateway::start(&second_dir, &format!("127.0.0.1:{port}"));
-    let lapsed = upload(port, &record, &[], &[&samples]);
+    let report = dir.path().join("lapsed.tsv");
+    let lapsed = upload(
+        port,
+        &record,
+        &["--report", report.to_str().unwrap()],
+        &[&samples],
+    );
     let text = stdout(&lapsed);
     assert!(!lapsed.status.success(), "{text}");
     assert_eq!(summary_count(&text, "already committed before"), 0);
     assert_eq!(summary_count(&text, "not committed"), files.len());
+    let report = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(
+        report
+            .lines()
+            .filter(|l| l.contains("\tnot committed\tcommitted in an earlier run"))
+            .count(),
+        files.len(),
+        "{report}"
+    );
     assert!(
         text.contains("committed in an earlier run, but not confirmed now (0x0112"),
         "{text}"
