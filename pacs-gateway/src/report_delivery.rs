@@ -167,6 +167,20 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
                 failed = outcome.failed.len(),
                 "storage commitment report delivered on a new association"
             );
+            // Which instances the center holds went out: audited like the
+            // request itself.
+            audit(
+                shared,
+                &report,
+                dest,
+                &format!(
+                    "delivered (answer 0x{status:04X}): committed {}, failed {}",
+                    outcome.committed.len(),
+                    outcome.failed.len()
+                ),
+                outcome.committed.len() as u64,
+            )
+            .await;
             settle().await
         }
         Ok(Sent::ContextRefused) => {
@@ -187,6 +201,39 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
                 }
             }
         }
+    }
+}
+
+/// An audit row for a report sent on a new association.
+async fn audit(
+    shared: &Shared,
+    report: &OwedReport,
+    dest: &Destination,
+    outcome: &str,
+    matches: u64,
+) {
+    let clinic_id = shared
+        .config
+        .clinics
+        .iter()
+        .find(|c| c.ae_titles.contains(&report.requester_ae))
+        .map(|c| c.id.clone())
+        .unwrap_or_default();
+    let entry = storage::AuditEntry {
+        calling_ae: report.requester_ae.clone(),
+        clinic_id,
+        peer: format!("{}:{}", dest.host, dest.port),
+        action: "N-EVENT-REPORT".into(),
+        detail: format!(
+            "storage commitment report on a new association, transaction {}; {} instances",
+            report.transaction_uid,
+            report.references.len()
+        ),
+        outcome: outcome.into(),
+        matches,
+    };
+    if let Err(e) = shared.storage.audit(entry).await {
+        error!(error = %e, "cannot write the audit trail");
     }
 }
 

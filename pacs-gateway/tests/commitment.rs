@@ -324,6 +324,23 @@ fn an_owed_report_survives_a_gateway_restart() {
         stdout.contains("\"transaction_uid\": \"2.25.7399\""),
         "{stdout}"
     );
+    // The late report is audited like the request (once the gateway has
+    // read the listener's answer).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let audited = loop {
+        let row: Option<String> = rusqlite::OptionalExtension::optional(gw.index().query_row(
+            "SELECT outcome FROM audit WHERE action = 'N-EVENT-REPORT' AND detail LIKE '%2.25.7399%'",
+            [],
+            |r| r.get(0),
+        ))
+        .unwrap();
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit row");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(audited.contains("committed 2, failed 0"), "{audited}");
     // Delivered: forgotten by the ledger.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while owed(&gw) != 0 {
