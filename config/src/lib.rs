@@ -304,6 +304,11 @@ impl Config {
         if let Some(s3) = &self.storage.s3 {
             s3.validate()?;
         }
+        if let Some(v) = &self.viewer
+            && v.max_streams_per_user == 0
+        {
+            return invalid("viewer.max_streams_per_user must be at least 1".into());
+        }
         Ok(())
     }
 

@@ -153,6 +153,20 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
             return settle().await;
         }
     };
+    // Which instances the center holds is about to go out: audited first,
+    // like every disclosure (an attempt that fails is audited too).
+    audit(
+        shared,
+        &report,
+        dest,
+        &format!(
+            "sending: committed {}, failed {}",
+            outcome.committed.len(),
+            outcome.failed.len()
+        ),
+        outcome.committed.len() as u64,
+    )
+    .await;
     let sent = tokio::time::timeout(
         SEND_TIMEOUT,
         send(config, dest, outcome.event_type(), &dataset),
@@ -167,20 +181,6 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
                 failed = outcome.failed.len(),
                 "storage commitment report delivered on a new association"
             );
-            // Which instances the center holds went out: audited like the
-            // request itself.
-            audit(
-                shared,
-                &report,
-                dest,
-                &format!(
-                    "delivered (answer 0x{status:04X}): committed {}, failed {}",
-                    outcome.committed.len(),
-                    outcome.failed.len()
-                ),
-                outcome.committed.len() as u64,
-            )
-            .await;
             settle().await
         }
         Ok(Sent::ContextRefused) => {
@@ -218,6 +218,7 @@ async fn audit(
         .iter()
         .find(|c| c.ae_titles.contains(&report.requester_ae))
         .map(|c| c.id.clone())
+        .or_else(|| report.clinic_scope.clone())
         .unwrap_or_default();
     let entry = storage::AuditEntry {
         calling_ae: report.requester_ae.clone(),

@@ -324,8 +324,7 @@ fn an_owed_report_survives_a_gateway_restart() {
         stdout.contains("\"transaction_uid\": \"2.25.7399\""),
         "{stdout}"
     );
-    // The late report is audited like the request (once the gateway has
-    // read the listener's answer).
+    // The late report is audited like the request, before it goes out.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let audited = loop {
         let row: Option<String> = rusqlite::OptionalExtension::optional(gw.index().query_row(

@@ -58,6 +58,7 @@ impl ApiError {
             ApiError::Unauthenticated(m) => format!("denied: {m}"),
             ApiError::PermissionDenied(m) => format!("denied: {m}"),
             ApiError::NotFound(what) => format!("not found: {what}"),
+            ApiError::ResourceExhausted(m) => format!("refused: {m}"),
             ApiError::Internal(_) => "error: internal".into(),
             other => format!("failed: {other}"),
         }

@@ -286,14 +286,17 @@ impl Images {
     /// that takes a blocking thread only to open an instance or render one
     /// frame, so a client that stops reading holds no thread. Stops when the
     /// receiver goes away or a frame fails (the error is the last message).
-    pub fn stream_series(
+    /// `hold` (the caller's stream slot) is kept until the task ends.
+    pub fn stream_series<H: Send + 'static>(
         self: &Arc<Self>,
         instances: Vec<InstanceRow>,
         template: Spec,
         tx: mpsc::Sender<std::result::Result<RenderedFrame, tonic::Status>>,
+        hold: H,
     ) {
         let me = self.clone();
         tokio::spawn(async move {
+            let _hold = hold;
             for instance in instances {
                 if let Err(e) = me.stream_instance(&instance, &template, &tx).await {
                     // Without waiting: a client that stopped reading has a
@@ -314,12 +317,13 @@ impl Images {
         template: &Spec,
         tx: &mpsc::Sender<std::result::Result<RenderedFrame, tonic::Status>>,
     ) -> Result<()> {
-        let _open = self
-            .streaming
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Internal("series streams closed".into()))?;
+        // A client gone while this waits for its turn takes no turn.
+        let _open = tokio::select! {
+            permit = self.streaming.clone().acquire_owned() => {
+                permit.map_err(|_| ApiError::Internal("series streams closed".into()))?
+            }
+            () = tx.closed() => return Ok(()),
+        };
         let (path, bytes) = self.source(&instance.blob_key).await?;
         let obj =
             Arc::new(tokio::task::spawn_blocking(move || open_object(path, bytes, false)).await??);

@@ -209,7 +209,7 @@ fn token_lapsed() -> Status {
 fn while_valid<T: Send + 'static>(
     app: Arc<App>,
     caller: Caller,
-    slot: StreamSlot,
+    slot: Arc<StreamSlot>,
     mut rx: mpsc::Receiver<std::result::Result<T, Status>>,
 ) -> Streamed<T> {
     let (tx, out) = mpsc::channel(4);
@@ -222,15 +222,13 @@ fn while_valid<T: Send + 'static>(
                 biased;
                 _ = recheck.tick() => {
                     if !app.auth.still_valid(&caller).await {
-                        let _ = tx
-                            .send(Err(token_lapsed()))
-                            .await;
+                        let _ = tx.try_send(Err(token_lapsed()));
                         return;
                     }
                 }
                 item = rx.recv() => match item {
                     Some(item) => {
-                        if tx.send(item).await.is_err() {
+                        if !send_or_give_up(&tx, item).await {
                             return;
                         }
                     }
@@ -241,6 +239,19 @@ fn while_valid<T: Send + 'static>(
         }
     });
     Box::pin(ReceiverStream::new(out))
+}
+
+/// How long a stream waits for its client to take the next message: a
+/// client that stops reading loses the stream (and gives its place back).
+const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends `item` unless the client is gone or has not read for
+/// [`STREAM_SEND_TIMEOUT`]; false when the stream should end.
+async fn send_or_give_up<T>(tx: &mpsc::Sender<T>, item: T) -> bool {
+    matches!(
+        tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(item)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// The audit trail's `clinic:patient-id` of a worklist item.
@@ -443,7 +454,7 @@ impl WorklistService for Worklists {
                     kind: pb::worklist_event::Kind::Current as i32,
                     item: Some(item),
                 };
-                if tx.send(Ok(event)).await.is_err() {
+                if !send_or_give_up(&tx, Ok(event)).await {
                     return;
                 }
             }
@@ -455,9 +466,7 @@ impl WorklistService for Worklists {
                     _ = tx.closed() => return,
                     _ = recheck.tick() => {
                         if !app.auth.still_valid(&caller).await {
-                            let _ = tx
-                                .send(Err(token_lapsed()))
-                                .await;
+                            let _ = tx.try_send(Err(token_lapsed()));
                             return;
                         }
                     }
@@ -467,7 +476,7 @@ impl WorklistService for Worklists {
                                 Ok(Some(event)) => event,
                                 Ok(None) => continue,
                                 Err(e) => {
-                                    let _ = tx.send(Err(e.into())).await;
+                                    let _ = tx.try_send(Err(e.into()));
                                     return;
                                 }
                             };
@@ -479,23 +488,23 @@ impl WorklistService for Worklists {
                             entry.patient_ref = patient_ref(&item);
                             entry.matches = 1;
                             if let Err(e) = app.audited(entry, Ok(())).await {
-                                let _ = tx.send(Err(e)).await;
+                                let _ = tx.try_send(Err(e));
                                 return;
                             }
                             let event = pb::WorklistEvent {
                                 kind: kind as i32,
                                 item: Some(item),
                             };
-                            if tx.send(Ok(event)).await.is_err() {
+                            if !send_or_give_up(&tx, Ok(event)).await {
                                 return;
                             }
                         }
                         Err(RecvError::Lagged(n)) => {
                             // Events were lost: the client's list is wrong now.
                             tracing::warn!(skipped = n, "worklist watcher lagged");
-                            let _ = tx
-                                .send(Err(Status::aborted("the watch fell behind; start it again")))
-                                .await;
+                            let _ = tx.try_send(Err(Status::aborted(
+                                "the watch fell behind; start it again",
+                            )));
                             return;
                         }
                         Err(RecvError::Closed) => return,
@@ -720,8 +729,13 @@ impl ImageService for Imaging {
         }
         .await;
         let (instances, spec, slot) = self.0.audited(entry, result).await?;
+        // Held by the forwarder and by the producer: the place comes back
+        // only when both have ended.
+        let slot = Arc::new(slot);
         let (tx, rx) = mpsc::channel(4);
-        self.0.images.stream_series(instances, spec, tx);
+        self.0
+            .images
+            .stream_series(instances, spec, tx, slot.clone());
         Ok(Response::new(while_valid(self.0.clone(), caller, slot, rx)))
     }
 
@@ -748,9 +762,12 @@ impl ImageService for Imaging {
         .await
         .map_err(ApiError::from)?;
         let (instance, slot) = self.0.audited(entry, result).await?;
+        let slot = Arc::new(slot);
         let (tx, rx) = mpsc::channel(4);
         let images = self.0.images.clone();
+        let producer_slot = slot.clone();
         tokio::spawn(async move {
+            let _slot = producer_slot;
             let errors = tx.clone();
             if let Err(e) = images.stream_raw(instance, tx).await {
                 let _ = errors.send(Err(e.into())).await;
