@@ -105,21 +105,7 @@ fn pynetdicom_commitment_reports_committed_and_failed_instances() {
     );
     assert!(rows[2].1.ends_with("; 4 instances"), "{}", rows[2].1);
     // Every report was acknowledged: none is owed any more.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let owed: i64 = gw
-            .index()
-            .query_row("SELECT count(*) FROM owed_reports", [], |r| r.get(0))
-            .unwrap();
-        if owed == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{owed} reports still owed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    eventually(10, "reports still owed", || owed(&gw) == 0);
 }
 
 #[test]
@@ -240,6 +226,50 @@ fn report_listener(timeout_s: u32, extra: &[&str]) -> (std::process::Child, u16)
     (child, port)
 }
 
+/// Storage commitment reports the gateway's ledger still owes.
+fn owed(gw: &Gateway) -> i64 {
+    gw.index()
+        .query_row("SELECT count(*) FROM owed_reports", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Waits up to `secs` for `done`; panics with `what` otherwise.
+fn eventually(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// As `COUNTYWS1`: stores `uids` (a CT study), asks for their commitment
+/// (transaction `txn`), reads the N-ACTION-RSP success and leaves at once
+/// (A-ABORT), before any report can come on that association.
+fn ask_and_leave(gw: &Gateway, uids: &[&str], txn: &str) {
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
+        (3, COMMITMENT, &[scu::EXPLICIT_LE]),
+    ];
+    let scu::Association::Accepted(mut a) =
+        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    for uid in uids {
+        let ds = scu::ct_dataset(uid, "2.25.73", 1024);
+        assert_eq!(a.store(1, CT_IMAGE_STORAGE, uid, &ds), Reply::Status(0));
+    }
+    let (command, request) = n_action(7, txn, uids);
+    a.send_message(3, true, &command);
+    a.send_message(3, false, &request);
+    let (rsp, _) = read_message(&mut a.stream);
+    assert_eq!(element_u16(&rsp, 0x0900), Some(0), "N-ACTION-RSP success");
+    let abort = scu::encode(&dicom_ul::pdu::Pdu::AbortRQ {
+        source: dicom_ul::pdu::AbortRQSource::ServiceUser,
+    });
+    std::io::Write::write_all(&mut a.stream, &abort).unwrap();
+}
+
 /// A gateway whose `COUNTYWS1` destination is `port`.
 fn with_destination(dir: &std::path::Path, port: u16) -> Gateway {
     let spec = GatewaySpec {
@@ -266,41 +296,11 @@ fn an_owed_report_survives_a_gateway_restart() {
         .unwrap()
         .port();
     let mut gw = with_destination(dir.path(), closed);
-    let contexts: &[(u8, &str, &[&str])] = &[
-        (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
-        (3, COMMITMENT, &[scu::EXPLICIT_LE]),
-    ];
-    let scu::Association::Accepted(mut a) =
-        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
-    else {
-        panic!("association refused")
-    };
     let uids = ["2.25.7301", "2.25.7302"];
-    for uid in uids {
-        let ds = scu::ct_dataset(uid, "2.25.73", 1024);
-        assert_eq!(a.store(1, CT_IMAGE_STORAGE, uid, &ds), Reply::Status(0));
-    }
-    let (command, request) = n_action(7, "2.25.7399", &uids);
-    a.send_message(3, true, &command);
-    a.send_message(3, false, &request);
-    let (rsp, _) = read_message(&mut a.stream);
-    assert_eq!(element_u16(&rsp, 0x0900), Some(0), "N-ACTION-RSP success");
-    // Gone before the report is read; nobody listens at its address yet.
-    let abort = scu::encode(&dicom_ul::pdu::Pdu::AbortRQ {
-        source: dicom_ul::pdu::AbortRQSource::ServiceUser,
+    ask_and_leave(&gw, &uids, "2.25.7399");
+    eventually(20, "no delivery attempt", || {
+        gw.log().contains("commitment report delivery failed")
     });
-    std::io::Write::write_all(&mut a.stream, &abort).unwrap();
-    drop(a);
-    let owed = |gw: &Gateway| -> i64 {
-        gw.index()
-            .query_row("SELECT count(*) FROM owed_reports", [], |r| r.get(0))
-            .unwrap()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !gw.log().contains("commitment report delivery failed") {
-        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
     assert_eq!(owed(&gw), 1);
 
     gw.sigkill_in_place();
@@ -325,30 +325,19 @@ fn an_owed_report_survives_a_gateway_restart() {
         "{stdout}"
     );
     // The late report is audited like the request, before it goes out.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let audited = loop {
-        let row: Option<String> = rusqlite::OptionalExtension::optional(gw.index().query_row(
+    let audited = || -> Option<String> {
+        rusqlite::OptionalExtension::optional(gw.index().query_row(
             "SELECT outcome FROM audit WHERE action = 'N-EVENT-REPORT' AND detail LIKE '%2.25.7399%'",
             [],
             |r| r.get(0),
         ))
-        .unwrap();
-        if let Some(row) = row {
-            break row;
-        }
-        assert!(std::time::Instant::now() < deadline, "no audit row");
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        .unwrap()
     };
-    assert!(audited.contains("committed 2, failed 0"), "{audited}");
+    eventually(10, "no audit row", || audited().is_some());
+    let outcome = audited().unwrap();
+    assert!(outcome.contains("committed 2, failed 0"), "{outcome}");
     // Delivered: forgotten by the ledger.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while owed(&gw) != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still owed after delivery"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    eventually(10, "still owed after delivery", || owed(&gw) == 0);
 }
 
 /// A requester that accepts the commitment context on the new association
@@ -359,40 +348,12 @@ fn no_report_where_our_scp_role_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (listener, port) = report_listener(6, &["--refuse-scp-role"]);
     let gw = with_destination(dir.path(), port);
-    let contexts: &[(u8, &str, &[&str])] = &[
-        (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
-        (3, COMMITMENT, &[scu::EXPLICIT_LE]),
-    ];
-    let scu::Association::Accepted(mut a) =
-        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
-    else {
-        panic!("association refused")
-    };
-    let ds = scu::ct_dataset("2.25.7401", "2.25.74", 1024);
-    assert_eq!(
-        a.store(1, CT_IMAGE_STORAGE, "2.25.7401", &ds),
-        Reply::Status(0)
-    );
-    // Ask and leave.
-    let (command, request) = n_action(7, "2.25.7499", &["2.25.7401"]);
-    a.send_message(3, true, &command);
-    a.send_message(3, false, &request);
-    let (rsp, _) = read_message(&mut a.stream);
-    assert_eq!(element_u16(&rsp, 0x0900), Some(0), "N-ACTION-RSP success");
-    let abort = scu::encode(&dicom_ul::pdu::Pdu::AbortRQ {
-        source: dicom_ul::pdu::AbortRQSource::ServiceUser,
-    });
-    std::io::Write::write_all(&mut a.stream, &abort).unwrap();
-    drop(a);
+    ask_and_leave(&gw, &["2.25.7401"], "2.25.7499");
     let out = listener.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(serde_like::parse(&stdout).event_type, -1, "{stdout}");
     assert!(gw.log().contains("or our SCP role on it"), "{}", gw.log());
-    let owed: i64 = gw
-        .index()
-        .query_row("SELECT count(*) FROM owed_reports", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(owed, 0, "given up, not retried");
+    assert_eq!(owed(&gw), 0, "given up, not retried");
 }
 
 /// One DIMSE message from the gateway: its command set, and whether a

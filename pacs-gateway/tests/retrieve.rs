@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::scu::{self, CT_IMAGE_STORAGE, Reply};
@@ -47,20 +47,11 @@ fn stored_dataset(gw: &Gateway, uid: &str) -> Vec<u8> {
     std::fs::read(blob).unwrap()[offset..].to_vec()
 }
 
-fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn getscu_retrieves_a_study_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let (gw, uids) = with_study(dir.path(), "");
-    let got = getscu_study(&gw, dir.path(), "COUNTYWS1", "2.25.66");
+    let got = common::getscu_study(&gw, dir.path(), "COUNTYWS1", "2.25.66");
     assert_eq!(got.len(), uids.len());
     for (uid, ds) in got {
         assert!(ds == stored_dataset(&gw, &uid), "{uid} differs");
@@ -605,46 +596,6 @@ fn a_cancelled_c_get_does_not_cancel_the_next_one() {
     );
 }
 
-/// getscu as `calling` for study `study` into a fresh directory; the
-/// received files by SOP Instance UID.
-fn getscu_study(
-    gw: &Gateway,
-    dir: &Path,
-    calling: &str,
-    study: &str,
-) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let out_dir = dir.join(format!("got-{calling}"));
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = Command::new("/usr/bin/getscu")
-        .args(["-S", "+B", "-od"])
-        .arg(&out_dir)
-        .args(["-aet", calling, "-aec", common::AE])
-        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
-        .arg(format!("StudyInstanceUID={study}"))
-        .arg("127.0.0.1")
-        .arg(gw.port.to_string())
-        .env("TCP_NODELAY", "1")
-        .output()
-        .expect("run /usr/bin/getscu (Debian dcmtk)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    files_in(&out_dir)
-        .into_iter()
-        .map(|f| {
-            let bytes = std::fs::read(&f).unwrap();
-            let ds = common::dataset_of(&bytes).to_vec();
-            let ts = common::transfer_syntax_of(&bytes);
-            let uid = storage::attrs::read_bytes(&ds, &ts)
-                .unwrap()
-                .sop_instance_uid;
-            (uid, ds)
-        })
-        .collect()
-}
-
 #[test]
 fn a_clinic_retrieves_only_the_bytes_it_sent() {
     let dir = tempfile::tempdir().unwrap();
@@ -674,7 +625,7 @@ fn a_clinic_retrieves_only_the_bytes_it_sent() {
     ];
     send("BAISHUI_DR", &theirs);
 
-    let got = getscu_study(&gw, dir.path(), "XINZHEN_CT", "2.25.77");
+    let got = common::getscu_study(&gw, dir.path(), "XINZHEN_CT", "2.25.77");
     let expected: std::collections::BTreeMap<_, _> = ours
         .iter()
         .map(|(uid, ds)| (uid.to_string(), ds.clone()))
@@ -684,7 +635,7 @@ fn a_clinic_retrieves_only_the_bytes_it_sent() {
         "xinzhen gets exactly its own two instances, as it sent them"
     );
     // The county station sees the whole study, with the owner's bytes current.
-    let got = getscu_study(&gw, dir.path(), "COUNTYWS1", "2.25.77");
+    let got = common::getscu_study(&gw, dir.path(), "COUNTYWS1", "2.25.77");
     assert_eq!(
         got.keys().cloned().collect::<Vec<_>>(),
         ["2.25.771", "2.25.772", "2.25.773"]

@@ -93,32 +93,11 @@ fn instances_are_kept_in_the_bucket_and_read_back_from_it() {
     assert_eq!(gw.spool_files(), 0);
 
     // Retrieval reads the bucket: getscu receives the bytes sent.
-    let out_dir = dir.path().join("got");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = Command::new("/usr/bin/getscu")
-        .args(["-S", "+B", "-od"])
-        .arg(&out_dir)
-        .args(["-aet", "COUNTYWS1", "-aec", common::AE])
-        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
-        .arg(format!("StudyInstanceUID={study}"))
-        .arg("127.0.0.1")
-        .arg(gw.port.to_string())
-        .env("TCP_NODELAY", "1")
-        .output()
-        .expect("run /usr/bin/getscu (Debian dcmtk)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut received: Vec<Vec<u8>> = std::fs::read_dir(&out_dir)
-        .unwrap()
-        .map(|e| common::dataset_of(&std::fs::read(e.unwrap().path()).unwrap()).to_vec())
-        .collect();
-    let mut expected: Vec<Vec<u8>> = sent.iter().map(|(_, ds)| ds.clone()).collect();
-    received.sort();
-    expected.sort();
-    assert!(received == expected, "getscu received other bytes");
+    let received = common::getscu_study(&gw, dir.path(), "COUNTYWS1", study);
+    assert_eq!(received.len(), sent.len());
+    for (uid, ds) in &sent {
+        assert!(received[uid] == *ds, "{uid}: getscu received other bytes");
+    }
 
     // Commitment re-verifies the bucket's bytes: all committed, then a
     // damaged object is reported failed (0x0110) and the rest still committed.

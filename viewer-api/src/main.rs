@@ -54,18 +54,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), String> {
-    let viewer = config
+    let listen = config
         .viewer
-        .clone()
-        .ok_or("the configuration has no [viewer] section")?;
-    // Refuse a bad transport before binding anything.
-    viewer_api::server::transport(&viewer)?;
-    let listener = tokio::net::TcpListener::bind(viewer.listen)
+        .as_ref()
+        .ok_or("the configuration has no [viewer] section")?
+        .listen;
+    // A bad transport, index or blob store is refused before binding
+    // anything, and "listening on" means ready.
+    let prepared = viewer_api::server::prepare(config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", viewer.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on {addr}");
-    viewer_api::server::serve(config, listener, shutdown_signal()).await?;
+    viewer_api::server::serve(prepared, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

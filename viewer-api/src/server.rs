@@ -48,18 +48,32 @@ pub fn transport(viewer: &ViewerConfig) -> Result<Option<ServerTlsConfig>, Strin
     }
 }
 
-/// Serves on `listener` until `shutdown` completes.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), String> {
+/// The service ready to serve: its transport checked, its index opened
+/// (migrations run) and the blob store reached.
+pub struct Prepared {
+    app: Arc<App>,
+    tls: Option<ServerTlsConfig>,
+}
+
+/// Everything that can fail before serving, so that a caller says
+/// "listening" only once the service is ready.
+pub fn prepare(config: Config) -> Result<Prepared, String> {
     let viewer = config
         .viewer
         .clone()
         .ok_or("the configuration has no [viewer] section")?;
     let tls = transport(&viewer)?;
     let app = App::open(config).map_err(|e| e.to_string())?;
+    Ok(Prepared { app, tls })
+}
+
+/// Serves on `listener` until `shutdown` completes.
+pub async fn serve(
+    prepared: Prepared,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let Prepared { app, tls } = prepared;
     tokio::spawn(app.worklist.clone().run_poller());
     let flusher = app.clone();
     tokio::spawn(async move {

@@ -222,6 +222,56 @@ impl Drop for Gateway {
     }
 }
 
+/// getscu as `calling` for study `study` into a fresh directory; the
+/// received files by SOP Instance UID.
+pub fn getscu_study(
+    gw: &Gateway,
+    dir: &Path,
+    calling: &str,
+    study: &str,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let out_dir = dir.join(format!("got-{calling}"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = Command::new("/usr/bin/getscu")
+        .args(["-S", "+B", "-od"])
+        .arg(&out_dir)
+        .args(["-aet", calling, "-aec", AE])
+        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
+        .arg(format!("StudyInstanceUID={study}"))
+        .arg("127.0.0.1")
+        .arg(gw.port.to_string())
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run /usr/bin/getscu (Debian dcmtk)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    files_in(&out_dir)
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(&f).unwrap();
+            let ds = dataset_of(&bytes).to_vec();
+            let ts = transfer_syntax_of(&bytes);
+            let uid = storage::attrs::read_bytes(&ds, &ts)
+                .unwrap()
+                .sop_instance_uid;
+            (uid, ds)
+        })
+        .collect()
+}
+
+/// The files in `dir`, sorted.
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
 pub fn echoscu(port: u16, calling: &str, called: &str) -> std::process::Output {
     Command::new("/usr/bin/echoscu")
         .args([
