@@ -222,7 +222,7 @@ fn while_valid<T: Send + 'static>(
                 biased;
                 _ = recheck.tick() => {
                     if !app.auth.still_valid(&caller).await {
-                        let _ = tx.try_send(Err(token_lapsed()));
+                        send_or_give_up(&tx, Err(token_lapsed())).await;
                         return;
                     }
                 }
@@ -246,7 +246,9 @@ fn while_valid<T: Send + 'static>(
 const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends `item` unless the client is gone or has not read for
-/// [`STREAM_SEND_TIMEOUT`]; false when the stream should end.
+/// [`STREAM_SEND_TIMEOUT`]; false when the stream should end. (A last
+/// error, such as a lapsed token, goes the same way: a client that reads
+/// again within the time learns why its stream ended.)
 async fn send_or_give_up<T>(tx: &mpsc::Sender<T>, item: T) -> bool {
     matches!(
         tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(item)).await,
@@ -466,7 +468,7 @@ impl WorklistService for Worklists {
                     _ = tx.closed() => return,
                     _ = recheck.tick() => {
                         if !app.auth.still_valid(&caller).await {
-                            let _ = tx.try_send(Err(token_lapsed()));
+                            send_or_give_up(&tx, Err(token_lapsed())).await;
                             return;
                         }
                     }
@@ -476,7 +478,7 @@ impl WorklistService for Worklists {
                                 Ok(Some(event)) => event,
                                 Ok(None) => continue,
                                 Err(e) => {
-                                    let _ = tx.try_send(Err(e.into()));
+                                    send_or_give_up(&tx, Err(e.into())).await;
                                     return;
                                 }
                             };
@@ -488,7 +490,7 @@ impl WorklistService for Worklists {
                             entry.patient_ref = patient_ref(&item);
                             entry.matches = 1;
                             if let Err(e) = app.audited(entry, Ok(())).await {
-                                let _ = tx.try_send(Err(e));
+                                send_or_give_up(&tx, Err(e)).await;
                                 return;
                             }
                             let event = pb::WorklistEvent {
@@ -502,9 +504,11 @@ impl WorklistService for Worklists {
                         Err(RecvError::Lagged(n)) => {
                             // Events were lost: the client's list is wrong now.
                             tracing::warn!(skipped = n, "worklist watcher lagged");
-                            let _ = tx.try_send(Err(Status::aborted(
-                                "the watch fell behind; start it again",
-                            )));
+                            send_or_give_up(
+                                &tx,
+                                Err(Status::aborted("the watch fell behind; start it again")),
+                            )
+                            .await;
                             return;
                         }
                         Err(RecvError::Closed) => return,

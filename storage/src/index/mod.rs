@@ -18,12 +18,33 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
     let mut conn = Connection::open(path)?;
     // First: the viewer-api may be opening (and migrating) the same index.
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    retry_busy(|| Ok(conn.pragma_update(None, "journal_mode", "WAL")?))?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    schema::migrate(&mut conn)?;
+    retry_busy(|| schema::migrate(&mut conn))?;
     schema::backfill_name_groups(&conn)?;
     Ok(conn)
+}
+
+/// Runs `f` again, for up to 10 s, while SQLite answers "busy" or "locked"
+/// at once. Two processes opening a fresh index together (the gateway, the
+/// viewer-api, the admin command) contend for switching it to WAL, which
+/// the busy timeout does not cover; a start must not fail for that.
+fn retry_busy<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match f() {
+            Err(crate::Error::Index(rusqlite::Error::SqliteFailure(e, _)))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Opens a read-write connection for a service beside the gateway (the
@@ -38,10 +59,10 @@ pub fn open_service(data_dir: &Path) -> Result<Connection> {
         .map_err(crate::Error::io("create data directory", data_dir))?;
     let mut conn = Connection::open(data_dir.join(crate::INDEX_FILE))?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    retry_busy(|| Ok(conn.pragma_update(None, "journal_mode", "WAL")?))?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    schema::migrate(&mut conn)?;
+    retry_busy(|| schema::migrate(&mut conn))?;
     Ok(conn)
 }
 
@@ -344,5 +365,32 @@ mod tests {
             0,
             "a new UID must not prepare the lookup again"
         );
+    }
+
+    /// Services opening a fresh index at the same moment (the gateway, the
+    /// viewer-api, its admin command) all start: none fails with "database
+    /// is locked" while another switches it to WAL or migrates it.
+    #[test]
+    fn services_opening_a_fresh_index_together_all_start() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|i| {
+                    let (dir, start) = (dir.path().to_owned(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        if i == 0 {
+                            super::open_writer(&dir.join(crate::INDEX_FILE)).map(drop)
+                        } else {
+                            super::open_service(&dir).map(drop)
+                        }
+                    })
+                })
+                .collect();
+            for opener in openers {
+                opener.join().unwrap().unwrap();
+            }
+        }
     }
 }
