@@ -1443,6 +1443,10 @@ impl Connection {
                 let rsp =
                     Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
                         .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
+                        .uid(
+                            tag::AFFECTED_SOP_INSTANCE_UID,
+                            commitment::WELL_KNOWN_INSTANCE,
+                        )
                         .error_comment("the center cannot record the request now; ask again later")
                         .encode();
                 return self.respond(assoc, context_id, &rsp).await;
