@@ -63,6 +63,12 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
         .clone()
         .ok_or("the configuration has no [viewer] section")?;
     let tls = transport(&viewer)?;
+    if let Some(tls) = &tls {
+        // Reads and checks the certificate and key now, not after binding.
+        Server::builder()
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS certificate or key: {e}"))?;
+    }
     let app = App::open(config).map_err(|e| e.to_string())?;
     Ok(Prepared { app, tls })
 }

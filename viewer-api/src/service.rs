@@ -214,28 +214,32 @@ fn while_valid<T: Send + 'static>(
 ) -> Streamed<T> {
     let (tx, out) = mpsc::channel(4);
     tokio::spawn(async move {
-        let _slot = slot;
         let mut recheck = tokio::time::interval(WATCH_RECHECK);
         recheck.tick().await; // (the first tick is immediate)
-        loop {
+        let last_error = loop {
             tokio::select! {
                 biased;
                 _ = recheck.tick() => {
                     if !app.auth.still_valid(&caller).await {
-                        send_or_give_up(&tx, Err(token_lapsed())).await;
-                        return;
+                        break Some(token_lapsed());
                     }
                 }
                 item = rx.recv() => match item {
                     Some(item) => {
                         if !send_or_give_up(&tx, item).await {
-                            return;
+                            break None;
                         }
                     }
-                    None => return,
+                    None => break None,
                 },
-                () = tx.closed() => return,
+                () = tx.closed() => break None,
             }
+        };
+        // The producer stops and the place is given back before the last
+        // error waits for a client that may not read it.
+        drop((rx, slot));
+        if let Some(e) = last_error {
+            send_or_give_up(&tx, Err(e)).await;
         }
     });
     Box::pin(ReceiverStream::new(out))
@@ -448,7 +452,6 @@ impl WorklistService for Worklists {
         let (tx, rx) = mpsc::channel(64);
         let app = self.0.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             use tokio::sync::broadcast::error::RecvError;
             let mut watcher = Watcher::new(scope, &current);
             for item in current {
@@ -463,13 +466,12 @@ impl WorklistService for Worklists {
             // The token is checked again while the stream lives: logout,
             // revocation, a disabled user or expiry end it.
             let mut recheck = tokio::time::interval(WATCH_RECHECK);
-            loop {
+            let last_error = loop {
                 tokio::select! {
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => break None,
                     _ = recheck.tick() => {
                         if !app.auth.still_valid(&caller).await {
-                            send_or_give_up(&tx, Err(token_lapsed())).await;
-                            return;
+                            break Some(token_lapsed());
                         }
                     }
                     change = changes.recv() => match change {
@@ -477,10 +479,7 @@ impl WorklistService for Worklists {
                             let (kind, item) = match watcher.event(&app.worklist, change).await {
                                 Ok(Some(event)) => event,
                                 Ok(None) => continue,
-                                Err(e) => {
-                                    send_or_give_up(&tx, Err(e.into())).await;
-                                    return;
-                                }
+                                Err(e) => break Some(e.into()),
                             };
                             // Each pushed item is a read of that patient's
                             // data: audited before it goes out.
@@ -490,30 +489,30 @@ impl WorklistService for Worklists {
                             entry.patient_ref = patient_ref(&item);
                             entry.matches = 1;
                             if let Err(e) = app.audited(entry, Ok(())).await {
-                                send_or_give_up(&tx, Err(e)).await;
-                                return;
+                                break Some(e);
                             }
                             let event = pb::WorklistEvent {
                                 kind: kind as i32,
                                 item: Some(item),
                             };
                             if !send_or_give_up(&tx, Ok(event)).await {
-                                return;
+                                break None;
                             }
                         }
                         Err(RecvError::Lagged(n)) => {
                             // Events were lost: the client's list is wrong now.
                             tracing::warn!(skipped = n, "worklist watcher lagged");
-                            send_or_give_up(
-                                &tx,
-                                Err(Status::aborted("the watch fell behind; start it again")),
-                            )
-                            .await;
-                            return;
+                            break Some(Status::aborted("the watch fell behind; start it again"));
                         }
-                        Err(RecvError::Closed) => return,
+                        Err(RecvError::Closed) => break None,
                     },
                 }
+            };
+            // The place is given back before the last error waits for a
+            // client that may not read it.
+            drop((changes, slot));
+            if let Some(e) = last_error {
+                send_or_give_up(&tx, Err(e)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -105,6 +105,32 @@ async fn tls_when_configured_and_plaintext_only_on_loopback() {
     assert!(out.stdout.is_empty());
     drop(tmp);
 
+    // A certificate that is not one: refused before "listening on".
+    let (tmp, config) = Server::prepare("");
+    std::fs::write(tmp.path().join("bad.pem"), "not a certificate").unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "lease_s = 3",
+        &format!(
+            "lease_s = 3\ntls_cert = \"{0}\"\ntls_key = \"{0}\"",
+            tmp.path().join("bad.pem").display()
+        ),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(common::BIN)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "never said it was listening");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS certificate or key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(tmp);
+
     // With a certificate and key: TLS, verified against the test CA.
     let (tmp, config) = Server::prepare("");
     certificates(tmp.path());

@@ -248,10 +248,11 @@ pub fn getscu_study(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    files_in(&out_dir)
-        .into_iter()
+    let files = files_in(&out_dir);
+    let by_uid: std::collections::BTreeMap<String, Vec<u8>> = files
+        .iter()
         .map(|f| {
-            let bytes = std::fs::read(&f).unwrap();
+            let bytes = std::fs::read(f).unwrap();
             let ds = dataset_of(&bytes).to_vec();
             let ts = transfer_syntax_of(&bytes);
             let uid = storage::attrs::read_bytes(&ds, &ts)
@@ -259,7 +260,9 @@ pub fn getscu_study(
                 .sop_instance_uid;
             (uid, ds)
         })
-        .collect()
+        .collect();
+    assert_eq!(by_uid.len(), files.len(), "an instance received twice");
+    by_uid
 }
 
 /// The files in `dir`, sorted.

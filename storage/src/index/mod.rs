@@ -29,7 +29,9 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
 /// Runs `f` again, for up to 10 s, while SQLite answers "busy" or "locked"
 /// at once. Two processes opening a fresh index together (the gateway, the
 /// viewer-api, the admin command) contend for switching it to WAL, which
-/// the busy timeout does not cover; a start must not fail for that.
+/// the busy timeout does not cover; a start must not fail for that. (An
+/// attempt may itself wait out the busy timeout, so a start blocked by
+/// another process's long migration may take longer than 10 s.)
 fn retry_busy<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
