@@ -1397,15 +1397,9 @@ impl Connection {
                     0,
                 )
                 .await;
-                let rsp =
-                    Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
-                        .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
-                        .uid(
-                            tag::AFFECTED_SOP_INSTANCE_UID,
-                            commitment::WELL_KNOWN_INSTANCE,
-                        )
-                        .error_comment(&why)
-                        .encode();
+                let rsp = commitment::action_rsp(message_id, status::PROCESSING_FAILURE)
+                    .error_comment(&why)
+                    .encode();
                 return self.respond(assoc, context_id, &rsp).await;
             }
         };
@@ -1440,26 +1434,15 @@ impl Connection {
                     "cannot record the request",
                 )
                 .await;
-                let rsp =
-                    Response::new(field::N_ACTION_RSP, message_id, status::PROCESSING_FAILURE)
-                        .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
-                        .uid(
-                            tag::AFFECTED_SOP_INSTANCE_UID,
-                            commitment::WELL_KNOWN_INSTANCE,
-                        )
-                        .error_comment("the center cannot record the request now; ask again later")
-                        .encode();
+                let rsp = commitment::action_rsp(message_id, status::PROCESSING_FAILURE)
+                    .error_comment("the center cannot record the request now; ask again later")
+                    .encode();
                 return self.respond(assoc, context_id, &rsp).await;
             }
         };
         // The request is accepted at once; the verdict follows in the
         // N-EVENT-REPORT, however long re-verifying takes (PS3.4 Annex J).
-        let rsp = Response::new(field::N_ACTION_RSP, message_id, status::SUCCESS)
-            .uid(tag::AFFECTED_SOP_CLASS_UID, commitment::SOP_CLASS)
-            .uid(
-                tag::AFFECTED_SOP_INSTANCE_UID,
-                commitment::WELL_KNOWN_INSTANCE,
-            )
+        let rsp = commitment::action_rsp(message_id, status::SUCCESS)
             .u16(tag::ACTION_TYPE_ID, commitment::ACTION_REQUEST)
             .encode();
         // Even if this answer cannot be written (the peer may still have

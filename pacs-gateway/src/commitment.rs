@@ -5,6 +5,7 @@
 //! N-EVENT-REPORT: event 1 when all are committed, event 2 with a Failed SOP
 //! Sequence and a reason per instance otherwise.
 
+use consortium_dimse::{Response, field, tag};
 use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
@@ -51,6 +52,13 @@ impl Outcome {
     pub(crate) fn event_type(&self) -> u16 {
         if self.failed.is_empty() { 1 } else { 2 }
     }
+}
+
+/// An N-ACTION-RSP of the commitment push model's well-known instance.
+pub(crate) fn action_rsp(message_id: u16, status: u16) -> Response {
+    Response::new(field::N_ACTION_RSP, message_id, status)
+        .uid(tag::AFFECTED_SOP_CLASS_UID, SOP_CLASS)
+        .uid(tag::AFFECTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE)
 }
 
 /// Parses an N-ACTION dataset (already checked structurally).
