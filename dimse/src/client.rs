@@ -355,7 +355,10 @@ impl Association {
                 }
                 Incoming::Other(_) => return Err(ClientError::Protocol("unexpected PDU".into())),
             };
-            for pdv in ul::pdvs(body)? {
+            let pdvs = ul::pdvs(body)?;
+            for (i, pdv) in pdvs.iter().enumerate() {
+                // PDVs after the end of this message start the next one.
+                let rest = &pdvs[i + 1..];
                 if pdv.is_command {
                     if command.len() + pdv.data.len() > crate::command::MAX_COMMAND_BYTES {
                         return Err(ClientError::Protocol("command set too large".into()));
@@ -365,6 +368,7 @@ impl Association {
                         let cmd = Command::parse(&command)
                             .map_err(|e| ClientError::Protocol(e.to_string()))?;
                         if !cmd.has_dataset() {
+                            self.reader.unread(rest);
                             return Ok(Message {
                                 context_id: pdv.context_id,
                                 command: cmd,
@@ -383,6 +387,7 @@ impl Association {
                     data.extend_from_slice(&pdv.data);
                     if pdv.is_last {
                         let (context_id, command) = parsed.take().expect("checked above");
+                        self.reader.unread(rest);
                         return Ok(Message {
                             context_id,
                             command,
@@ -410,5 +415,91 @@ impl Association {
             dicom_ul::pdu::AbortRQServiceProviderReason::ReasonNotSpecified,
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Response, field};
+    use dicom_ul::pdu::{AssociationAC, PresentationContextResult};
+
+    const COMMITMENT: &str = "1.2.840.10008.1.20.1";
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+    fn pdv(out: &mut Vec<u8>, is_command: bool, data: &[u8]) {
+        out.extend_from_slice(&(2 + data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&[1, u8::from(is_command) | 0x02]);
+        out.extend_from_slice(data);
+    }
+
+    /// A peer may put the end of one message and the next message in one
+    /// P-DATA-TF (PS3.8 9.3.5): here an N-ACTION-RSP and the N-EVENT-REPORT
+    /// that follows it. Both must be received, in order.
+    #[tokio::test]
+    async fn two_messages_in_one_pdu_are_both_received() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut reader = PduReader::new(16_384);
+            let Some(Incoming::Other(Pdu::AssociationRQ(rq))) =
+                reader.next(&mut stream).await.unwrap()
+            else {
+                panic!("expected A-ASSOCIATE-RQ")
+            };
+            let ac = Pdu::AssociationAC(AssociationAC {
+                protocol_version: 1,
+                calling_ae_title: rq.calling_ae_title,
+                called_ae_title: rq.called_ae_title,
+                application_context_name: APPLICATION_CONTEXT.to_string(),
+                presentation_contexts: vec![PresentationContextResult {
+                    id: 1,
+                    reason: PresentationContextResultReason::Acceptance,
+                    transfer_syntax: EXPLICIT_LE.to_string(),
+                }],
+                user_variables: vec![UserVariableItem::MaxLength(16_384)],
+            });
+            ul::send(&mut stream, &ac).await.unwrap();
+            let mut body = Vec::new();
+            let action_rsp = Response::new(field::N_ACTION_RSP, 1, 0).encode();
+            pdv(&mut body, true, &action_rsp);
+            let report = Response::request(field::N_EVENT_REPORT_RQ, 7, true).encode();
+            pdv(&mut body, true, &report);
+            pdv(
+                &mut body,
+                false,
+                &[0x08, 0x00, 0x18, 0x00, b'U', b'I', 2, 0, b'1', 0],
+            );
+            let mut pdu = vec![0x04, 0];
+            pdu.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            pdu.extend_from_slice(&body);
+            tokio::io::AsyncWriteExt::write_all(&mut stream, &pdu)
+                .await
+                .unwrap();
+            // Hold the connection until the client is done.
+            let _ = reader.next(&mut stream).await;
+        });
+        let contexts = [Proposed {
+            id: 1,
+            abstract_syntax: COMMITMENT.to_string(),
+            transfer_syntaxes: vec![EXPLICIT_LE.to_string()],
+        }];
+        let timeout = Duration::from_secs(10);
+        let mut assoc = associate(("127.0.0.1", port), "A", "B", &contexts, 16_384, timeout)
+            .await
+            .unwrap();
+        let first = assoc.receive(1 << 20).await.unwrap();
+        assert_eq!(first.command.command_field(), Some(field::N_ACTION_RSP));
+        assert!(first.dataset.is_none());
+        let second = assoc.receive(1 << 20).await.unwrap();
+        assert_eq!(
+            second.command.command_field(),
+            Some(field::N_EVENT_REPORT_RQ)
+        );
+        assert_eq!(second.command.message_id(), 7);
+        assert_eq!(second.dataset.unwrap().len(), 10);
+        assoc.abort().await;
+        peer.await.unwrap();
     }
 }

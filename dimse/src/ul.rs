@@ -7,7 +7,7 @@
 
 use std::io::IoSlice;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu, read_pdu, write_pdu};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -58,6 +58,8 @@ pub enum Incoming {
 pub struct PduReader {
     buf: BytesMut,
     max_pdata: u32,
+    /// PDVs of a P-DATA-TF given back by [`PduReader::unread`].
+    unread: Option<Bytes>,
 }
 
 impl PduReader {
@@ -65,7 +67,27 @@ impl PduReader {
         PduReader {
             buf: BytesMut::with_capacity(64 * 1024),
             max_pdata,
+            unread: None,
         }
+    }
+
+    /// Gives back the PDVs of a P-DATA-TF that a caller did not consume
+    /// (a P-DATA-TF may carry the end of one message and the start of the
+    /// next, PS3.8 9.3.5): [`PduReader::next`] returns them first, as a
+    /// P-DATA-TF body of their own.
+    pub fn unread(&mut self, pdvs: &[Pdv]) {
+        debug_assert!(self.unread.is_none(), "one P-DATA-TF given back at a time");
+        if pdvs.is_empty() {
+            return;
+        }
+        let mut body = BytesMut::with_capacity(pdvs.iter().map(|p| 6 + p.data.len()).sum());
+        for p in pdvs {
+            body.put_u32(2 + p.data.len() as u32);
+            body.put_u8(p.context_id);
+            body.put_u8(u8::from(p.is_command) | (u8::from(p.is_last) << 1));
+            body.put_slice(&p.data);
+        }
+        self.unread = Some(body.freeze());
     }
 
     /// Reads the next PDU; `Ok(None)` when the peer closed between PDUs.
@@ -73,6 +95,9 @@ impl PduReader {
         &mut self,
         stream: &mut R,
     ) -> Result<Option<Incoming>, UlError> {
+        if let Some(body) = self.unread.take() {
+            return Ok(Some(Incoming::PData(body)));
+        }
         loop {
             if self.buf.len() >= 6 {
                 let pdu_type = self.buf[0];
@@ -549,5 +574,38 @@ mod tests {
             PduReader::new(16_384).next(&mut partial).await,
             Err(UlError::UnexpectedEof)
         ));
+    }
+
+    #[tokio::test]
+    async fn pdvs_given_back_are_read_first_as_they_were() {
+        let mut pdu = vec![0x04, 0, 0, 0, 0, 22];
+        pdu.extend_from_slice(&[0, 0, 0, 4, 1, 0x03, 0xAA, 0xBB]);
+        pdu.extend_from_slice(&[0, 0, 0, 3, 1, 0x01, 0xCC]);
+        pdu.extend_from_slice(&[0, 0, 0, 3, 3, 0x02, 0xDD]);
+        let mut next = vec![0x04, 0, 0, 0, 0, 7, 0, 0, 0, 3, 5, 0x03, 0xEE];
+        pdu.append(&mut next);
+        let mut r: &[u8] = &pdu;
+        let mut reader = PduReader::new(16_384);
+        let Some(Incoming::PData(body)) = reader.next(&mut r).await.unwrap() else {
+            panic!("expected P-DATA")
+        };
+        let first = pdvs(body).unwrap();
+        reader.unread(&first[1..]);
+        let Some(Incoming::PData(body)) = reader.next(&mut r).await.unwrap() else {
+            panic!("expected the PDVs given back")
+        };
+        let rest = pdvs(body).unwrap();
+        assert_eq!(rest.len(), 2);
+        assert!(rest[0].context_id == 1 && rest[0].is_command && !rest[0].is_last);
+        assert_eq!(rest[0].data[..], [0xCC]);
+        assert!(rest[1].context_id == 3 && !rest[1].is_command && rest[1].is_last);
+        assert_eq!(rest[1].data[..], [0xDD]);
+        // Nothing given back: the stream's next PDU comes next.
+        reader.unread(&[]);
+        let Some(Incoming::PData(body)) = reader.next(&mut r).await.unwrap() else {
+            panic!("expected the next PDU")
+        };
+        assert_eq!(pdvs(body).unwrap()[0].data[..], [0xEE]);
+        assert!(reader.next(&mut r).await.unwrap().is_none());
     }
 }

@@ -405,7 +405,7 @@ impl Connection {
     ) -> Result<(), End> {
         let pdvs = ul::pdvs(body)
             .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
-        for pdv in pdvs {
+        for (i, pdv) in pdvs.iter().enumerate() {
             let Some(context) = assoc.contexts.get(&pdv.context_id) else {
                 return Err(End::Abort(
                     AbortReason::InvalidPduParameter,
@@ -492,6 +492,10 @@ impl Connection {
                     }
                 }
                 if pdv.is_last {
+                    // The rest of this PDU belongs to the next message (a
+                    // C-CANCEL, say): it is read after this one, and by
+                    // the operation this one starts.
+                    self.reader.unread(&pdvs[i + 1..]);
                     match pending.take() {
                         Some(Pending::Store {
                             context_id,
@@ -538,6 +542,7 @@ impl Connection {
                         }
                         _ => unreachable!("checked above"),
                     }
+                    return Ok(());
                 }
             }
         }
@@ -1110,7 +1115,7 @@ impl Connection {
                         )
                     })?;
             let body = pdata_or_end(pdu, "a retrieve")?;
-            if let Some(command) = command_from(body, &mut bytes)? {
+            if let Some(command) = command_from(body, &mut bytes, &mut self.reader)? {
                 return Ok(command);
             }
         }
@@ -1128,7 +1133,11 @@ impl Connection {
         };
         let Some(pdu) = ready else { return Ok(false) };
         let mut bytes = Vec::new();
-        let command = match command_from(pdata_or_end(pdu, "a retrieve")?, &mut bytes)? {
+        let command = match command_from(
+            pdata_or_end(pdu, "a retrieve")?,
+            &mut bytes,
+            &mut self.reader,
+        )? {
             Some(command) => command,
             None => self.next_command(bytes).await?,
         };
@@ -1268,7 +1277,9 @@ impl Connection {
                     Event::Incoming(pdu) => {
                         // Only a C-CANCEL for this query may arrive now.
                         let body = pdata_or_end(pdu, "a C-FIND")?;
-                        if let Some(command) = command_from(body, &mut cancel_bytes)? {
+                        if let Some(command) =
+                            command_from(body, &mut cancel_bytes, &mut self.reader)?
+                        {
                             if take_report_ack(&mut self.unacked_reports, &command) {
                                 cancel_bytes.clear();
                                 continue;
@@ -1684,10 +1695,16 @@ fn pdata_or_end(pdu: Result<Option<Incoming>, ul::UlError>, during: &str) -> Res
 
 /// Adds the command fragments of a P-DATA-TF body to `bytes`; the parsed
 /// command once its last fragment is in. Datasets are not expected here.
-fn command_from(body: Bytes, bytes: &mut Vec<u8>) -> Result<Option<Command>, End> {
-    for pdv in
-        ul::pdvs(body).map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?
-    {
+/// PDVs after that last fragment (the next message, in the same PDU) go
+/// back to `reader` for whoever reads next.
+fn command_from(
+    body: Bytes,
+    bytes: &mut Vec<u8>,
+    reader: &mut PduReader,
+) -> Result<Option<Command>, End> {
+    let pdvs =
+        ul::pdvs(body).map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
+    for (i, pdv) in pdvs.iter().enumerate() {
         if !pdv.is_command {
             return Err(End::Abort(
                 AbortReason::UnexpectedPduParameter,
@@ -1696,6 +1713,7 @@ fn command_from(body: Bytes, bytes: &mut Vec<u8>) -> Result<Option<Command>, End
         }
         append_command(bytes, &pdv.data)?;
         if pdv.is_last {
+            reader.unread(&pdvs[i + 1..]);
             return Command::parse(bytes)
                 .map(Some)
                 .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()));

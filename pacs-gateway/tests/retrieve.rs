@@ -843,3 +843,118 @@ fn a_destination_out_of_step_is_given_up() {
     assert_every_sub_operation_failed(&gw, &out, uids.len());
     gw.assert_serving();
 }
+
+/// A P-DATA-TF may carry the end of one message and the next message
+/// (PS3.8 9.3.5). Here a C-GET's first C-STORE-RSP and a C-CANCEL of the
+/// C-GET arrive in one PDU: the cancel must be seen, not dropped.
+#[test]
+fn a_cancel_in_the_pdu_of_a_store_response_stops_the_get() {
+    use std::io::Write;
+    const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, uids) = with_study(dir.path(), "");
+    assert_eq!(uids.len(), 5);
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, STUDY_ROOT_GET, &[scu::EXPLICIT_LE]),
+        (3, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
+    ];
+    let mut stream = raw_county_association(&gw, contexts, &[CT_IMAGE_STORAGE]);
+    let mut identifier = scu::el(0x0008_0052, b"CS", b"STUDY");
+    identifier.extend(scu::el(0x0020_000D, b"UI", b"2.25.66"));
+    let get_rq = scu::query_rq(STUDY_ROOT_GET, 0x0010, 7);
+    stream
+        .write_all(&scu::pdata_pdvs(&[
+            (1, true, true, &get_rq),
+            (1, false, true, &identifier),
+        ]))
+        .unwrap();
+    let (mut stores, mut answered_with_cancel) = (0, false);
+    let final_rsp = loop {
+        let (command, _) = scu::read_message(&mut stream).expect("a message from the gateway");
+        match scu::command_u16(&command, 0x0100) {
+            Some(0x0001) => {
+                stores += 1;
+                let id = scu::command_u16(&command, 0x0110).unwrap();
+                let rsp = scu::command(&[
+                    (0x0002, scu::uid_value(CT_IMAGE_STORAGE)),
+                    (0x0100, 0x8001u16.to_le_bytes().to_vec()),
+                    (0x0120, id.to_le_bytes().to_vec()),
+                    (0x0800, 0x0101u16.to_le_bytes().to_vec()),
+                    (0x0900, 0u16.to_le_bytes().to_vec()),
+                ]);
+                if answered_with_cancel {
+                    stream.write_all(&scu::pdata(3, true, true, &rsp)).unwrap();
+                } else {
+                    // The first answer and the cancel, in one PDU.
+                    answered_with_cancel = true;
+                    let cancel = scu::cancel_rq(7);
+                    stream
+                        .write_all(&scu::pdata_pdvs(&[
+                            (3, true, true, &rsp),
+                            (1, true, true, &cancel),
+                        ]))
+                        .unwrap();
+                }
+            }
+            Some(0x8010) if scu::command_u16(&command, 0x0900) == Some(0xFF00) => {}
+            Some(0x8010) => break command,
+            other => panic!("unexpected command field {other:?}"),
+        }
+    };
+    assert_eq!(
+        scu::command_u16(&final_rsp, 0x0900),
+        Some(0xFE00),
+        "C-GET not cancelled"
+    );
+    assert_eq!(
+        scu::command_u16(&final_rsp, 0x1021),
+        Some(1),
+        "completed sub-operations"
+    );
+    assert_eq!(stores, 1, "instances sent after the cancel");
+    gw.assert_serving();
+}
+
+/// A C-FIND, its identifier and a C-CANCEL of it in one PDU: the query is
+/// cancelled, and the association stays in step (a C-ECHO after it is
+/// answered).
+#[test]
+fn a_cancel_in_the_pdu_of_its_query_is_seen() {
+    use std::io::Write;
+    const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = with_study(dir.path(), "");
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, STUDY_ROOT_FIND, &[scu::EXPLICIT_LE]),
+        (3, scu::VERIFICATION, &[scu::EXPLICIT_LE]),
+    ];
+    let mut stream = raw_county_association(&gw, contexts, &[]);
+    let mut identifier = scu::el(0x0008_0052, b"CS", b"IMAGE");
+    identifier.extend(scu::el(0x0008_0018, b"UI", b""));
+    identifier.extend(scu::el(0x0020_000D, b"UI", b"2.25.66"));
+    let find_rq = scu::query_rq(STUDY_ROOT_FIND, 0x0020, 9);
+    let cancel = scu::cancel_rq(9);
+    stream
+        .write_all(&scu::pdata_pdvs(&[
+            (1, true, true, &find_rq),
+            (1, false, true, &identifier),
+            (1, true, true, &cancel),
+        ]))
+        .unwrap();
+    let final_status = loop {
+        let (command, _) = scu::read_message(&mut stream).expect("a C-FIND response");
+        assert_eq!(scu::command_u16(&command, 0x0100), Some(0x8020));
+        match scu::command_u16(&command, 0x0900) {
+            Some(0xFF00 | 0xFF01) => {}
+            status => break status,
+        }
+    };
+    assert_eq!(final_status, Some(0xFE00), "C-FIND not cancelled");
+    stream
+        .write_all(&scu::pdata(3, true, true, &scu::echo_rq(10)))
+        .unwrap();
+    let (echo_rsp, _) = scu::read_message(&mut stream).expect("a C-ECHO response");
+    assert_eq!(scu::command_u16(&echo_rsp, 0x0100), Some(0x8030));
+    assert_eq!(scu::command_u16(&echo_rsp, 0x0120), Some(10));
+    assert_eq!(scu::command_u16(&echo_rsp, 0x0900), Some(0));
+}

@@ -241,6 +241,52 @@ pub fn echo_rq(message_id: u16) -> Vec<u8> {
     ])
 }
 
+/// A C-CANCEL-RQ for the request `message_id`.
+pub fn cancel_rq(message_id: u16) -> Vec<u8> {
+    command(&[
+        (0x0100, 0x0FFFu16.to_le_bytes().to_vec()),
+        (0x0120, message_id.to_le_bytes().to_vec()),
+        (0x0800, 0x0101u16.to_le_bytes().to_vec()),
+    ])
+}
+
+/// One P-DATA-TF PDU carrying several PDVs: (context, is_command, is_last, data).
+pub fn pdata_pdvs(pdvs: &[(u8, bool, bool, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (context, is_command, is_last, data) in pdvs {
+        body.extend_from_slice(&((data.len() + 2) as u32).to_be_bytes());
+        body.push(*context);
+        body.push(u8::from(*is_command) | (u8::from(*is_last) << 1));
+        body.extend_from_slice(data);
+    }
+    let mut out = vec![0x04, 0];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend(body);
+    out
+}
+
+/// The next DIMSE message read off `stream`: its command set and whether
+/// a dataset followed (read and dropped). `None` when the stream ended or
+/// something other than P-DATA-TF came.
+pub fn read_message(stream: &mut TcpStream) -> Option<(Vec<u8>, bool)> {
+    let mut command = Vec::new();
+    loop {
+        let Some(RawPdu::PData(pdvs)) = read_any(stream) else {
+            return None;
+        };
+        for (_, is_command, is_last, data) in pdvs {
+            if is_command {
+                command.extend_from_slice(&data);
+                if is_last && command_u16(&command, 0x0800) == Some(0x0101) {
+                    return Some((command, false));
+                }
+            } else if is_last {
+                return Some((command, true));
+            }
+        }
+    }
+}
+
 /// One P-DATA-TF PDU with one PDV.
 pub fn pdata(context: u8, is_command: bool, is_last: bool, data: &[u8]) -> Vec<u8> {
     let mut out = vec![0x04, 0];
@@ -366,16 +412,21 @@ impl Scu {
 }
 
 fn status_of(command: &[u8]) -> u16 {
+    command_u16(command, 0x0900).expect("response without status")
+}
+
+/// The US value of command element (0000,`element`) in an encoded command set.
+pub fn command_u16(command: &[u8], element: u16) -> Option<u16> {
     let mut rest = command;
     while rest.len() >= 8 {
-        let element = u16::from_le_bytes([rest[2], rest[3]]);
+        let e = u16::from_le_bytes([rest[2], rest[3]]);
         let len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
-        if element == 0x0900 {
-            return u16::from_le_bytes([rest[8], rest[9]]);
+        if e == element && len == 2 {
+            return Some(u16::from_le_bytes([rest[8], rest[9]]));
         }
         rest = &rest[8 + len..];
     }
-    panic!("response without status")
+    None
 }
 
 /// Explicit VR little endian element.
