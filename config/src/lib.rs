@@ -83,6 +83,12 @@ pub struct StorageConfig {
     /// `data_dir/blobs`.
     #[serde(default)]
     pub s3: Option<S3Config>,
+    /// Free space the filesystem of `data_dir` keeps: below it, instances
+    /// are refused (0xA700, "send again later") before they are received,
+    /// so the index, the audit trail and instances already being received
+    /// never run out of room. 0 turns the check off.
+    #[serde(default = "defaults::min_free_bytes")]
+    pub min_free_bytes: u64,
 }
 
 /// `[storage.s3]`: an S3-compatible bucket for the blobs (AWS S3, MinIO,
@@ -228,6 +234,9 @@ mod defaults {
     }
     pub(super) fn max_instance_bytes() -> u64 {
         4 << 30
+    }
+    pub(super) fn min_free_bytes() -> u64 {
+        1 << 30
     }
     pub(super) fn max_find_results() -> u64 {
         10_000

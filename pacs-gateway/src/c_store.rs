@@ -46,6 +46,9 @@ impl StoreError {
         match self {
             StoreError::Storage(storage::Error::Dataset(_))
             | StoreError::Storage(storage::Error::TooLarge { .. }) => self.to_string(),
+            StoreError::Storage(storage::Error::StorageFull { .. }) => {
+                "the center's storage is full; send it again later".into()
+            }
             StoreError::Storage(_) => {
                 "the center cannot keep the instance now; send it again later".into()
             }

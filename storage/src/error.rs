@@ -26,6 +26,9 @@ pub enum Error {
     ObjectStore(#[from] object_store::Error),
     #[error("index schema version {found} is newer than this build ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
+    /// The data directory's filesystem is down to its reserve.
+    #[error("storage full: {free} bytes free, below the reserve of {reserve} bytes")]
+    StorageFull { free: u64, reserve: u64 },
     #[error("storage is shutting down")]
     ShuttingDown,
     /// Another process (a second gateway) holds the data directory.

@@ -95,6 +95,8 @@ struct Inner {
     spool_dir: PathBuf,
     writer: std::sync::Mutex<mpsc::Sender<Job>>,
     readers: Arc<index::ReaderPool>,
+    /// Free bytes the data directory's filesystem keeps (0: no check).
+    min_free_bytes: u64,
     /// Held (locked) while this storage is open: see [`lock_data_dir`].
     _lock: std::fs::File,
 }
@@ -104,17 +106,15 @@ impl Storage {
     /// local filesystem in `data_dir/blobs`.
     pub fn open(data_dir: &Path) -> Result<Storage> {
         let blobs = BlobStore::local(&data_dir.join("blobs"))?;
-        blobs.prepare_local()?;
-        Storage::open_with_blobs(data_dir, blobs)
+        Storage::open_with_blobs(data_dir, blobs, 0)
     }
 
     /// Opens the storage a `[storage]` section describes: blobs in its S3
-    /// bucket when it names one, else on the local disk as [`Storage::open`].
+    /// bucket when it names one, else on the local disk as [`Storage::open`];
+    /// new instances refused below its `min_free_bytes`.
     pub fn open_configured(config: &consortium_config::StorageConfig) -> Result<Storage> {
-        match &config.s3 {
-            Some(_) => Storage::open_with_blobs(&config.data_dir, BlobStore::open(config)?),
-            None => Storage::open(&config.data_dir),
-        }
+        let blobs = BlobStore::open(config)?;
+        Storage::open_with_blobs(&config.data_dir, blobs, config.min_free_bytes)
     }
 
     /// Opens storage with blobs in any object store (in-memory, S3-compatible).
@@ -123,10 +123,11 @@ impl Storage {
         data_dir: &Path,
         store: Arc<dyn object_store::ObjectStore>,
     ) -> Result<Storage> {
-        Storage::open_with_blobs(data_dir, BlobStore::remote(store))
+        Storage::open_with_blobs(data_dir, BlobStore::remote(store), 0)
     }
 
-    fn open_with_blobs(data_dir: &Path, blobs: BlobStore) -> Result<Storage> {
+    fn open_with_blobs(data_dir: &Path, blobs: BlobStore, min_free_bytes: u64) -> Result<Storage> {
+        blobs.prepare_local()?;
         std::fs::create_dir_all(data_dir).map_err(Error::io("create data directory", data_dir))?;
         let lock = lock_data_dir(data_dir)?;
         let spool_dir = data_dir.join("spool");
@@ -144,12 +145,15 @@ impl Storage {
                 spool_dir,
                 writer: std::sync::Mutex::new(writer),
                 readers: index::ReaderPool::new(index_path, false),
+                min_free_bytes,
                 _lock: lock,
             }),
         })
     }
 
     /// Starts receiving an instance; `limit` bounds the dataset's size.
+    /// Refused with [`Error::StorageFull`] while the filesystem of the
+    /// spool and the index is down to its reserve.
     pub fn spool(
         &self,
         sop_class_uid: &str,
@@ -157,6 +161,16 @@ impl Storage {
         transfer_syntax: &str,
         limit: u64,
     ) -> Result<Spool> {
+        let reserve = self.inner.min_free_bytes;
+        if reserve > 0 {
+            let dir = &self.inner.spool_dir;
+            let fs = rustix::fs::statvfs(dir)
+                .map_err(|e| Error::io("check free space", dir)(e.into()))?;
+            let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+            if free < reserve {
+                return Err(Error::StorageFull { free, reserve });
+            }
+        }
         let header = part10::file_header(sop_class_uid, sop_instance_uid, transfer_syntax);
         Spool::create(&self.inner.spool_dir, &header, transfer_syntax, limit)
     }

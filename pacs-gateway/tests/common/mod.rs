@@ -21,6 +21,10 @@ pub struct GatewaySpec {
     pub gateway_extra: String,
     pub storage_extra: String,
     pub clinics: String,
+    /// The data directory on a tmpfs of this many bytes, mounted in a
+    /// user and mount namespace of the gateway's own (`unshare`): a real
+    /// filesystem that fills up, without root.
+    pub data_tmpfs_bytes: Option<u64>,
 }
 
 impl Default for GatewaySpec {
@@ -53,6 +57,7 @@ ae_titles = ["FARAWAY_CT"]
 addresses = ["10.20.30.40"]
 "#
             .to_string(),
+            data_tmpfs_bytes: None,
         }
     }
 }
@@ -76,7 +81,43 @@ impl Gateway {
             spec.gateway_extra, spec.storage_extra, spec.clinics
         );
         std::fs::write(&config_path, config).unwrap();
-        Gateway::start_with(config_path, data_dir, dir.join("gateway.log"))
+        match spec.data_tmpfs_bytes {
+            None => Gateway::start_with(config_path, data_dir, dir.join("gateway.log")),
+            Some(bytes) => {
+                Gateway::start_on_tmpfs(config_path, data_dir, dir.join("gateway.log"), bytes)
+            }
+        }
+    }
+
+    /// Like [`Gateway::start_with`], the data directory on a fresh tmpfs of
+    /// `bytes` seen only by the gateway; `data_dir` then reaches it through
+    /// `/proc/<pid>/root`.
+    fn start_on_tmpfs(
+        config_path: PathBuf,
+        data_dir: PathBuf,
+        log_path: PathBuf,
+        bytes: u64,
+    ) -> Gateway {
+        let data_dir = std::path::absolute(data_dir).unwrap();
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let mut cmd = Command::new("/usr/bin/unshare");
+        cmd.args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--",
+            "/bin/sh",
+            "-c",
+        ])
+        .arg(r#"mount -t tmpfs -o size="$3" tmpfs "$2" && exec "$0" --config "$1""#)
+        .arg(env!("CARGO_BIN_EXE_pacs-gateway"))
+        .arg(&config_path)
+        .arg(&data_dir)
+        .arg(bytes.to_string());
+        let mut gw = Gateway::spawn(cmd, config_path, data_dir.clone(), log_path);
+        // unshare and sh exec the gateway: the pid stays the same.
+        gw.data_dir = PathBuf::from(format!("/proc/{}/root{}", gw.pid(), data_dir.display()));
+        gw
     }
 
     /// Starts again on the same configuration and data.
@@ -86,20 +127,33 @@ impl Gateway {
             self.data_dir.clone(),
             self.log_path.clone(),
         );
+        assert!(
+            !data.starts_with("/proc"),
+            "a tmpfs data directory is gone with its gateway"
+        );
         drop(self);
         Gateway::start_with(config, data, log)
     }
 
     fn start_with(config_path: PathBuf, data_dir: PathBuf, log_path: PathBuf) -> Gateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pacs-gateway"));
+        cmd.arg("--config").arg(&config_path);
+        Gateway::spawn(cmd, config_path, data_dir, log_path)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        config_path: PathBuf,
+        data_dir: PathBuf,
+        log_path: PathBuf,
+    ) -> Gateway {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pacs-gateway"))
+        let mut child = cmd
             .current_dir(config_path.parent().expect("config in a directory"))
-            .arg("--config")
-            .arg(&config_path)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -147,11 +201,24 @@ impl Gateway {
 
     /// Read-only view of the index.
     pub fn index(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(
-            self.data_dir.join("index.sqlite"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap()
+        let mut path = self.data_dir.join("index.sqlite");
+        if self.data_dir.starts_with("/proc") {
+            // SQLite resolves the /proc/<pid>/root link to "/", outside the
+            // gateway's tmpfs: read a copy (taken while the gateway is idle).
+            static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let copy = self.log_path.with_file_name(format!("index-copy-{n}"));
+            std::fs::create_dir_all(&copy).unwrap();
+            for file in ["index.sqlite", "index.sqlite-wal"] {
+                let from = self.data_dir.join(file);
+                if from.exists() {
+                    std::fs::copy(&from, copy.join(file)).unwrap();
+                }
+            }
+            path = copy.join("index.sqlite");
+        }
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
     }
 
     pub fn instance_count(&self) -> i64 {
