@@ -162,7 +162,13 @@ pub(crate) fn parse(
     model: &str,
     clinic: Option<String>,
 ) -> Result<Request, String> {
-    storage::attrs::validate(identifier, transfer_syntax).map_err(|e| e.to_string())?;
+    // Text values decoded whole, in the identifier's character set (see
+    // `top_level_text`); dicom-rs is used for the structure and the rest.
+    let texts: std::collections::HashMap<u32, String> =
+        storage::attrs::top_level_text(identifier, transfer_syntax)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect();
     let ts = TransferSyntaxRegistry
         .get(transfer_syntax)
         .ok_or("unsupported transfer syntax")?;
@@ -221,7 +227,15 @@ pub(crate) fn parse(
         {
             continue;
         }
-        let mut value = value_text(element);
+        let decoded_whole = matches!(
+            element.vr(),
+            VR::PN | VR::LO | VR::SH | VR::LT | VR::ST | VR::UT | VR::UC
+        );
+        let mut value =
+            match texts.get(&((u32::from(tag.group()) << 16) | u32::from(tag.element()))) {
+                Some(text) if decoded_whole => text.clone(),
+                _ => value_text(element),
+            };
         let private = if Some(tag) == sending_clinic {
             Some(Key::SendingClinic)
         } else if Some(tag) == instance_sha256 {
@@ -256,15 +270,20 @@ pub(crate) fn parse(
                 };
                 constant.push((tag, vr, which));
             }
-            None if element.vr() == VR::SQ => {}
+            // Sequence matching (PS3.4 C.2.2.2.6) is not supported: the
+            // key is neither applied nor returned (0xFF01).
+            None if element.vr() == VR::SQ => unmatched_keys = true,
             // Another vendor's private block is not echoed (its elements
             // would come back without their creator, PS3.5 7.8.1); a value
             // to match in it is one we do not apply.
             None if tag.group() % 2 == 1 => {
                 unmatched_keys |= !is_private_creator && !value.trim().is_empty();
             }
+            // Not supported for matching nor for existence: returned empty,
+            // with 0xFF01 (PS3.4 C.4.1.1.4), not 0xFF00, which would say it
+            // was answered like a required key.
             None => {
-                unmatched_keys |= !value.trim().is_empty();
+                unmatched_keys = true;
                 unsupported.push((tag, element.vr()));
             }
         }
@@ -285,8 +304,8 @@ pub(crate) fn parse(
 /// when it can carry them (GB18030 carries every character; ISO_IR 100 only
 /// Latin-1), so a requester that asked in GB18030 or Latin-1 reads its
 /// answers in it; UTF-8 otherwise (PS3.4 C.4.1.1.3.2 lets the SCP choose).
-fn response_charset(query: &str, values: &[String]) -> (&'static str, SpecificCharacterSet) {
-    let latin1 = |v: &String| v.chars().all(|c| (c as u32) < 0x100);
+fn response_charset(query: &str, values: &[&str]) -> (&'static str, SpecificCharacterSet) {
+    let latin1 = |v: &&str| v.chars().all(|c| (c as u32) < 0x100);
     match query {
         "GB18030" => (
             "GB18030",
@@ -323,13 +342,33 @@ pub(crate) fn encode_match(
             PrimitiveValue::from(PRIVATE_CREATOR),
         ));
     }
+    // Values of the default repertoire's VRs (CS, DA, TM, UI...) cannot
+    // carry other characters whatever the character set (PS3.5 6.1.2.3);
+    // an invalid stored one (a GB18030 PatientSex) is returned empty rather
+    // than making the response unencodable.
+    let values: Vec<&str> = request
+        .returned
+        .iter()
+        .zip(values)
+        .map(|((_, vr), v)| {
+            let default_repertoire = matches!(
+                vr,
+                VR::AE | VR::AS | VR::CS | VR::DA | VR::DS | VR::DT | VR::IS | VR::TM | VR::UI
+            );
+            if default_repertoire && !v.is_ascii() {
+                ""
+            } else {
+                v.as_str()
+            }
+        })
+        .collect();
     let mut non_ascii = false;
-    for ((tag, vr), value) in request.returned.iter().zip(values) {
+    for ((tag, vr), value) in request.returned.iter().zip(values.iter().copied()) {
         non_ascii |= !value.is_ascii();
         let v = if *vr == VR::CS || *vr == VR::UI || *vr == VR::IS {
             PrimitiveValue::Strs(value.split('\\').map(str::to_string).collect())
         } else {
-            PrimitiveValue::from(value.as_str())
+            PrimitiveValue::from(value)
         };
         obj.put(DataElement::new(
             *tag,
@@ -353,7 +392,7 @@ pub(crate) fn encode_match(
     }
     let mut out = Vec::new();
     if non_ascii {
-        let (code, charset) = response_charset(&request.charset, values);
+        let (code, charset) = response_charset(&request.charset, &values);
         obj.put(DataElement::new(
             tags::SPECIFIC_CHARACTER_SET,
             VR::CS,

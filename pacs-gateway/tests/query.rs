@@ -869,3 +869,92 @@ fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
     assert_eq!(rows[0]["RetrieveAETitle"], common::AE);
     assert_eq!(rows[0]["InstanceAvailability"], "ONLINE");
 }
+
+/// Text decoded whole in the query's character set: a GB18030 character
+/// whose second byte is 0x5C (昞 is 95 5C) is not a value delimiter, and
+/// ISO 2022 code extensions are read. A stored code that is not ASCII (a
+/// PatientSex of 男) comes back empty instead of making the answer
+/// unencodable. Keys not supported (another attribute, a sequence) are
+/// answered with 0xFF01.
+#[test]
+fn query_text_is_decoded_whole_and_unsupported_keys_warn() {
+    use common::scu::el;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let contexts: &[(u8, &str, &[&str])] = &[(
+        1,
+        common::scu::CT_IMAGE_STORAGE,
+        &[common::scu::EXPLICIT_LE],
+    )];
+    let common::scu::Association::Accepted(mut scu) =
+        common::scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    for (uid, study, name, sex) in [
+        ("2.25.6011", "2.25.601", "Li^Bing=李^昞", "M"),
+        ("2.25.6021", "2.25.602", "Wang^XiaoDong=王^小东", "男"),
+    ] {
+        let ds = [
+            el(0x0008_0005, b"CS", b"ISO_IR 192"),
+            el(0x0008_0016, b"UI", common::scu::CT_IMAGE_STORAGE.as_bytes()),
+            el(0x0008_0018, b"UI", uid.as_bytes()),
+            el(0x0008_0060, b"CS", b"CT"),
+            el(0x0010_0010, b"PN", name.as_bytes()),
+            el(0x0010_0020, b"LO", format!("P{study}").as_bytes()),
+            el(0x0010_0040, b"CS", sex.as_bytes()),
+            el(0x0020_000D, b"UI", study.as_bytes()),
+            el(0x0020_000E, b"UI", format!("{study}.1").as_bytes()),
+            el(0x7FE0_0010, b"OW", &[0u8; 64]),
+        ]
+        .concat();
+        assert_eq!(
+            scu.store(1, common::scu::CT_IMAGE_STORAGE, uid, &ds),
+            common::scu::Reply::Status(0)
+        );
+    }
+    assert!(scu.release());
+    let studies = |keys: &[&str]| {
+        let mut k = vec!["StudyInstanceUID="];
+        k.extend_from_slice(keys);
+        let (statuses, rows) = find_keys(gw.port, "COUNTYWS1", "STUDY", &k);
+        let uids: Vec<String> = rows.iter().map(|r| r["StudyInstanceUID"].clone()).collect();
+        (statuses, uids, rows)
+    };
+    let (_, found, _) = studies(&["SpecificCharacterSet=GB18030", "PatientName==李^昞"]);
+    assert_eq!(found, ["2.25.601"]);
+    let (_, found, _) = studies(&["SpecificCharacterSet=GB18030", "PatientName=*=李*"]);
+    assert_eq!(found, ["2.25.601"]);
+    let (_, found, _) = studies(&[
+        "SpecificCharacterSet=\\ISO 2022 IR 58",
+        "PatientName==王^小东",
+    ]);
+    assert_eq!(found, ["2.25.602"]);
+    // PatientSex: "M" as stored; the invalid "男" empty; the query ends
+    // with success instead of an aborted association.
+    let (statuses, _, rows) = studies(&["PatientSex="]);
+    assert_eq!(statuses, [0xFF00, 0xFF00, 0], "{rows:?}");
+    let mut sexes: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r["StudyInstanceUID"].clone(), r["PatientSex"].clone()))
+        .collect();
+    sexes.sort();
+    assert_eq!(
+        sexes,
+        [
+            ("2.25.601".to_string(), "M".to_string()),
+            ("2.25.602".to_string(), String::new())
+        ]
+    );
+    // Not supported: Occupation (returned empty) and a sequence key.
+    let (statuses, found, rows) = studies(&["(0010,2180):SH="]);
+    assert_eq!(statuses, [0xFF01, 0xFF01, 0]);
+    assert_eq!(found.len(), 2);
+    assert!(
+        rows.iter()
+            .all(|r| r.get("Occupation").is_some_and(String::is_empty)),
+        "{rows:?}"
+    );
+    let (statuses, _, _) = studies(&["(0008,1032):SQ="]);
+    assert_eq!(statuses, [0xFF01, 0xFF01, 0]);
+}

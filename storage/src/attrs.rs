@@ -178,6 +178,35 @@ pub fn read_bytes(dataset: &[u8], transfer_syntax: &str) -> Result<InstanceAttrs
     collector.finish()
 }
 
+/// The top-level values of a small dataset (a query identifier, already
+/// [`validate`]d) as text, each decoded whole in the dataset's own Specific
+/// Character Set, code extensions included. A general parser that splits
+/// values at 0x5C before decoding cuts GB18030 characters whose second
+/// byte is 0x5C (昞 is 95 5C) into two values; here a `\` in the text is a
+/// real delimiter. Values longer than the index keeps are left out.
+pub fn top_level_text(
+    dataset: &[u8],
+    transfer_syntax: &str,
+) -> Result<Vec<(u32, String)>, DatasetError> {
+    let mut collector = Collector {
+        all_top: true,
+        ..Collector::default()
+    };
+    walk_bytes(dataset, transfer_syntax, &mut collector)?;
+    let code = collector
+        .top
+        .iter()
+        .find(|(t, _)| *t == 0x0008_0005)
+        .map(|(_, v)| ascii(v))
+        .unwrap_or_default();
+    let charset = Charset::of(&code);
+    Ok(collector
+        .top
+        .iter()
+        .map(|(tag, v)| (*tag, decode(&charset, v)))
+        .collect())
+}
+
 /// Checks that `dataset` is structurally sound (every length within the
 /// bytes present, nesting bounded, nothing truncated) without requiring any
 /// attribute: for small datasets such as query identifiers and commitment
@@ -582,6 +611,8 @@ struct Collector {
     other_ids: Vec<Vec<(u32, Vec<u8>)>>,
     /// The current Other Patient IDs item is one we keep.
     in_kept_item: bool,
+    /// Every top-level element, not only [`TOP_TAGS`] (a query identifier).
+    all_top: bool,
 }
 
 const TOP_TAGS: &[u32] = &[
@@ -621,7 +652,10 @@ impl Collector {
     /// bounded by the tag lists whatever the dataset repeats.
     fn wants(&self, depth: u32, parent: Option<u32>, tag: u32) -> bool {
         match (depth, parent) {
-            (0, None) => TOP_TAGS.contains(&tag) && !self.top.iter().any(|(t, _)| *t == tag),
+            (0, None) => {
+                (self.all_top || TOP_TAGS.contains(&tag))
+                    && !self.top.iter().any(|(t, _)| *t == tag)
+            }
             (1, Some(OTHER_PATIENT_IDS_SEQUENCE)) => {
                 self.in_kept_item
                     && OTHER_ID_TAGS.contains(&tag)

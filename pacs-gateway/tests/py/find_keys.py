@@ -1,8 +1,9 @@
 """C-FIND SCU with pynetdicom (a client we did not write), any keys.
 
 usage: find_keys.py PORT CALLING_AE LEVEL KEY=VALUE...
-KEY is a keyword (StudyTime) or a tag with its VR (0009,1001:LO); values
-are sent in UTF-8 (ISO_IR 192). Queries
+KEY is a keyword (StudyTime) or a tag with its VR (0009,1001:LO; an SQ
+key is sent as an empty sequence); values are sent in UTF-8 (ISO_IR 192)
+unless a SpecificCharacterSet=... key names another. Queries
 Study Root at LEVEL, proposing pynetdicom's default transfer syntaxes
 (implicit VR little endian first), and prints JSON:
 {"statuses": [...], "rows": [{keyword or tag: value, ...}, ...]}.
@@ -23,7 +24,7 @@ for spec in sys.argv[4:]:
     if ":" in key:
         tag, vr = key.split(":")
         group, element = (int(x, 16) for x in tag.strip("()").split(","))
-        ds.add_new((group << 16) | element, vr, value)
+        ds.add_new((group << 16) | element, vr, [] if vr == "SQ" else value)
     else:
         setattr(ds, key, value)
 ae = AE(ae_title=calling)
