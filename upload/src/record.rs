@@ -70,17 +70,25 @@ impl Record {
             .is_some())
     }
 
+    /// Records `(SOP Instance UID, file SHA-256)` pairs the center
+    /// confirmed. Each replaces what was recorded for its UID: the center
+    /// now holds these bytes, so an older version's file is no longer
+    /// committed there (a re-run with it sends it again).
     pub(crate) fn mark_committed<'a>(
         &mut self,
         items: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         {
-            let mut stmt = tx.prepare_cached(
+            let mut older = tx.prepare_cached(
+                "DELETE FROM committed WHERE center = ?1 AND sop_instance_uid = ?2 AND sha256 != ?3",
+            )?;
+            let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO committed (center, sop_instance_uid, sha256) VALUES (?1, ?2, ?3)",
             )?;
             for (uid, sha) in items {
-                stmt.execute(params![self.center, uid, sha])?;
+                older.execute(params![self.center, uid, sha])?;
+                insert.execute(params![self.center, uid, sha])?;
             }
         }
         tx.commit()
@@ -102,5 +110,26 @@ impl Record {
             }
         }
         tx.commit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_version_replaces_the_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = Record::open(&dir.path().join("r.sqlite"), "C", "old").unwrap();
+        record
+            .mark_committed([("2.25.1", "aa"), ("2.25.2", "cc")])
+            .unwrap();
+        record.mark_committed([("2.25.1", "bb")]).unwrap();
+        assert!(!record.is_committed("2.25.1", "aa").unwrap());
+        assert!(record.is_committed("2.25.1", "bb").unwrap());
+        assert!(record.is_committed("2.25.2", "cc").unwrap());
+        // Confirming the same bytes again changes nothing.
+        record.mark_committed([("2.25.1", "bb")]).unwrap();
+        assert!(record.is_committed("2.25.1", "bb").unwrap());
     }
 }

@@ -225,7 +225,11 @@ fn walk(
 fn dicomdir_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<String>), String> {
     use dicom_dictionary_std::tags;
     let obj = dicom_object::open_file(path).map_err(|e| e.to_string())?;
-    let base = path.parent().unwrap_or(Path::new("."));
+    // "DICOMDIR" given bare: its parent is "", which read_dir cannot list.
+    let base = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
     let records = obj
         .element(tags::DIRECTORY_RECORD_SEQUENCE)
         .map_err(|e| e.to_string())?

@@ -41,6 +41,24 @@ pub(crate) enum Outcome {
     Failed { reason: String },
 }
 
+/// Why a file the center kept answering 0xA7xx was not stored: a state of
+/// the center (a full disk, say), not a verdict on the file, so not
+/// "refused"; a later run may store it.
+fn out_of_resources(status: u16, comment: &str, attempts: u32) -> String {
+    let comment = if comment.is_empty() {
+        String::new()
+    } else {
+        format!(": {comment}")
+    };
+    let times = match attempts {
+        1 => "once".to_string(),
+        n => format!("{n} times"),
+    };
+    format!(
+        "the center answered 0x{status:04X} (out of resources{comment}) {times}; run again later"
+    )
+}
+
 /// Why one C-STORE did not get an answer.
 enum StoreError {
     /// The file could not be read as scanned (unreadable, changed, a read
@@ -111,6 +129,10 @@ async fn lane(
     // means the center itself is short of resources (a full disk), not one
     // file too large for it; the lane stops.
     let mut short_in_a_row: std::collections::HashSet<String> = Default::default();
+    // Files during which the connection was lost since the last success:
+    // when that is one file alone, given up, the others still get their
+    // chance (the file, not the link, is the likely cause).
+    let mut lost_on: std::collections::HashSet<String> = Default::default();
     while !pending.is_empty() {
         let (contexts, batch_len) = propose(&pending);
         let assoc = settings.associate(&contexts).await;
@@ -132,6 +154,7 @@ async fn lane(
         };
         let mut message_id = 0u16;
         let mut lost: Option<ClientError> = None;
+        let mut lost_file_given_up = false;
         let mut unusable = false;
         // Files to try again after this association's batch (which its
         // contexts cover; files behind it may need others).
@@ -161,6 +184,7 @@ async fn lane(
             {
                 Ok((status, comment, sha256)) => {
                     failures_in_a_row = 0;
+                    lost_on.clear();
                     match classify(status) {
                         Class::Stored => {
                             short_in_a_row.clear();
@@ -187,7 +211,8 @@ async fn lane(
                             *n += 1;
                             if short > settings.retries.max(2) {
                                 progress.done(&file);
-                                results.push((file, Outcome::Refused { status, comment }));
+                                let reason = out_of_resources(status, &comment, *n);
+                                results.push((file, Outcome::Failed { reason }));
                                 let reason = format!(
                                     "not sent: the center answered 0x{status:04X} (out of resources) \
                                      to {short} files in a row"
@@ -197,7 +222,8 @@ async fn lane(
                                 break;
                             } else if *n > settings.retries {
                                 progress.done(&file);
-                                results.push((file, Outcome::Refused { status, comment }));
+                                let reason = out_of_resources(status, &comment, *n);
+                                results.push((file, Outcome::Failed { reason }));
                             } else {
                                 // The center is short of resources: give it time.
                                 let wait = backoff((*n).max(short));
@@ -228,7 +254,9 @@ async fn lane(
                     // The association is gone: this file and the rest go again.
                     let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
                     *n += 1;
+                    lost_on.insert(file.sop_instance_uid.clone());
                     if *n > settings.retries {
+                        lost_file_given_up = true;
                         progress.done(&file);
                         results.push((
                             file,
@@ -249,6 +277,12 @@ async fn lane(
             None if unusable => assoc.abort().await,
             None => assoc.release().await,
             Some(e) => {
+                if lost_file_given_up && lost_on.len() == 1 {
+                    // Every loss since the last success was during this
+                    // one file, now given up: the rest go on.
+                    failures_in_a_row = 0;
+                    lost_on.clear();
+                }
                 failures_in_a_row += 1;
                 if failures_in_a_row > settings.retries {
                     let reason = format!("connection lost repeatedly: {e}");

@@ -637,6 +637,120 @@ fn dicomdir_and_config_file_and_missing_uid() {
         gw.count("SELECT count(*) FROM instances"),
         cts.len() as i64 - 1
     );
+
+    // The same media as Linux shows a disc in lower case, its DICOMDIR
+    // named bare from inside it: every usable record is still found.
+    let lower = dir.path().join("lower");
+    std::fs::create_dir_all(lower.join("images")).unwrap();
+    std::fs::copy(&dicomdir, lower.join("dicomdir")).unwrap();
+    for entry in std::fs::read_dir(media.join("IMAGES")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().to_lowercase();
+        std::fs::copy(entry.path(), lower.join("images").join(name)).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_consortium-upload"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--dry-run", "dicomdir"])
+        .current_dir(&lower)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let listed = text
+        .lines()
+        .filter(|l| l.starts_with("already committed ") || l.starts_with("would send "))
+        .count();
+    assert_eq!(listed, cts.len() - 1, "{text}");
+}
+
+/// A TCP proxy on loopback in front of the center at `port` that cuts the
+/// connection whenever `poison` passes towards the center (a weak link
+/// that always drops during one file).
+fn poisoning_proxy(port: u16, poison: &'static [u8]) -> u16 {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            std::thread::spawn(move || {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
+                    return;
+                };
+                let (mut from_client, mut to_server) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut from_server, mut to_client) = (server, client);
+                let back = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                    let _ = to_client.shutdown(Shutdown::Both);
+                });
+                let (mut buf, mut seen) = (vec![0u8; 64 * 1024], Vec::new());
+                loop {
+                    let n = match from_client.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(poison.len()).any(|w| w == poison)
+                        || to_server.write_all(&buf[..n]).is_err()
+                    {
+                        break;
+                    }
+                    seen.drain(..seen.len().saturating_sub(poison.len()));
+                }
+                let _ = to_server.shutdown(Shutdown::Both);
+                let _ = from_client.shutdown(Shutdown::Both);
+                let _ = back.join();
+            });
+        }
+    });
+    proxy_port
+}
+
+#[test]
+fn a_file_the_link_always_drops_fails_alone() {
+    const POISON: &[u8] = b"LINK-DROPS-HERE-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let mut files = sample_dicom::generate(&samples, &sample_dicom::Options::small(29)).unwrap();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    // The first file (in the order one association sends them) in explicit
+    // VR little endian gets the marker in its pixel data.
+    let (at, poisoned) = files
+        .iter()
+        .enumerate()
+        .find_map(|(i, f)| {
+            let bytes = std::fs::read(&f.path).unwrap();
+            let explicit_le = bytes[..1024.min(bytes.len())]
+                .windows(20)
+                .any(|w| w == b"1.2.840.10008.1.2.1\0");
+            (explicit_le && bytes.len() > 4096).then(|| (i, f.path.clone()))
+        })
+        .expect("an explicit VR little endian sample");
+    assert!(at + 3 < files.len(), "files after the poisoned one");
+    let mut bytes = std::fs::read(&poisoned).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + POISON.len()].copy_from_slice(POISON);
+    std::fs::write(&poisoned, bytes).unwrap();
+
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let proxy = poisoning_proxy(gw.port, POISON);
+    let record = dir.path().join("record.sqlite");
+    let out = upload(proxy, &record, &["--associations", "1"], &[&samples]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(summary_count(&text, "failed"), 1, "{text}");
+    assert_eq!(summary_count(&text, "committed"), files.len() - 1, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("FAILED") && l.contains(&*poisoned.to_string_lossy())),
+        "{text}"
+    );
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instances"),
+        files.len() as i64 - 1
+    );
 }
 
 fn record_rows(record: &Path) -> i64 {
@@ -794,6 +908,13 @@ fn a_center_out_of_resources_ends_the_upload_promptly() {
     assert!(!out.status.success(), "{text}");
     assert!(
         text.contains("(out of resources) to 3 files in a row"),
+        "{text}"
+    );
+    // Not "refused": the center's state, not a verdict on the files.
+    assert!(
+        text.contains(
+            "(out of resources: instance exceeds the limit of 64 bytes) once; run again later"
+        ),
         "{text}"
     );
     assert_eq!(
