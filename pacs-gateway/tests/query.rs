@@ -891,15 +891,28 @@ fn query_text_is_decoded_whole_and_unsupported_keys_warn() {
     else {
         panic!("association refused")
     };
-    for (uid, study, name, sex) in [
-        ("2.25.6011", "2.25.601", "Li^Bing=李^昞", "M"),
-        ("2.25.6021", "2.25.602", "Wang^XiaoDong=王^小东", "男"),
+    for (uid, study, name, sex, referring) in [
+        (
+            "2.25.6011",
+            "2.25.601",
+            "Li^Bing=李^昞",
+            "M",
+            "Zhou^Min^^=周^敏",
+        ),
+        (
+            "2.25.6021",
+            "2.25.602",
+            "Wang^XiaoDong=王^小东",
+            "男",
+            "de la Cruz^José",
+        ),
     ] {
         let ds = [
             el(0x0008_0005, b"CS", b"ISO_IR 192"),
             el(0x0008_0016, b"UI", common::scu::CT_IMAGE_STORAGE.as_bytes()),
             el(0x0008_0018, b"UI", uid.as_bytes()),
             el(0x0008_0060, b"CS", b"CT"),
+            el(0x0008_0090, b"PN", referring.as_bytes()),
             el(0x0010_0010, b"PN", name.as_bytes()),
             el(0x0010_0020, b"LO", format!("P{study}").as_bytes()),
             el(0x0010_0040, b"CS", sex.as_bytes()),
@@ -930,6 +943,22 @@ fn query_text_is_decoded_whole_and_unsupported_keys_warn() {
         "PatientName==王^小东",
     ]);
     assert_eq!(found, ["2.25.602"]);
+    // Trailing "any" components: WANG^*^*^* is WANG with any given,
+    // middle and prefix, also none.
+    let (_, found, _) = studies(&["PatientName=WANG^*^*^*"]);
+    assert_eq!(found, ["2.25.602"]);
+    // The referring physician is a person name too: case, insignificant
+    // trailing delimiters, component groups, non-ASCII letters.
+    for (query, study) in [
+        ("ZHOU^MIN", "2.25.601"),
+        ("zhou^*", "2.25.601"),
+        ("=周^敏", "2.25.601"),
+        ("DE LA CRUZ^JOSÉ", "2.25.602"),
+    ] {
+        let key = format!("ReferringPhysicianName={query}");
+        let (_, found, _) = studies(&[&key]);
+        assert_eq!(found, [study], "{query}");
+    }
     // PatientSex: "M" as stored; the invalid "男" empty; the query ends
     // with success instead of an aborted association.
     let (statuses, _, rows) = studies(&["PatientSex="]);

@@ -389,9 +389,32 @@ fn condition_sql(
         params.push(Value::Text(v));
         format!("?{}", params.len())
     };
-    if key == Key::PatientName {
-        // Upper-cased, without insignificant trailing components and groups
-        // (PS3.5 6.2), as the index keeps it.
+    // Person names: upper-cased, without insignificant trailing
+    // components and groups (PS3.5 6.2), whole and per component group.
+    // The patient's as the index keeps them; the referring physician's
+    // through the same function, registered on every reader connection.
+    let person_name: Option<[String; 4]> = match key {
+        Key::PatientName => Some(
+            [
+                "p.name_search",
+                "p.name_alpha",
+                "p.name_ideo",
+                "p.name_phon",
+            ]
+            .map(String::from),
+        ),
+        Key::ReferringPhysicianName => {
+            let c = "st.referring_physician";
+            Some([
+                format!("pn_search({c})"),
+                format!("pn_group({c}, 0)"),
+                format!("pn_group({c}, 1)"),
+                format!("pn_group({c}, 2)"),
+            ])
+        }
+        _ => None,
+    };
+    if let Some([whole_col, alpha, ideo, phon]) = person_name {
         let value = match matcher {
             Matcher::Universal => return None,
             Matcher::Single(v) | Matcher::Wildcard(v) => pn_search_form(v),
@@ -402,13 +425,17 @@ fn condition_sql(
         if value.is_empty() {
             return None;
         }
-        // `WANG^*` also finds `WANG`, stored without its empty components:
-        // through the index by the prefix `WANG*`, then either form.
+        // `WANG^*` (or `WANG^*^*`) also finds `WANG`, stored without its
+        // empty components: through the index by the prefix `WANG*`, then
+        // either form.
         let mut any_of = |cols: &[&str], pattern: &str| -> String {
-            let base = pattern.trim_end_matches(['^', '*']);
-            let tests: Vec<String> = if pattern.ends_with("^*") && !base.is_empty() {
+            let mut base = pattern;
+            while let Some(shorter) = base.strip_suffix("^*") {
+                base = shorter;
+            }
+            let tests: Vec<String> = if base != pattern && !base.is_empty() {
                 let prefix = bind(glob(&format!("{base}*")));
-                let (whole, given) = (bind(glob(base)), bind(glob(pattern)));
+                let (whole, given) = (bind(glob(base)), bind(glob(&format!("{base}^*"))));
                 cols.iter()
                     .map(|c| {
                         format!("({c} GLOB {prefix} AND ({c} GLOB {whole} OR {c} GLOB {given}))")
@@ -422,25 +449,14 @@ fn condition_sql(
         };
         if !value.contains('=') {
             // One group: the whole name or any of its groups.
-            return Some(any_of(
-                &[
-                    "p.name_search",
-                    "p.name_alpha",
-                    "p.name_ideo",
-                    "p.name_phon",
-                ],
-                &value,
-            ));
+            return Some(any_of(&[&whole_col, &alpha, &ideo, &phon], &value));
         }
         // Several groups: each one given matches its own group; an empty
         // one (`=王^小东`) matches any.
         let mut parts = Vec::new();
-        for (group, col) in value
-            .split('=')
-            .zip(["p.name_alpha", "p.name_ideo", "p.name_phon"])
-        {
+        for (group, col) in value.split('=').zip([&alpha, &ideo, &phon]) {
             if !group.is_empty() && group != "*" {
-                parts.push(any_of(&[col], group));
+                parts.push(any_of(&[col.as_str()], group));
             }
         }
         return Some(if parts.is_empty() {

@@ -68,6 +68,24 @@ pub fn open_service(data_dir: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// SQL functions the queries use (see `query::condition_sql`):
+/// `pn_search(name)`, a person name's search form
+/// ([`crate::query::pn_search_form`]), and `pn_group(name, i)`, component
+/// group `i` of it (0 alphabetic, 1 ideographic, 2 phonetic).
+fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC;
+    conn.create_scalar_function("pn_search", 1, flags, |ctx| {
+        Ok(crate::query::pn_search_form(&ctx.get::<String>(0)?))
+    })?;
+    conn.create_scalar_function("pn_group", 2, flags, |ctx| {
+        let form = crate::query::pn_search_form(&ctx.get::<String>(0)?);
+        let group = usize::try_from(ctx.get::<i64>(1)?).unwrap_or(usize::MAX);
+        Ok(form.split('=').nth(group).unwrap_or_default().to_string())
+    })?;
+    Ok(())
+}
+
 /// A read-only connection for queries.
 #[derive(Debug)]
 pub struct IndexReader {
@@ -212,6 +230,7 @@ impl IndexReader {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        register_functions(&conn)?;
         Ok(IndexReader { conn })
     }
 
