@@ -210,6 +210,13 @@ fn walk(
                 reason: "not a regular file".into(),
                 kind: SkipKind::NotDicom,
             }),
+            // A link to nothing holds no image: listed, not an error (a
+            // technician could not make a re-run succeed otherwise).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => skipped.push(Skipped {
+                path,
+                reason: "a link to nothing".into(),
+                kind: SkipKind::NotDicom,
+            }),
             Err(e) => skipped.push(Skipped {
                 path,
                 reason: format!("cannot follow: {e}"),

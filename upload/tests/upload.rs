@@ -335,6 +335,8 @@ fn copies_conflicting_uids_cut_headers_and_links() {
     // A link to a file elsewhere is followed; a link back up does not loop.
     std::os::unix::fs::symlink(&outside[0].path, samples.join("linked.dcm")).unwrap();
     std::os::unix::fs::symlink(&samples, samples.join("loop")).unwrap();
+    // A link to nothing: listed and skipped, not an error.
+    std::os::unix::fs::symlink(dir.path().join("gone"), samples.join("gone.dcm")).unwrap();
 
     let gw = Gateway::start(dir.path(), "127.0.0.1:0");
     let out = upload(gw.port, &dir.path().join("record.sqlite"), &[], &[&samples]);
@@ -346,6 +348,7 @@ fn copies_conflicting_uids_cut_headers_and_links() {
         "{text}"
     );
     assert_eq!(summary_count(&text, "unusable DICOM files"), 3, "{text}");
+    assert!(text.contains("gone.dcm: a link to nothing"), "{text}");
     assert!(
         text.contains("cut-header.dcm: unusable DICOM file: its File Meta Information"),
         "{text}"
