@@ -85,8 +85,10 @@ pub struct StorageConfig {
     pub s3: Option<S3Config>,
     /// Free space the filesystem of `data_dir` keeps: below it, instances
     /// are refused (0xA700, "send again later") before they are received,
-    /// so the index, the audit trail and instances already being received
-    /// never run out of room. 0 turns the check off.
+    /// so the index and the audit trail beside them keep room. Checked as
+    /// each instance starts: instances already arriving may still use the
+    /// reserve (a full disk then fails them with 0xA700 too). 0 turns the
+    /// check off.
     #[serde(default = "defaults::min_free_bytes")]
     pub min_free_bytes: u64,
 }

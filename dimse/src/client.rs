@@ -402,9 +402,12 @@ impl Association {
     /// A-RELEASE; waits briefly for the reply.
     pub async fn release(mut self) {
         if ul::send(&mut self.stream, &Pdu::ReleaseRQ).await.is_ok() {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), self.reader.next(&mut self.stream))
-                    .await;
+            // Until the A-RELEASE-RP (or anything else that ends it); data
+            // still arriving, or given back unread, is passed over.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(Some(Incoming::PData(_))) = self.reader.next(&mut self.stream).await {}
+            })
+            .await;
         }
     }
 

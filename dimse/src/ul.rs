@@ -90,6 +90,11 @@ impl PduReader {
         self.unread = Some(body.freeze());
     }
 
+    /// True while PDVs given back by [`PduReader::unread`] wait to be read.
+    pub fn has_unread(&self) -> bool {
+        self.unread.is_some()
+    }
+
     /// Reads the next PDU; `Ok(None)` when the peer closed between PDUs.
     pub async fn next<R: AsyncRead + Unpin>(
         &mut self,

@@ -266,7 +266,8 @@ impl Connection {
         let mut shutdown = shared.shutdown.clone();
         let idle_timeout = shared.config.gateway.idle_timeout();
         let end = loop {
-            let idle = pending.is_none();
+            // Not idle while the last PDU's next message waits in the reader.
+            let idle = pending.is_none() && !self.reader.has_unread();
             assoc.ticket.set_busy(!idle);
             if idle && *shutdown.borrow() {
                 break End::Release("the center is shutting down");

@@ -945,8 +945,11 @@ fn query_text_is_decoded_whole_and_unsupported_keys_warn() {
     assert_eq!(found, ["2.25.602"]);
     // Trailing "any" components: WANG^*^*^* is WANG with any given,
     // middle and prefix, also none.
-    let (_, found, _) = studies(&["PatientName=WANG^*^*^*"]);
-    assert_eq!(found, ["2.25.602"]);
+    for pattern in ["WANG^*^*^*", "WANG^^*", "wang*^*"] {
+        let key = format!("PatientName={pattern}");
+        let (_, found, _) = studies(&[&key]);
+        assert_eq!(found, ["2.25.602"], "{pattern}");
+    }
     // The referring physician is a person name too: case, insignificant
     // trailing delimiters, component groups, non-ASCII letters.
     for (query, study) in [

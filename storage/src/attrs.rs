@@ -215,6 +215,11 @@ pub fn validate(dataset: &[u8], transfer_syntax: &str) -> Result<(), DatasetErro
     walk_bytes(dataset, transfer_syntax, &mut Collector::default())
 }
 
+/// How far an in-memory deflated dataset (a query identifier, a
+/// commitment request, a test's dataset) may inflate: a few KiB deflated
+/// must not become gigabytes to walk.
+const MAX_INFLATED_IN_MEMORY: u64 = 64 << 20;
+
 fn walk_bytes(
     dataset: &[u8],
     transfer_syntax: &str,
@@ -223,7 +228,7 @@ fn walk_bytes(
     let encoding = DatasetEncoding::for_transfer_syntax(transfer_syntax);
     if encoding.deflated {
         let inflater = flate2::read::DeflateDecoder::new(dataset);
-        let source = StreamSource::new(BufReader::new(inflater), u64::MAX);
+        let source = StreamSource::new(BufReader::new(inflater), MAX_INFLATED_IN_MEMORY);
         Walker::new(source, None, encoding).walk_dataset(None, 0, None, collector)
     } else {
         let cursor = std::io::Cursor::new(dataset);
@@ -613,6 +618,9 @@ struct Collector {
     in_kept_item: bool,
     /// Every top-level element, not only [`TOP_TAGS`] (a query identifier).
     all_top: bool,
+    /// The top-level tags kept, for `all_top` (a forged identifier may
+    /// hold 100,000 elements: no linear search per element).
+    top_seen: std::collections::HashSet<u32>,
 }
 
 const TOP_TAGS: &[u32] = &[
@@ -652,10 +660,8 @@ impl Collector {
     /// bounded by the tag lists whatever the dataset repeats.
     fn wants(&self, depth: u32, parent: Option<u32>, tag: u32) -> bool {
         match (depth, parent) {
-            (0, None) => {
-                (self.all_top || TOP_TAGS.contains(&tag))
-                    && !self.top.iter().any(|(t, _)| *t == tag)
-            }
+            (0, None) if self.all_top => !self.top_seen.contains(&tag),
+            (0, None) => TOP_TAGS.contains(&tag) && !self.top.iter().any(|(t, _)| *t == tag),
             (1, Some(OTHER_PATIENT_IDS_SEQUENCE)) => {
                 self.in_kept_item
                     && OTHER_ID_TAGS.contains(&tag)
@@ -678,7 +684,12 @@ impl Collector {
 
     fn value(&mut self, parent: Option<u32>, tag: u32, value: Vec<u8>) {
         match parent {
-            None => self.top.push((tag, value)),
+            None => {
+                if self.all_top {
+                    self.top_seen.insert(tag);
+                }
+                self.top.push((tag, value));
+            }
             Some(_) => {
                 if let Some(item) = self.other_ids.last_mut() {
                     item.push((tag, value));

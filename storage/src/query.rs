@@ -429,8 +429,15 @@ fn condition_sql(
         // empty components: through the index by the prefix `WANG*`, then
         // either form.
         let mut any_of = |cols: &[&str], pattern: &str| -> String {
+            // Without its trailing "any" and empty components: WANG^*^*
+            // and WANG^^* are WANG.
             let mut base = pattern;
-            while let Some(shorter) = base.strip_suffix("^*") {
+            loop {
+                let trimmed = base.trim_end_matches('^');
+                let shorter = trimmed.strip_suffix("^*").unwrap_or(trimmed);
+                if shorter == base {
+                    break;
+                }
                 base = shorter;
             }
             let tests: Vec<String> = if base != pattern && !base.is_empty() {

@@ -133,6 +133,10 @@ async fn lane(
     // when that is one file alone, given up, the others still get their
     // chance (the file, not the link, is the likely cause).
     let mut lost_on: std::collections::HashSet<String> = Default::default();
+    // Files given up that way one after the other, with no success between:
+    // more than `settings.retries` (and at least three) and it is the link
+    // or the center after all; the lane stops.
+    let mut given_up_alone = 0u32;
     while !pending.is_empty() {
         let (contexts, batch_len) = propose(&pending);
         let assoc = settings.associate(&contexts).await;
@@ -185,6 +189,7 @@ async fn lane(
                 Ok((status, comment, sha256)) => {
                     failures_in_a_row = 0;
                     lost_on.clear();
+                    given_up_alone = 0;
                     match classify(status) {
                         Class::Stored => {
                             short_in_a_row.clear();
@@ -279,9 +284,23 @@ async fn lane(
             Some(e) => {
                 if lost_file_given_up && lost_on.len() == 1 {
                     // Every loss since the last success was during this
-                    // one file, now given up: the rest go on.
-                    failures_in_a_row = 0;
+                    // one file, now given up: the rest go on, with a loss
+                    // budget of their own.
                     lost_on.clear();
+                    given_up_alone += 1;
+                    if given_up_alone > settings.retries.max(2) {
+                        let reason = format!(
+                            "connection lost during each of {given_up_alone} files in a row: {e}"
+                        );
+                        fail_pending(&mut pending, &reason, progress, &mut results);
+                        break;
+                    }
+                    failures_in_a_row = 0;
+                    progress.note(&format!(
+                        "connection lost during the same file each time ({e}); it is given up, the rest go on"
+                    ));
+                    tokio::time::sleep(backoff(1)).await;
+                    continue;
                 }
                 failures_in_a_row += 1;
                 if failures_in_a_row > settings.retries {

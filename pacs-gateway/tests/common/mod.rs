@@ -98,6 +98,16 @@ impl Gateway {
         log_path: PathBuf,
         bytes: u64,
     ) -> Gateway {
+        let usable = Command::new("/usr/bin/unshare")
+            .args(["--user", "--map-root-user", "--mount", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            usable,
+            "these tests need user namespaces (unshare --user --mount): \
+             sysctl kernel.unprivileged_userns_clone=1, and on Ubuntu \
+             kernel.apparmor_restrict_unprivileged_userns=0"
+        );
         let data_dir = std::path::absolute(data_dir).unwrap();
         std::fs::create_dir_all(&data_dir).unwrap();
         let mut cmd = Command::new("/usr/bin/unshare");
@@ -209,10 +219,27 @@ impl Gateway {
             let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let copy = self.log_path.with_file_name(format!("index-copy-{n}"));
             std::fs::create_dir_all(&copy).unwrap();
-            for file in ["index.sqlite", "index.sqlite-wal"] {
-                let from = self.data_dir.join(file);
-                if from.exists() {
-                    std::fs::copy(&from, copy.join(file)).unwrap();
+            // The two files are copied one after the other: again until
+            // neither changed meanwhile (a write or checkpoint between
+            // them would give an inconsistent pair).
+            let files = ["index.sqlite", "index.sqlite-wal"];
+            let state = || {
+                files.map(|f| {
+                    std::fs::metadata(self.data_dir.join(f))
+                        .map(|m| (m.len(), m.modified().ok()))
+                        .ok()
+                })
+            };
+            loop {
+                let before = state();
+                for file in files {
+                    let from = self.data_dir.join(file);
+                    if from.exists() {
+                        std::fs::copy(&from, copy.join(file)).unwrap();
+                    }
+                }
+                if state() == before {
+                    break;
                 }
             }
             path = copy.join("index.sqlite");

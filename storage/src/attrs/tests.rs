@@ -354,3 +354,28 @@ fn a_file_reads_like_memory_across_skips_beyond_its_buffer() {
         "{cut:?}"
     );
 }
+
+#[test]
+fn query_text_is_decoded_whole_and_in_memory_inflation_is_bounded() {
+    use std::io::Write;
+    // GB18030: 昞 is 95 5C; the 5C is not a value delimiter.
+    let mut ds = el(0x0008_0005, b"CS", b"GB18030");
+    ds.extend(el(0x0008_0052, b"CS", b"STUDY"));
+    ds.extend(el(0x0010_0010, b"PN", b"=\xc0\xee^\x95\x5c"));
+    let texts = top_level_text(&ds, EXPLICIT_LE).unwrap();
+    let name = texts.iter().find(|(t, _)| *t == 0x0010_0010).unwrap();
+    assert_eq!(name.1, "=李^昞");
+    assert_eq!(texts.len(), 3);
+    // 70 MiB of zeros deflate to a few KiB: walking them in memory stops
+    // at 64 MiB.
+    let mut bomb = el(0x0008_0052, b"CS", b"STUDY");
+    bomb.extend(el(0x0011_1010, b"OB", &vec![0u8; 70 << 20]));
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&bomb).unwrap();
+    let deflated = enc.finish().unwrap();
+    assert!(deflated.len() < 1 << 20);
+    assert!(matches!(
+        validate(&deflated, "1.2.840.10008.1.2.1.99"),
+        Err(DatasetError::InflatesBeyond { .. })
+    ));
+}
