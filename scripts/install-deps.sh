@@ -18,6 +18,8 @@ command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
 # gdcmconv writes JPEG 2000 test files (DCMTK has no JPEG 2000 encoder).
 [ -x /usr/bin/gdcmconv ] || need+=(libgdcm-tools)
+# unshare: the full-disk tests give the gateway a tmpfs of its own.
+[ -x /usr/bin/unshare ] || need+=(util-linux)
 if [ "${1:-}" = "--bench" ]; then
     [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
     command -v curl >/dev/null || need+=(curl)
