@@ -20,9 +20,9 @@ const SOP_CLASS: &str = "1.2.840.10008.1.20.1";
 const WELL_KNOWN_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
 /// Instances per N-ACTION.
 const CHUNK: usize = 1_000;
-/// How long the center may take to re-verify a request's instances before
-/// its N-EVENT-REPORT (its N-ACTION-RSP comes at once).
-const REPORT_WAIT: Duration = Duration::from_secs(600);
+/// How a missing report is told apart: the one failure of a commitment
+/// request that asking again does not mend.
+const NO_REPORT: &str = "the center sent no storage commitment report within";
 
 /// The center's answer per SOP Instance UID: `None` committed, `Some(reason)` failed.
 pub(crate) type Answers = HashMap<String, Option<u16>>;
@@ -77,7 +77,7 @@ async fn commit_chunk(
     refs: &[(String, String)],
 ) -> Result<Answers, ClientError> {
     let (mut assoc, ts) = associate(settings).await?;
-    let answers = exchange(&mut assoc, 1, &ts, refs).await;
+    let answers = exchange(&mut assoc, 1, &ts, refs, settings.report_wait).await;
     match answers {
         Ok(a) => {
             assoc.release().await;
@@ -195,14 +195,19 @@ async fn run_committer(
             .iter()
             .map(|(class, uid, _)| (class.clone(), uid.clone()))
             .collect();
-        match exchange(a, 1, ts, &refs).await {
+        match exchange(a, 1, ts, &refs, settings.report_wait).await {
             Ok(a) => {
                 failures = 0;
                 record_committed(&mut record, &chunk, &a);
                 answers.extend(a);
             }
-            Err(_) => {
-                failures += 1;
+            Err(e) => {
+                // No report: asking again during the run will not mend it.
+                failures = if is_no_report(&e) {
+                    GIVE_UP_AFTER
+                } else {
+                    failures + 1
+                };
                 if let Some((a, _)) = assoc.take() {
                     a.abort().await;
                 }
@@ -215,6 +220,10 @@ async fn run_committer(
     (answers, record)
 }
 
+fn is_no_report(e: &ClientError) -> bool {
+    matches!(e, ClientError::Protocol(m) if m.starts_with(NO_REPORT))
+}
+
 /// The commitment exchange on an open association: N-ACTION, N-ACTION-RSP,
 /// then the center's N-EVENT-REPORT and our N-EVENT-REPORT-RSP.
 async fn exchange(
@@ -222,6 +231,7 @@ async fn exchange(
     context_id: u8,
     ts: &str,
     refs: &[(String, String)],
+    report_wait: Duration,
 ) -> Result<Answers, ClientError> {
     let transaction_uid = new_uid();
     let dataset = request_dataset(&transaction_uid, refs, ts)?;
@@ -242,7 +252,18 @@ async fn exchange(
     }
     // The report follows on this association, once every instance has been
     // re-read and hashed.
-    let report = assoc.receive_within(64 << 20, REPORT_WAIT).await?;
+    // A center that has not reported by then (one that reports only on a
+    // new association, which this tool does not listen for) will not when
+    // asked again: not a transient failure, so not retried.
+    let report = match assoc.receive_within(64 << 20, report_wait).await {
+        Err(ClientError::Timeout) => {
+            return Err(ClientError::Protocol(format!(
+                "{NO_REPORT} {} s on the association (a center that reports only on a new association is not supported)",
+                report_wait.as_secs()
+            )));
+        }
+        other => other?,
+    };
     if report.command.command_field() != Some(field::N_EVENT_REPORT_RQ) {
         return Err(ClientError::Protocol("expected N-EVENT-REPORT".into()));
     }

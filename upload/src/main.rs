@@ -30,6 +30,8 @@ const USAGE: &str = "usage: consortium-upload [options] FILE|FOLDER|DICOMDIR...
   --called-ae AE         the center's AE title (default COUNTYPACS)
   --associations N       parallel associations (default 4)
   --retries N            retries of transient failures (default 5)
+  --report-wait SECONDS  how long the center may take to send its storage
+                         commitment report on the association (default 600)
   --record FILE          local record of committed instances
                          (default ~/.local/share/consortium-upload/record.sqlite)
   --config FILE          TOML file with the same keys (host, port, calling_ae, ...)
@@ -47,6 +49,8 @@ pub(crate) struct Settings {
     pub(crate) retries: u32,
     pub(crate) max_pdu: u32,
     pub(crate) timeout: Duration,
+    /// How long the center may take to report on a commitment request.
+    pub(crate) report_wait: Duration,
 }
 
 impl Settings {
@@ -77,6 +81,7 @@ struct FileConfig {
     associations: Option<usize>,
     retries: Option<u32>,
     record: Option<PathBuf>,
+    report_wait: Option<u64>,
 }
 
 struct Args {
@@ -112,6 +117,13 @@ fn parse_args() -> Result<Args, String> {
                 flags.retries = Some(value()?.parse().map_err(|e| format!("--retries: {e}"))?)
             }
             "--record" => flags.record = Some(PathBuf::from(value()?)),
+            "--report-wait" => {
+                flags.report_wait = Some(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--report-wait: {e}"))?,
+                )
+            }
             "--config" => {
                 let path = value()?;
                 let text = std::fs::read_to_string(&path)
@@ -152,6 +164,9 @@ fn parse_args() -> Result<Args, String> {
         retries: flags.retries.or(file.retries).unwrap_or(5),
         max_pdu: 262_144,
         timeout: Duration::from_secs(60),
+        report_wait: Duration::from_secs(
+            flags.report_wait.or(file.report_wait).unwrap_or(600).max(1),
+        ),
     };
     for ae in [&settings.calling_ae, &settings.called_ae] {
         if ae.is_empty()

@@ -935,3 +935,59 @@ fn a_center_out_of_resources_ends_the_upload_promptly() {
     );
     assert_eq!(gw.count("SELECT count(*) FROM instances"), 0);
 }
+
+/// A center that confirms the commitment request but never reports on
+/// the association (it would report on a new one, which the tool does not
+/// listen for): the run ends after the report wait, once per phase, with
+/// the reason, nothing said committed and nothing recorded.
+#[test]
+fn a_center_that_never_reports_ends_the_upload_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(31)).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/no_report_scp.py");
+    let actions = dir.path().join("n-actions.log");
+    let mut scp = Command::new("python3")
+        .arg(script)
+        .arg(&actions)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with pynetdicom");
+    let mut line = String::new();
+    BufReader::new(scp.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().expect("the SCP's port");
+    let record = dir.path().join("record.sqlite");
+    let started = Instant::now();
+    let out = upload(
+        port,
+        &record,
+        &["--associations", "1", "--report-wait", "2"],
+        &[&samples],
+    );
+    let _ = scp.kill();
+    let _ = scp.wait();
+    let text = stdout(&out);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}\n{errors}");
+    assert!(
+        errors.contains("the center sent no storage commitment report within 2 s"),
+        "{errors}"
+    );
+    // (This SCP takes most, not all, of the sample classes.)
+    let stored = summary_count(&text, "stored");
+    assert!(stored * 2 > files.len(), "{text}");
+    assert_eq!(summary_count(&text, "committed"), 0, "{text}");
+    assert_eq!(summary_count(&text, "not committed"), stored, "{text}");
+    assert_eq!(record_rows(&record), 0);
+    // Asked once while sending and once at the end, not again and again
+    // (each ask waits the full report wait).
+    let asked = std::fs::read_to_string(&actions).unwrap_or_default();
+    assert_eq!(asked.lines().count(), 2, "{asked}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
