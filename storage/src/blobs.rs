@@ -146,6 +146,19 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Fails when a remote store cannot be read (no such bucket, wrong
+    /// credentials, no server): for services that only read blobs (the
+    /// viewer-api), at start rather than at the first radiologist's request.
+    pub async fn check_readable(&self) -> Result<()> {
+        if self.local_root.is_some() {
+            return Ok(());
+        }
+        self.store
+            .list_with_delimiter(Some(&ObjectPath::from("probe")))
+            .await?;
+        Ok(())
+    }
+
     pub(crate) fn remote(store: Arc<dyn ObjectStore>) -> BlobStore {
         BlobStore {
             store,

@@ -61,7 +61,7 @@ async fn run(config: Config) -> Result<(), String> {
         .listen;
     // A bad transport, index or blob store is refused before binding
     // anything, and "listening on" means ready.
-    let prepared = viewer_api::server::prepare(config)?;
+    let prepared = viewer_api::server::prepare(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

@@ -57,7 +57,7 @@ pub struct Prepared {
 
 /// Everything that can fail before serving, so that a caller says
 /// "listening" only once the service is ready.
-pub fn prepare(config: Config) -> Result<Prepared, String> {
+pub async fn prepare(config: Config) -> Result<Prepared, String> {
     let viewer = config
         .viewer
         .clone()
@@ -69,6 +69,12 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
             .tls_config(tls.clone())
             .map_err(|e| format!("TLS certificate or key: {e}"))?;
     }
+    // A bucket that is missing or refuses our keys stops the start here.
+    storage::BlobStore::open(&config.storage)
+        .map_err(|e| e.to_string())?
+        .check_readable()
+        .await
+        .map_err(|e| format!("cannot read the blob store: {e}"))?;
     let app = App::open(config).map_err(|e| e.to_string())?;
     Ok(Prepared { app, tls })
 }

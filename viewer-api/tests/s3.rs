@@ -86,3 +86,49 @@ async fn raw_instances_and_frames_come_from_the_bucket() {
     assert_eq!((png.width(), png.height()), (512, 512), "a CT slice");
     assert!(!server.log().contains("viewer-test-secret"));
 }
+
+/// A bucket that does not exist stops the viewer-api at start, with the
+/// reason and without its secret, before it says it is listening.
+#[test]
+fn a_missing_bucket_stops_the_viewer_at_start() {
+    let (tmp, config) = Server::prepare("");
+    let s3 = s3_server::S3Server::start(tmp.path()); // no bucket created
+    let text = std::fs::read_to_string(&config).unwrap();
+    let data_line = text
+        .lines()
+        .find(|l| l.starts_with("data_dir = "))
+        .unwrap()
+        .to_owned();
+    let secret = "viewer-missing-bucket-secret";
+    let text = text.replace(
+        &data_line,
+        &format!(
+            "{data_line}\n{}",
+            s3_server::storage_section(s3.port, secret)
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = std::process::Command::new(common::BIN)
+        .current_dir(tmp.path())
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must end by itself; one that serves anyway is stopped and fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "never said it was listening");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot read the blob store"), "{stderr}");
+    assert!(!stderr.contains(secret), "{stderr}");
+}
