@@ -703,6 +703,21 @@ fn find_keys(
     (found.statuses, found.rows)
 }
 
+/// A county workstation's association with one CT context (id 1).
+fn county_ct_sender(gw: &Gateway) -> common::scu::Scu {
+    let contexts: &[(u8, &str, &[&str])] = &[(
+        1,
+        common::scu::CT_IMAGE_STORAGE,
+        &[common::scu::EXPLICIT_LE],
+    )];
+    let common::scu::Association::Accepted(scu) =
+        common::scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    scu
+}
+
 /// One CT instance with the given patient name and study time.
 fn named_instance(uid: &str, study: &str, name: &str, time: &str) -> Vec<u8> {
     use common::scu::el;
@@ -731,16 +746,7 @@ fn named_instance(uid: &str, study: &str, name: &str, time: &str) -> Vec<u8> {
 fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path(), &GatewaySpec::default());
-    let contexts: &[(u8, &str, &[&str])] = &[(
-        1,
-        common::scu::CT_IMAGE_STORAGE,
-        &[common::scu::EXPLICIT_LE],
-    )];
-    let common::scu::Association::Accepted(mut scu) =
-        common::scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
-    else {
-        panic!("association refused")
-    };
+    let mut scu = county_ct_sender(&gw);
     for (uid, study, name, time) in [
         ("2.25.5011", "2.25.501", "Wang^XiaoDong=王^小东=", "1030"),
         ("2.25.5021", "2.25.502", "LI^NA^", "103000.5"),
@@ -881,16 +887,7 @@ fn query_text_is_decoded_whole_and_unsupported_keys_warn() {
     use common::scu::el;
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path(), &GatewaySpec::default());
-    let contexts: &[(u8, &str, &[&str])] = &[(
-        1,
-        common::scu::CT_IMAGE_STORAGE,
-        &[common::scu::EXPLICIT_LE],
-    )];
-    let common::scu::Association::Accepted(mut scu) =
-        common::scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
-    else {
-        panic!("association refused")
-    };
+    let mut scu = county_ct_sender(&gw);
     for (uid, study, name, sex, referring) in [
         (
             "2.25.6011",

@@ -10,12 +10,9 @@ use common::{Server, authed, demo_samples, ingest_configured, with_clinic};
 use consortium_proto::v1::{GetRawInstanceRequest, RenderFrameRequest};
 use sha2::{Digest, Sha256};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_instances_and_frames_come_from_the_bucket() {
-    let (tmp, config) = Server::prepare("");
-    let s3 = s3_server::S3Server::start(tmp.path());
-    s3.create_bucket();
-    let text = std::fs::read_to_string(&config).unwrap();
+/// Puts `[storage.s3]` (the test server's bucket) into the config file.
+fn blobs_in_bucket(config: &std::path::Path, port: u16, secret: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
     let data_line = text
         .lines()
         .find(|l| l.starts_with("data_dir = "))
@@ -23,12 +20,17 @@ async fn raw_instances_and_frames_come_from_the_bucket() {
         .to_owned();
     let text = text.replace(
         &data_line,
-        &format!(
-            "{data_line}\n{}",
-            s3_server::storage_section(s3.port, "viewer-test-secret")
-        ),
+        &format!("{data_line}\n{}", s3_server::storage_section(port, secret)),
     );
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(config, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_instances_and_frames_come_from_the_bucket() {
+    let (tmp, config) = Server::prepare("");
+    let s3 = s3_server::S3Server::start(tmp.path());
+    s3.create_bucket();
+    blobs_in_bucket(&config, s3.port, "viewer-test-secret");
 
     let (_, samples) = demo_samples();
     let ct = samples.iter().find(|f| f.modality == "CT").unwrap();
@@ -93,21 +95,8 @@ async fn raw_instances_and_frames_come_from_the_bucket() {
 fn a_missing_bucket_stops_the_viewer_at_start() {
     let (tmp, config) = Server::prepare("");
     let s3 = s3_server::S3Server::start(tmp.path()); // no bucket created
-    let text = std::fs::read_to_string(&config).unwrap();
-    let data_line = text
-        .lines()
-        .find(|l| l.starts_with("data_dir = "))
-        .unwrap()
-        .to_owned();
     let secret = "viewer-missing-bucket-secret";
-    let text = text.replace(
-        &data_line,
-        &format!(
-            "{data_line}\n{}",
-            s3_server::storage_section(s3.port, secret)
-        ),
-    );
-    std::fs::write(&config, text).unwrap();
+    blobs_in_bucket(&config, s3.port, secret);
     let mut child = std::process::Command::new(common::BIN)
         .current_dir(tmp.path())
         .arg("--config")
