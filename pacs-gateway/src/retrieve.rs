@@ -133,15 +133,32 @@ pub(crate) async fn dataset_for(
         return Ok(blob.slice(offset..));
     }
     let (from, to) = (item.transfer_syntax.clone(), to_ts.to_string());
+    // A transcode holds the whole object decoded in memory (a multi-frame
+    // one can be gigabytes) and is CPU-bound: one per core at a time, so
+    // many retrieves for receivers that take no compressed syntax queue
+    // here instead of exhausting memory.
+    let turn = TRANSCODES
+        .acquire()
+        .await
+        .map_err(|_| "transcoding is shut down".to_string())?;
     tracing::info!(
         sop_instance_uid = %item.sop_instance_uid,
         from = %from,
         to = %to,
         "transcoding for a receiver that did not accept the stored syntax"
     );
-    let converted =
-        tokio::task::spawn_blocking(move || storage::transcode::convert(&blob, offset, &from, &to))
-            .await
-            .map_err(|e| e.to_string())??;
+    // The turn goes with the work: a retrieve cut short does not free it
+    // while its transcode still runs.
+    let converted = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        storage::transcode::convert(&blob, offset, &from, &to)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
     Ok(converted.into())
 }
+
+/// Transcodes running at once, gateway-wide: one per core.
+static TRANSCODES: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, usize::from))
+});
