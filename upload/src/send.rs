@@ -574,7 +574,19 @@ async fn store_one(
     if rsp.command.command_field() != Some(field::C_STORE_RSP) {
         return Err(ClientError::Protocol("expected C-STORE-RSP".into()).into());
     }
-    let status = rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF);
+    // An answer to another message, or one without a status, says nothing
+    // about this file: the association is out of step (PS3.7 9.3.1.2).
+    let answered = rsp.command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO);
+    if answered != Some(message_id) {
+        let answered = answered.map_or_else(|| "none".to_string(), |a| a.to_string());
+        return Err(ClientError::Protocol(format!(
+            "the center answered message {answered} while message {message_id} was outstanding"
+        ))
+        .into());
+    }
+    let Some(status) = rsp.command.u16(tag::STATUS) else {
+        return Err(ClientError::Protocol("C-STORE-RSP without a status".into()).into());
+    };
     let comment = rsp.command.uid(tag::ERROR_COMMENT).unwrap_or_default();
     Ok((status, comment, sha256))
 }

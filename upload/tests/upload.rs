@@ -991,3 +991,117 @@ fn a_center_that_never_reports_ends_the_upload_with_the_reason() {
         started.elapsed()
     );
 }
+
+/// A storage SCP on loopback that accepts the storage contexts (and
+/// nothing else), and answers every C-STORE with success for message ID
+/// 999, not the one it was asked: a center out of step.
+fn misanswering_scp() -> u16 {
+    use dicom_ul::pdu::{
+        AssociationAC, Pdu, PresentationContextResult, PresentationContextResultReason,
+        UserVariableItem, read_pdu, write_pdu,
+    };
+    use std::io::{Read, Write};
+    fn read_raw(s: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+        let mut head = [0u8; 6];
+        s.read_exact(&mut head).ok()?;
+        let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).ok()?;
+        let mut whole = head.to_vec();
+        whole.extend(body);
+        Some((head[0], whole))
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let Some((_, rq)) = read_raw(&mut s) else {
+                    return;
+                };
+                let Ok(Some(Pdu::AssociationRQ(rq))) = read_pdu(&rq[..], 1 << 20, false) else {
+                    return;
+                };
+                let results = rq
+                    .presentation_contexts
+                    .iter()
+                    .map(|pc| {
+                        let storage = pc.abstract_syntax.starts_with("1.2.840.10008.5.1.4.1.1.");
+                        PresentationContextResult {
+                            id: pc.id,
+                            reason: if storage {
+                                PresentationContextResultReason::Acceptance
+                            } else {
+                                PresentationContextResultReason::AbstractSyntaxNotSupported
+                            },
+                            transfer_syntax: pc.transfer_syntaxes[0].clone(),
+                        }
+                    })
+                    .collect();
+                let ac = Pdu::AssociationAC(AssociationAC {
+                    protocol_version: 1,
+                    calling_ae_title: rq.calling_ae_title,
+                    called_ae_title: rq.called_ae_title,
+                    application_context_name: rq.application_context_name,
+                    presentation_contexts: results,
+                    user_variables: vec![UserVariableItem::MaxLength(65_536)],
+                });
+                let mut out = Vec::new();
+                write_pdu(&mut out, &ac).unwrap();
+                let _ = s.write_all(&out);
+                while let Some((kind, pdu)) = read_raw(&mut s) {
+                    if kind != 0x04 {
+                        // A-RELEASE-RQ (or an abort): answer and end.
+                        let _ = s.write_all(&[0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+                        return;
+                    }
+                    // The last fragment of a dataset: answer for message 999.
+                    let mut rest = &pdu[6..];
+                    let mut answer = None;
+                    while rest.len() >= 6 {
+                        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                        let (context, header) = (rest[4], rest[5]);
+                        if header == 0x02 {
+                            answer = Some(context);
+                        }
+                        rest = &rest[4 + len..];
+                    }
+                    if let Some(context) = answer {
+                        let rsp = consortium_dimse::Response::new(0x8001, 999, 0x0000).encode();
+                        let mut pdu = vec![0x04, 0];
+                        pdu.extend_from_slice(&((rsp.len() + 6) as u32).to_be_bytes());
+                        pdu.extend_from_slice(&((rsp.len() + 2) as u32).to_be_bytes());
+                        pdu.extend_from_slice(&[context, 0x03]);
+                        pdu.extend_from_slice(&rsp);
+                        if s.write_all(&pdu).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Answers for another message say nothing about the file sent: no file is
+/// taken as stored, each fails with the reason, and the run fails.
+#[test]
+fn a_center_out_of_step_stores_nothing_by_our_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(33)).unwrap();
+    let port = misanswering_scp();
+    let record = dir.path().join("record.sqlite");
+    let out = upload(port, &record, &["--associations", "1"], &[&samples]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(summary_count(&text, "stored"), 0, "{text}");
+    assert_eq!(summary_count(&text, "failed"), files.len(), "{text}");
+    assert!(
+        text.contains("the center answered message 999 while message 1 was outstanding"),
+        "{text}"
+    );
+    assert_eq!(record_rows(&record), 0);
+}
