@@ -278,6 +278,16 @@ fn referenced_file(
         }
         p = child_any_case(&p, part);
     }
+    // A symbolic link on the media (Rock Ridge) may still lead elsewhere:
+    // only files inside the DICOMDIR's folder are its instances.
+    if let (Ok(file), Ok(folder)) = (p.canonicalize(), base.canonicalize())
+        && !file.starts_with(&folder)
+    {
+        return Err(format!(
+            "Referenced File ID {:?} leads outside the DICOMDIR's folder (through a symbolic link)",
+            parts.join("\\")
+        ));
+    }
     Ok(p)
 }
 

@@ -1105,3 +1105,58 @@ fn a_center_out_of_step_stores_nothing_by_our_count() {
     );
     assert_eq!(record_rows(&record), 0);
 }
+
+/// A DICOMDIR's file that is a symbolic link leading out of the media's
+/// folder (a Rock Ridge disc can carry one) is named and not sent; the
+/// rest of the media is.
+#[test]
+fn a_dicomdir_record_leading_outside_its_folder_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(35)).unwrap();
+    let cts: Vec<_> = files
+        .iter()
+        .filter(|f| f.modality == "CT")
+        .take(2)
+        .collect();
+    assert_eq!(cts.len(), 2);
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(media.join("IMAGES")).unwrap();
+    for (i, f) in cts.iter().enumerate() {
+        std::fs::copy(&f.path, media.join(format!("IMAGES/IM{i:04}"))).unwrap();
+    }
+    let mkdir = Command::new("/usr/bin/dcmmkdir")
+        .args(["--recurse", "IMAGES"])
+        .current_dir(&media)
+        .output()
+        .expect("run /usr/bin/dcmmkdir (Debian dcmtk)");
+    assert!(
+        mkdir.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mkdir.stderr)
+    );
+    // The second file now lives elsewhere; the media holds a link to it.
+    let outside = dir.path().join("elsewhere.dcm");
+    std::fs::rename(media.join("IMAGES/IM0001"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, media.join("IMAGES/IM0001")).unwrap();
+    let out = upload(
+        1,
+        &dir.path().join("record.sqlite"),
+        &["--dry-run"],
+        &[&media.join("DICOMDIR")],
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            r#"DICOMDIR record not followed: Referenced File ID "IMAGES\\IM0001" leads outside the DICOMDIR's folder"#
+        ),
+        "{text}"
+    );
+    let listed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("would send "))
+        .collect();
+    assert_eq!(listed.len(), 1, "{text}");
+    assert!(listed[0].contains("IM0000"), "{text}");
+}
