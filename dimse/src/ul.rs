@@ -197,13 +197,21 @@ pub async fn send<W: AsyncWrite + Unpin>(stream: &mut W, pdu: &Pdu) -> Result<()
 }
 
 /// Sends an A-ABORT from the service provider.
+/// Best effort, and bounded: a peer that stopped reading (its window full)
+/// does not hold the caller for longer than [`ABORT_WAIT`].
 pub async fn abort<W: AsyncWrite + Unpin>(stream: &mut W, reason: AbortRQServiceProviderReason) {
     let pdu = Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(reason),
     };
-    let _ = send(stream, &pdu).await;
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(ABORT_WAIT, async {
+        let _ = send(stream, &pdu).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
+
+/// The longest an A-ABORT may take to write.
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Writes one P-DATA-TF PDU holding one PDV.
 pub async fn send_pdv<W: AsyncWrite + Unpin>(

@@ -107,15 +107,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 async fn deliver(shared: &Shared, report: OwedReport) -> bool {
     let storage = &shared.storage;
     let id = report.id;
-    let settle = || async {
-        match storage.report_settled(id).await {
-            Ok(()) => true,
-            Err(e) => {
-                error!(error = %e, "cannot update the owed commitment reports");
-                false
-            }
-        }
-    };
+    let settle = || async { ledger_updated(storage.report_settled(id).await) };
     if unix_now() - report.created_at > GIVE_UP_AFTER_S {
         warn!(
             attempts = report.attempts,
@@ -193,15 +185,15 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
             let retry_in = (FIRST_RETRY_S << report.attempts.min(16)).min(MAX_RETRY_S);
             warn!(error = %e, attempt = report.attempts, retry_in_s = retry_in, "commitment report delivery failed");
             // From now, after the attempt (which may have taken a while).
-            match storage.report_due(id, unix_now() + retry_in, true).await {
-                Ok(()) => true,
-                Err(e) => {
-                    error!(error = %e, "cannot update the owed commitment reports");
-                    false
-                }
-            }
+            ledger_updated(storage.report_due(id, unix_now() + retry_in, true).await)
         }
     }
+}
+
+/// True when the ledger took a change; a failure is logged.
+fn ledger_updated(res: storage::Result<()>) -> bool {
+    res.inspect_err(|e| error!(error = %e, "cannot update the owed commitment reports"))
+        .is_ok()
 }
 
 /// An audit row for a report sent on a new association.
@@ -296,11 +288,19 @@ async fn send(
     }
     .await;
     match answered {
-        Ok(rsp) => {
+        // Only the answer to this report settles it (PS3.7 9.3.1.2).
+        Ok(rsp)
+            if rsp.command.command_field() == Some(field::N_EVENT_REPORT_RSP)
+                && rsp.command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(1) =>
+        {
             assoc.release().await;
             Ok(Sent::Answered(
                 rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF),
             ))
+        }
+        Ok(_) => {
+            assoc.abort().await;
+            Err("the requester answered something other than the report".into())
         }
         Err(e) => Err(format!("sending the report: {e}")),
     }

@@ -282,6 +282,9 @@ async fn lane(
             None if unusable => assoc.abort().await,
             None => assoc.release().await,
             Some(e) => {
+                // Gone, or out of step (an answer to another message): an
+                // A-ABORT either way (a write to a closed one fails at once).
+                assoc.abort().await;
                 if lost_file_given_up && lost_on.len() == 1 {
                     // Every loss since the last success was during this
                     // one file, now given up: the rest go on, with a loss

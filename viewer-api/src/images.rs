@@ -208,6 +208,11 @@ impl Images {
         }
     }
 
+    /// Where the instances are read from.
+    pub fn blobs(&self) -> &storage::BlobStore {
+        &self.blobs
+    }
+
     fn cache_key(instance: &InstanceRow, spec: &Spec) -> String {
         format!("{}/{:?}", instance.sha256, spec)
     }

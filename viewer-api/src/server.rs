@@ -69,13 +69,13 @@ pub async fn prepare(config: Config) -> Result<Prepared, String> {
             .tls_config(tls.clone())
             .map_err(|e| format!("TLS certificate or key: {e}"))?;
     }
+    let app = App::open(config).map_err(|e| e.to_string())?;
     // A bucket that is missing or refuses our keys stops the start here.
-    storage::BlobStore::open(&config.storage)
-        .map_err(|e| e.to_string())?
+    app.images
+        .blobs()
         .check_readable()
         .await
         .map_err(|e| format!("cannot read the blob store: {e}"))?;
-    let app = App::open(config).map_err(|e| e.to_string())?;
     Ok(Prepared { app, tls })
 }
 

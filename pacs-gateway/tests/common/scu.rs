@@ -289,13 +289,7 @@ pub fn read_message(stream: &mut TcpStream) -> Option<(Vec<u8>, bool)> {
 
 /// One P-DATA-TF PDU with one PDV.
 pub fn pdata(context: u8, is_command: bool, is_last: bool, data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x04, 0];
-    out.extend_from_slice(&((data.len() + 6) as u32).to_be_bytes());
-    out.extend_from_slice(&((data.len() + 2) as u32).to_be_bytes());
-    out.push(context);
-    out.push(u8::from(is_command) | (u8::from(is_last) << 1));
-    out.extend_from_slice(data);
-    out
+    pdata_pdvs(&[(context, is_command, is_last, data)])
 }
 
 impl Scu {

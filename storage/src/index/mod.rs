@@ -15,14 +15,21 @@ pub use writer::StoreOutcome;
 /// Opens the write connection (WAL, synchronous=FULL: a COMMIT is on disk)
 /// and brings the schema up to date.
 pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
+    let conn = open_migrated(path, "FULL")?;
+    schema::backfill_name_groups(&conn)?;
+    Ok(conn)
+}
+
+/// A read-write connection to the index at `path` in WAL mode with
+/// `synchronous`, foreign keys on, its schema brought up to date.
+fn open_migrated(path: &Path, synchronous: &str) -> Result<Connection> {
     let mut conn = Connection::open(path)?;
-    // First: the viewer-api may be opening (and migrating) the same index.
+    // First: another service may be opening (and migrating) the same index.
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     retry_busy(|| Ok(conn.pragma_update(None, "journal_mode", "WAL")?))?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     retry_busy(|| schema::migrate(&mut conn))?;
-    schema::backfill_name_groups(&conn)?;
     Ok(conn)
 }
 
@@ -59,13 +66,7 @@ fn retry_busy<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
 pub fn open_service(data_dir: &Path) -> Result<Connection> {
     std::fs::create_dir_all(data_dir)
         .map_err(crate::Error::io("create data directory", data_dir))?;
-    let mut conn = Connection::open(data_dir.join(crate::INDEX_FILE))?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    retry_busy(|| Ok(conn.pragma_update(None, "journal_mode", "WAL")?))?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    retry_busy(|| schema::migrate(&mut conn))?;
-    Ok(conn)
+    open_migrated(&data_dir.join(crate::INDEX_FILE), "NORMAL")
 }
 
 /// SQL functions the queries use (see `query::condition_sql`):
