@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dicom_ul::pdu::{AbortRQServiceProviderReason as AbortReason, Pdu};
@@ -72,6 +72,9 @@ struct Connection {
 
 /// Longest a write to the peer may take before the association is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pending C-GET/C-MOVE responses after the first come at most this often:
+/// enough for a progress bar.
+const PENDING_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A storage commitment report sent on this association; forgotten by the
 /// ledger once acknowledged.
@@ -899,6 +902,7 @@ impl Connection {
         // The sub-operations and the final response; an association that
         // ends on the way still gets its audit row below.
         let mut sub_message_id = 0u16;
+        let mut last_pending: Option<Instant> = None;
         let ran: Result<u16, End> = async {
             for (n, item) in items.iter().enumerate() {
                 if self.cancel_arrived(message_id).await? {
@@ -954,7 +958,12 @@ impl Connection {
                         failed_uids.push(item.sop_instance_uid.clone());
                     }
                 }
-                if n + 1 < total {
+                // The first sub-operation's count, then one at most every
+                // PENDING_INTERVAL: they are optional (PS3.4 C.4.2.3.1, C.4.3.3.1), and
+                // one per instance costs the requester (a viewer drawing
+                // progress) as much as it costs us.
+                if n + 1 < total && last_pending.is_none_or(|t| t.elapsed() >= PENDING_INTERVAL) {
+                    last_pending = Some(Instant::now());
                     let rsp = Response::new(rsp_field, message_id, status::PENDING)
                         .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
                         .u16(
