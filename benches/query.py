@@ -264,14 +264,20 @@ def time_queries_raw(port, keys, repeats, calling=ingest.CALLING_AE):
     return out
 
 
-def time_findscu(port, keys, runs=20):
+def time_findscu(port, keys, runs=20, nagle=False):
+    """Median ms per findscu process. With `nagle`, findscu runs as Debian
+    ships it, without TCP_NODELAY=1: a server that delays its ACKs makes
+    each request wait for them."""
+    env = ingest.base_env()
+    if nagle:
+        del env["TCP_NODELAY"]
     cmd = ["/usr/bin/findscu", "-S", "-aet", ingest.CALLING_AE, "-aec", ingest.CALLED_AE,
            "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={keys['patient_id']}", "-k", "StudyInstanceUID",
            "127.0.0.1", str(port)]
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(cmd, env=ingest.base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         times.append((time.perf_counter() - start) * 1000)
     return round(statistics.median(times), 1)
 
@@ -474,7 +480,8 @@ def main(argv):
             for name, (server, dest) in servers.items():
                 results[name] = {"queries": time_queries(server.port, shared_keys, args.repeats),
                                  "raw_queries": time_queries_raw(server.port, shared_keys, args.repeats),
-                                 "findscu_median_ms": time_findscu(server.port, shared_keys)}
+                                 "findscu_median_ms": time_findscu(server.port, shared_keys),
+                                 "findscu_nagle_median_ms": time_findscu(server.port, shared_keys, nagle=True)}
             writes = {name: check_retrieval(server.port, ct_study, work / name, dest)
                       for name, (server, dest) in servers.items()}
             rounds = {name: [] for name in servers}
@@ -511,6 +518,8 @@ def main(argv):
     print(f"findscu per process (ms): ours {results['gateway']['findscu_median_ms']} "
           f"(at {args.large_studies}: {results['large']['findscu_median_ms']}), "
           f"Orthanc {results['orthanc']['findscu_median_ms']}")
+    print(f"findscu per process as Debian ships it (Nagle on, no TCP_NODELAY=1), ms: "
+          f"ours {results['gateway']['findscu_nagle_median_ms']}, Orthanc {results['orthanc']['findscu_nagle_median_ms']}")
     ours, theirs = results["gateway"]["retrieve"], results["orthanc"]["retrieve"]
     print(f"60-slice CT study ({ct_bytes / 1e6:.1f} MB), MB/s (target >= 2.0x Orthanc):")
     print(f"{'':<6}{'ours':>8}{'Orthanc':>9}{'ratio':>7}   measured how")

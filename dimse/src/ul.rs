@@ -45,6 +45,41 @@ impl UlError {
     }
 }
 
+/// A byte stream PDUs are read from.
+///
+/// A TCP stream acknowledges what it has read at once (`TCP_QUICKACK`)
+/// before waiting for more. A peer with Nagle's algorithm on (Debian's
+/// DCMTK unless `TCP_NODELAY=1` is set) holds the rest of a message until
+/// its first part is acknowledged; Linux delays that acknowledgement by 40
+/// ms or more, and it is not piggybacked, since we have nothing to send
+/// until the message is whole. Each request such a peer sent would wait
+/// for that timer.
+pub trait PduSource: AsyncRead + Unpin {
+    /// Called before each wait for more bytes.
+    fn acknowledge_now(&self) {}
+}
+
+impl PduSource for tokio::net::TcpStream {
+    fn acknowledge_now(&self) {
+        quickack(socket2::SockRef::from(self));
+    }
+}
+
+impl PduSource for tokio::net::tcp::ReadHalf<'_> {
+    fn acknowledge_now(&self) {
+        quickack(socket2::SockRef::from(self.as_ref()));
+    }
+}
+
+/// In-memory PDUs (tests): nothing to acknowledge.
+impl PduSource for &[u8] {}
+
+fn quickack(socket: socket2::SockRef<'_>) {
+    // Linux leaves quick-ACK mode again as soon as it sends data, so this
+    // is set before every wait; failure only costs the delay it avoids.
+    let _ = socket.set_tcp_quickack(true);
+}
+
 /// A received PDU: P-DATA-TF bodies stay raw (see [`pdvs`]).
 #[derive(Debug)]
 pub enum Incoming {
@@ -96,7 +131,7 @@ impl PduReader {
     }
 
     /// Reads the next PDU; `Ok(None)` when the peer closed between PDUs.
-    pub async fn next<R: AsyncRead + Unpin>(
+    pub async fn next<R: PduSource>(
         &mut self,
         stream: &mut R,
     ) -> Result<Option<Incoming>, UlError> {
@@ -138,6 +173,7 @@ impl PduReader {
             } else {
                 self.buf.reserve(64 * 1024);
             }
+            stream.acknowledge_now();
             let n = stream.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return if self.buf.is_empty() {
