@@ -20,6 +20,9 @@ const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 /// Datasets up to this size are read whole before sending.
 const IN_MEMORY_BYTES: u64 = 16 << 20;
+/// Bytes a lane may hold for hashing after sending before it waits for
+/// the oldest file's hash.
+const HASHING_BYTES: u64 = 32 << 20;
 /// Files up to this size can be converted (in memory) to a syntax the
 /// center accepted when it refused their own.
 const MAX_CONVERTED_BYTES: u64 = 1 << 30;
@@ -137,6 +140,8 @@ async fn lane(
     // more than `settings.retries` (and at least three) and it is the link
     // or the center after all; the lane stops.
     let mut given_up_alone = 0u32;
+    // Stored files whose SHA-256 is still being computed, oldest first.
+    let mut hashing: VecDeque<Hashing> = VecDeque::new();
     while !pending.is_empty() {
         let (contexts, batch_len) = propose(&pending);
         let assoc = settings.associate(&contexts).await;
@@ -194,20 +199,13 @@ async fn lane(
                         Class::Stored => {
                             short_in_a_row.clear();
                             progress.done(&file);
-                            // The committer outlives the lanes.
-                            let _ = stored.send((
-                                file.sop_class_uid.clone(),
-                                file.sop_instance_uid.clone(),
-                                sha256.clone(),
-                            ));
-                            results.push((
+                            hashing.push_back(Hashing {
                                 file,
-                                Outcome::Stored {
-                                    status,
-                                    sha256,
-                                    converted_to: convert_to,
-                                },
-                            ));
+                                status,
+                                converted_to: convert_to,
+                                sha256,
+                            });
+                            hand_over(&mut hashing, false, stored, &mut results).await;
                         }
                         Class::Transient => {
                             short_in_a_row.insert(file.sop_instance_uid.clone());
@@ -319,7 +317,66 @@ async fn lane(
             }
         }
     }
+    hand_over(&mut hashing, true, stored, &mut results).await;
     results
+}
+
+/// A stored file waiting for its SHA-256.
+struct Hashing {
+    file: Candidate,
+    status: u16,
+    converted_to: Option<String>,
+    sha256: Sha256,
+}
+
+/// Hands stored files whose SHA-256 is known to the committer and to the
+/// results, oldest first; waits for the oldest while the lane holds more
+/// than [`HASHING_BYTES`] for hashing, or for every one when `all`.
+async fn hand_over(
+    hashing: &mut VecDeque<Hashing>,
+    all: bool,
+    stored: &tokio::sync::mpsc::UnboundedSender<commit::Stored>,
+    results: &mut Vec<(Candidate, Outcome)>,
+) {
+    while let Some(oldest) = hashing.front() {
+        let held: u64 = hashing.iter().map(|h| h.sha256.bytes_held()).sum();
+        if !(all || oldest.sha256.is_known() || held > HASHING_BYTES) {
+            break;
+        }
+        let Some(Hashing {
+            file,
+            status,
+            converted_to,
+            sha256,
+        }) = hashing.pop_front()
+        else {
+            break;
+        };
+        match sha256.get().await {
+            Ok(sha256) => {
+                // The committer outlives the lanes.
+                let _ = stored.send((
+                    file.sop_class_uid.clone(),
+                    file.sop_instance_uid.clone(),
+                    sha256.clone(),
+                ));
+                results.push((
+                    file,
+                    Outcome::Stored {
+                        status,
+                        sha256,
+                        converted_to,
+                    },
+                ));
+            }
+            Err(e) => results.push((
+                file,
+                Outcome::Failed {
+                    reason: format!("stored, but what was sent could not be hashed: {e}"),
+                },
+            )),
+        }
+    }
 }
 
 /// The context to send `file` on: one that accepted its own transfer
@@ -432,35 +489,80 @@ fn propose(pending: &VecDeque<Candidate>) -> (Vec<Proposed>, usize) {
     (contexts, covered)
 }
 
-/// A file being read and hashed ahead of its turn: `path`, then its bytes
-/// and their SHA-256.
+/// A file being read ahead of its turn.
 struct Prefetch {
     path: std::path::PathBuf,
-    read: tokio::task::JoinHandle<std::io::Result<(Vec<u8>, String)>>,
+    read: tokio::task::JoinHandle<std::io::Result<Vec<u8>>>,
 }
 
 impl Prefetch {
     fn start(path: &std::path::Path) -> Self {
         let path = path.to_path_buf();
         let reading = path.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(&reading)?;
-            let sha256 = storage::spool::hex(&sha2::Sha256::digest(&bytes));
-            Ok((bytes, sha256))
-        });
+        let read = tokio::task::spawn_blocking(move || std::fs::read(&reading));
         Self { path, read }
     }
 
-    async fn take(self) -> std::io::Result<(Vec<u8>, String)> {
+    async fn take(self) -> std::io::Result<Vec<u8>> {
         self.read.await.map_err(std::io::Error::other)?
     }
 }
 
+/// The SHA-256 of the bytes sent: known, or being computed.
+pub(crate) enum Sha256 {
+    Known(String),
+    /// Hashed after sending, on the low-priority threads (nice 19) shared
+    /// with the center's re-verification code: the record needs it only
+    /// once the center has confirmed the instance, so the sending lanes do
+    /// not wait for it, and on a machine the tool shares (a workstation
+    /// that is also the gateway) it takes what CPU the sending leaves.
+    Hashing {
+        job: tokio::task::JoinHandle<Result<String, &'static str>>,
+        bytes: u64,
+    },
+}
+
+impl Sha256 {
+    fn later(bytes: Vec<u8>) -> Self {
+        let len = bytes.len() as u64;
+        let job = tokio::spawn(storage::background::run(move || {
+            storage::spool::hex(&sha2::Sha256::digest(&bytes))
+        }));
+        Sha256::Hashing { job, bytes: len }
+    }
+
+    fn bytes_held(&self) -> u64 {
+        match self {
+            Sha256::Known(_) => 0,
+            Sha256::Hashing { bytes, .. } => *bytes,
+        }
+    }
+
+    fn is_known(&self) -> bool {
+        match self {
+            Sha256::Known(_) => true,
+            Sha256::Hashing { job, .. } => job.is_finished(),
+        }
+    }
+
+    async fn get(self) -> Result<String, String> {
+        match self {
+            Sha256::Known(sha) => Ok(sha),
+            Sha256::Hashing { job, .. } => match job.await {
+                Ok(Ok(sha)) => Ok(sha),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
 /// One C-STORE: the file's dataset streamed as is. Typical files are read
-/// and hashed off the runtime while the previous one is on the wire; the
-/// next file (`next`) starts reading as soon as this one is sent, while the
-/// center writes and syncs it. The SHA-256 returned is always that of the
-/// bytes sent (with the file's header), never of a second read.
+/// off the runtime while the previous one is on the wire, and hashed after
+/// they are sent ([`Sha256::Hashing`]); the next file (`next`) starts
+/// reading as soon as this one is sent, while the center writes and syncs
+/// it. The SHA-256 returned is always that of the bytes sent (with the
+/// file's header), never of a second read.
 #[allow(clippy::too_many_arguments)]
 async fn store_one(
     assoc: &mut Association,
@@ -470,7 +572,7 @@ async fn store_one(
     file: &Candidate,
     prefetched: &mut Option<Prefetch>,
     next: Option<&Candidate>,
-) -> Result<(u16, String, String), StoreError> {
+) -> Result<(u16, String, Sha256), StoreError> {
     let rq = Response::request(field::C_STORE_RQ, message_id, true)
         .uid(tag::AFFECTED_SOP_CLASS_UID, &file.sop_class_uid)
         .u16(tag::PRIORITY, 0)
@@ -502,22 +604,23 @@ async fn store_one(
             .take()
             .filter(|p| p.path == file.path)
             .unwrap_or_else(|| Prefetch::start(&file.path));
-        let (bytes, sha) = ahead.take().await.map_err(unreadable)?;
+        let bytes = ahead.take().await.map_err(unreadable)?;
         if bytes.len() as u64 != file.size {
             return Err(changed());
         }
-        sha256 = sha;
         let (from, to, offset) = (
             file.transfer_syntax.clone(),
             to.to_string(),
             file.dataset_offset as usize,
         );
-        let dataset = tokio::task::spawn_blocking(move || {
-            storage::transcode::convert(&bytes, offset, &from, &to)
+        let (dataset, sha) = tokio::task::spawn_blocking(move || {
+            let sha = storage::spool::hex(&sha2::Sha256::digest(&bytes));
+            storage::transcode::convert(&bytes, offset, &from, &to).map(|d| (d, sha))
         })
         .await
         .map_err(|e| local(e.to_string(), true))?
         .map_err(|e| local(format!("cannot convert {}: {e}", file.path.display()), true))?;
+        sha256 = Sha256::Known(sha);
         assoc
             .send_command_and_dataset(context, &rq, &dataset)
             .await?;
@@ -527,8 +630,7 @@ async fn store_one(
             .take()
             .filter(|p| p.path == file.path)
             .unwrap_or_else(|| Prefetch::start(&file.path));
-        let (bytes, sha) = ahead.take().await.map_err(unreadable)?;
-        sha256 = sha;
+        let bytes = ahead.take().await.map_err(unreadable)?;
         let dataset = bytes
             .get(file.dataset_offset as usize..)
             .filter(|d| d.len() as u64 == file.dataset_len())
@@ -539,6 +641,7 @@ async fn store_one(
         *prefetched = next
             .filter(|n| n.dataset_len() <= IN_MEMORY_BYTES)
             .map(|n| Prefetch::start(&n.path));
+        sha256 = Sha256::later(bytes);
     } else {
         // Large instances stream, one PDU in memory at a time, hashed as
         // they go out.
@@ -571,7 +674,7 @@ async fn store_one(
                 None => StoreError::Link(e),
             });
         }
-        sha256 = storage::spool::hex(&hashing.hasher.finalize());
+        sha256 = Sha256::Known(storage::spool::hex(&hashing.hasher.finalize()));
     }
     let rsp = assoc.receive(0).await?;
     if rsp.command.command_field() != Some(field::C_STORE_RSP) {
