@@ -55,7 +55,7 @@ impl UlError {
 /// until the message is whole. Each request such a peer sent would wait
 /// for that timer.
 pub trait PduSource: AsyncRead + Unpin {
-    /// Called before each wait for more bytes.
+    /// Called before a wait for more bytes that follows a read.
     fn acknowledge_now(&self) {}
 }
 
@@ -74,11 +74,17 @@ impl PduSource for tokio::net::tcp::ReadHalf<'_> {
 /// In-memory PDUs (tests): nothing to acknowledge.
 impl PduSource for &[u8] {}
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn quickack(socket: socket2::SockRef<'_>) {
     // Linux leaves quick-ACK mode again as soon as it sends data, so this
-    // is set before every wait; failure only costs the delay it avoids.
+    // is set before every wait that follows a read; failure only costs the
+    // delay it avoids.
     let _ = socket.set_tcp_quickack(true);
 }
+
+/// Elsewhere there is no such option (the upload tool builds there too).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn quickack(_: socket2::SockRef<'_>) {}
 
 /// A received PDU: P-DATA-TF bodies stay raw (see [`pdvs`]).
 #[derive(Debug)]
@@ -95,6 +101,8 @@ pub struct PduReader {
     max_pdata: u32,
     /// PDVs of a P-DATA-TF given back by [`PduReader::unread`].
     unread: Option<Bytes>,
+    /// Bytes were read since the stream last acknowledged at once.
+    unacknowledged: bool,
 }
 
 impl PduReader {
@@ -103,6 +111,7 @@ impl PduReader {
             buf: BytesMut::with_capacity(64 * 1024),
             max_pdata,
             unread: None,
+            unacknowledged: false,
         }
     }
 
@@ -173,8 +182,12 @@ impl PduReader {
             } else {
                 self.buf.reserve(64 * 1024);
             }
-            stream.acknowledge_now();
+            if self.unacknowledged {
+                stream.acknowledge_now();
+                self.unacknowledged = false;
+            }
             let n = stream.read_buf(&mut self.buf).await?;
+            self.unacknowledged = n > 0;
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)

@@ -95,7 +95,7 @@ async fn commit_chunk(
 pub(crate) type Stored = (String, String, String);
 
 /// Storage commitment beside the sending lanes: each stored instance is
-/// handed over at once, and one association of its own asks the center
+/// handed over as soon as its SHA-256 is known, and one association of its own asks the center
 /// about whatever has gathered while its previous request was being
 /// checked. The center's re-verification (reading and hashing every
 /// instance) so overlaps the sending instead of following it; what remains

@@ -3,6 +3,7 @@
 //! retries of transient failures and no retry of refusals.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use consortium_dimse::client::{Association, ClientError, Proposed};
@@ -20,8 +21,8 @@ const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 /// Datasets up to this size are read whole before sending.
 const IN_MEMORY_BYTES: u64 = 16 << 20;
-/// Bytes a lane may hold for hashing after sending before it waits for
-/// the oldest file's hash.
+/// Bytes a lane holds for hashing (besides the file on the wire and the
+/// one read ahead) before it waits for the oldest file's hash.
 const HASHING_BYTES: u64 = 32 << 20;
 /// Files up to this size can be converted (in memory) to a syntax the
 /// center accepted when it refused their own.
@@ -80,8 +81,8 @@ impl From<ClientError> for StoreError {
 }
 
 /// Sends every candidate over `settings.associations` parallel associations,
-/// handing each stored instance to `committer` as soon as the center
-/// answered its C-STORE.
+/// handing each stored instance to `committer` once the center answered
+/// its C-STORE and its SHA-256 is known.
 pub(crate) async fn send_all(
     settings: &Settings,
     files: Vec<Candidate>,
@@ -169,6 +170,7 @@ async fn lane(
         // contexts cover; files behind it may need others).
         let mut again: Vec<Candidate> = Vec::new();
         for _ in 0..batch_len {
+            hand_over(&mut hashing, false, stored, &mut results).await;
             let Some(file) = pending.pop_front() else {
                 break;
             };
@@ -203,9 +205,8 @@ async fn lane(
                                 file,
                                 status,
                                 converted_to: convert_to,
-                                sha256,
+                                sha256: sha256.start(),
                             });
-                            hand_over(&mut hashing, false, stored, &mut results).await;
                         }
                         Class::Transient => {
                             short_in_a_row.insert(file.sop_instance_uid.clone());
@@ -234,6 +235,7 @@ async fn lane(
                                     "the center is out of resources (0x{status:04X}); retrying in {wait:?}"
                                 ));
                                 again.push(file);
+                                hand_over(&mut hashing, false, stored, &mut results).await;
                                 tokio::time::sleep(wait).await;
                             }
                         }
@@ -276,6 +278,7 @@ async fn lane(
             }
         }
         pending.extend(again);
+        hand_over(&mut hashing, false, stored, &mut results).await;
         match lost {
             None if unusable => assoc.abort().await,
             None => assoc.release().await,
@@ -508,58 +511,90 @@ impl Prefetch {
     }
 }
 
-/// The SHA-256 of the bytes sent: known, or being computed.
+/// The SHA-256 of the bytes sent: known, or to be computed from them.
 pub(crate) enum Sha256 {
     Known(String),
-    /// Hashed after sending, on the low-priority threads (nice 19) shared
-    /// with the center's re-verification code: the record needs it only
-    /// once the center has confirmed the instance, so the sending lanes do
-    /// not wait for it, and on a machine the tool shares (a workstation
-    /// that is also the gateway) it takes what CPU the sending leaves.
+    /// Sent, answer not yet known: nothing is hashed for a file the
+    /// center did not store.
+    Unhashed(Vec<u8>),
+    /// Stored: hashed on storage's low-priority threads (nice 19). The
+    /// record needs it only once the center has confirmed the file, so a
+    /// lane goes on sending meanwhile, and the hash takes what CPU the
+    /// sending (and, on a shared machine, the gateway) leaves. A lane that
+    /// must wait for it takes the bytes back and hashes them at its own
+    /// priority, so a busy machine cannot starve it.
     Hashing {
-        job: tokio::task::JoinHandle<Result<String, &'static str>>,
-        bytes: u64,
+        bytes: Arc<Mutex<Option<Vec<u8>>>>,
+        job: tokio::task::JoinHandle<Result<Option<String>, &'static str>>,
+        len: u64,
     },
 }
 
 impl Sha256 {
-    fn later(bytes: Vec<u8>) -> Self {
+    /// Starts hashing bytes not hashed yet.
+    fn start(self) -> Self {
+        let Sha256::Unhashed(bytes) = self else {
+            return self;
+        };
         let len = bytes.len() as u64;
+        let bytes = Arc::new(Mutex::new(Some(bytes)));
+        let taken = Arc::clone(&bytes);
         let job = tokio::spawn(storage::background::run(move || {
-            storage::spool::hex(&sha2::Sha256::digest(&bytes))
+            let bytes = taken.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+            Some(sha256_hex(&bytes))
         }));
-        Sha256::Hashing { job, bytes: len }
+        Sha256::Hashing { bytes, job, len }
     }
 
     fn bytes_held(&self) -> u64 {
         match self {
             Sha256::Known(_) => 0,
-            Sha256::Hashing { bytes, .. } => *bytes,
+            Sha256::Unhashed(bytes) => bytes.len() as u64,
+            Sha256::Hashing { len, .. } => *len,
         }
     }
 
     fn is_known(&self) -> bool {
         match self {
             Sha256::Known(_) => true,
+            Sha256::Unhashed(_) => false,
             Sha256::Hashing { job, .. } => job.is_finished(),
         }
     }
 
     async fn get(self) -> Result<String, String> {
-        match self {
-            Sha256::Known(sha) => Ok(sha),
-            Sha256::Hashing { job, .. } => match job.await {
-                Ok(Ok(sha)) => Ok(sha),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
+        let (bytes, job) = match self {
+            Sha256::Known(sha) => return Ok(sha),
+            Sha256::Unhashed(bytes) => (Some(bytes), None),
+            Sha256::Hashing { bytes, job, .. } => {
+                let not_started = bytes.lock().unwrap_or_else(|e| e.into_inner()).take();
+                (not_started, Some(job))
+            }
+        };
+        if let Some(bytes) = bytes {
+            return tokio::task::spawn_blocking(move || sha256_hex(&bytes))
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let Some(job) = job else {
+            return Err("nothing to hash".into());
+        };
+        match job.await {
+            Ok(Ok(Some(sha))) => Ok(sha),
+            Ok(Ok(None)) => Err("the bytes were taken back".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
         }
     }
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    storage::spool::hex(&sha2::Sha256::digest(bytes))
+}
+
 /// One C-STORE: the file's dataset streamed as is. Typical files are read
-/// off the runtime while the previous one is on the wire, and hashed after
-/// they are sent ([`Sha256::Hashing`]); the next file (`next`) starts
+/// off the runtime while the previous one is on the wire, and hashed once
+/// the center has stored them ([`Sha256::Hashing`]); the next file (`next`) starts
 /// reading as soon as this one is sent, while the center writes and syncs
 /// it. The SHA-256 returned is always that of the bytes sent (with the
 /// file's header), never of a second read.
@@ -614,7 +649,7 @@ async fn store_one(
             file.dataset_offset as usize,
         );
         let (dataset, sha) = tokio::task::spawn_blocking(move || {
-            let sha = storage::spool::hex(&sha2::Sha256::digest(&bytes));
+            let sha = sha256_hex(&bytes);
             storage::transcode::convert(&bytes, offset, &from, &to).map(|d| (d, sha))
         })
         .await
@@ -641,7 +676,7 @@ async fn store_one(
         *prefetched = next
             .filter(|n| n.dataset_len() <= IN_MEMORY_BYTES)
             .map(|n| Prefetch::start(&n.path));
-        sha256 = Sha256::later(bytes);
+        sha256 = Sha256::Unhashed(bytes);
     } else {
         // Large instances stream, one PDU in memory at a time, hashed as
         // they go out.
@@ -738,6 +773,29 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HashingReader<R> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hash_is_of_the_bytes_sent_whoever_computes_it() {
+        let bytes = b"DICM\x02\x00".repeat(50_000);
+        let want = sha256_hex(&bytes);
+        // Never started (taken back at once), and started then taken back
+        // or finished by the background thread, whichever comes first.
+        assert_eq!(
+            Sha256::Unhashed(bytes.clone()).get().await,
+            Ok(want.clone())
+        );
+        for _ in 0..20 {
+            let started = Sha256::Unhashed(bytes.clone()).start();
+            assert_eq!(started.bytes_held(), bytes.len() as u64);
+            assert_eq!(started.get().await, Ok(want.clone()));
+        }
+        // Finished in the background before anyone waits.
+        let started = Sha256::Unhashed(bytes.clone()).start();
+        while !started.is_known() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(started.get().await, Ok(want));
+    }
 
     #[test]
     fn warnings_are_stored_and_only_a7xx_is_retried() {
