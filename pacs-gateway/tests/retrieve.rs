@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -311,18 +312,41 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
         .cloned()
         .collect();
     assert!(compressed.len() >= 2);
-    // Two uncompressed CT slices recompressed by other tools: JPEG-LS
+    // Uncompressed CT and MR slices recompressed by other tools: JPEG-LS
     // Lossless by DCMTK's dcmcjpls, JPEG 2000 Lossless by GDCM's gdcmconv.
     let cts: Vec<_> = files
         .iter()
-        .filter(|f| f.modality == "CT" && f.transfer_syntax == "1.2.840.10008.1.2.1")
+        .filter(|f| {
+            matches!(f.modality.as_str(), "CT" | "MR")
+                && matches!(
+                    f.transfer_syntax.as_str(),
+                    "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2"
+                )
+        })
         .collect();
-    assert!(cts.len() >= 2);
-    for (f, tool, args, ts) in [
-        (cts[0], "dcmcjpls", &[][..], "1.2.840.10008.1.2.4.80"),
-        (cts[1], "gdcmconv", &["--j2k"][..], "1.2.840.10008.1.2.4.90"),
-    ] {
-        let path = dir.path().join(format!("{tool}.dcm"));
+    assert!(cts.len() >= 2, "{}", cts.len());
+    // And lossy or not in the syntaxes that carry both, with what the
+    // decoded copy must say in Lossy Image Compression (0028,2110): JPEG-LS
+    // near-lossless (NEAR 2) says "01"; a reversible JPEG 2000 codestream
+    // under 4.91 with "00" keeps "00" (lossless images are not relabelled
+    // lossy); an irreversible one whose file wrongly says "00" gets "01".
+    let mut lossy_flag: HashMap<String, &str> = HashMap::new();
+    for (i, (tool, args, ts)) in [
+        ("dcmcjpls", &[][..], "1.2.840.10008.1.2.4.80"),
+        ("gdcmconv", &["--j2k"][..], "1.2.840.10008.1.2.4.90"),
+        ("dcmcjpls", &["+en"][..], "1.2.840.10008.1.2.4.81"),
+        ("gdcmconv", &["--j2k"][..], "1.2.840.10008.1.2.4.91"),
+        (
+            "gdcmconv",
+            &["--j2k", "--lossy", "--irreversible", "-q", "40"][..],
+            "1.2.840.10008.1.2.4.91",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let f = cts[i % cts.len()];
+        let path = dir.path().join(format!("{i}-{tool}.dcm"));
         let out = Command::new(format!("/usr/bin/{tool}"))
             .args(args)
             .arg(&f.path)
@@ -334,9 +358,50 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut bytes = std::fs::read(&path).unwrap();
+        let flag = if ts == "1.2.840.10008.1.2.4.81" {
+            "01"
+        } else if ts == "1.2.840.10008.1.2.4.91" && args.len() == 1 {
+            // gdcmconv wrote 4.90: the same codestream, labelled 4.91.
+            let at = find(&bytes, b"1.2.840.10008.1.2.4.90").unwrap();
+            bytes[at..at + 22].copy_from_slice(b"1.2.840.10008.1.2.4.91");
+            "00"
+        } else if ts == "1.2.840.10008.1.2.4.91" {
+            let at = find(&bytes, b"\x28\x00\x10\x21CS\x02\x0001").unwrap();
+            bytes[at + 9] = b'0';
+            "01"
+        } else {
+            ""
+        };
+        std::fs::write(&path, &bytes).unwrap();
+        // (DCMTK gives a lossy copy a UID of its own.)
+        let uid_of = |bytes: &[u8]| {
+            storage::attrs::read_bytes(common::dataset_of(bytes), ts)
+                .unwrap()
+                .sop_instance_uid
+        };
+        if compressed
+            .iter()
+            .any(|c| c.sop_instance_uid == uid_of(&bytes))
+        {
+            // A slice used again: as an instance of its own.
+            let out = Command::new("/usr/bin/dcmodify")
+                .args(["-nb", "-gin"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            bytes = std::fs::read(&path).unwrap();
+        }
+        let uid = uid_of(&bytes);
+        assert_eq!(common::transfer_syntax_of(&bytes), ts, "{tool} {args:?}");
+        if !flag.is_empty() {
+            lossy_flag.insert(uid.clone(), flag);
+        }
         compressed.push(sample_dicom::SampleFile {
             path,
             transfer_syntax: ts.to_string(),
+            sop_instance_uid: uid,
             ..f.clone()
         });
     }
@@ -425,8 +490,8 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
         let (blob, _) = gw.blob_of(&f.sop_instance_uid).unwrap();
         let (tool, args): (&str, &[&str]) = match f.transfer_syntax.as_str() {
             "1.2.840.10008.1.2.5" => ("dcmdrle", &[]),
-            "1.2.840.10008.1.2.4.80" => ("dcmdjpls", &[]),
-            "1.2.840.10008.1.2.4.90" => ("gdcmconv", &["--raw"]),
+            "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81" => ("dcmdjpls", &[]),
+            "1.2.840.10008.1.2.4.90" | "1.2.840.10008.1.2.4.91" => ("gdcmconv", &["--raw"]),
             _ => ("dcmdjpeg", &[]),
         };
         let decoded = dir.path().join(format!("{}.native", f.sop_instance_uid));
@@ -449,7 +514,22 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
             .unwrap()
             .to_vec();
         assert_eq!(pixels.len(), expected.len(), "{tool}");
-        if tool != "dcmdjpeg" {
+        if let Some(flag) = lossy_flag.get(&f.sop_instance_uid) {
+            assert_eq!(
+                text_of(&ours, tags::LOSSY_IMAGE_COMPRESSION),
+                *flag,
+                "{}",
+                f.transfer_syntax
+            );
+            // Near-lossless and irreversible: decoders may differ a little.
+            let worst = pixels
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(worst <= 3, "{tool}: decode differs by up to {worst}");
+        } else if tool != "dcmdjpeg" {
             // Lossless: exactly the pixels the other tool decodes.
             assert!(pixels == expected, "{tool}: lossless decode differs");
         } else {
@@ -499,7 +579,11 @@ fn series_of(gw: &Gateway, sop_instance_uid: &str) -> String {
             [sop_instance_uid],
             |r| r.get(0),
         )
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{sop_instance_uid:?}: {e}"))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn text_of(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> String {

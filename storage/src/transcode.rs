@@ -18,23 +18,106 @@ const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 
 /// Compressed syntaxes whose pixel data we can decode.
 const DECODABLE: &[&str] = &[
-    "1.2.840.10008.1.2.4.50", // JPEG Baseline
-    "1.2.840.10008.1.2.4.51", // JPEG Extended (8-bit)
+    JPEG_BASELINE,            // JPEG Baseline
+    JPEG_EXTENDED,            // JPEG Extended (8-bit)
     "1.2.840.10008.1.2.4.57", // JPEG Lossless
     "1.2.840.10008.1.2.4.70", // JPEG Lossless SV1
     "1.2.840.10008.1.2.4.80", // JPEG-LS Lossless (CharLS)
-    "1.2.840.10008.1.2.4.81", // JPEG-LS Near-Lossless (CharLS)
+    JPEG_LS_NEAR_LOSSLESS,    // JPEG-LS Near-Lossless (CharLS)
     "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless (openjp2)
-    "1.2.840.10008.1.2.4.91", // JPEG 2000 (openjp2)
+    JPEG_2000,                // JPEG 2000 (openjp2)
     "1.2.840.10008.1.2.5",    // RLE Lossless
 ];
-/// Lossy sources: the transcoded object keeps Lossy Image Compression "01".
-const LOSSY: &[&str] = &[
-    "1.2.840.10008.1.2.4.50",
-    "1.2.840.10008.1.2.4.51",
-    "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.91",
-];
+const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+const JPEG_LS_NEAR_LOSSLESS: &str = "1.2.840.10008.1.2.4.81";
+const JPEG_2000: &str = "1.2.840.10008.1.2.4.91";
+
+/// The Lossy Image Compression Method (0028,2114) of `obj`'s pixel data
+/// when it is known to have been compressed lossily: always for JPEG
+/// baseline and extended; for JPEG-LS near-lossless and JPEG 2000, which
+/// also carry lossless codestreams, only when the first frame's codestream
+/// says so (a NEAR above 0; an irreversible 9-7 wavelet). A reversible
+/// JPEG 2000 codestream may still have been truncated, so it proves
+/// nothing either way.
+fn lossy_method(obj: &InMemDicomObject, from: &str) -> Option<&'static str> {
+    let first_frame = || {
+        obj.element(dicom_dictionary_std::tags::PIXEL_DATA)
+            .ok()?
+            .value()
+            .fragments()?
+            .first()
+            .map(Vec::as_slice)
+    };
+    match from {
+        JPEG_BASELINE | JPEG_EXTENDED => Some("ISO_10918_1"),
+        JPEG_LS_NEAR_LOSSLESS => jpeg_ls_near(first_frame()?)
+            .filter(|near| *near > 0)
+            .map(|_| "ISO_14495_1"),
+        JPEG_2000 => j2k_irreversible(first_frame()?)
+            .filter(|irreversible| *irreversible)
+            .map(|_| "ISO_15444_1"),
+        _ => None,
+    }
+}
+
+/// The NEAR parameter of the first scan of a JPEG-LS codestream (ISO/IEC
+/// 14495-1 C.2.3): 0 is lossless.
+fn jpeg_ls_near(codestream: &[u8]) -> Option<u8> {
+    if !codestream.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut at = 2;
+    while at + 4 <= codestream.len() {
+        if codestream[at] != 0xFF {
+            return None;
+        }
+        let marker = codestream[at + 1];
+        let len = u16::from_be_bytes([codestream[at + 2], codestream[at + 3]]) as usize;
+        let segment = codestream.get(at + 4..at + 2 + len)?;
+        if marker == 0xDA {
+            let components = *segment.first()? as usize;
+            return segment.get(1 + 2 * components).copied();
+        }
+        at += 2 + len;
+    }
+    None
+}
+
+/// Whether the main header of a JPEG 2000 codestream (ISO/IEC 15444-1
+/// A.6.1, A.6.2) codes any component with the irreversible 9-7 wavelet.
+fn j2k_irreversible(codestream: &[u8]) -> Option<bool> {
+    if !codestream.starts_with(&[0xFF, 0x4F]) {
+        return None;
+    }
+    let (mut at, mut components, mut irreversible) = (2, 0usize, None);
+    while at + 4 <= codestream.len() {
+        let marker = u16::from_be_bytes([codestream[at], codestream[at + 1]]);
+        if marker == 0xFF90 {
+            break; // the first tile-part: the main header is over
+        }
+        let len = u16::from_be_bytes([codestream[at + 2], codestream[at + 3]]) as usize;
+        let segment = codestream.get(at + 4..at + 2 + len)?;
+        let transform = match marker {
+            0xFF51 => {
+                // Rsiz, then eight 4-byte sizes and offsets.
+                let csiz = segment.get(34..36)?;
+                components = u16::from_be_bytes([csiz[0], csiz[1]]) as usize;
+                None
+            }
+            // COD: Scod, SGcod (4), then SPcod's transformation at 9.
+            0xFF52 => Some(*segment.get(9)?),
+            // COC: Ccoc (1 or 2 bytes), Scoc, then SPcoc's at 5 past it.
+            0xFF53 => Some(*segment.get(if components < 257 { 6 } else { 7 })?),
+            _ => None,
+        };
+        if let Some(t) = transform {
+            irreversible = Some(irreversible.unwrap_or(false) || t == 0);
+        }
+        at += 2 + len;
+    }
+    irreversible
+}
 
 fn is_uncompressed(ts: &str) -> bool {
     matches!(ts, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE | DEFLATED)
@@ -62,15 +145,26 @@ fn decode_to(blob: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
     let target = TransferSyntaxRegistry
         .get(to)
         .ok_or("unknown target syntax")?;
+    let lossy = lossy_method(&obj, from);
     obj.transcode(target)
         .map_err(|e| format!("cannot decode {from}: {e}"))?;
-    if LOSSY.contains(&from) {
+    // Once lossy, always said so (PS3.3 C.7.6.1.1.5); otherwise the
+    // source's own value stands, "00" included.
+    if let Some(method) = lossy {
         use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_dictionary_std::tags;
         obj.put(DataElement::new(
-            dicom_dictionary_std::tags::LOSSY_IMAGE_COMPRESSION,
+            tags::LOSSY_IMAGE_COMPRESSION,
             VR::CS,
             PrimitiveValue::from("01"),
         ));
+        if obj.element(tags::LOSSY_IMAGE_COMPRESSION_METHOD).is_err() {
+            obj.put(DataElement::new(
+                tags::LOSSY_IMAGE_COMPRESSION_METHOD,
+                VR::CS,
+                PrimitiveValue::from(method),
+            ));
+        }
     }
     let mut out = Vec::with_capacity(blob.len() * 2);
     obj.write_dataset_with_ts(&mut out, target)
@@ -135,5 +229,39 @@ mod tests {
         assert!(can_convert("1.2.840.10008.1.2.4.80", EXPLICIT_LE));
         assert!(!can_convert("1.2.840.10008.1.2.4.201", EXPLICIT_LE));
         assert!(!can_convert(EXPLICIT_LE, DEFLATED));
+    }
+
+    /// SOC, a one-component SIZ, COD with `transform`, then optional COC.
+    fn j2k(transform: u8, coc: Option<u8>) -> Vec<u8> {
+        let mut cs = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 41];
+        cs.extend([0u8; 34]);
+        cs.extend([0x00, 0x01, 0x07, 0x01, 0x01]); // Csiz 1, one component
+        cs.extend([0xFF, 0x52, 0x00, 0x0C, 0, 0, 0, 1, 0, 5, 4, 4, 0, transform]);
+        if let Some(t) = coc {
+            cs.extend([0xFF, 0x53, 0x00, 0x09, 0, 0, 5, 4, 4, 0, t]);
+        }
+        cs.extend([0xFF, 0x90, 0x00, 0x0A]);
+        cs
+    }
+
+    #[test]
+    fn reads_lossiness_from_the_codestream() {
+        assert_eq!(j2k_irreversible(&j2k(1, None)), Some(false));
+        assert_eq!(j2k_irreversible(&j2k(0, None)), Some(true));
+        // A component coded otherwise than the default.
+        assert_eq!(j2k_irreversible(&j2k(1, Some(0))), Some(true));
+        assert_eq!(j2k_irreversible(b"\0\0\0\x0CjP  "), None); // a JP2 file, not a codestream
+        // JPEG-LS: SOI, then SOS with one component and NEAR.
+        let jls = |near| vec![0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x08, 1, 1, 0, near, 0, 0];
+        assert_eq!(jpeg_ls_near(&jls(0)), Some(0));
+        assert_eq!(jpeg_ls_near(&jls(3)), Some(3));
+        // Truncated anywhere: unknown, never a panic.
+        for cut in 0..j2k(0, Some(1)).len() {
+            let _ = j2k_irreversible(&j2k(0, Some(1))[..cut]);
+        }
+        for cut in 0..jls(2).len() {
+            let _ = jpeg_ls_near(&jls(2)[..cut]);
+        }
+        assert_eq!(jpeg_ls_near(&jls(2)[..9]), None);
     }
 }
