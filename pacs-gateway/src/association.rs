@@ -188,6 +188,9 @@ enum Pending {
         status: u16,
         why: Option<&'static str>,
     },
+    /// The dataset of an answer (an N-EVENT-REPORT-RSP's Event Reply,
+    /// PS3.7 10.1.1.1): read and dropped, nothing to answer.
+    Drop { context_id: u8 },
 }
 
 impl Connection {
@@ -487,7 +490,8 @@ impl Connection {
                             ));
                         }
                     }
-                    Some(Pending::Discard { context_id, .. }) if *context_id == pdv.context_id => {}
+                    Some(Pending::Discard { context_id, .. } | Pending::Drop { context_id })
+                        if *context_id == pdv.context_id => {}
                     _ => {
                         return Err(End::Abort(
                             AbortReason::UnexpectedPduParameter,
@@ -544,6 +548,7 @@ impl Connection {
                             let rsp = Response::new(response_field, message_id, status).encode();
                             self.respond(assoc, context_id, &rsp).await?;
                         }
+                        Some(Pending::Drop { .. }) => {}
                         _ => unreachable!("checked above"),
                     }
                     return Ok(());
@@ -677,9 +682,12 @@ impl Connection {
                 }
             }
             Some(field::N_EVENT_REPORT_RSP) => {
-                // Between operations an answer with a dataset counts too.
+                // Between operations an answer with a dataset counts too;
+                // the dataset itself is dropped as it comes.
                 ack_report(&mut self.unacked_reports, &command);
-                Ok(None)
+                Ok(command
+                    .has_dataset()
+                    .then_some(Pending::Drop { context_id }))
             }
             Some(other) => {
                 let status = match other {

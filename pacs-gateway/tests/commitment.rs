@@ -470,3 +470,55 @@ fn a_report_answered_during_the_next_query_is_acknowledged() {
     assert!(a.release());
     assert!(gw.log().contains("storage commitment report acknowledged"));
 }
+
+/// An N-EVENT-REPORT-RSP may carry an Event Reply (PS3.7 10.1.1.1): it
+/// settles the report, its dataset is dropped, and the association goes on.
+#[test]
+fn a_report_answered_with_an_event_reply_is_acknowledged() {
+    use common::scu::el;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &[scu::EXPLICIT_LE]),
+        (3, COMMITMENT, &[scu::EXPLICIT_LE]),
+        (5, "1.2.840.10008.1.1", &[scu::EXPLICIT_LE]),
+    ];
+    let scu::Association::Accepted(mut a) =
+        scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    let ds = scu::ct_dataset("2.25.8301", "2.25.83", 64);
+    assert_eq!(
+        a.store(1, CT_IMAGE_STORAGE, "2.25.8301", &ds),
+        Reply::Status(0)
+    );
+    let (n_action, request) = n_action(910, "2.25.8399", &["2.25.8301"]);
+    a.send_message(3, true, &n_action);
+    a.send_message(3, false, &request);
+    let (rsp, _) = read_message(&mut a.stream);
+    assert_eq!(element_u16(&rsp, 0x0900), Some(0), "N-ACTION-RSP");
+    let (report, _) = read_message(&mut a.stream);
+    assert_eq!(element_u16(&report, 0x0100), Some(0x0100));
+    assert_eq!(owed(&gw), 1);
+    let report_id = element_u16(&report, 0x0110).unwrap();
+    let answer = scu::command(&[
+        (0x0002, scu::uid_value(COMMITMENT)),
+        (0x0100, 0x8100u16.to_le_bytes().to_vec()),
+        (0x0120, report_id.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+        (0x0900, 0u16.to_le_bytes().to_vec()),
+        (0x1000, scu::uid_value("1.2.840.10008.1.20.1.1")),
+        (0x1002, 1u16.to_le_bytes().to_vec()),
+    ]);
+    a.send_message(3, true, &answer);
+    // The Event Reply, in two fragments.
+    let reply = el(0x0008_1195, b"UI", b"2.25.8399\0");
+    a.send_raw(&scu::pdata(3, false, false, &reply[..6])).unwrap();
+    a.send_raw(&scu::pdata(3, false, true, &reply[6..])).unwrap();
+    assert_eq!(a.echo(5), Reply::Status(0));
+    assert!(a.release());
+    assert!(gw.log().contains("storage commitment report acknowledged"));
+    // Acknowledged, so not owed any more (nor sent again elsewhere).
+    eventually(10, "the report settled", || owed(&gw) == 0);
+}
