@@ -72,6 +72,11 @@ struct Connection {
 
 /// Longest a write to the peer may take before the association is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for a C-GET or C-MOVE sub-operation's C-STORE-RSP: a
+/// receiver may take long to keep a large object (slow storage, a router
+/// forwarding it before it answers), and DCMTK waits without limit; one
+/// answer late is not a reason to fail every instance after it.
+const SUB_OPERATION_ANSWER: Duration = Duration::from_secs(600);
 /// Pending C-GET/C-MOVE responses after the first come at most this often:
 /// enough for a progress bar.
 const PENDING_INTERVAL: Duration = Duration::from_millis(100);
@@ -1124,7 +1129,7 @@ impl Connection {
     async fn next_command(&mut self, mut bytes: Vec<u8>) -> Result<Command, End> {
         loop {
             let pdu =
-                tokio::time::timeout(Duration::from_secs(60), self.reader.next(&mut self.stream))
+                tokio::time::timeout(SUB_OPERATION_ANSWER, self.reader.next(&mut self.stream))
                     .await
                     .map_err(|_| {
                         End::Abort(
@@ -1651,7 +1656,10 @@ async fn move_one(
     dest.send_command_and_dataset(ctx, &rq, &dataset)
         .await
         .map_err(lost)?;
-    let rsp = dest.receive(0).await.map_err(lost)?;
+    let rsp = dest
+        .receive_within(0, SUB_OPERATION_ANSWER)
+        .await
+        .map_err(lost)?;
     if rsp.command.command_field() != Some(field::C_STORE_RSP)
         || rsp.command.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) != Some(message_id)
     {

@@ -514,8 +514,10 @@ fn a_report_answered_with_an_event_reply_is_acknowledged() {
     a.send_message(3, true, &answer);
     // The Event Reply, in two fragments.
     let reply = el(0x0008_1195, b"UI", b"2.25.8399\0");
-    a.send_raw(&scu::pdata(3, false, false, &reply[..6])).unwrap();
-    a.send_raw(&scu::pdata(3, false, true, &reply[6..])).unwrap();
+    a.send_raw(&scu::pdata(3, false, false, &reply[..6]))
+        .unwrap();
+    a.send_raw(&scu::pdata(3, false, true, &reply[6..]))
+        .unwrap();
     assert_eq!(a.echo(5), Reply::Status(0));
     assert!(a.release());
     assert!(gw.log().contains("storage commitment report acknowledged"));
