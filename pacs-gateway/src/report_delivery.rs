@@ -108,6 +108,12 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
     let storage = &shared.storage;
     let id = report.id;
     let settle = || async { ledger_updated(storage.report_settled(id).await) };
+    // Tried again later, backing off (from now: the attempt may have taken
+    // a while); given up only after a day.
+    let put_off = || async {
+        let retry_in = (FIRST_RETRY_S << report.attempts.min(16)).min(MAX_RETRY_S);
+        ledger_updated(storage.report_due(id, unix_now() + retry_in, true).await)
+    };
     if unix_now() - report.created_at > GIVE_UP_AFTER_S {
         warn!(
             attempts = report.attempts,
@@ -122,9 +128,9 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
         .find(|d| d.ae_title == report.requester_ae)
     else {
         warn!(
-            "storage commitment report not acknowledged and the requester has no configured address; it is lost"
+            "storage commitment report not acknowledged and the requester has no configured address; kept until a day has passed (add its [[destinations]] entry and restart)"
         );
-        return settle().await;
+        return put_off().await;
     };
     let request = Request {
         transaction_uid: report.transaction_uid.clone(),
@@ -177,15 +183,14 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
         }
         Ok(Sent::ContextRefused) => {
             warn!(
-                "the requester refused the storage commitment context, or our SCP role on it, for the report; it is lost (check the requester's configuration)"
+                attempt = report.attempts,
+                "the requester refused the storage commitment context, or our SCP role on it, for the report; tried again later (check the requester's configuration)"
             );
-            settle().await
+            put_off().await
         }
         Err(e) => {
-            let retry_in = (FIRST_RETRY_S << report.attempts.min(16)).min(MAX_RETRY_S);
-            warn!(error = %e, attempt = report.attempts, retry_in_s = retry_in, "commitment report delivery failed");
-            // From now, after the attempt (which may have taken a while).
-            ledger_updated(storage.report_due(id, unix_now() + retry_in, true).await)
+            warn!(error = %e, attempt = report.attempts, "commitment report delivery failed; tried again later");
+            put_off().await
         }
     }
 }
