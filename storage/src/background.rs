@@ -1,6 +1,7 @@
 //! Threads for hashing that no one is waiting on at once (re-verifying
-//! stored blobs for storage commitment and `verify`), below the rest of the
-//! process in CPU priority (nice 19). Ingest's threads wait on fsync often;
+//! stored blobs for storage commitment and `verify`; in the upload tool,
+//! hashing what was sent for its record), below the rest of the process in
+//! CPU priority (nice 19). Ingest's threads wait on fsync often;
 //! these use the CPU it leaves idle instead of competing with it, so a
 //! sender's C-STORE-RSP does not wait behind another sender's commitment.
 //! Nice 19 still gets a share when the machine is saturated (unlike
