@@ -905,6 +905,8 @@ impl Connection {
         // A C-CANCEL belongs to one retrieve only.
         self.pending_cancel = false;
         let (mut completed, mut failed, mut warning) = (0u32, 0u32, 0u32);
+        // Stored by the receiver as a converted copy, not the bytes kept.
+        let mut converted = 0u32;
         let mut failed_uids = Vec::new();
         let mut cancelled = false;
         // Nothing more is read for a move whose destination is unreachable.
@@ -941,7 +943,7 @@ impl Connection {
                         match move_one(dest, item, blob, originator, message_id, sub_message_id)
                             .await
                         {
-                            Ok(status) => Ok(status),
+                            Ok(answer) => Ok(answer),
                             Err(SubOpFailure::Instance(why)) => Err(why),
                             Err(SubOpFailure::Destination(why)) => {
                                 give_up = true;
@@ -957,6 +959,12 @@ impl Connection {
                     // Nothing more is read for a destination given up.
                     ahead = None;
                 }
+                let result = result.map(|(status, was_converted)| {
+                    if was_converted && (status == 0 || is_warning(status)) {
+                        converted += 1;
+                    }
+                    status
+                });
                 match result {
                     Ok(0x0000) => completed += 1,
                     Ok(s) if is_warning(s) => warning += 1,
@@ -1039,7 +1047,10 @@ impl Connection {
             // This association ended mid-retrieve: the destination's goes too.
             dest.abort().await;
         }
-        let counts = format!("completed {completed}, failed {failed}, warning {warning}");
+        let mut counts = format!("completed {completed}, failed {failed}, warning {warning}");
+        if converted > 0 {
+            counts += &format!(" ({converted} converted to an uncompressed syntax)");
+        }
         let outcome = match &ran {
             Ok(final_status) => format!("{counts}, status 0x{final_status:04X}"),
             Err(end) => format!("{counts}, then the association ended: {}", end.summary()),
@@ -1064,13 +1075,15 @@ impl Connection {
         ran.map(drop)
     }
 
+    /// One C-GET sub-operation: C-STORE back to the requester. Its status
+    /// and whether what it got was a converted copy, or why it failed.
     async fn get_one(
         &mut self,
         assoc: &Established,
         item: &Item,
         blob: Result<bytes::Bytes, String>,
         get_message_id: u16,
-    ) -> Result<Result<u16, String>, End> {
+    ) -> Result<Result<(u16, bool), String>, End> {
         let pick = assoc
             .contexts
             .iter()
@@ -1108,7 +1121,8 @@ impl Connection {
                 Some(field::C_STORE_RSP)
                     if cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(id) =>
                 {
-                    return Ok(Ok(cmd.u16(tag::STATUS).unwrap_or(0xFFFF)));
+                    let status = cmd.u16(tag::STATUS).unwrap_or(0xFFFF);
+                    return Ok(Ok((status, ts != item.transfer_syntax)));
                 }
                 Some(field::C_CANCEL_RQ) if is_cancel_for(&cmd, get_message_id) => {
                     self.pending_cancel = true;
@@ -1618,6 +1632,7 @@ enum SubOpFailure {
 
 /// One C-MOVE sub-operation: C-STORE to the destination, as `message_id`
 /// of that association (the C-MOVE's own is the Move Originator Message ID).
+/// The destination's status, and whether what it got was a converted copy.
 async fn move_one(
     dest: &mut consortium_dimse::client::Association,
     item: &Item,
@@ -1625,7 +1640,7 @@ async fn move_one(
     originator_ae: &str,
     originator_message_id: u16,
     message_id: u16,
-) -> Result<u16, SubOpFailure> {
+) -> Result<(u16, bool), SubOpFailure> {
     let pick = dest
         .accepted
         .iter()
@@ -1667,7 +1682,8 @@ async fn move_one(
             "the destination did not answer this C-STORE-RQ".into(),
         ));
     }
-    Ok(rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF))
+    let status = rsp.command.u16(tag::STATUS).unwrap_or(0xFFFF);
+    Ok((status, ts != item.transfer_syntax))
 }
 
 /// The Failed SOP Instance UID List (0008,0058) identifier.

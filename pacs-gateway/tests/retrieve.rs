@@ -57,7 +57,11 @@ fn getscu_retrieves_a_study_byte_for_byte() {
     for (uid, ds) in got {
         assert!(ds == stored_dataset(&gw, &uid), "{uid} differs");
     }
-    assert!(audited_outcome(&gw, "C-GET").starts_with("completed 5, failed 0"));
+    // Sent as stored: nothing said converted.
+    assert_eq!(
+        audited_outcome(&gw, "C-GET"),
+        "completed 5, failed 0, warning 0, status 0x0000"
+    );
 }
 
 #[test]
@@ -550,6 +554,11 @@ fn compressed_instances_are_decoded_for_a_receiver_without_the_codec() {
     assert!(
         gw.log()
             .contains("transcoding for a receiver that did not accept the stored syntax")
+    );
+    // The audit trail says the destination got a converted copy.
+    assert_eq!(
+        audited_outcome(&gw, "C-MOVE"),
+        "completed 1, failed 0, warning 0 (1 converted to an uncompressed syntax), status 0x0000"
     );
 }
 
