@@ -46,6 +46,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             reader: PduReader::new(shared.config.gateway.max_pdu_length),
             last_message_id: 0,
             pending_cancel: false,
+            dropping_dataset: None,
             unacked_reports: Vec::new(),
         };
         let Some(assoc) = conn.establish(&shared, peer).await else {
@@ -64,6 +65,9 @@ struct Connection {
     last_message_id: u16,
     /// A C-CANCEL arrived for the retrieve in progress.
     pending_cancel: bool,
+    /// The context whose dataset is being dropped: an Event Reply that came
+    /// with an N-EVENT-REPORT-RSP while an operation streamed.
+    dropping_dataset: Option<u8>,
     /// Storage commitment reports owed on this association (recorded in
     /// storage's ledger). Those not acknowledged when it ends are
     /// delivered on a new association by `report_delivery`.
@@ -555,6 +559,11 @@ impl Connection {
                         }
                         Some(Pending::Drop { .. }) => {}
                         _ => unreachable!("checked above"),
+                    }
+                    // An Event Reply begun while an operation streamed: the
+                    // rest of it is dropped here.
+                    if let Some(context_id) = self.dropping_dataset.take() {
+                        *pending = Some(Pending::Drop { context_id });
                     }
                     return Ok(());
                 }
@@ -1116,7 +1125,7 @@ impl Connection {
             .map_err(|e| End::Lost(e.to_string()))?;
         // Wait for the C-STORE-RSP; a C-CANCEL may come first.
         loop {
-            let cmd = self.next_command(Vec::new()).await?;
+            let cmd = self.next_command(Vec::new(), SUB_OPERATION_ANSWER).await?;
             match cmd.command_field() {
                 Some(field::C_STORE_RSP)
                     if cmd.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(id) =>
@@ -1139,20 +1148,24 @@ impl Connection {
     }
 
     /// The next command set from the peer (no dataset expected), continuing
-    /// from fragments already in `bytes`.
-    async fn next_command(&mut self, mut bytes: Vec<u8>) -> Result<Command, End> {
+    /// from fragments already in `bytes`, waiting up to `wait` for each PDU.
+    async fn next_command(&mut self, mut bytes: Vec<u8>, wait: Duration) -> Result<Command, End> {
         loop {
-            let pdu =
-                tokio::time::timeout(SUB_OPERATION_ANSWER, self.reader.next(&mut self.stream))
-                    .await
-                    .map_err(|_| {
-                        End::Abort(
-                            AbortReason::ReasonNotSpecified,
-                            "peer silent during a retrieve".into(),
-                        )
-                    })?;
+            let pdu = tokio::time::timeout(wait, self.reader.next(&mut self.stream))
+                .await
+                .map_err(|_| {
+                    End::Abort(
+                        AbortReason::ReasonNotSpecified,
+                        "peer silent during a retrieve".into(),
+                    )
+                })?;
             let body = pdata_or_end(pdu, "a retrieve")?;
-            if let Some(command) = command_from(body, &mut bytes, &mut self.reader)? {
+            if let Some(command) = command_from(
+                body,
+                &mut bytes,
+                &mut self.reader,
+                &mut self.dropping_dataset,
+            )? {
                 return Ok(command);
             }
         }
@@ -1174,9 +1187,13 @@ impl Connection {
             pdata_or_end(pdu, "a retrieve")?,
             &mut bytes,
             &mut self.reader,
+            &mut self.dropping_dataset,
         )? {
             Some(command) => command,
-            None => self.next_command(bytes).await?,
+            // Only a dropped dataset's fragments.
+            None if bytes.is_empty() => return Ok(false),
+            // The rest of a command split across PDUs follows at once.
+            None => self.next_command(bytes, Duration::from_secs(60)).await?,
         };
         if take_report_ack(&mut self.unacked_reports, &command) {
             return Ok(false);
@@ -1314,9 +1331,12 @@ impl Connection {
                     Event::Incoming(pdu) => {
                         // Only a C-CANCEL for this query may arrive now.
                         let body = pdata_or_end(pdu, "a C-FIND")?;
-                        if let Some(command) =
-                            command_from(body, &mut cancel_bytes, &mut self.reader)?
-                        {
+                        if let Some(command) = command_from(
+                            body,
+                            &mut cancel_bytes,
+                            &mut self.reader,
+                            &mut self.dropping_dataset,
+                        )? {
                             if take_report_ack(&mut self.unacked_reports, &command) {
                                 cancel_bytes.clear();
                                 continue;
@@ -1743,35 +1763,53 @@ fn command_from(
     body: Bytes,
     bytes: &mut Vec<u8>,
     reader: &mut PduReader,
+    dropping: &mut Option<u8>,
 ) -> Result<Option<Command>, End> {
     let pdvs =
         ul::pdvs(body).map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
     for (i, pdv) in pdvs.iter().enumerate() {
         if !pdv.is_command {
+            if *dropping == Some(pdv.context_id) {
+                if pdv.is_last {
+                    *dropping = None;
+                }
+                continue;
+            }
             return Err(End::Abort(
                 AbortReason::UnexpectedPduParameter,
                 "unexpected dataset".into(),
             ));
         }
+        if dropping.is_some() {
+            return Err(End::Abort(
+                AbortReason::UnexpectedPduParameter,
+                "a command in the middle of a dataset".into(),
+            ));
+        }
         append_command(bytes, &pdv.data)?;
         if pdv.is_last {
             reader.unread(&pdvs[i + 1..]);
-            return Command::parse(bytes)
-                .map(Some)
-                .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()));
+            let command = Command::parse(bytes)
+                .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
+            // An answer to our report may carry an Event Reply (PS3.7
+            // 10.1.1.1): dropped as it comes.
+            if command.command_field() == Some(field::N_EVENT_REPORT_RSP) && command.has_dataset() {
+                *dropping = Some(pdv.context_id);
+            }
+            return Ok(Some(command));
         }
     }
     Ok(None)
 }
 
 /// When `command` answers a storage commitment report we sent (an
-/// N-EVENT-REPORT-RSP without a dataset), takes it as the report's
+/// N-EVENT-REPORT-RSP; [`command_from`] drops its dataset), takes it as the report's
 /// acknowledgement and returns true. It may arrive at any time, also in the
 /// middle of the requestor's next operation (PS3.7: responses to our
 /// requests are not bound to its own). A function of the one field, for
 /// callers holding the stream.
 fn take_report_ack(unacked: &mut [UnackedReport], command: &Command) -> bool {
-    if command.command_field() != Some(field::N_EVENT_REPORT_RSP) || command.has_dataset() {
+    if command.command_field() != Some(field::N_EVENT_REPORT_RSP) {
         return false;
     }
     ack_report(unacked, command);

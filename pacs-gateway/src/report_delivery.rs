@@ -21,6 +21,8 @@ const GIVE_UP_AFTER_S: i64 = 24 * 60 * 60;
 /// The first retry after a failed delivery; doubled each time, up to `MAX_RETRY_S`.
 const FIRST_RETRY_S: i64 = 5;
 const MAX_RETRY_S: i64 = 10 * 60;
+/// Between attempts at a requester that refused the report's context or role.
+const HOUR_S: i64 = 60 * 60;
 /// Reports delivered at the same time.
 const PARALLEL: usize = 4;
 /// The longest one delivery may take, connecting included.
@@ -108,12 +110,12 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
     let storage = &shared.storage;
     let id = report.id;
     let settle = || async { ledger_updated(storage.report_settled(id).await) };
-    // Tried again later, backing off (from now: the attempt may have taken
-    // a while); given up only after a day.
-    let put_off = || async {
-        let retry_in = (FIRST_RETRY_S << report.attempts.min(16)).min(MAX_RETRY_S);
+    // Tried again in `retry_in` seconds from now (the attempt may have
+    // taken a while); given up only after a day.
+    let put_off = |retry_in: i64| async move {
         ledger_updated(storage.report_due(id, unix_now() + retry_in, true).await)
     };
+    let backoff = (FIRST_RETRY_S << report.attempts.min(16)).min(MAX_RETRY_S);
     if unix_now() - report.created_at > GIVE_UP_AFTER_S {
         warn!(
             attempts = report.attempts,
@@ -128,9 +130,10 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
         .find(|d| d.ae_title == report.requester_ae)
     else {
         warn!(
-            "storage commitment report not acknowledged and the requester has no configured address; kept until a day has passed (add its [[destinations]] entry and restart)"
+            "storage commitment report not acknowledged and the requester has no configured address; kept for a day (add its [[destinations]] entry and restart: a restart tries every owed report)"
         );
-        return put_off().await;
+        // Nothing changes before a restart, which makes every report due.
+        return put_off((report.created_at + GIVE_UP_AFTER_S - unix_now()).max(60)).await;
     };
     let request = Request {
         transaction_uid: report.transaction_uid.clone(),
@@ -184,13 +187,15 @@ async fn deliver(shared: &Shared, report: OwedReport) -> bool {
         Ok(Sent::ContextRefused) => {
             warn!(
                 attempt = report.attempts,
-                "the requester refused the storage commitment context, or our SCP role on it, for the report; tried again later (check the requester's configuration)"
+                "the requester refused the storage commitment context, or our SCP role on it, for the report; tried again in an hour (check the requester's configuration)"
             );
-            put_off().await
+            // Its settings, not a passing fault: each attempt re-hashes
+            // every instance, so not every few minutes.
+            put_off(backoff.max(HOUR_S)).await
         }
         Err(e) => {
-            warn!(error = %e, attempt = report.attempts, "commitment report delivery failed; tried again later");
-            put_off().await
+            warn!(error = %e, attempt = report.attempts, retry_in_s = backoff, "commitment report delivery failed; tried again later");
+            put_off(backoff).await
         }
     }
 }

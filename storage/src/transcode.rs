@@ -85,38 +85,49 @@ fn jpeg_ls_near(codestream: &[u8]) -> Option<u8> {
 }
 
 /// Whether the main header of a JPEG 2000 codestream (ISO/IEC 15444-1
-/// A.6.1, A.6.2) codes any component with the irreversible 9-7 wavelet.
+/// A.6.1, A.6.2) codes any component with the irreversible 9-7 wavelet: a
+/// component's COC, where there is one, overrides the COD.
 fn j2k_irreversible(codestream: &[u8]) -> Option<bool> {
     if !codestream.starts_with(&[0xFF, 0x4F]) {
         return None;
     }
-    let (mut at, mut components, mut irreversible) = (2, 0usize, None);
+    let (mut at, mut components) = (2, 0usize);
+    let mut default = None;
+    let mut own: std::collections::HashMap<usize, u8> = Default::default();
     while at + 4 <= codestream.len() {
         let marker = u16::from_be_bytes([codestream[at], codestream[at + 1]]);
         if marker == 0xFF90 {
             break; // the first tile-part: the main header is over
         }
         let len = u16::from_be_bytes([codestream[at + 2], codestream[at + 3]]) as usize;
-        let segment = codestream.get(at + 4..at + 2 + len)?;
-        let transform = match marker {
+        let Some(segment) = codestream.get(at + 4..at + 2 + len) else {
+            break; // cut short: judge by what was read
+        };
+        match marker {
+            // SIZ: Rsiz, then eight 4-byte sizes and offsets, then Csiz.
             0xFF51 => {
-                // Rsiz, then eight 4-byte sizes and offsets.
                 let csiz = segment.get(34..36)?;
                 components = u16::from_be_bytes([csiz[0], csiz[1]]) as usize;
-                None
             }
             // COD: Scod, SGcod (4), then SPcod's transformation at 9.
-            0xFF52 => Some(*segment.get(9)?),
-            // COC: Ccoc (1 or 2 bytes), Scoc, then SPcoc's at 5 past it.
-            0xFF53 => Some(*segment.get(if components < 257 { 6 } else { 7 })?),
-            _ => None,
-        };
-        if let Some(t) = transform {
-            irreversible = Some(irreversible.unwrap_or(false) || t == 0);
+            0xFF52 => default = Some(*segment.get(9)?),
+            // COC: Ccoc (1 byte, or 2 with 257 components or more), Scoc,
+            // then SPcoc's transformation 5 bytes on.
+            0xFF53 => {
+                let wide = components >= 257;
+                let component = if wide {
+                    u16::from_be_bytes([*segment.first()?, *segment.get(1)?]) as usize
+                } else {
+                    *segment.first()? as usize
+                };
+                own.insert(component, *segment.get(if wide { 7 } else { 6 })?);
+            }
+            _ => {}
         }
         at += 2 + len;
     }
-    irreversible
+    let default = default?;
+    Some((0..components.max(1)).any(|c| own.get(&c).copied().unwrap_or(default) == 0))
 }
 
 fn is_uncompressed(ts: &str) -> bool {
@@ -250,6 +261,8 @@ mod tests {
         assert_eq!(j2k_irreversible(&j2k(0, None)), Some(true));
         // A component coded otherwise than the default.
         assert_eq!(j2k_irreversible(&j2k(1, Some(0))), Some(true));
+        // Every component overridden to 5-3: reversible after all.
+        assert_eq!(j2k_irreversible(&j2k(0, Some(1))), Some(false));
         assert_eq!(j2k_irreversible(b"\0\0\0\x0CjP  "), None); // a JP2 file, not a codestream
         // JPEG-LS: SOI, then SOS with one component and NEAR.
         let jls = |near| vec![0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x08, 1, 1, 0, near, 0, 0];
