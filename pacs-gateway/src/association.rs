@@ -949,9 +949,16 @@ impl Connection {
                     (Some(_), Some(dest)) => {
                         sub_message_id = sub_message_id.wrapping_add(1);
                         let originator = &assoc.source.calling_ae;
-                        match move_one(dest, item, blob, originator, message_id, sub_message_id)
-                            .await
-                        {
+                        // The destination may take minutes to answer; a
+                        // requester that aborts or goes meanwhile ends the
+                        // move now, not after it.
+                        let sub =
+                            move_one(dest, item, blob, originator, message_id, sub_message_id);
+                        let answered = tokio::select! {
+                            answered = sub => answered,
+                            end = self.requester_gone() => return Err(end),
+                        };
+                        match answered {
                             Ok(answer) => Ok(answer),
                             Err(SubOpFailure::Instance(why)) => Err(why),
                             Err(SubOpFailure::Destination(why)) => {
@@ -1167,6 +1174,27 @@ impl Connection {
                 &mut self.dropping_dataset,
             )? {
                 return Ok(command);
+            }
+        }
+    }
+
+    /// Waits, while a C-MOVE sub-operation is under way, for the requester
+    /// to abort or close its connection. A message from it (a C-CANCEL,
+    /// say) is given back to be read between sub-operations, and the wait
+    /// goes on. Cancel-safe: a PDU is taken whole or not at all.
+    async fn requester_gone(&mut self) -> End {
+        loop {
+            if self.reader.has_unread() {
+                // Already read and given back: nothing new to wait for.
+                return std::future::pending().await;
+            }
+            let body = match pdata_or_end(self.reader.next(&mut self.stream).await, "a retrieve") {
+                Ok(body) => body,
+                Err(end) => return end,
+            };
+            match ul::pdvs(body) {
+                Ok(pdvs) => self.reader.unread(&pdvs),
+                Err(e) => return End::Abort(AbortReason::InvalidPduParameter, e.to_string()),
             }
         }
     }

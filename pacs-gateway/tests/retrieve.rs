@@ -1073,3 +1073,98 @@ fn a_cancel_in_the_pdu_of_its_query_is_seen() {
     assert_eq!(scu::command_u16(&echo_rsp, 0x0120), Some(10));
     assert_eq!(scu::command_u16(&echo_rsp, 0x0900), Some(0));
 }
+
+/// A requester that goes while the move destination takes its time over a
+/// C-STORE ends the move then: its association and the destination's are
+/// not held until that answer comes (up to 10 minutes).
+#[test]
+fn a_requester_gone_mid_move_ends_it_without_waiting_for_the_destination() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = Stopped(
+        Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/slow_scp.py"))
+            .args(["SLOWSCP", "60"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run python3 (pynetdicom is installed by scripts/install-deps.sh)"),
+    );
+    let mut said = std::io::BufReader::new(slow.0.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("slow_scp.py said {line:?}"))
+        .parse()
+        .unwrap();
+    let destinations =
+        format!("[[destinations]]\nae_title = \"SLOWSCP\"\nhost = \"127.0.0.1\"\nport = {port}\n");
+    let (gw, _) = with_study(dir.path(), &destinations);
+    let mut requester = Stopped(
+        Command::new("/usr/bin/movescu")
+            .args([
+                "-S",
+                "-aet",
+                "COUNTYWS1",
+                "-aec",
+                common::AE,
+                "-aem",
+                "SLOWSCP",
+            ])
+            .args([
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                "StudyInstanceUID=2.25.66",
+            ])
+            .arg("127.0.0.1")
+            .arg(gw.port.to_string())
+            .env("TCP_NODELAY", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The first C-STORE is at the destination, which sits on it for 60 s.
+    line.clear();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "received");
+    requester.0.kill().unwrap();
+    requester.0.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let outcome = loop {
+        let row: Option<String> = gw
+            .index()
+            .query_row(
+                "SELECT outcome FROM audit WHERE action = 'C-MOVE'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        if let Some(o) = row {
+            break o;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move still waits on the destination:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    drop(slow);
+    assert_eq!(
+        outcome,
+        "completed 0, failed 0, warning 0, then the association ended: connection closed by the peer"
+    );
+}
+
+/// A child process killed however the test ends.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
