@@ -461,21 +461,7 @@ fn report_answered_during_a_query(with_reply: bool) {
     );
     assert!(has_dataset);
     let report_id = element_u16(&report, 0x0110).unwrap();
-    let answer = scu::command(&[
-        (0x0002, scu::uid_value(COMMITMENT)),
-        (0x0100, 0x8100u16.to_le_bytes().to_vec()),
-        (0x0120, report_id.to_le_bytes().to_vec()),
-        (
-            0x0800,
-            if with_reply { 0x0000u16 } else { 0x0101 }
-                .to_le_bytes()
-                .to_vec(),
-        ),
-        (0x0900, 0u16.to_le_bytes().to_vec()),
-        (0x1000, scu::uid_value("1.2.840.10008.1.20.1.1")),
-        (0x1002, 1u16.to_le_bytes().to_vec()),
-    ]);
-    a.send_message(3, true, &answer);
+    a.send_message(3, true, &report_answer(report_id, with_reply));
     if with_reply {
         let reply = el(0x0008_1195, b"UI", b"2.25.8199\0");
         a.send_raw(&scu::pdata(3, false, false, &reply[..6]))
@@ -531,16 +517,7 @@ fn a_report_answered_with_an_event_reply_is_acknowledged() {
     assert_eq!(element_u16(&report, 0x0100), Some(0x0100));
     assert_eq!(owed(&gw), 1);
     let report_id = element_u16(&report, 0x0110).unwrap();
-    let answer = scu::command(&[
-        (0x0002, scu::uid_value(COMMITMENT)),
-        (0x0100, 0x8100u16.to_le_bytes().to_vec()),
-        (0x0120, report_id.to_le_bytes().to_vec()),
-        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
-        (0x0900, 0u16.to_le_bytes().to_vec()),
-        (0x1000, scu::uid_value("1.2.840.10008.1.20.1.1")),
-        (0x1002, 1u16.to_le_bytes().to_vec()),
-    ]);
-    a.send_message(3, true, &answer);
+    a.send_message(3, true, &report_answer(report_id, true));
     // The Event Reply, in two fragments.
     let reply = el(0x0008_1195, b"UI", b"2.25.8399\0");
     a.send_raw(&scu::pdata(3, false, false, &reply[..6]))
@@ -552,4 +529,19 @@ fn a_report_answered_with_an_event_reply_is_acknowledged() {
     assert!(gw.log().contains("storage commitment report acknowledged"));
     // Acknowledged, so not owed any more (nor sent again elsewhere).
     eventually(10, "the report settled", || owed(&gw) == 0);
+}
+
+/// A successful N-EVENT-REPORT-RSP to the report `report_id`, announcing an
+/// Event Reply dataset when `with_reply`.
+fn report_answer(report_id: u16, with_reply: bool) -> Vec<u8> {
+    let data_set_type: u16 = if with_reply { 0x0000 } else { 0x0101 };
+    scu::command(&[
+        (0x0002, scu::uid_value(COMMITMENT)),
+        (0x0100, 0x8100u16.to_le_bytes().to_vec()),
+        (0x0120, report_id.to_le_bytes().to_vec()),
+        (0x0800, data_set_type.to_le_bytes().to_vec()),
+        (0x0900, 0u16.to_le_bytes().to_vec()),
+        (0x1000, scu::uid_value("1.2.840.10008.1.20.1.1")),
+        (0x1002, 1u16.to_le_bytes().to_vec()),
+    ])
 }
