@@ -550,6 +550,8 @@ impl Sha256 {
         match self {
             Sha256::Known(_) => 0,
             Sha256::Unhashed(bytes) => bytes.len() as u64,
+            // A finished job has let its bytes go.
+            Sha256::Hashing { job, .. } if job.is_finished() => 0,
             Sha256::Hashing { len, .. } => *len,
         }
     }
