@@ -9,9 +9,10 @@ sends the bench corpus (sample-dicom --profile bench, ~2,500 instances,
     as in benches/ingest.py), TCP_NODELAY=1; it has no storage commitment,
     so its time is the send alone;
   - consortium-upload --associations N, with a fresh local record, so its
-    time includes scanning (hashing every file), sending, and waiting for
+    time includes scanning, sending, hashing what it sent, and waiting for
     the center's storage commitment report for every instance.
-Order alternates every round; medians over --rounds (default 3). Delivery is
+Order alternates every round; medians over --rounds (default 4: an even
+number, so each client runs first as often as the other). Delivery is
 checked (index count). Run data is deleted at the end (see ingest.py on
 ext4's recently-deleted inode scans). Results: a table on stdout and
 target/bench-results/upload-<timestamp>.json.
@@ -78,9 +79,12 @@ def run_once(client, corpus, parallelism, run_dirs):
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--corpus-profile", choices=["bench", "small"], default="bench")
     args = p.parse_args(argv)
+    if args.rounds % 2:
+        ingest.log(f"{args.rounds} rounds: one client runs first more often than the other "
+                   "(the first run of a pair is often the slower); prefer an even number")
     for binary in (ingest.GATEWAY_BIN, UPLOAD_BIN):
         if not binary.exists():
             ingest.log(f"{binary} missing: run `cargo build --release --bins`")
