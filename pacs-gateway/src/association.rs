@@ -1642,6 +1642,14 @@ async fn open_destination(
             "1.2.840.10008.1.2.1".to_string(),
         ));
     }
+    // An A-ASSOCIATE-RQ holds 128 contexts (odd IDs 1-255).
+    if pairs.len() > 128 {
+        warn!(
+            destination = %dest.ae_title,
+            pairs = pairs.len(),
+            "more (SOP class, transfer syntax) pairs than one association can propose; instances of those left out fail"
+        );
+    }
     let contexts: Vec<Proposed> = pairs
         .into_iter()
         .take(128)
