@@ -1180,23 +1180,20 @@ impl Connection {
 
     /// Waits, while a C-MOVE sub-operation is under way, for the requester
     /// to abort or close its connection. A message from it (a C-CANCEL,
-    /// say) is given back to be read between sub-operations, and the wait
-    /// goes on. Cancel-safe: a PDU is taken whole or not at all.
+    /// say) is given back, to be read between sub-operations, and the
+    /// watch ends there (never returns). Cancel-safe: a PDU is taken whole
+    /// or not at all.
     async fn requester_gone(&mut self) -> End {
-        loop {
-            if self.reader.has_unread() {
-                // Already read and given back: nothing new to wait for.
-                return std::future::pending().await;
-            }
-            let body = match pdata_or_end(self.reader.next(&mut self.stream).await, "a retrieve") {
-                Ok(body) => body,
+        if !self.reader.has_unread() {
+            match pdata_or_end(self.reader.next(&mut self.stream).await, "a retrieve") {
+                Ok(body) => match ul::pdvs(body) {
+                    Ok(pdvs) => self.reader.unread(&pdvs),
+                    Err(e) => return End::Abort(AbortReason::InvalidPduParameter, e.to_string()),
+                },
                 Err(end) => return end,
-            };
-            match ul::pdvs(body) {
-                Ok(pdvs) => self.reader.unread(&pdvs),
-                Err(e) => return End::Abort(AbortReason::InvalidPduParameter, e.to_string()),
             }
         }
+        std::future::pending().await
     }
 
     /// True when a C-CANCEL for `message_id` has arrived (checks without waiting).

@@ -676,6 +676,24 @@ fn replace(bytes: &mut [u8], from: &[u8], to: &[u8]) {
 
 /// Runs tests/py/find_keys.py (pynetdicom, implicit VR) at `level`: the
 /// statuses, and each match's values by keyword or tag.
+/// Study-level C-FIND by pynetdicom as COUNTYWS1 with `keys`: the
+/// statuses, the matching Study Instance UIDs (sorted), and every row.
+fn find_studies(
+    port: u16,
+    keys: &[&str],
+) -> (
+    Vec<u16>,
+    Vec<String>,
+    Vec<std::collections::BTreeMap<String, String>>,
+) {
+    let mut k = vec!["StudyInstanceUID="];
+    k.extend_from_slice(keys);
+    let (statuses, rows) = find_keys(port, "COUNTYWS1", "STUDY", &k);
+    let mut uids: Vec<String> = rows.iter().map(|r| r["StudyInstanceUID"].clone()).collect();
+    uids.sort();
+    (statuses, uids, rows)
+}
+
 fn find_keys(
     port: u16,
     calling: &str,
@@ -766,11 +784,7 @@ fn names_times_and_unapplied_keys_match_as_ps3_4_says() {
     }
     assert!(scu.release());
     let studies = |keys: &[&str]| {
-        let mut k = vec!["StudyInstanceUID="];
-        k.extend_from_slice(keys);
-        let (statuses, rows) = find_keys(gw.port, "COUNTYWS1", "STUDY", &k);
-        let mut uids: Vec<String> = rows.iter().map(|r| r["StudyInstanceUID"].clone()).collect();
-        uids.sort();
+        let (statuses, uids, _) = find_studies(gw.port, keys);
         (statuses, uids)
     };
     let found = |keys: &[&str]| studies(keys).1;
@@ -924,13 +938,7 @@ fn query_text_is_decoded_whole_and_unsupported_keys_warn() {
         );
     }
     assert!(scu.release());
-    let studies = |keys: &[&str]| {
-        let mut k = vec!["StudyInstanceUID="];
-        k.extend_from_slice(keys);
-        let (statuses, rows) = find_keys(gw.port, "COUNTYWS1", "STUDY", &k);
-        let uids: Vec<String> = rows.iter().map(|r| r["StudyInstanceUID"].clone()).collect();
-        (statuses, uids, rows)
-    };
+    let studies = |keys: &[&str]| find_studies(gw.port, keys);
     let (_, found, _) = studies(&["SpecificCharacterSet=GB18030", "PatientName==李^昞"]);
     assert_eq!(found, ["2.25.601"]);
     let (_, found, _) = studies(&["SpecificCharacterSet=GB18030", "PatientName=*=李*"]);

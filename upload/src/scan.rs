@@ -242,13 +242,15 @@ fn dicomdir_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<String>), String> {
         .map_err(|e| e.to_string())?
         .items()
         .ok_or("Directory Record Sequence is not a sequence")?;
+    // Once, not per record: a symbolic link's target is checked against it.
+    let folder = base.canonicalize().ok();
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for record in records {
         let Ok(id) = record.element(tags::REFERENCED_FILE_ID) else {
             continue;
         };
-        match referenced_file(base, id) {
+        match referenced_file(base, folder.as_deref(), id) {
             Ok(p) => out.push(p),
             Err(why) => bad.push(why),
         }
@@ -259,9 +261,11 @@ fn dicomdir_files(path: &Path) -> Result<(Vec<PathBuf>, Vec<String>), String> {
 /// The file a Referenced File ID names under `base`. PS3.10 allows only
 /// uppercase letters, digits and underscores in a component; media often
 /// add an extension (`IM0001.DCM`), which is accepted. Nothing that could
-/// leave `base` (`..`, a separator, an empty component) is.
+/// leave `base` (`..`, a separator, an empty component) is, nor a
+/// symbolic link leading outside `folder` (`base` canonicalized).
 fn referenced_file(
     base: &Path,
+    folder: Option<&Path>,
     id: &dicom_core::DataElement<dicom_object::InMemDicomObject>,
 ) -> Result<PathBuf, String> {
     let parts = id.to_multi_str().map_err(|e| e.to_string())?;
@@ -280,8 +284,8 @@ fn referenced_file(
     }
     // A symbolic link on the media (Rock Ridge) may still lead elsewhere:
     // only files inside the DICOMDIR's folder are its instances.
-    if let (Ok(file), Ok(folder)) = (p.canonicalize(), base.canonicalize())
-        && !file.starts_with(&folder)
+    if let (Ok(file), Some(folder)) = (p.canonicalize(), folder)
+        && !file.starts_with(folder)
     {
         return Err(format!(
             "Referenced File ID {:?} leads outside the DICOMDIR's folder (through a symbolic link)",

@@ -550,23 +550,8 @@ fn dicomdir_and_config_file_and_missing_uid() {
     let dir = tempfile::tempdir().unwrap();
     let samples = dir.path().join("samples");
     let files = sample_dicom::generate(&samples, &sample_dicom::Options::small(25)).unwrap();
-    // A DICOMDIR made by DCMTK over copies of the CT files (8-character file IDs).
-    let media = dir.path().join("media");
-    std::fs::create_dir_all(media.join("IMAGES")).unwrap();
     let cts: Vec<_> = files.iter().filter(|f| f.modality == "CT").collect();
-    for (i, f) in cts.iter().enumerate() {
-        std::fs::copy(&f.path, media.join(format!("IMAGES/IM{i:04}"))).unwrap();
-    }
-    let mkdir = Command::new("/usr/bin/dcmmkdir")
-        .args(["--recurse", "IMAGES"])
-        .current_dir(&media)
-        .output()
-        .expect("run /usr/bin/dcmmkdir (Debian dcmtk)");
-    assert!(
-        mkdir.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mkdir.stderr)
-    );
+    let media = media_with(dir.path(), &cts);
     // Two records edited in place (same lengths, so the records' offsets
     // hold): one names its file with an extension, as much media does; one
     // tries to leave the media's folder. The first is sent, the second is
@@ -757,6 +742,27 @@ fn files_the_link_always_drops_fail_alone() {
         gw.count("SELECT count(*) FROM instances"),
         files.len() as i64 - 2
     );
+}
+
+/// `dir/media`: copies of `files` as IMAGES/IM0000... (8-character file
+/// IDs) under a DICOMDIR made by DCMTK's dcmmkdir.
+fn media_with(dir: &Path, files: &[&sample_dicom::SampleFile]) -> PathBuf {
+    let media = dir.join("media");
+    std::fs::create_dir_all(media.join("IMAGES")).unwrap();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::copy(&f.path, media.join(format!("IMAGES/IM{i:04}"))).unwrap();
+    }
+    let mkdir = Command::new("/usr/bin/dcmmkdir")
+        .args(["--recurse", "IMAGES"])
+        .current_dir(&media)
+        .output()
+        .expect("run /usr/bin/dcmmkdir (Debian dcmtk)");
+    assert!(
+        mkdir.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mkdir.stderr)
+    );
+    media
 }
 
 fn record_rows(record: &Path) -> i64 {
@@ -1120,21 +1126,7 @@ fn a_dicomdir_record_leading_outside_its_folder_is_not_followed() {
         .take(2)
         .collect();
     assert_eq!(cts.len(), 2);
-    let media = dir.path().join("media");
-    std::fs::create_dir_all(media.join("IMAGES")).unwrap();
-    for (i, f) in cts.iter().enumerate() {
-        std::fs::copy(&f.path, media.join(format!("IMAGES/IM{i:04}"))).unwrap();
-    }
-    let mkdir = Command::new("/usr/bin/dcmmkdir")
-        .args(["--recurse", "IMAGES"])
-        .current_dir(&media)
-        .output()
-        .expect("run /usr/bin/dcmmkdir (Debian dcmtk)");
-    assert!(
-        mkdir.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mkdir.stderr)
-    );
+    let media = media_with(dir.path(), &cts);
     // The second file now lives elsewhere; the media holds a link to it.
     let outside = dir.path().join("elsewhere.dcm");
     std::fs::rename(media.join("IMAGES/IM0001"), &outside).unwrap();
