@@ -146,75 +146,106 @@ fn record_committed(record: &mut Record, batch: &[Stored], answers: &Answers) {
     }
 }
 
+/// One commitment request on its own task: the association it used (kept
+/// when the exchange went well), the batch, and the center's answers.
+type Flight = (
+    Option<(Association, String)>,
+    Vec<Stored>,
+    Result<Answers, ClientError>,
+);
+
+async fn fly(
+    settings: Settings,
+    assoc: Option<(Association, String)>,
+    batch: Vec<Stored>,
+) -> Flight {
+    let (mut assoc, ts) = match assoc {
+        Some(open) => open,
+        None => match associate(&settings).await {
+            Ok(open) => open,
+            Err(e) => return (None, batch, Err(e)),
+        },
+    };
+    let refs: Vec<(String, String)> = batch
+        .iter()
+        .map(|(class, uid, _)| (class.clone(), uid.clone()))
+        .collect();
+    let result = exchange(&mut assoc, 1, &ts, &refs, settings.report_wait).await;
+    match result {
+        Ok(answers) => (Some((assoc, ts)), batch, Ok(answers)),
+        Err(e) => {
+            assoc.abort().await;
+            (None, batch, Err(e))
+        }
+    }
+}
+
 async fn run_committer(
     settings: &Settings,
     mut received: tokio::sync::mpsc::UnboundedReceiver<Stored>,
     mut record: Record,
 ) -> (Answers, Record) {
     let mut answers = Answers::new();
-    let mut assoc: Option<(Association, String)> = None;
+    let mut idle: Vec<(Association, String)> = Vec::new();
+    let mut flights: tokio::task::JoinSet<Flight> = tokio::task::JoinSet::new();
     let mut batch: Vec<Stored> = Vec::new();
+    // When the batch's first instance came: it waits at most `GATHER` for more.
+    let mut gathering_since = tokio::time::Instant::now();
     let mut sending = true;
-    // After a few failures in a row (the center refuses or drops this
-    // association), stop asking during the run: batches are then left to
+    let mut reported = false;
+    // After a few failures in a row (the center refuses or drops these
+    // associations), stop asking during the run: batches are then left to
     // the caller's request at the end instead of a new association each.
     let mut failures = 0;
-    while sending || !batch.is_empty() {
-        if sending && batch.is_empty() {
-            match received.recv().await {
-                Some(r) => batch.push(r),
-                None => sending = false,
-            }
-        }
-        let deadline = tokio::time::Instant::now() + GATHER;
-        while sending && batch.len() < GATHER_ENOUGH {
-            match tokio::time::timeout_at(deadline, received.recv()).await {
-                Ok(Some(r)) => batch.push(r),
-                Ok(None) => sending = false,
-                Err(_) => break,
-            }
-        }
-        while let Ok(r) = received.try_recv() {
-            batch.push(r);
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        let chunk: Vec<_> = batch.drain(..batch.len().min(CHUNK)).collect();
+    loop {
+        // While files are being sent, one request at a time: the next batch
+        // grows while the center checks this one. Once sending is over, the
+        // rest goes at once on a second association beside it, instead of
+        // waiting behind it; but only to a center that has reported on an
+        // association before (one that never does is asked once).
+        let room = if sending || !reported { 1 } else { 2 };
+        let due = !sending || batch.len() >= GATHER_ENOUGH || gathering_since.elapsed() >= GATHER;
         if failures >= GIVE_UP_AFTER {
-            continue; // unanswered: the caller asks again
+            batch.clear(); // unanswered: the caller asks again
         }
-        if assoc.is_none() {
-            assoc = associate(settings).await.ok();
+        while !batch.is_empty() && due && flights.len() < room {
+            let chunk: Vec<_> = batch.drain(..batch.len().min(CHUNK)).collect();
+            flights.spawn(fly(settings.clone(), idle.pop(), chunk));
         }
-        let Some((a, ts)) = assoc.as_mut() else {
-            failures += 1;
-            continue;
-        };
-        let refs: Vec<(String, String)> = chunk
-            .iter()
-            .map(|(class, uid, _)| (class.clone(), uid.clone()))
-            .collect();
-        match exchange(a, 1, ts, &refs, settings.report_wait).await {
-            Ok(a) => {
-                failures = 0;
-                record_committed(&mut record, &chunk, &a);
-                answers.extend(a);
-            }
-            Err(e) => {
-                // No report: asking again during the run will not mend it.
-                failures = if is_no_report(&e) {
-                    GIVE_UP_AFTER
-                } else {
-                    failures + 1
-                };
-                if let Some((a, _)) = assoc.take() {
-                    a.abort().await;
+        if !sending && batch.is_empty() && flights.is_empty() {
+            break;
+        }
+        let deadline = gathering_since + GATHER;
+        tokio::select! {
+            stored = received.recv(), if sending => match stored {
+                Some(stored) => {
+                    if batch.is_empty() {
+                        gathering_since = tokio::time::Instant::now();
+                    }
+                    batch.push(stored);
                 }
-            }
+                None => sending = false,
+            },
+            Some(flight) = flights.join_next(), if !flights.is_empty() => {
+                let (assoc, chunk, result) = flight.expect("commitment task");
+                match result {
+                    Ok(a) => {
+                        failures = 0;
+                        reported = true;
+                        record_committed(&mut record, &chunk, &a);
+                        answers.extend(a);
+                    }
+                    // No report: asking again during the run will not mend it.
+                    Err(e) if is_no_report(&e) => failures = GIVE_UP_AFTER,
+                    Err(_) => failures += 1,
+                }
+                idle.extend(assoc);
+            },
+            _ = tokio::time::sleep_until(deadline),
+                if !batch.is_empty() && !due && flights.len() < room => {}
         }
     }
-    if let Some((a, _)) = assoc {
+    for (a, _) in idle {
         a.release().await;
     }
     (answers, record)

@@ -101,13 +101,20 @@ pub(crate) async fn send_all(
         lightest.0 += file.size;
         lightest.1.push(file);
     }
+    let queues: Arc<[Queue]> = shares
+        .into_iter()
+        .map(|(_, mut share)| {
+            share.sort_by(|a, b| a.path.cmp(&b.path));
+            Queue(Arc::new(Mutex::new(share.into())))
+        })
+        .collect();
     let mut tasks = tokio::task::JoinSet::new();
-    for (_, mut share) in shares {
-        share.sort_by(|a, b| a.path.cmp(&b.path));
+    for own in 0..queues.len() {
         let settings = settings.clone();
         let progress = progress.clone();
         let stored = committer.stored();
-        tasks.spawn(async move { lane(&settings, share, &progress, &stored).await });
+        let queues = Arc::clone(&queues);
+        tasks.spawn(async move { lane(&settings, &queues, own, &progress, &stored).await });
     }
     let mut results = Vec::new();
     while let Some(res) = tasks.join_next().await {
@@ -116,14 +123,47 @@ pub(crate) async fn send_all(
     results
 }
 
-/// One association's share of the files, with retries.
+/// A lane's files still to send. Shared, so that a lane with none left
+/// takes the last files of a busier one instead of ending: the lanes then
+/// finish together, not one association alone at the end.
+struct Queue(Arc<Mutex<VecDeque<Candidate>>>);
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Candidate>> {
+        // Every change under this lock is a single push or pop.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The last file of the lane with the most bytes left, if it `fits` (the
+/// thief's association can carry it as it is). A lane's first file is never taken:
+/// it may be read ahead already.
+fn steal(queues: &[Queue], own: usize, fits: impl Fn(&Candidate) -> bool) -> Option<Candidate> {
+    let mut others: Vec<(u64, usize)> = (0..queues.len())
+        .filter(|&i| i != own)
+        .map(|i| (queues[i].lock().iter().skip(1).map(|c| c.size).sum(), i))
+        .filter(|&(bytes, _)| bytes > 0)
+        .collect();
+    others.sort_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
+    others.into_iter().find_map(|(_, i)| {
+        let mut queue = queues[i].lock();
+        let take = queue.len() >= 2 && fits(queue.back()?);
+        take.then(|| queue.pop_back()).flatten()
+    })
+}
+
+/// One association's share of the files (`queues[own]`), then whatever it
+/// can take from the others' ends, with retries.
 async fn lane(
     settings: &Settings,
-    files: Vec<Candidate>,
+    queues: &[Queue],
+    own: usize,
     progress: &Progress,
     stored: &tokio::sync::mpsc::UnboundedSender<commit::Stored>,
 ) -> Vec<(Candidate, Outcome)> {
-    let mut pending: VecDeque<Candidate> = files.into();
+    let pending = &queues[own];
     let mut results = Vec::new();
     let mut prefetched: Option<Prefetch> = None;
     let mut attempts: HashMap<String, u32> = HashMap::new();
@@ -143,8 +183,8 @@ async fn lane(
     let mut given_up_alone = 0u32;
     // Stored files whose SHA-256 is still being computed, oldest first.
     let mut hashing: VecDeque<Hashing> = VecDeque::new();
-    while !pending.is_empty() {
-        let (contexts, batch_len) = propose(&pending);
+    while !pending.lock().is_empty() {
+        let (contexts, batch_len) = propose(&pending.lock());
         let assoc = settings.associate(&contexts).await;
         let mut assoc = match assoc {
             Ok(a) => a,
@@ -158,7 +198,7 @@ async fn lane(
                 continue;
             }
             Err(e) => {
-                fail_pending(&mut pending, &e.to_string(), progress, &mut results);
+                fail_pending(pending, &e.to_string(), progress, &mut results);
                 break;
             }
         };
@@ -169,10 +209,32 @@ async fn lane(
         // Files to try again after this association's batch (which its
         // contexts cover; files behind it may need others).
         let mut again: Vec<Candidate> = Vec::new();
-        for _ in 0..batch_len {
+        // This association's own files first (those its contexts were
+        // proposed for), then, once the lane has none left, others' last ones.
+        let mut covered = batch_len;
+        loop {
             hand_over(&mut hashing, false, stored, &mut results).await;
-            let Some(file) = pending.pop_front() else {
-                break;
+            let own_file = match covered {
+                0 => None,
+                _ => {
+                    covered -= 1;
+                    pending.lock().pop_front()
+                }
+            };
+            let file = match own_file {
+                Some(file) => file,
+                None if pending.lock().is_empty() => {
+                    // Only files it carries as they are: a stolen file is
+                    // never converted where its own lane would not have.
+                    let as_they_are =
+                        |f: &Candidate| assoc.context_for(&f.sop_class_uid, &f.transfer_syntax);
+                    match steal(queues, own, |f| as_they_are(f).is_some()) {
+                        Some(file) => file,
+                        None => break,
+                    }
+                }
+                // The rest need other contexts: a new association.
+                None => break,
             };
             let Some((context, convert_to)) = choose_context(&assoc, &file) else {
                 progress.done(&file);
@@ -181,7 +243,7 @@ async fn lane(
                 continue;
             };
             message_id = message_id.wrapping_add(1);
-            let next = pending.front();
+            let next = pending.lock().front().cloned();
             match store_one(
                 &mut assoc,
                 context,
@@ -189,7 +251,7 @@ async fn lane(
                 message_id,
                 &file,
                 &mut prefetched,
-                next,
+                next.as_ref(),
             )
             .await
             {
@@ -221,8 +283,8 @@ async fn lane(
                                     "not sent: the center answered 0x{status:04X} (out of resources) \
                                      to {short} files in a row"
                                 );
-                                pending.extend(again.drain(..));
-                                fail_pending(&mut pending, &reason, progress, &mut results);
+                                pending.lock().extend(again.drain(..));
+                                fail_pending(pending, &reason, progress, &mut results);
                                 break;
                             } else if *n > settings.retries {
                                 progress.done(&file);
@@ -270,14 +332,14 @@ async fn lane(
                             },
                         ));
                     } else {
-                        pending.push_front(file);
+                        pending.lock().push_front(file);
                     }
                     lost = Some(e);
                     break;
                 }
             }
         }
-        pending.extend(again);
+        pending.lock().extend(again);
         hand_over(&mut hashing, false, stored, &mut results).await;
         match lost {
             None if unusable => assoc.abort().await,
@@ -296,7 +358,7 @@ async fn lane(
                         let reason = format!(
                             "connection lost during each of {given_up_alone} files in a row: {e}"
                         );
-                        fail_pending(&mut pending, &reason, progress, &mut results);
+                        fail_pending(pending, &reason, progress, &mut results);
                         break;
                     }
                     failures_in_a_row = 0;
@@ -309,7 +371,7 @@ async fn lane(
                 failures_in_a_row += 1;
                 if failures_in_a_row > settings.retries {
                     let reason = format!("connection lost repeatedly: {e}");
-                    fail_pending(&mut pending, &reason, progress, &mut results);
+                    fail_pending(pending, &reason, progress, &mut results);
                     break;
                 }
                 progress.note(&format!(
@@ -423,12 +485,13 @@ fn refusal_reason(assoc: &Association, file: &Candidate) -> String {
 
 /// Gives up on every file still pending, with one reason.
 fn fail_pending(
-    pending: &mut VecDeque<Candidate>,
+    pending: &Queue,
     reason: &str,
     progress: &Progress,
     results: &mut Vec<(Candidate, Outcome)>,
 ) {
-    for file in pending.drain(..) {
+    let files: Vec<Candidate> = pending.lock().drain(..).collect();
+    for file in files {
         progress.done(&file);
         results.push((
             file,
@@ -798,6 +861,42 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(started.get().await, Ok(want));
+    }
+
+    #[test]
+    fn a_lane_with_nothing_left_takes_the_last_file_of_the_fullest_other_lane() {
+        let file = |name: &str, size: u64| Candidate {
+            path: name.into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: format!("1.2.3.{size}"),
+            transfer_syntax: EXPLICIT_LE.into(),
+            dataset_offset: 0,
+            size,
+            sha256: String::new(),
+        };
+        let queue = |files: Vec<Candidate>| Queue(Arc::new(Mutex::new(files.into())));
+        let queues = [
+            queue(vec![]),
+            queue(vec![file("a1", 10), file("a2", 10), file("a3", 10)]),
+            queue(vec![file("b1", 10), file("b2", 50), file("b3", 5)]),
+            queue(vec![file("c1", 100)]),
+        ];
+        let name = |c: Option<Candidate>| c.map(|c| c.path.display().to_string());
+        // Lane 2 has the most bytes behind its first file; its last file goes.
+        assert_eq!(name(steal(&queues, 0, |_| true)), Some("b3".into()));
+        // A file the thief's association cannot carry is left where it is.
+        assert_eq!(
+            name(steal(&queues, 0, |c| c.path.as_os_str() != "b2")),
+            Some("a3".into())
+        );
+        assert_eq!(name(steal(&queues, 0, |_| true)), Some("b2".into()));
+        assert_eq!(name(steal(&queues, 0, |_| true)), Some("a2".into()));
+        // Each lane keeps its first file (perhaps being read ahead), and a
+        // lane does not take from itself.
+        assert_eq!(name(steal(&queues, 0, |_| true)), None);
+        assert_eq!(name(steal(&queues, 1, |_| true)), None);
+        let left: Vec<usize> = queues.iter().map(|q| q.lock().len()).collect();
+        assert_eq!(left, [0, 1, 1, 1]);
     }
 
     #[test]
