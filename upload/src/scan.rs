@@ -324,10 +324,22 @@ fn inspect(path: &Path) -> Result<Candidate, Skipped> {
         .metadata()
         .map_err(|e| skip(format!("cannot read: {e}"), SkipKind::Unusable))?
         .len();
-    let mut head = Vec::with_capacity(64 * 1024);
-    (&mut file)
-        .take(64 * 1024)
-        .read_to_end(&mut head)
+    // The File Meta Information: its group length says how long it is
+    // (a few hundred bytes, usually), read up to 64 KiB.
+    let mut head = Vec::with_capacity(4 * 1024);
+    let mut read_up_to = |head: &mut Vec<u8>, len: usize| {
+        let more = len.saturating_sub(head.len()) as u64;
+        (&mut file).take(more).read_to_end(head)
+    };
+    read_up_to(&mut head, 4 * 1024)
+        .and_then(|_| match head.get(140..144) {
+            Some(group_len) if head.len() == 4 * 1024 => {
+                let group_len = u32::from_le_bytes(group_len.try_into().expect("4 bytes"));
+                let end = (144 + group_len as usize).min(64 * 1024);
+                read_up_to(&mut head, end)
+            }
+            _ => Ok(0),
+        })
         .map_err(|e| skip(format!("cannot read: {e}"), SkipKind::Unusable))?;
     let Some((transfer_syntax, offset)) = storage::part10::parse_file_header(&head) else {
         // "DICM" after the preamble: a DICOM file whose header is damaged
@@ -357,4 +369,53 @@ fn inspect(path: &Path) -> Result<Candidate, Skipped> {
 /// SHA-256 of a whole file.
 pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
     storage::blobs::file_sha256(path).map(|(sha256, _)| sha256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `file` with (0002,0102) Private Information of `extra` bytes added
+    /// to its File Meta Information, the group length raised to match.
+    fn with_long_header(file: &[u8], extra: usize) -> Vec<u8> {
+        let (_, offset) = storage::part10::parse_file_header(file).expect("a Part 10 file");
+        let mut out = file[..offset].to_vec();
+        out.extend_from_slice(&[0x02, 0x00, 0x02, 0x01, b'O', b'B', 0, 0]);
+        out.extend_from_slice(&(extra as u32).to_le_bytes());
+        out.extend(std::iter::repeat_n(0x55, extra));
+        let group_len = u32::from_le_bytes(out[140..144].try_into().unwrap()) + 12 + extra as u32;
+        out[140..144].copy_from_slice(&group_len.to_le_bytes());
+        out.extend_from_slice(&file[offset..]);
+        out
+    }
+
+    #[test]
+    fn file_meta_information_longer_than_the_first_read_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let samples = dir.path().join("samples");
+        let options = sample_dicom::Options::small(41);
+        let sample = sample_dicom::generate(&samples, &options)
+            .unwrap()
+            .remove(0);
+        let original = std::fs::read(&sample.path).unwrap();
+        let (_, offset) = storage::part10::parse_file_header(&original).unwrap();
+        for extra in [100, 5_000, 20_000] {
+            let path = dir.path().join(format!("long-{extra}.dcm"));
+            std::fs::write(&path, with_long_header(&original, extra)).unwrap();
+            let c = inspect(&path).unwrap_or_else(|s| panic!("{extra}: {}", s.reason));
+            assert_eq!(c.sop_instance_uid, sample.sop_instance_uid);
+            assert_eq!(c.transfer_syntax, sample.transfer_syntax);
+            assert_eq!(c.dataset_offset as usize, offset + 12 + extra);
+        }
+        // Beyond 64 KiB a header is not believed (nor read).
+        let path = dir.path().join("too-long.dcm");
+        std::fs::write(&path, with_long_header(&original, 70_000)).unwrap();
+        let skipped = inspect(&path).expect_err("a 70 KB header");
+        assert_eq!(skipped.kind, SkipKind::Unusable, "{}", skipped.reason);
+        assert!(
+            skipped.reason.contains("File Meta Information"),
+            "{}",
+            skipped.reason
+        );
+    }
 }
