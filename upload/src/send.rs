@@ -580,7 +580,7 @@ pub(crate) enum Sha256 {
     /// Sent, answer not yet known: nothing is hashed for a file the
     /// center did not store.
     Unhashed(Vec<u8>),
-    /// Stored: hashed on storage's low-priority threads (nice 19). The
+    /// Stored: hashed on storage's low-priority threads (SCHED_IDLE). The
     /// record needs it only once the center has confirmed the file, so a
     /// lane goes on sending meanwhile, and the hash takes what CPU the
     /// sending (and, on a shared machine, the gateway) leaves. A lane that
