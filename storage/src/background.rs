@@ -72,17 +72,20 @@ fn queue() -> &'static mpsc::Sender<Job> {
 fn lower_priority() {
     use thread_priority::unix::{
         NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
-        thread_native_id,
+        thread_native_id, thread_schedule_policy,
     };
     let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    let Err(e) = set_thread_priority_and_policy(
+    let set = set_thread_priority_and_policy(
         thread_native_id(),
         thread_priority::ThreadPriority::Min,
         idle,
-    ) else {
+    );
+    // The crate sets the policy, then nice 0, which a process niced below
+    // that may not do: SCHED_IDLE is then in effect all the same.
+    if set.is_ok() || thread_schedule_policy().is_ok_and(|p| p == idle) {
         return;
-    };
-    tracing::warn!(error = ?e, "background hashing cannot use SCHED_IDLE; nice 19 instead");
+    }
+    tracing::warn!(error = ?set.err(), "background hashing cannot use SCHED_IDLE; nice 19 instead");
     if let Err(e) = rustix::process::setpriority_process(None, 19) {
         tracing::warn!(error = %e, "background hashing runs at normal priority");
     }

@@ -95,11 +95,12 @@ async fn commit_chunk(
 pub(crate) type Stored = (String, String, String);
 
 /// Storage commitment beside the sending lanes: each stored instance is
-/// handed over as soon as its SHA-256 is known, and one association of its own asks the center
-/// about whatever has gathered while its previous request was being
-/// checked. The center's re-verification (reading and hashing every
-/// instance) so overlaps the sending instead of following it; what remains
-/// at the end is the last batch. Each confirmation goes into the record as
+/// handed over as soon as its SHA-256 is known, and one association of its
+/// own asks the center about whatever has gathered while its previous
+/// request was being checked. The center's re-verification (reading and
+/// hashing every instance) so overlaps the sending instead of following
+/// it; what remains at the end is the last batch, asked about on a second
+/// association beside the one still being checked. Each confirmation goes into the record as
 /// it arrives. Instances whose request failed are not in the answers: the
 /// caller asks again for them.
 pub(crate) struct Committer {

@@ -335,7 +335,7 @@ fn inspect(path: &Path) -> Result<Candidate, Skipped> {
         .and_then(|_| match head.get(140..144) {
             Some(group_len) if head.len() == 4 * 1024 => {
                 let group_len = u32::from_le_bytes(group_len.try_into().expect("4 bytes"));
-                let end = (144 + group_len as usize).min(64 * 1024);
+                let end = (group_len as usize).saturating_add(144).min(64 * 1024);
                 read_up_to(&mut head, end)
             }
             _ => Ok(0),

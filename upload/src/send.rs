@@ -108,13 +108,16 @@ pub(crate) async fn send_all(
             Queue(Arc::new(Mutex::new(share.into())))
         })
         .collect();
+    let attempts = Attempts::default();
     let mut tasks = tokio::task::JoinSet::new();
     for own in 0..queues.len() {
         let settings = settings.clone();
         let progress = progress.clone();
         let stored = committer.stored();
-        let queues = Arc::clone(&queues);
-        tasks.spawn(async move { lane(&settings, &queues, own, &progress, &stored).await });
+        let (queues, attempts) = (Arc::clone(&queues), attempts.clone());
+        tasks.spawn(
+            async move { lane(&settings, &queues, own, &attempts, &progress, &stored).await },
+        );
     }
     let mut results = Vec::new();
     while let Some(res) = tasks.join_next().await {
@@ -130,16 +133,35 @@ struct Queue(Arc<Mutex<VecDeque<Candidate>>>);
 
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Candidate>> {
-        // Every change under this lock is a single push or pop.
+        // Nothing under this lock panics (pushes, pops, drains).
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// The last file of the lane with the most bytes left, if it `fits` (the
-/// thief's association can carry it as it is). A lane's first file is never taken:
-/// it may be read ahead already.
+/// Tries per file (by SOP Instance UID) over the whole upload: a file put
+/// back for another try may be taken by another lane, and keeps its count.
+#[derive(Clone, Default)]
+struct Attempts(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Attempts {
+    /// Counts one more try of `uid`; returns how many there were.
+    fn bump(&self, uid: &str) -> u32 {
+        let mut tries = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = tries.entry(uid.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+/// The last file of the lane with the most bytes behind its first, if it
+/// `fits` (the thief's association can carry it as it is); else the next
+/// fullest lane's. A lane's first file is never taken: it may be read
+/// ahead already.
 fn steal(queues: &[Queue], own: usize, fits: impl Fn(&Candidate) -> bool) -> Option<Candidate> {
     let mut others: Vec<(u64, usize)> = (0..queues.len())
         .filter(|&i| i != own)
@@ -160,13 +182,13 @@ async fn lane(
     settings: &Settings,
     queues: &[Queue],
     own: usize,
+    attempts: &Attempts,
     progress: &Progress,
     stored: &tokio::sync::mpsc::UnboundedSender<commit::Stored>,
 ) -> Vec<(Candidate, Outcome)> {
     let pending = &queues[own];
     let mut results = Vec::new();
     let mut prefetched: Option<Prefetch> = None;
-    let mut attempts: HashMap<String, u32> = HashMap::new();
     let mut failures_in_a_row = 0u32;
     // Different files answered 0xA7xx one after the other, with no success
     // between: more than `settings.retries` of them (and at least three)
@@ -273,11 +295,10 @@ async fn lane(
                         Class::Transient => {
                             short_in_a_row.insert(file.sop_instance_uid.clone());
                             let short = short_in_a_row.len() as u32;
-                            let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
-                            *n += 1;
+                            let n = attempts.bump(&file.sop_instance_uid);
                             if short > settings.retries.max(2) {
                                 progress.done(&file);
-                                let reason = out_of_resources(status, &comment, *n);
+                                let reason = out_of_resources(status, &comment, n);
                                 results.push((file, Outcome::Failed { reason }));
                                 let reason = format!(
                                     "not sent: the center answered 0x{status:04X} (out of resources) \
@@ -286,13 +307,13 @@ async fn lane(
                                 pending.lock().extend(again.drain(..));
                                 fail_pending(pending, &reason, progress, &mut results);
                                 break;
-                            } else if *n > settings.retries {
+                            } else if n > settings.retries {
                                 progress.done(&file);
-                                let reason = out_of_resources(status, &comment, *n);
+                                let reason = out_of_resources(status, &comment, n);
                                 results.push((file, Outcome::Failed { reason }));
                             } else {
                                 // The center is short of resources: give it time.
-                                let wait = backoff((*n).max(short));
+                                let wait = backoff(n.max(short));
                                 progress.note(&format!(
                                     "the center is out of resources (0x{status:04X}); retrying in {wait:?}"
                                 ));
@@ -319,10 +340,9 @@ async fn lane(
                 }
                 Err(StoreError::Link(e)) => {
                     // The association is gone: this file and the rest go again.
-                    let n = attempts.entry(file.sop_instance_uid.clone()).or_default();
-                    *n += 1;
+                    let n = attempts.bump(&file.sop_instance_uid);
                     lost_on.insert(file.sop_instance_uid.clone());
-                    if *n > settings.retries {
+                    if n > settings.retries {
                         lost_file_given_up = true;
                         progress.done(&file);
                         results.push((
@@ -584,8 +604,9 @@ pub(crate) enum Sha256 {
     /// record needs it only once the center has confirmed the file, so a
     /// lane goes on sending meanwhile, and the hash takes what CPU the
     /// sending (and, on a shared machine, the gateway) leaves. A lane that
-    /// must wait for it takes the bytes back and hashes them at its own
-    /// priority, so a busy machine cannot starve it.
+    /// must wait for it takes the bytes back if the hash has not started,
+    /// and hashes them at its own priority; one already started is waited
+    /// for (at most 16 MiB, slowly on a machine kept busy by other work).
     Hashing {
         bytes: Arc<Mutex<Option<Vec<u8>>>>,
         job: tokio::task::JoinHandle<Result<Option<String>, &'static str>>,
