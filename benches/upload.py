@@ -12,8 +12,12 @@ sends the bench corpus (sample-dicom --profile bench, ~2,500 instances,
     time includes scanning, sending, hashing what it sent, and waiting for
     the center's storage commitment report for every instance.
 Order alternates every round; medians over --rounds (default 4: an even
-number, so each client runs first as often as the other). Delivery is
-checked (index count). Run data is deleted at the end (see ingest.py on
+number, so each client runs first as often as the other). Besides walls,
+the client's and the gateway's CPU seconds per run: the tool's run does
+more work (two more SHA-256 passes over the corpus, its own and the
+center's re-verification), so on 2 cores it is CPU-bound where storescu's
+is not, and a host busy elsewhere slows it more. Delivery is checked
+(index count). Run data is deleted at the end (see ingest.py on
 ext4's recently-deleted inode scans). Results: a table on stdout and
 target/bench-results/upload-<timestamp>.json.
 
@@ -22,6 +26,7 @@ usage: python3 benches/upload.py [--rounds N] [--corpus-profile bench|small]
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest  # noqa: E402  (shared corpus, gateway and sender helpers)
@@ -57,6 +63,17 @@ def run_storescu(corpus, port, parallelism, workdir):
 
 
 CLIENTS = {"upload": run_upload, "storescu": run_storescu}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Run(NamedTuple):
+    """One run: wall seconds, and CPU seconds of the client and of the
+    gateway while it ran (the tool's run includes the center's re-hashing
+    for commitment). A run whose CPU is near twice its wall is CPU-bound on
+    2 cores; one well below is waiting (on fsync, on the network)."""
+    wall: float
+    client_cpu: float
+    gateway_cpu: float
 
 
 def run_once(client, corpus, parallelism, run_dirs):
@@ -67,14 +84,24 @@ def run_once(client, corpus, parallelism, run_dirs):
     server = ingest.Gateway(workdir, None)
     try:
         server.start()
+        gateway0 = sum(ingest.tree_cpu_ticks(server.proc.pid))
+        client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall = CLIENTS[client](corpus, server.port, parallelism, workdir)
+        client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        gateway_cpu = (sum(ingest.tree_cpu_ticks(server.proc.pid)) - gateway0) / CLOCK_TICKS
+        # The gateway is not reaped yet: the children's CPU is the client's alone.
+        client_cpu = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
         received = server.count_received()
         if received < len(corpus.files):
             raise ingest.BenchError(f"{client}: the gateway holds {received} of {len(corpus.files)}")
-        return wall
+        return Run(wall, client_cpu, gateway_cpu)
     finally:
         server.stop()
         os.sync()
+
+
+def median(runs, field):
+    return statistics.median(getattr(r, field) for r in runs)
 
 
 def main(argv):
@@ -100,10 +127,11 @@ def main(argv):
             order = list(CLIENTS) if rnd % 2 else list(reversed(CLIENTS))
             for parallelism in (1, 4):
                 for client in order:
-                    wall = run_once(client, corpus, parallelism, run_dirs)
-                    walls.setdefault((client, parallelism), []).append(wall)
-                    ingest.log(f"round {rnd} {client:<8} x{parallelism}: {n / wall:7.1f} inst/s "
-                               f"{mb / wall:6.1f} MB/s ({wall:.2f} s)")
+                    run = run_once(client, corpus, parallelism, run_dirs)
+                    walls.setdefault((client, parallelism), []).append(run)
+                    ingest.log(f"round {rnd} {client:<8} x{parallelism}: {n / run.wall:7.1f} inst/s "
+                               f"{mb / run.wall:6.1f} MB/s ({run.wall:.2f} s; CPU s: client "
+                               f"{run.client_cpu:.2f}, gateway {run.gateway_cpu:.2f})")
     except ingest.BenchError as e:
         ingest.log(f"upload benchmark FAILED: {e}")
         return 1
@@ -111,16 +139,19 @@ def main(argv):
         for d in run_dirs:
             shutil.rmtree(d, ignore_errors=True)
     print(f"Upload to pacs-gateway: {n} instances, {mb:.0f} MB, {args.rounds} round(s), medians")
-    print(f"{'client':<10}{'assoc':>6}{'inst/s':>10}{'MB/s':>9}{'wall s':>9}")
+    print(f"{'client':<10}{'assoc':>6}{'inst/s':>10}{'MB/s':>9}{'wall s':>9}"
+          f"{'client CPU s':>14}{'gateway CPU s':>15}")
     rows = []
-    for (client, par), ws in sorted(walls.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        med = statistics.median(ws)
+    for (client, par), runs in sorted(walls.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        med, client_cpu, gateway_cpu = (median(runs, f) for f in Run._fields)
         rows.append({"client": client, "parallelism": par, "wall_s": round(med, 3),
                      "instances_per_s": round(n / med, 1), "mb_per_s": round(mb / med, 1),
-                     "walls": [round(w, 3) for w in ws]})
-        print(f"{client:<10}{par:>6}{n / med:>10.1f}{mb / med:>9.1f}{med:>9.2f}")
+                     "client_cpu_s": round(client_cpu, 2), "gateway_cpu_s": round(gateway_cpu, 2),
+                     "walls": [round(r.wall, 3) for r in runs]})
+        print(f"{client:<10}{par:>6}{n / med:>10.1f}{mb / med:>9.1f}{med:>9.2f}"
+              f"{client_cpu:>14.2f}{gateway_cpu:>15.2f}")
     for par in (1, 4):
-        ratio = statistics.median(walls[("storescu", par)]) / statistics.median(walls[("upload", par)])
+        ratio = median(walls[("storescu", par)], "wall") / median(walls[("upload", par)], "wall")
         met = "MET" if ratio >= 1.0 else "MISSED"
         print(f"  {par} assoc: consortium-upload (incl. commitment) vs storescu {ratio:.2f}x "
               f"(target >= 1.0x: {met})")
