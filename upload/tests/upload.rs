@@ -1152,3 +1152,32 @@ fn a_dicomdir_record_leading_outside_its_folder_is_not_followed() {
     assert_eq!(listed.len(), 1, "{text}");
     assert!(listed[0].contains("IM0000"), "{text}");
 }
+
+/// A center that admits one association per clinic at a time refuses the
+/// committer's association while the lane sends: the tool gives up asking
+/// during the run, asks again once the lane is done, and every instance is
+/// still committed and recorded.
+#[test]
+fn a_center_admitting_one_association_still_commits_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    // Enough files that sending outlasts the committer's first gathering.
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::demo(37)).unwrap();
+    let gw = Gateway::start_with(dir.path(), "127.0.0.1:0", "max_associations_per_clinic = 1");
+    let record = dir.path().join("record.sqlite");
+    let out = upload(gw.port, &record, &["--associations", "1"], &[&samples]);
+    let text = stdout(&out);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{errors}");
+    assert_eq!(summary_count(&text, "committed"), files.len(), "{text}");
+    assert_eq!(summary_count(&text, "not committed"), 0, "{text}");
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instances"),
+        files.len() as i64
+    );
+    assert_eq!(record_rows(&record), files.len() as i64);
+    // The committer was refused while the lane was open (else this test
+    // would not test the refusal).
+    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
+    assert!(log.contains("clinic association limit reached"), "{log}");
+}
