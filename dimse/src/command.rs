@@ -65,6 +65,9 @@ pub mod status {
     pub const PROCESSING_FAILURE: u16 = 0x0110;
     /// No such SOP instance (N- services).
     pub const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
+    /// Invalid argument value: an N-ACTION's action information out of
+    /// range or otherwise inappropriate (PS3.7 10.1.4.1.10).
+    pub const INVALID_ARGUMENT_VALUE: u16 = 0x0115;
     /// Resource limitation (N- services).
     pub const RESOURCE_LIMITATION: u16 = 0x0213;
     /// No such action type (N-ACTION).

@@ -1479,7 +1479,7 @@ impl Connection {
         let ts = assoc.contexts[&context_id].transfer_syntax.clone();
         let request = match commitment::parse_request(dataset, &ts) {
             Ok(r) => r,
-            Err(why) => {
+            Err(commitment::Refused { status, why }) => {
                 warn!(%why, "invalid storage commitment request");
                 self.audit(
                     shared,
@@ -1490,7 +1490,7 @@ impl Connection {
                     0,
                 )
                 .await;
-                let rsp = commitment::action_rsp(message_id, status::PROCESSING_FAILURE)
+                let rsp = commitment::action_rsp(message_id, status)
                     .error_comment(&why)
                     .encode();
                 return self.respond(assoc, context_id, &rsp).await;

@@ -5,7 +5,7 @@
 //! N-EVENT-REPORT: event 1 when all are committed, event 2 with a Failed SOP
 //! Sequence and a reason per instance otherwise.
 
-use consortium_dimse::{Response, field, tag};
+use consortium_dimse::{Response, field, status, tag};
 use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
@@ -61,13 +61,37 @@ pub(crate) fn action_rsp(message_id: u16, status: u16) -> Response {
         .uid(tag::AFFECTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE)
 }
 
+/// A request refused: the N-ACTION-RSP status, and why in words.
+pub(crate) struct Refused {
+    pub(crate) status: u16,
+    pub(crate) why: String,
+}
+
+impl Refused {
+    /// The dataset cannot be read at all.
+    fn unreadable(why: impl ToString) -> Self {
+        Refused {
+            status: status::PROCESSING_FAILURE,
+            why: why.to_string(),
+        }
+    }
+
+    /// Read, but its Transaction UID or references are not a request.
+    fn invalid(why: impl ToString) -> Self {
+        Refused {
+            status: status::INVALID_ARGUMENT_VALUE,
+            why: why.to_string(),
+        }
+    }
+}
+
 /// Parses an N-ACTION dataset (already checked structurally).
-pub(crate) fn parse_request(dataset: &[u8], transfer_syntax: &str) -> Result<Request, String> {
-    storage::attrs::validate(dataset, transfer_syntax).map_err(|e| e.to_string())?;
+pub(crate) fn parse_request(dataset: &[u8], transfer_syntax: &str) -> Result<Request, Refused> {
+    storage::attrs::validate(dataset, transfer_syntax).map_err(Refused::unreadable)?;
     let ts = TransferSyntaxRegistry
         .get(transfer_syntax)
-        .ok_or("unsupported transfer syntax")?;
-    let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).map_err(|e| e.to_string())?;
+        .ok_or_else(|| Refused::unreadable("unsupported transfer syntax"))?;
+    let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).map_err(Refused::unreadable)?;
     let text = |o: &InMemDicomObject, tag| -> Option<String> {
         o.element_opt(tag)
             .ok()
@@ -77,22 +101,22 @@ pub(crate) fn parse_request(dataset: &[u8], transfer_syntax: &str) -> Result<Req
     };
     let transaction_uid = text(&obj, tags::TRANSACTION_UID)
         .filter(|u| storage::part10::is_valid_uid(u))
-        .ok_or("missing or invalid Transaction UID")?;
+        .ok_or_else(|| Refused::invalid("missing or invalid Transaction UID"))?;
     let items = obj
         .element_opt(tags::REFERENCED_SOP_SEQUENCE)
         .ok()
         .flatten()
         .and_then(|e| e.items())
-        .ok_or("missing Referenced SOP Sequence")?;
+        .ok_or_else(|| Refused::invalid("missing Referenced SOP Sequence"))?;
     // The report must name what was asked (PS3.4 J.3.3): nothing asked is
     // no request.
     if items.is_empty() {
-        return Err("empty Referenced SOP Sequence".into());
+        return Err(Refused::invalid("empty Referenced SOP Sequence"));
     }
     if items.len() > MAX_REFERENCES {
-        return Err(format!(
+        return Err(Refused::invalid(format!(
             "more than {MAX_REFERENCES} instances in one request"
-        ));
+        )));
     }
     let references = items
         .iter()
@@ -210,4 +234,75 @@ pub(crate) fn event_report_dataset(
     obj.write_dataset_with_ts(&mut out, ts)
         .map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+    fn encoded(obj: &InMemDicomObject) -> Vec<u8> {
+        let ts = TransferSyntaxRegistry.get(EXPLICIT_LE).unwrap();
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, ts).unwrap();
+        out
+    }
+
+    fn request(transaction_uid: &str, references: usize) -> InMemDicomObject {
+        let items: Vec<InMemDicomObject> = (0..references)
+            .map(|i| {
+                InMemDicomObject::from_element_iter([
+                    DataElement::new(
+                        tags::REFERENCED_SOP_CLASS_UID,
+                        VR::UI,
+                        PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2"),
+                    ),
+                    DataElement::new(
+                        tags::REFERENCED_SOP_INSTANCE_UID,
+                        VR::UI,
+                        PrimitiveValue::from(format!("2.25.{}", i + 1)),
+                    ),
+                ])
+            })
+            .collect();
+        InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::TRANSACTION_UID,
+                VR::UI,
+                PrimitiveValue::from(transaction_uid),
+            ),
+            DataElement::new(
+                tags::REFERENCED_SOP_SEQUENCE,
+                VR::SQ,
+                DataSetSequence::from(items),
+            ),
+        ])
+    }
+
+    fn refusal(dataset: &[u8]) -> (u16, String) {
+        match parse_request(dataset, EXPLICIT_LE) {
+            Ok(_) => panic!("accepted"),
+            Err(Refused { status, why }) => (status, why),
+        }
+    }
+
+    #[test]
+    fn requests_that_name_nothing_are_invalid_arguments_and_unreadable_ones_failures() {
+        let good = parse_request(&encoded(&request("2.25.99", 2)), EXPLICIT_LE)
+            .unwrap_or_else(|r| panic!("{}", r.why));
+        assert_eq!(good.transaction_uid, "2.25.99");
+        assert_eq!(good.references.len(), 2);
+        assert_eq!(
+            refusal(&encoded(&request("2.25.99", 0))),
+            (0x0115, "empty Referenced SOP Sequence".to_string())
+        );
+        assert_eq!(refusal(&encoded(&request("not a UID", 1))).0, 0x0115);
+        let mut no_sequence = request("2.25.99", 1);
+        no_sequence.remove_element(tags::REFERENCED_SOP_SEQUENCE);
+        assert_eq!(refusal(&encoded(&no_sequence)).0, 0x0115);
+        // Cut inside an element: not a request that can be read at all.
+        let cut = encoded(&request("2.25.99", 1));
+        assert_eq!(refusal(&cut[..cut.len() - 3]).0, 0x0110);
+    }
 }

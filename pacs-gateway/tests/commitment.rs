@@ -39,8 +39,9 @@ fn pynetdicom_commitment_reports_committed_and_failed_instances() {
     assert_eq!(all.committed, vec!["2.25.7001", "2.25.7002"]);
     // A request naming nothing is refused: its report would have no
     // Referenced SOP Sequence, which PS3.4 J.3.3 requires.
+    // Invalid argument value: the request was read, and names nothing.
     let nothing = commit_scu(gw.port, "XINZHEN_CT", &[]);
-    assert_eq!(nothing.action_status, 0x0110);
+    assert_eq!(nothing.action_status, 0x0115);
 
     // Damage one blob on disk: re-verification must catch it.
     let (blob, _) = gw.blob_of("2.25.7003").unwrap();
