@@ -584,8 +584,22 @@ impl Connection {
         let command = Command::parse(bytes)
             .map_err(|e| End::Abort(AbortReason::InvalidPduParameter, e.to_string()))?;
         let message_id = command.message_id();
+        let command_field = command.command_field().unwrap_or_default();
+        // A request names itself by its Message ID (PS3.7 9.1.5.1), which
+        // its response repeats; a C-CANCEL names the request it cancels.
+        if command_field & 0x8000 == 0
+            && command_field != field::C_CANCEL_RQ
+            && command.u16(tag::MESSAGE_ID).is_none()
+        {
+            return Err(End::Abort(
+                AbortReason::InvalidPduParameter,
+                "a request without a Message ID".into(),
+            ));
+        }
         match command.command_field() {
-            Some(field::C_ECHO_RQ) if !command.has_dataset() => {
+            Some(field::C_ECHO_RQ)
+                if !command.has_dataset() && context.abstract_syntax == negotiate::VERIFICATION =>
+            {
                 let rsp = Response::new(field::C_ECHO_RSP, message_id, status::SUCCESS)
                     .uid(tag::AFFECTED_SOP_CLASS_UID, &context.abstract_syntax)
                     .encode();
@@ -593,7 +607,7 @@ impl Connection {
                 debug!("C-ECHO answered");
                 Ok(None)
             }
-            Some(field::C_STORE_RQ) => {
+            Some(field::C_STORE_RQ) if negotiate::is_storage_class(&context.abstract_syntax) => {
                 let op = StoreInProgress::start(
                     &shared.storage,
                     &command,
@@ -703,6 +717,17 @@ impl Connection {
                     .has_dataset()
                     .then_some(Pending::Drop { context_id }))
             }
+            // A response to nothing we asked (a late C-STORE-RSP of a
+            // cancelled C-GET, a confused peer): nothing to answer.
+            Some(other) if other & 0x8000 != 0 => {
+                warn!(
+                    command_field = format_args!("0x{other:04X}"),
+                    "unsolicited DIMSE response ignored"
+                );
+                Ok(command
+                    .has_dataset()
+                    .then_some(Pending::Drop { context_id }))
+            }
             Some(other) => {
                 let status = match other {
                     // A query or retrieve on a context of another SOP class
@@ -717,6 +742,12 @@ impl Connection {
                             status::SOP_CLASS_NOT_SUPPORTED
                         }
                     }
+                    // A C-STORE on a context of a service class, a C-ECHO
+                    // on one of a storage class.
+                    field::C_STORE_RQ => status::SOP_CLASS_NOT_SUPPORTED,
+                    field::C_ECHO_RQ if context.abstract_syntax != negotiate::VERIFICATION => {
+                        status::SOP_CLASS_NOT_SUPPORTED
+                    }
                     _ => {
                         warn!(
                             command_field = format_args!("0x{other:04X}"),
@@ -726,8 +757,7 @@ impl Connection {
                     }
                 };
                 let response_field = other | 0x8000;
-                // Only requests are audited (a stray response asks for nothing).
-                let why = (other & 0x8000 == 0).then_some(if status == status::DATASET_MISMATCH {
+                let why = Some(if status == status::DATASET_MISMATCH {
                     "no identifier"
                 } else {
                     "not this presentation context's SOP class"

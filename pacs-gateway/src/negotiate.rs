@@ -41,6 +41,9 @@ pub(crate) enum Refusal {
     TotalLimit,
     /// The requestor's maximum PDU length is below [`MIN_PEER_MAX_PDU`].
     TinyMaxPdu,
+    /// A presentation context ID that is even, or proposed twice (PS3.8
+    /// 9.3.2.2: odd and unique): an answer could not say which one it means.
+    ContextIds,
 }
 
 /// Smallest maximum PDU length accepted from a requestor (DCMTK's own
@@ -71,7 +74,7 @@ impl Refusal {
                 Permanent,
                 AssociationRJSource::ServiceUser(User::CallingAETitleNotRecognized),
             ),
-            Refusal::TinyMaxPdu => (
+            Refusal::TinyMaxPdu | Refusal::ContextIds => (
                 Permanent,
                 AssociationRJSource::ServiceUser(User::NoReasonGiven),
             ),
@@ -95,6 +98,7 @@ impl Refusal {
             Refusal::ClinicLimit => "clinic association limit reached",
             Refusal::TotalLimit => "association limit reached and no idle association to release",
             Refusal::TinyMaxPdu => "maximum PDU length below 4096 bytes",
+            Refusal::ContextIds => "presentation context IDs must be odd and unique",
         }
     }
 }
@@ -113,6 +117,14 @@ pub(crate) fn check_request(rq: &AssociationRQ, our_ae: &str) -> Result<(), Refu
     let max_pdu = peer_max_pdu(rq);
     if max_pdu != 0 && max_pdu < MIN_PEER_MAX_PDU {
         return Err(Refusal::TinyMaxPdu);
+    }
+    let mut ids = std::collections::HashSet::new();
+    if rq
+        .presentation_contexts
+        .iter()
+        .any(|pc| pc.id % 2 == 0 || !ids.insert(pc.id))
+    {
+        return Err(Refusal::ContextIds);
     }
     Ok(())
 }
@@ -136,6 +148,11 @@ pub(crate) fn is_supported_abstract_syntax(uid: &str) -> bool {
     uid == VERIFICATION
         || STORAGE_ROOTS.iter().any(|root| uid.starts_with(root))
         || (!uid.starts_with("1.2.840.10008.") && storage::part10::is_valid_uid(uid))
+}
+
+/// Storage SOP classes: the only contexts a C-STORE is accepted on.
+pub(crate) fn is_storage_class(uid: &str) -> bool {
+    uid != VERIFICATION && !is_service_class(uid) && is_supported_abstract_syntax(uid)
 }
 
 /// Non-storage services: their datasets are parsed, not stored, so they

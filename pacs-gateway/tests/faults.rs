@@ -94,6 +94,92 @@ fn command_sop_class_that_differs_from_its_context_is_refused() {
     );
 }
 
+/// Each context carries the operations of its own SOP class: a C-STORE on
+/// a service context or a C-ECHO on a storage one gets 0x0122 and stores
+/// nothing; a response nobody asked for gets no answer; a request without
+/// its Message ID ends the association.
+#[test]
+fn operations_outside_their_context_stray_responses_and_nameless_requests() {
+    const COMMITMENT: &str = "1.2.840.10008.1.20.1";
+    let (_dir, gw) = start();
+    let contexts: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &[EXPLICIT_LE]),
+        (3, scu::VERIFICATION, &[EXPLICIT_LE]),
+        (5, COMMITMENT, &[EXPLICIT_LE]),
+    ];
+    let Association::Accepted(mut scu) =
+        scu::associate(gw.port, common::CT_AE, common::AE, contexts)
+    else {
+        panic!("association refused")
+    };
+    // A C-STORE whose class is the commitment context's (so its command and
+    // context agree), with a dataset that names that class too.
+    let mut ds = scu::ct_dataset("2.25.300", "2.25.1", 512);
+    let ct_class = scu::el(0x0008_0016, b"UI", CT_IMAGE_STORAGE.as_bytes());
+    let commitment_class = scu::el(0x0008_0016, b"UI", COMMITMENT.as_bytes());
+    let at = ds
+        .windows(ct_class.len())
+        .position(|w| w == ct_class)
+        .expect("SOP Class UID in the dataset");
+    ds.splice(at..at + ct_class.len(), commitment_class);
+    assert_eq!(
+        scu.store(5, COMMITMENT, "2.25.300", &ds),
+        Reply::Status(0x0122)
+    );
+    assert_eq!(
+        scu.store(3, scu::VERIFICATION, "2.25.300", &ds),
+        Reply::Status(0x0122)
+    );
+    assert_eq!(scu.echo(1), Reply::Status(0x0122));
+    // A C-STORE-RSP out of the blue: the next answer is the C-ECHO's.
+    let stray = scu::command(&[
+        (0x0002, scu::uid_value(CT_IMAGE_STORAGE)),
+        (0x0100, 0x8001u16.to_le_bytes().to_vec()),
+        (0x0120, 7u16.to_le_bytes().to_vec()),
+        (0x0800, 0x0101u16.to_le_bytes().to_vec()),
+        (0x0900, 0u16.to_le_bytes().to_vec()),
+        (0x1000, scu::uid_value("2.25.301")),
+    ]);
+    scu.send_message(1, true, &stray);
+    assert_eq!(scu.echo(3), Reply::Status(0x0000));
+    // A C-ECHO-RQ without a Message ID.
+    let nameless = scu::command(&[
+        (0x0002, scu::uid_value(scu::VERIFICATION)),
+        (0x0100, 0x0030u16.to_le_bytes().to_vec()),
+        (0x0800, 0x0101u16.to_le_bytes().to_vec()),
+    ]);
+    scu.send_message(3, true, &nameless);
+    assert_eq!(scu.reply(), Reply::Aborted);
+    assert!(gw.log().contains("unsolicited DIMSE response ignored"));
+    assert_healthy_and_clean(&gw, 0);
+}
+
+/// Presentation context IDs are odd and unique (PS3.8 9.3.2.2): otherwise
+/// an answer could name either of two contexts, and a dataset could be
+/// kept under the other one's transfer syntax.
+#[test]
+fn even_or_repeated_presentation_context_ids_are_refused() {
+    let (_dir, gw) = start();
+    let repeated: &[(u8, &str, &[&str])] = &[
+        (1, CT_IMAGE_STORAGE, &["1.2.840.10008.1.2.4.50"]),
+        (1, CT_IMAGE_STORAGE, &[EXPLICIT_LE]),
+    ];
+    let even: &[(u8, &str, &[&str])] = &[(2, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
+    for contexts in [repeated, even] {
+        match scu::associate(gw.port, common::CT_AE, common::AE, contexts) {
+            Association::Rejected(rj) => {
+                assert_eq!(rj.result, dicom_ul::pdu::AssociationRJResult::Permanent)
+            }
+            _ => panic!("association with context IDs {contexts:?} not refused"),
+        }
+    }
+    assert!(
+        gw.log()
+            .contains("presentation context IDs must be odd and unique")
+    );
+    assert_healthy_and_clean(&gw, 0);
+}
+
 /// An identifier over 1 MiB: read to its end, answered 0xA700, audited,
 /// and the association goes on.
 #[test]
