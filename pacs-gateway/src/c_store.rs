@@ -34,6 +34,7 @@ impl StoreError {
             StoreError::Storage(storage::Error::Dataset(DatasetError::InflatesBeyond {
                 ..
             })) => status::OUT_OF_RESOURCES,
+            StoreError::Storage(e) if e.is_resource_failure() => status::OUT_OF_RESOURCES,
             StoreError::Storage(storage::Error::Dataset(_)) => status::CANNOT_UNDERSTAND,
             StoreError::Storage(_) => status::OUT_OF_RESOURCES,
         }
@@ -44,6 +45,9 @@ impl StoreError {
     /// (disk, index, object store: paths, endpoints, buckets) stay in the log.
     pub(crate) fn comment(&self) -> String {
         match self {
+            StoreError::Storage(e @ storage::Error::Dataset(_)) if e.is_resource_failure() => {
+                "the center cannot keep the instance now; send it again later".into()
+            }
             StoreError::Storage(storage::Error::Dataset(_))
             | StoreError::Storage(storage::Error::TooLarge { .. }) => self.to_string(),
             StoreError::Storage(storage::Error::StorageFull { .. }) => {
@@ -182,4 +186,28 @@ fn check_matches(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The center failing to read its own spool file (out of descriptors,
+    /// a disk error) is its failure: 0xA700, which senders retry, with the
+    /// OS's words kept in the log; a dataset that is wrong stays 0xC000.
+    #[test]
+    fn a_spool_the_center_cannot_read_is_a700_not_c000() {
+        let local = StoreError::Storage(storage::Error::Dataset(DatasetError::Io(
+            "Too many open files (os error 24)".into(),
+        )));
+        assert_eq!(local.status(), status::OUT_OF_RESOURCES);
+        assert!(
+            !local.comment().contains("open files"),
+            "{}",
+            local.comment()
+        );
+        let theirs = StoreError::Storage(storage::Error::Dataset(DatasetError::Truncated));
+        assert_eq!(theirs.status(), status::CANNOT_UNDERSTAND);
+        assert!(theirs.comment().contains("truncated"));
+    }
 }

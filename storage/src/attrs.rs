@@ -38,6 +38,8 @@ pub enum DatasetError {
         dataset: String,
         command: String,
     },
+    /// The center could not read its own spool file (descriptors, disk):
+    /// its failure, not the sender's, so the sender may try again.
     #[error("cannot read spooled dataset: {0}")]
     Io(String),
     /// A deflated dataset that inflates beyond the size limit (a
@@ -339,11 +341,16 @@ impl<R: std::io::BufRead> Source for StreamSource<R> {
     }
 }
 
+/// What a failed read of the dataset means: the sender's bytes end early
+/// or do not inflate (a corrupt deflate stream), or the center could not
+/// read its own spool file.
 fn eof_as_truncated(e: std::io::Error) -> DatasetError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        DatasetError::Truncated
-    } else {
-        DatasetError::Io(e.to_string())
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => DatasetError::Truncated,
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+            DatasetError::Malformed("the deflated dataset does not inflate")
+        }
+        _ => DatasetError::Io(e.to_string()),
     }
 }
 

@@ -47,6 +47,10 @@ impl Error {
 
     /// True when the failure is ours (disk, index), not the sender's data.
     pub fn is_resource_failure(&self) -> bool {
-        !matches!(self, Error::Dataset(_) | Error::TooLarge { .. })
+        match self {
+            Error::Dataset(DatasetError::Io(_)) => true,
+            Error::Dataset(_) | Error::TooLarge { .. } => false,
+            _ => true,
+        }
     }
 }

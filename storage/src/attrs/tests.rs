@@ -217,6 +217,30 @@ fn reads_deflated_datasets() {
     assert_eq!(attrs.patient_name.text, "Wang^Xiaoming=王^小明");
 }
 
+/// A deflate stream that does not inflate is the sender's fault (0xC000
+/// at the gateway); only a spool file the center cannot read is its own.
+#[test]
+fn a_corrupt_deflate_stream_is_malformed_and_an_unreadable_spool_is_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corrupt.dcm");
+    // Block type 3 does not exist in deflate (RFC 1951 3.2.3).
+    std::fs::write(&path, [0xFFu8; 64]).unwrap();
+    let corrupt = read_file(&path, 0, "1.2.840.10008.1.2.1.99", 1 << 20);
+    assert!(
+        matches!(corrupt, Err(DatasetError::Malformed(_))),
+        "{corrupt:?}"
+    );
+    let missing = read_file(
+        &dir.path().join("gone.dcm"),
+        0,
+        "1.2.840.10008.1.2.1",
+        1 << 20,
+    );
+    assert!(matches!(missing, Err(DatasetError::Io(_))), "{missing:?}");
+    assert!(crate::Error::Dataset(missing.unwrap_err()).is_resource_failure());
+    assert!(!crate::Error::Dataset(corrupt.unwrap_err()).is_resource_failure());
+}
+
 #[test]
 fn a_deflated_dataset_is_inflated_only_up_to_the_limit() {
     use std::io::Write;
