@@ -139,6 +139,30 @@ impl PduReader {
         self.unread.is_some()
     }
 
+    /// Bytes of a PDU received but not yet returned (a PDU on its way).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Like [`PduReader::next`], but gives up (`None`) only after `quiet`
+    /// without a byte: a timer of inactivity, not a deadline for the whole
+    /// PDU, so a large PDU on a slow link is read as long as it comes.
+    pub async fn next_unless_quiet<R: PduSource>(
+        &mut self,
+        stream: &mut R,
+        quiet: std::time::Duration,
+    ) -> Option<Result<Option<Incoming>, UlError>> {
+        loop {
+            let before = self.buf.len();
+            match tokio::time::timeout(quiet, self.next(stream)).await {
+                Ok(r) => return Some(r),
+                // Cancel-safe: the bytes read so far stay in the buffer.
+                Err(_) if self.buf.len() > before => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Reads the next PDU; `Ok(None)` when the peer closed between PDUs.
     pub async fn next<R: PduSource>(
         &mut self,

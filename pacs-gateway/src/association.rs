@@ -280,26 +280,50 @@ impl Connection {
         let mut pending: Option<Pending> = None;
         let mut shutdown = shared.shutdown.clone();
         let idle_timeout = shared.config.gateway.idle_timeout();
+        // Chosen to make room while a message was arriving: released once it
+        // is answered, not in the middle of it.
+        let mut evicted = false;
         let end = loop {
-            // Not idle while the last PDU's next message waits in the reader.
-            let idle = pending.is_none() && !self.reader.has_unread();
+            // Not idle while a message is under way: a PDU arriving, the last
+            // PDU's next message waiting in the reader, a message incomplete.
+            let idle =
+                pending.is_none() && !self.reader.has_unread() && self.reader.buffered() == 0;
             assoc.ticket.set_busy(!idle);
+            if idle && evicted {
+                break End::Release("making room for a new association");
+            }
             if idle && *shutdown.borrow() {
                 break End::Release("the center is shutting down");
             }
             let next = if idle {
-                tokio::select! {
-                    r = tokio::time::timeout(idle_timeout, self.reader.next(&mut self.stream)) => match r {
-                        Ok(r) => r,
-                        Err(_) => break End::Release("idle timeout"),
+                let next = tokio::select! {
+                    r = self.reader.next_unless_quiet(&mut self.stream, idle_timeout) => match r {
+                        Some(r) => Some(r),
+                        None => break End::Release("idle timeout"),
                     },
-                    () = assoc.ticket.evicted() => break End::Release("making room for a new association"),
+                    () = assoc.ticket.evicted() => None,
                     _ = shutdown.changed() => continue,
+                };
+                match next {
+                    Some(r) => {
+                        // Busy from its first PDU on, however long the
+                        // operation runs (a C-MOVE answers from within it).
+                        assoc.ticket.set_busy(true);
+                        r
+                    }
+                    None => {
+                        evicted = true;
+                        continue;
+                    }
                 }
             } else {
-                match tokio::time::timeout(idle_timeout, self.reader.next(&mut self.stream)).await {
-                    Ok(r) => r,
-                    Err(_) => {
+                match self
+                    .reader
+                    .next_unless_quiet(&mut self.stream, idle_timeout)
+                    .await
+                {
+                    Some(r) => r,
+                    None => {
                         break End::Abort(
                             AbortReason::ReasonNotSpecified,
                             "peer stalled mid-message".into(),

@@ -467,6 +467,97 @@ fn limits_release_the_longest_idle_then_refuse_transiently() {
     drop(second);
 }
 
+/// Writes `bytes` a piece every `pause`, over about `total`.
+fn dribble(scu: &mut scu::Scu, bytes: &[u8], total: Duration) {
+    let pieces = 20;
+    let pause = total / pieces as u32;
+    for piece in bytes.chunks(bytes.len().div_ceil(pieces)) {
+        scu.send_raw(piece).unwrap();
+        std::thread::sleep(pause);
+    }
+}
+
+/// The idle timeout is a timer of inactivity: a sender on a slow link whose
+/// PDUs take longer than it to arrive, byte after byte, is served (a
+/// deadline per PDU cut off every large C-STORE from a weak link).
+#[test]
+fn a_slow_but_steady_sender_outlasts_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = GatewaySpec {
+        gateway_extra: "idle_timeout_s = 1".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let mut scu = scu::associate_ct(gw.port);
+    let uid = "2.25.700";
+    let ds = scu::ct_dataset(uid, "2.25.1", 16 * 1024);
+    let id = scu.next_id();
+    // The command over 1.5 s (between messages), the dataset over 2.5 s
+    // (within one): each PDU takes longer than the idle timeout.
+    dribble(
+        &mut scu,
+        &scu::pdata(1, true, true, &scu::store_rq(id, CT_IMAGE_STORAGE, uid)),
+        Duration::from_millis(1500),
+    );
+    dribble(
+        &mut scu,
+        &scu::pdata(1, false, true, &ds),
+        Duration::from_millis(2500),
+    );
+    assert_eq!(scu.reply(), Reply::Status(0x0000));
+    assert!(scu.release());
+    assert_eq!(gw.instance_count(), 1);
+    // A peer that sends nothing is still released after the timeout.
+    let mut idle = scu::associate_ct(gw.port);
+    assert_eq!(idle.reply(), Reply::ReleaseRequested);
+}
+
+/// An association chosen to make room while a message is arriving finishes
+/// that message first, and is released after its answer.
+#[test]
+fn an_association_asked_to_make_room_mid_message_finishes_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = GatewaySpec {
+        gateway_extra: "max_associations = 2\nmax_associations_per_clinic = 2".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(dir.path(), &spec);
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
+    let Association::Accepted(mut first) =
+        scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
+    else {
+        panic!()
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let Association::Accepted(second) = scu::associate(gw.port, "XINZHEN_US", common::AE, contexts)
+    else {
+        panic!()
+    };
+    // `first`, the longest idle, has half of a C-STORE's command PDU on
+    // its way when a third association needs its slot.
+    let uid = "2.25.701";
+    let id = first.next_id();
+    let command = scu::pdata(1, true, true, &scu::store_rq(id, CT_IMAGE_STORAGE, uid));
+    first.send_raw(&command[..command.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let Association::Accepted(third) = scu::associate(gw.port, "BAISHUI_DR", common::AE, contexts)
+    else {
+        panic!("expected the longest-idle association to make room")
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    first.send_raw(&command[command.len() / 2..]).unwrap();
+    let ds = scu::ct_dataset(uid, "2.25.1", 1024);
+    first.send_message(1, false, &ds);
+    assert_eq!(first.reply(), Reply::Status(0x0000));
+    assert_eq!(first.reply(), Reply::ReleaseRequested);
+    first
+        .send_raw(&scu::encode(&dicom_ul::pdu::Pdu::ReleaseRP))
+        .unwrap();
+    assert_eq!(gw.instance_count(), 1);
+    drop(third);
+    drop(second);
+}
+
 #[test]
 fn unknown_calling_wrong_called_and_disallowed_address_are_refused() {
     use dicom_ul::pdu::{
