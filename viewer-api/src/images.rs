@@ -251,22 +251,38 @@ impl Images {
         }
     }
 
-    /// One rendered frame, from the cache when it was rendered before; runs
-    /// on a blocking thread, `handle` runs the waits (a worker permit, a
-    /// remote blob).
+    /// A frame rendered before, from the cache.
+    pub fn cached(&self, instance: &InstanceRow, spec: &Spec) -> Option<Arc<Rendered>> {
+        let key = Images::cache_key(instance, spec);
+        self.cache.lock().expect("cache lock").get(&key)
+    }
+
+    /// A render worker's turn, waited for on no thread: renders run on the
+    /// blocking threads that every caller's index reads and audit writes
+    /// share, and a turn waited for there would hold one each.
+    pub async fn worker(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.workers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal("render workers closed".into()))
+    }
+
+    /// One rendered frame, from the cache when it was rendered before (by
+    /// another call meanwhile), else rendered during `_turn` (from
+    /// [`Images::worker`]); on a blocking thread, `handle` runs the read of
+    /// a remote blob.
     pub fn render_blocking(
         &self,
         instance: &InstanceRow,
         spec: &Spec,
         handle: &tokio::runtime::Handle,
+        _turn: &tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Arc<Rendered>> {
-        let key = Images::cache_key(instance, spec);
-        if let Some(hit) = self.cache.lock().expect("cache lock").get(&key) {
+        if let Some(hit) = self.cached(instance, spec) {
             return Ok(hit);
         }
-        let _permit = handle
-            .block_on(self.workers.acquire())
-            .map_err(|_| ApiError::Internal("render workers closed".into()))?;
+        let key = Images::cache_key(instance, spec);
         let started = std::time::Instant::now();
         let frame = self.decoded(instance, spec.frame, || {
             let (path, bytes) = handle.block_on(self.source(&instance.blob_key))?;

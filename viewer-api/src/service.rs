@@ -597,10 +597,20 @@ impl StudyService for Studies {
     }
 }
 
+/// What the first blocking hop of a render found.
+enum RenderStep {
+    /// Answered and audited: a frame rendered before, or a refusal.
+    Done(Result<pb::RenderedFrame>),
+    /// A frame to render after a worker's turn; its audit row follows.
+    Render(Box<(Entry, studies::InstanceRow, images::Spec)>),
+}
+
 impl App {
     /// Finds the instance with the caller's access check, renders the frame
-    /// (or takes it from the cache) and writes the audit row, in one
-    /// blocking task: one thread hop per frame instead of three.
+    /// (or takes it from the cache) and writes the audit row. A frame
+    /// rendered before takes one blocking hop (lookup, cache, audit row); a
+    /// frame to render waits for a worker's turn between two hops, holding
+    /// no thread while it waits.
     async fn render_audited(
         self: &Arc<Self>,
         caller: Caller,
@@ -609,29 +619,62 @@ impl App {
         spec: Result<images::Spec>,
     ) -> Result<pb::RenderedFrame, Status> {
         let app = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
+        let step = tokio::task::spawn_blocking(move || -> Result<RenderStep> {
             let mut entry = Entry::new(action, &caller);
             let frame = spec.as_ref().map_or(1, |s| s.frame + 1);
             entry.detail = format!("{sop_uid} frame {frame}");
-            let result = app.render_blocking(&caller, &sop_uid, spec, &mut entry, &handle);
-            entry.set_outcome(&result);
+            let answer = match app.render_lookup(&caller, &sop_uid, spec, &mut entry) {
+                Ok((instance, spec)) => match app.images.cached(&instance, &spec) {
+                    Some(hit) => Ok(images::to_proto(&instance.sop_instance_uid, &spec, &hit)),
+                    None => return Ok(RenderStep::Render(Box::new((entry, instance, spec)))),
+                },
+                Err(e) => Err(e),
+            };
+            entry.set_outcome(&answer);
             audit::record_blocking(&app.db, entry)?;
-            result
+            Ok(RenderStep::Done(answer))
+        })
+        .await
+        .map_err(ApiError::from)??;
+        let (mut entry, instance, spec) = match step {
+            RenderStep::Done(answer) => return answer.map_err(Status::from),
+            RenderStep::Render(found) => *found,
+        };
+        let turn = match self.images.worker().await {
+            Ok(turn) => turn,
+            Err(e) => {
+                entry.outcome = e.outcome();
+                audit::record(&self.db, entry).await?;
+                return Err(e.into());
+            }
+        };
+        let app = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let answer = app
+                .images
+                .render_blocking(&instance, &spec, &handle, &turn)
+                .map(|r| images::to_proto(&instance.sop_instance_uid, &spec, &r));
+            drop(turn);
+            entry.set_outcome(&answer);
+            audit::record_blocking(&app.db, entry)?;
+            answer
         })
         .await
         .map_err(ApiError::from)?
         .map_err(Status::from)
     }
 
-    fn render_blocking(
+    /// The instance and the frame asked for, checked against the caller's
+    /// access and the instance's frames; fills the audit entry. On a
+    /// blocking thread.
+    fn render_lookup(
         &self,
         caller: &Caller,
         sop_uid: &str,
         spec: Result<images::Spec>,
         entry: &mut Entry,
-        handle: &tokio::runtime::Handle,
-    ) -> Result<pb::RenderedFrame> {
+    ) -> Result<(studies::InstanceRow, images::Spec)> {
         let instance = self.instance_blocking(caller, sop_uid, entry)?;
         let spec = spec?;
         if spec.frame >= instance.number_of_frames {
@@ -641,12 +684,7 @@ impl App {
                 instance.number_of_frames
             )));
         }
-        let rendered = self.images.render_blocking(&instance, &spec, handle)?;
-        Ok(images::to_proto(
-            &instance.sop_instance_uid,
-            &spec,
-            &rendered,
-        ))
+        Ok((instance, spec))
     }
 
     /// The instance, checked against the caller's access; fills the audit
