@@ -56,11 +56,27 @@ pub async fn record(db: &Db, entry: Entry) -> Result<()> {
 /// At most this many characters of a client-given field are kept.
 const MAX_FIELD: usize = 256;
 
+/// A client-given field as kept: control characters escaped (`\n`, not a
+/// line break, so no reader of the trail is shown a forged line), at most
+/// [`MAX_FIELD`] characters.
 fn bounded(s: String) -> String {
-    if s.chars().count() <= MAX_FIELD {
-        s
+    let escaped = if s.chars().any(char::is_control) {
+        let mut escaped = String::with_capacity(s.len() + 8);
+        for c in s.chars() {
+            if c.is_control() {
+                escaped.extend(c.escape_default());
+            } else {
+                escaped.push(c);
+            }
+        }
+        escaped
     } else {
-        s.chars().take(MAX_FIELD).chain("…".chars()).collect()
+        s
+    };
+    if escaped.chars().count() <= MAX_FIELD {
+        escaped
+    } else {
+        escaped.chars().take(MAX_FIELD).chain("…".chars()).collect()
     }
 }
 
@@ -70,6 +86,8 @@ pub fn record_blocking(db: &Db, entry: Entry) -> Result<()> {
         detail: bounded(entry.detail),
         username: bounded(entry.username),
         study_uid: bounded(entry.study_uid),
+        // Error messages may quote what the client sent.
+        outcome: bounded(entry.outcome),
         ..entry
     };
     db.write_blocking(move |c| {
@@ -92,4 +110,23 @@ pub fn record_blocking(db: &Db, entry: Entry) -> Result<()> {
         ])?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_given_fields_keep_no_control_characters_and_are_bounded() {
+        assert_eq!(bounded("2.25.1 frame 1".into()), "2.25.1 frame 1");
+        assert_eq!(
+            bounded("2.25.1\n2026-01-01 admin login success\u{1b}[2J".into()),
+            "2.25.1\\n2026-01-01 admin login success\\u{1b}[2J"
+        );
+        let long = bounded("x".repeat(1000));
+        assert_eq!(long.chars().count(), MAX_FIELD + 1);
+        assert!(long.ends_with('…'));
+        let short = bounded("y".repeat(MAX_FIELD));
+        assert_eq!(short, "y".repeat(MAX_FIELD));
+    }
 }
