@@ -314,6 +314,10 @@ pub struct Auth {
     /// round trip per call. Logout here evicts at once; a revocation by the
     /// admin command (another process) takes effect within that time.
     recent: Mutex<HashMap<String, (Caller, Instant)>>,
+    /// Logouts so far, counted under `recent`'s lock once the revocation is
+    /// committed: a check that read its session before one (so found it
+    /// valid) does not put it back in `recent` after that logout evicted it.
+    logouts: std::sync::atomic::AtomicU64,
     /// Password checks running at once (one per core).
     hashing: tokio::sync::Semaphore,
     /// Verified against when the user does not exist, so a wrong user name
@@ -328,6 +332,7 @@ impl Auth {
             token_lifetime,
             limiter: Mutex::new(Limiter::default()),
             recent: Mutex::new(HashMap::new()),
+            logouts: std::sync::atomic::AtomicU64::new(0),
             hashing: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
@@ -415,6 +420,7 @@ impl Auth {
                 "authorization must be `Bearer <token>`",
             ))?;
         let hash = token_hash(&token.to_ascii_lowercase());
+        let logouts = self.logouts.load(std::sync::atomic::Ordering::SeqCst);
         if let Some((caller, checked)) = self.recent.lock().expect("token cache").get(&hash)
             && checked.elapsed() < TOKEN_RECHECK
             && caller.expires_at > now_unix()
@@ -478,7 +484,12 @@ impl Auth {
         if recent.len() > 10_000 {
             recent.retain(|_, (_, at)| at.elapsed() < TOKEN_RECHECK);
         }
-        recent.insert(hash, (caller.clone(), Instant::now()));
+        // Not cached when a logout came between the read and now: it may
+        // have revoked this very token (this call still passes, as one
+        // that started before the logout).
+        if self.logouts.load(std::sync::atomic::Ordering::SeqCst) == logouts {
+            recent.insert(hash, (caller.clone(), Instant::now()));
+        }
         Ok(caller)
     }
 
@@ -505,15 +516,76 @@ impl Auth {
     /// Revokes the caller's token.
     pub async fn logout(&self, caller: &Caller) -> Result<()> {
         let hash = caller.token_hash.clone();
-        self.recent.lock().expect("token cache").remove(&hash);
+        let revoked = hash.clone();
         self.db
             .write(move |c| {
                 c.execute(
                     "UPDATE sessions SET revoked = 1 WHERE token_hash = ?1",
-                    [hash],
+                    [revoked],
                 )?;
                 Ok(())
             })
-            .await
+            .await?;
+        // Evicted once the revocation is committed, so no check reading
+        // the session after this sees it valid.
+        let mut recent = self.recent.lock().expect("token cache");
+        recent.remove(&hash);
+        self.logouts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token logged out is refused at once, even when checks of it were
+    /// reading its session while the logout ran (they used to put it back
+    /// in the cache of recent tokens, where it passed for 2 s more).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_logged_out_during_checks_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.save_clinics([("county", "County center")]).unwrap();
+        db.write(|c| {
+            create_user(
+                c,
+                "rad1",
+                "Rad One",
+                Role::Radiologist,
+                "county",
+                "pw-rad1-long",
+            )
+        })
+        .await
+        .unwrap();
+        let auth = std::sync::Arc::new(Auth::new(db, Duration::from_secs(3600)).unwrap());
+        for round in 0..40 {
+            let (token, _, _) = auth
+                .login("rad1", "pw-rad1-long", "127.0.0.1")
+                .await
+                .unwrap();
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let caller = auth.authenticate(&metadata, "p".into()).await.unwrap();
+            // Evicted from the cache, so each check below reads the session.
+            auth.recent.lock().unwrap().clear();
+            let checks: Vec<_> = (0..8)
+                .map(|_| {
+                    let (auth, metadata) = (auth.clone(), metadata.clone());
+                    tokio::spawn(async move { auth.authenticate(&metadata, "p".into()).await })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            auth.logout(&caller).await.unwrap();
+            for check in checks {
+                let _ = check.await.unwrap(); // before or after the logout: either
+            }
+            assert!(
+                auth.authenticate(&metadata, "p".into()).await.is_err(),
+                "round {round}: the logged-out token still passed"
+            );
+        }
     }
 }
