@@ -196,6 +196,11 @@ pub struct Images {
 /// that it does not hold an open instance (and a `streaming` permit).
 const STREAM_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a series stream keeps its instance open (and its `streaming`
+/// turn) while its client takes no frame; then both are given back, and
+/// the instance is opened again when the client reads on.
+const KEEP_OPEN_FOR_A_SLOW_READER: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Images {
     pub fn new(blobs: storage::BlobStore, cache_bytes: usize, frame_cache_bytes: usize) -> Images {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -338,17 +343,34 @@ impl Images {
         template: &Spec,
         tx: &mpsc::Sender<std::result::Result<RenderedFrame, tonic::Status>>,
     ) -> Result<()> {
-        // A client gone while this waits for its turn takes no turn.
-        let _open = tokio::select! {
-            permit = self.streaming.clone().acquire_owned() => {
-                permit.map_err(|_| ApiError::Internal("series streams closed".into()))?
-            }
-            () = tx.closed() => return Ok(()),
-        };
-        let (path, bytes) = self.source(&instance.blob_key).await?;
-        let obj =
-            Arc::new(tokio::task::spawn_blocking(move || open_object(path, bytes, false)).await??);
-        for frame in 0..render::number_of_frames(&obj) {
+        // The instance, open, with its `streaming` turn: opened for the first
+        // frame not in the cache, given back while the client does not read.
+        let mut open: Option<(
+            tokio::sync::OwnedSemaphorePermit,
+            Arc<dicom_object::DefaultDicomObject>,
+        )> = None;
+        for frame in 0..instance.number_of_frames {
+            // Room for the frame first. A client that does not read keeps
+            // the instance open for `KEEP_OPEN_FOR_A_SLOW_READER` at most,
+            // not the whole send timeout: one user's stalled streams must
+            // not hold every turn while other readers wait for one.
+            let room = match tokio::time::timeout(KEEP_OPEN_FOR_A_SLOW_READER, tx.reserve()).await {
+                Ok(room) => room,
+                Err(_) => {
+                    open = None;
+                    match tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.reserve()).await {
+                        Ok(room) => room,
+                        Err(_) => {
+                            return Err(ApiError::DeadlineExceeded(
+                                "the client stopped reading the series stream".into(),
+                            ));
+                        }
+                    }
+                }
+            };
+            let Ok(room) = room else {
+                return Ok(()); // the client went away
+            };
             let spec = Spec {
                 frame,
                 ..template.clone()
@@ -358,13 +380,32 @@ impl Images {
             let rendered = match cached {
                 Some(r) => r,
                 None => {
+                    let obj = match &open {
+                        Some((_, obj)) => obj.clone(),
+                        None => {
+                            // A client gone while this waits for its turn takes no turn.
+                            let turn = tokio::select! {
+                                permit = self.streaming.clone().acquire_owned() => permit
+                                    .map_err(|_| ApiError::Internal("series streams closed".into()))?,
+                                () = tx.closed() => return Ok(()),
+                            };
+                            let (path, bytes) = self.source(&instance.blob_key).await?;
+                            let obj = Arc::new(
+                                tokio::task::spawn_blocking(move || {
+                                    open_object(path, bytes, false)
+                                })
+                                .await??,
+                            );
+                            open = Some((turn, obj.clone()));
+                            obj
+                        }
+                    };
                     let _permit = self
                         .workers
                         .acquire()
                         .await
                         .map_err(|_| ApiError::Internal("render workers closed".into()))?;
-                    let (me, obj, row, s) =
-                        (self.clone(), obj.clone(), instance.clone(), spec.clone());
+                    let (me, row, s) = (self.clone(), instance.clone(), spec.clone());
                     // Decoded frames are kept: the reader scrolls back.
                     let r = tokio::task::spawn_blocking(move || -> Result<Arc<Rendered>> {
                         let f = me.decoded(&row, frame, || Ok(render::decode(&obj, frame)?))?;
@@ -375,16 +416,7 @@ impl Images {
                     r
                 }
             };
-            let msg = to_proto(&instance.sop_instance_uid, &spec, &rendered);
-            match tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(Ok(msg))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(()), // the client went away
-                Err(_) => {
-                    return Err(ApiError::DeadlineExceeded(
-                        "the client stopped reading the series stream".into(),
-                    ));
-                }
-            }
+            room.send(Ok(to_proto(&instance.sop_instance_uid, &spec, &rendered)));
         }
         Ok(())
     }

@@ -844,3 +844,82 @@ async fn a_flood_of_renders_waits_for_workers_on_no_thread() {
         "{before} threads before, {most} during the flood"
     );
 }
+
+/// Series streams whose client reads nothing give their open instances
+/// back: another user's stream is served at once, though one user opened
+/// more streams than there are turns (they used to hold every turn for the
+/// 60 s send timeout), and the unread streams still deliver every frame
+/// when read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_nobody_reads_do_not_hold_every_turn() {
+    use consortium_proto::v1::image_service_client::ImageServiceClient;
+    // 48 frames of 512 x 512, about 200 KB each rendered: more than a
+    // stream buffers on its way to a client that does not read.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cine.dcm");
+    sample_dicom::write_large_instance(&path, 24 << 20, 5).unwrap();
+    let series = common::series_of(&path);
+    let server = center_with(&[(path.clone(), "xinzhen".to_string())], "").await;
+    let total = dicom_object::open_file(&path)
+        .unwrap()
+        .element(tags::NUMBER_OF_FRAMES)
+        .unwrap()
+        .to_int::<usize>()
+        .unwrap();
+    assert!(total >= 40, "{total} frames");
+    let (stalled_user, reader) = (server.login("rad1").await, server.login("rad2").await);
+    let request = |token: &str| {
+        authed(
+            StreamSeriesRequest {
+                series_instance_uid: series.clone(),
+                options: None,
+            },
+            token,
+        )
+    };
+    // More unread streams than the 2 turns per core, each on a connection
+    // whose stream window takes 4 KiB: a client that reads nothing.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut unread = Vec::new();
+    for _ in 0..2 * cores + 2 {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .initial_stream_window_size(4096)
+            .connect()
+            .await
+            .unwrap();
+        let mut images = ImageServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let stream = images
+            .stream_series(request(&stalled_user))
+            .await
+            .unwrap()
+            .into_inner();
+        unread.push((images, stream));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut c = server.clients().await;
+    let mut stream = c
+        .images
+        .stream_series(request(&reader))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut frames = 0;
+    while let Some(frame) =
+        tokio::time::timeout(std::time::Duration::from_secs(20), stream.message())
+            .await
+            .expect("a stream waited behind streams nobody reads")
+            .unwrap()
+    {
+        assert!(!frame.data.is_empty());
+        frames += 1;
+    }
+    assert_eq!(frames, total);
+    for (_images, mut stream) in unread {
+        let mut frames = 0;
+        while let Some(_frame) = stream.message().await.unwrap() {
+            frames += 1;
+        }
+        assert_eq!(frames, total);
+    }
+}
