@@ -302,6 +302,22 @@ impl Limiter {
     }
 }
 
+/// The address failed logins are counted under: an IPv4 address (also
+/// one mapped into IPv6) as it is, an IPv6 address as its /64 prefix, the
+/// least a single host or home network is given.
+pub(crate) fn limiter_scope(peer: &str) -> String {
+    match peer.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        _ => peer.to_string(),
+    }
+}
+
 /// How long a checked token is trusted without asking the index again.
 const TOKEN_RECHECK: Duration = Duration::from_secs(2);
 
@@ -352,7 +368,9 @@ impl Auth {
         }
         // Lock-outs are per user name *from one address*, so nobody can lock
         // a radiologist out from elsewhere; each address also has its own
-        // limit across user names.
+        // limit across user names. An IPv6 address counts as its /64: one
+        // host has a whole /64 to rotate through.
+        let peer = limiter_scope(peer);
         let user_key = format!("user:{username}@{peer}");
         let peer_key = format!("peer:{peer}");
         {
@@ -539,6 +557,59 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_logins_count_per_ipv4_address_and_per_ipv6_slash_64() {
+        assert_eq!(limiter_scope("192.0.2.7"), "192.0.2.7");
+        assert_eq!(limiter_scope("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(limiter_scope("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            limiter_scope("2001:db8:1:2:ffff:ffff:ffff:ffff"),
+            "2001:db8:1:2::/64"
+        );
+        assert_ne!(limiter_scope("2001:db8:1:3::1"), "2001:db8:1:2::/64");
+        assert_eq!(limiter_scope("unknown"), "unknown");
+    }
+
+    /// Guesses from addresses that rotate within one /64 meet one lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guesses_rotating_through_an_ipv6_prefix_are_locked_out_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.save_clinics([("county", "County center")]).unwrap();
+        db.write(|c| {
+            create_user(
+                c,
+                "rad1",
+                "Rad One",
+                Role::Radiologist,
+                "county",
+                "pw-rad1-long",
+            )
+        })
+        .await
+        .unwrap();
+        let auth = Auth::new(db, Duration::from_secs(3600)).unwrap();
+        for i in 0..USER_THRESHOLD {
+            let peer = format!("2001:db8:1:2::{:x}", i + 1);
+            let guess = auth.login("rad1", "a guess", &peer).await;
+            assert!(
+                matches!(guess, Err(ApiError::Unauthenticated(_))),
+                "{guess:?}"
+            );
+        }
+        let locked = auth.login("rad1", "pw-rad1-long", "2001:db8:1:2::99").await;
+        assert!(
+            matches!(locked, Err(ApiError::ResourceExhausted(_))),
+            "{locked:?}"
+        );
+        // Another network is not locked out.
+        assert!(
+            auth.login("rad1", "pw-rad1-long", "2001:db8:9:9::1")
+                .await
+                .is_ok()
+        );
+    }
 
     /// A token logged out is refused at once, even when checks of it were
     /// reading its session while the logout ran (they used to put it back

@@ -139,11 +139,14 @@ impl App {
             // written by `flush_refusals`).
             windows.retain(|_, w| w.started.elapsed() < REFUSAL_WINDOW || w.suppressed > 0);
         }
-        let w = windows.entry(peer.to_string()).or_insert(RefusalWindow {
-            started: Instant::now(),
-            audited: 0,
-            suppressed: 0,
-        });
+        // Per IPv4 address or IPv6 /64, as failed logins are counted.
+        let w = windows
+            .entry(crate::auth::limiter_scope(peer))
+            .or_insert(RefusalWindow {
+                started: Instant::now(),
+                audited: 0,
+                suppressed: 0,
+            });
         let mut outcome = e.outcome();
         if w.started.elapsed() >= REFUSAL_WINDOW {
             if w.suppressed > 0 {
