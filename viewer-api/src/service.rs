@@ -208,39 +208,59 @@ fn token_lapsed() -> Status {
 /// [`WATCH_RECHECK`], as a watch is): a logout, revocation, disabled user or
 /// expiry ends a long download or series stream with `unauthenticated`
 /// instead of letting it run on. Dropping `rx` stops its producer. `slot`
-/// is held until the stream ends.
+/// is held until the stream ends. How the stream ended (completed, failed,
+/// its token lapsed, its client gone) and how many messages went out is
+/// audited in `closing`, the stream's own row: the row written when it
+/// started can only say it was allowed.
 fn while_valid<T: Send + 'static>(
     app: Arc<App>,
     caller: Caller,
     slot: Arc<StreamSlot>,
     mut rx: mpsc::Receiver<std::result::Result<T, Status>>,
+    mut closing: Entry,
 ) -> Streamed<T> {
     let (tx, out) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut recheck = tokio::time::interval(WATCH_RECHECK);
         recheck.tick().await; // (the first tick is immediate)
-        let last_error = loop {
+        let mut sent = 0u64;
+        let mut failure: Option<String> = None;
+        let (last_error, ended) = loop {
             tokio::select! {
                 biased;
                 _ = recheck.tick() => {
                     if !app.auth.still_valid(&caller).await {
-                        break Some(token_lapsed());
+                        break (Some(token_lapsed()), Some("the token is no longer valid"));
                     }
                 }
                 item = rx.recv() => match item {
                     Some(item) => {
+                        let error = item.as_ref().err().map(|e| e.message().to_string());
                         if !send_or_give_up(&tx, item).await {
-                            break None;
+                            break (None, Some("the client cancelled it or stopped reading"));
+                        }
+                        match error {
+                            Some(e) => failure = Some(e),
+                            None => sent += 1,
                         }
                     }
-                    None => break None,
+                    None => break (None, None),
                 },
-                () = tx.closed() => break None,
+                () = tx.closed() => break (None, Some("the client cancelled it")),
             }
         };
         // The producer stops and the place is given back before the last
         // error waits for a client that may not read it.
         drop((rx, slot));
+        closing.matches = sent;
+        closing.outcome = match (failure, ended) {
+            (Some(why), _) => format!("failed after {sent} messages: {why}"),
+            (None, Some(why)) => format!("ended after {sent} messages: {why}"),
+            (None, None) => format!("completed: {sent} messages"),
+        };
+        if let Err(e) = audit::record(&app.db, closing).await {
+            tracing::error!(error = %e, "audit write failed");
+        }
         if let Some(e) = last_error {
             send_or_give_up(&tx, Err(e)).await;
         }
@@ -772,6 +792,7 @@ impl ImageService for Imaging {
             Ok((instances, spec, slot))
         }
         .await;
+        let closing = entry.clone();
         let (instances, spec, slot) = self.0.audited(entry, result).await?;
         // Held by the forwarder and by the producer: the place comes back
         // only when both have ended.
@@ -780,7 +801,13 @@ impl ImageService for Imaging {
         self.0
             .images
             .stream_series(instances, spec, tx, slot.clone());
-        Ok(Response::new(while_valid(self.0.clone(), caller, slot, rx)))
+        Ok(Response::new(while_valid(
+            self.0.clone(),
+            caller,
+            slot,
+            rx,
+            closing,
+        )))
     }
 
     type GetRawInstanceStream = Streamed<pb::RawChunk>;
@@ -805,6 +832,7 @@ impl ImageService for Imaging {
         })
         .await
         .map_err(ApiError::from)?;
+        let closing = entry.clone();
         let (instance, slot) = self.0.audited(entry, result).await?;
         let slot = Arc::new(slot);
         let (tx, rx) = mpsc::channel(4);
@@ -822,6 +850,7 @@ impl ImageService for Imaging {
             streaming_for,
             slot,
             rx,
+            closing,
         )))
     }
 }

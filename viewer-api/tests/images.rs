@@ -705,6 +705,44 @@ async fn a_large_instance_streams_in_many_chunks_byte_for_byte() {
     let (_, a) = storage::part10::parse_file_header(&bytes).unwrap();
     let (_, b) = storage::part10::parse_file_header(&original).unwrap();
     assert!(bytes[a..] == original[b..], "the dataset exactly as sent");
+    // How the download ended is audited too, before its end reaches the client.
+    let completed = format!("completed: {chunks} messages");
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|(u, a, _, o)| u == "rad1" && a == "GetRawInstance" && *o == completed),
+        "{:#?}",
+        server.audit()
+    );
+    // A download the client drops after one chunk.
+    let mut dropped = c
+        .images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: large.sop_instance_uid.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    dropped.message().await.unwrap().unwrap();
+    drop(dropped);
+    let cancelled = |audit: &[(String, String, String, String)]| {
+        audit.iter().any(|(u, a, _, o)| {
+            u == "rad1" && a == "GetRawInstance" && o.ends_with("the client cancelled it")
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cancelled(&server.audit()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            server.audit()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // Its frames render one by one too (a multi-frame word image).
     let frame = c
         .images
@@ -765,6 +803,15 @@ async fn a_download_ends_when_its_token_is_revoked() {
         received < first.total_size,
         "{received} of {}",
         first.total_size
+    );
+    // The audit trail says how it ended, not only that it was allowed.
+    assert!(
+        server.audit().iter().any(|(u, a, _, o)| u == "rad1"
+            && a == "GetRawInstance"
+            && o.starts_with("ended after ")
+            && o.ends_with("the token is no longer valid")),
+        "{:#?}",
+        server.audit()
     );
 }
 
@@ -915,6 +962,7 @@ async fn streams_nobody_reads_do_not_hold_every_turn() {
         frames += 1;
     }
     assert_eq!(frames, total);
+    let streams = unread.len() + 1;
     for (_images, mut stream) in unread {
         let mut frames = 0;
         while let Some(_frame) = stream.message().await.unwrap() {
@@ -922,4 +970,11 @@ async fn streams_nobody_reads_do_not_hold_every_turn() {
         }
         assert_eq!(frames, total);
     }
+    let completed = format!("completed: {total} messages");
+    let audit = server.audit();
+    let ended = audit
+        .iter()
+        .filter(|(_, a, _, o)| a == "StreamSeries" && *o == completed)
+        .count();
+    assert_eq!(ended, streams, "{audit:#?}");
 }
