@@ -189,6 +189,24 @@ impl App {
         }
     }
 
+    /// [`App::audited`], with one more row for each of `others`: patients
+    /// besides the entry's whose instances the answer carries (another
+    /// clinic's instances filed into the study or series).
+    async fn audited_patients<T>(
+        &self,
+        entry: Entry,
+        others: Vec<String>,
+        result: Result<T>,
+    ) -> Result<T, Status> {
+        for patient_ref in others {
+            let mut row = entry.clone();
+            row.patient_ref = patient_ref;
+            row.set_outcome(&result);
+            audit::record(&self.db, row).await?;
+        }
+        self.audited(entry, result).await
+    }
+
     /// Records the call's outcome; data is only returned once its access is audited.
     async fn audited<T>(&self, mut entry: Entry, result: Result<T>) -> Result<T, Status> {
         entry.set_outcome(&result);
@@ -281,6 +299,17 @@ async fn send_or_give_up<T>(tx: &mpsc::Sender<T>, item: T) -> bool {
         tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(item)).await,
         Ok(Ok(()))
     )
+}
+
+/// The patients of `refs` other than `first`, each once, in order.
+fn other_patients<'a>(first: &str, refs: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut others: Vec<String> = Vec::new();
+    for r in refs {
+        if r != first && !others.contains(r) {
+            others.push(r.clone());
+        }
+    }
+    others
 }
 
 /// The audit trail's `clinic:patient-id` of a worklist item.
@@ -551,6 +580,7 @@ impl StudyService for Studies {
         let caller = self.0.caller(&req, "GetStudyMetadata").await?;
         let uid = req.into_inner().study_instance_uid;
         let mut entry = Entry::new("GetStudyMetadata", &caller);
+        let mut others = Vec::new();
         let app = self.0.clone();
         let result = async {
             caller.require_patient_access()?;
@@ -565,9 +595,15 @@ impl StudyService for Studies {
                     Ok((study, instances))
                 })
                 .await?;
-            entry.patient_ref = study.patient_ref.clone();
+            // The study's patient, unless the caller reached the study only
+            // through instances its clinic filed there: then only theirs.
+            entry.patient_ref = match instances.first() {
+                Some((_, _, first)) if !caller.may_see_clinic(&study.clinic_id) => first.clone(),
+                _ => study.patient_ref.clone(),
+            };
+            others = other_patients(&entry.patient_ref, instances.iter().map(|(_, _, p)| p));
             let mut json = String::from("[");
-            for (i, (_, key)) in instances.iter().enumerate() {
+            for (i, (_, key, _)) in instances.iter().enumerate() {
                 let (path, bytes) = app.images.source(key).await?;
                 let one = tokio::task::spawn_blocking(move || {
                     studies::dataset_json(&studies::open_object(path, bytes, true)?)
@@ -581,12 +617,14 @@ impl StudyService for Studies {
             json.push(']');
             Ok(pb::GetStudyMetadataResponse {
                 dicom_json: json,
-                instances: instances.into_iter().map(|(r, _)| r).collect(),
+                instances: instances.into_iter().map(|(r, _, _)| r).collect(),
             })
         }
         .await;
         entry.matches = result.as_ref().map_or(0, |r| r.instances.len() as u64);
-        Ok(Response::new(self.0.audited(entry, result).await?))
+        Ok(Response::new(
+            self.0.audited_patients(entry, others, result).await?,
+        ))
     }
 
     async fn get_priors(
@@ -606,6 +644,12 @@ impl StudyService for Studies {
                 .db
                 .read(move |conn| {
                     let study = studies::find_study(conn, &c, &uid)?;
+                    // A study a clinic reaches only through instances it
+                    // filed there is another clinic's patient: linking it
+                    // to the clinic's own patients would tell who that is.
+                    if !c.may_see_clinic(&study.clinic_id) {
+                        return Err(ApiError::NotFound("study"));
+                    }
                     let priors = studies::priors(conn, &c, &study)?;
                     Ok((study, priors))
                 })
@@ -774,6 +818,7 @@ impl ImageService for Imaging {
         let caller = self.0.caller(&req, "StreamSeries").await?;
         let r = req.into_inner();
         let mut entry = Entry::new("StreamSeries", &caller);
+        let mut others = Vec::new();
         entry.detail = r.series_instance_uid.clone();
         let result = async {
             caller.require_patient_access()?;
@@ -788,12 +833,16 @@ impl ImageService for Imaging {
                 .await?;
             entry.study_uid = instances[0].study_uid.clone();
             entry.patient_ref = instances[0].patient_ref.clone();
+            others = other_patients(
+                &instances[0].patient_ref,
+                instances.iter().map(|i| &i.patient_ref),
+            );
             entry.matches = instances.len() as u64;
             Ok((instances, spec, slot))
         }
         .await;
         let closing = entry.clone();
-        let (instances, spec, slot) = self.0.audited(entry, result).await?;
+        let (instances, spec, slot) = self.0.audited_patients(entry, others, result).await?;
         // Held by the forwarder and by the producer: the place comes back
         // only when both have ended.
         let slot = Arc::new(slot);

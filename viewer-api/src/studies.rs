@@ -135,7 +135,7 @@ pub fn find_study(conn: &Connection, caller: &Caller, study_uid: &str) -> Result
 const INSTANCE_SELECT: &str = "SELECT i.sop_instance_uid, i.blob_key, i.sha256, i.size, i.transfer_syntax,
         st.study_uid, st.clinic_id, p.clinic_id || ':' || p.patient_id, COALESCE(i.number_of_frames, 1)
      FROM instances i JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk
-          JOIN patients p ON p.pk = st.patient_pk";
+          JOIN patients p ON p.pk = COALESCE(i.patient_pk, st.patient_pk)";
 
 fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -194,12 +194,15 @@ pub fn study_instances(
     conn: &Connection,
     caller: &Caller,
     study_pk: i64,
-) -> Result<Vec<(InstanceRef, String)>> {
+) -> Result<Vec<(InstanceRef, String, String)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT se.series_uid, i.sop_instance_uid, i.sop_class_uid, se.modality,
                 COALESCE(se.series_number, 0), COALESCE(i.instance_number, 0),
-                COALESCE(i.number_of_frames, 1), i.blob_key, i.sha256
+                COALESCE(i.number_of_frames, 1), i.blob_key, i.sha256,
+                p.clinic_id || ':' || p.patient_id
          FROM instances i JOIN series se ON se.pk = i.series_pk
+              JOIN studies st ON st.pk = se.study_pk
+              JOIN patients p ON p.pk = COALESCE(i.patient_pk, st.patient_pk)
          WHERE se.study_pk = ?1
          ORDER BY se.series_number IS NULL, se.series_number, se.series_uid,
                   i.instance_number IS NULL, i.instance_number, i.sop_instance_uid",
@@ -217,13 +220,14 @@ pub fn study_instances(
             },
             r.get::<_, String>(7)?,
             r.get::<_, String>(8)?,
+            r.get::<_, String>(9)?,
         ))
     })?;
     let mut visible = Vec::new();
     for row in rows {
-        let (instance, key, sha) = row?;
+        let (instance, key, sha, patient_ref) = row?;
         if may_see_instance(conn, caller, &instance.sop_instance_uid, &sha)? {
-            visible.push((instance, key));
+            visible.push((instance, key, patient_ref));
         }
     }
     Ok(visible)

@@ -713,6 +713,64 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
     );
     assert_eq!(all.instance_count as usize, a_study.len() + 2);
     assert!(all.modalities.contains(&b.modality), "{:?}", all.modalities);
+
+    // Reads of B's instance filed into A's study are audited as reads of
+    // B's patient, whose image it is, not of A's.
+    let (a_patient, b_patient) = (
+        format!("xinzhen:{}", a.patient_id),
+        format!("baishui:{}", b.patient_id),
+    );
+    assert_ne!(a_patient, b_patient);
+    c.images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: "2.25.424243".into(),
+            },
+            &rad,
+        ))
+        .await
+        .unwrap();
+    let patients_read = |user: &str, action: &str| -> Vec<String> {
+        let conn = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT patient_ref FROM audit WHERE username = ?1 AND action = ?2
+                 AND outcome = 'success' ORDER BY pk",
+            )
+            .unwrap();
+        stmt.query_map([user, action], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(patients_read("rad1", "GetRawInstance"), vec![b_patient.clone()]);
+    // The radiologist's study metadata carried both patients: a row each.
+    let mut both = patients_read("rad1", "GetStudyMetadata");
+    both.sort();
+    let mut expected = vec![a_patient.clone(), b_patient.clone()];
+    expected.sort();
+    assert_eq!(both, expected);
+    // B's staff reached A's study only through B's instances: their read
+    // names B's patient alone, and the study's priors (A's patient's
+    // links) are not theirs to see.
+    assert!(
+        patients_read("staff_b", "GetStudyMetadata")
+            .iter()
+            .all(|p| *p == b_patient),
+        "{:?}",
+        patients_read("staff_b", "GetStudyMetadata")
+    );
+    let err = c
+        .studies
+        .get_priors(authed(
+            consortium_proto::v1::GetPriorsRequest {
+                study_instance_uid: a.study_instance_uid.clone(),
+            },
+            &staff,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }
 
 /// One user may hold only `max_streams_per_user` streams open at once

@@ -240,6 +240,14 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (requester_ae, transaction_uid)
     );
     "#,
+    // 10: the patient an instance's own dataset names (its sender's patient
+    // record). Usually its study's patient; not for an instance another
+    // clinic filed into that study, whose reads must be audited as reads
+    // of the patient the image shows. NULL for rows from before: their
+    // study's patient stands in.
+    r#"
+    ALTER TABLE instances ADD COLUMN patient_pk INTEGER REFERENCES patients (pk);
+    "#,
 ];
 
 /// Fills the name group columns of rows written without them (rows from

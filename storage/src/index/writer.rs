@@ -453,10 +453,11 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
     .execute([study_pk])?;
     tx.prepare_cached(
         "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, instance_number, number_of_frames,
-            transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+            transfer_syntax, blob_key, sha256, size, dataset_offset, clinic_id, calling_ae, received_at,
+            patient_pk)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          ON CONFLICT (sop_instance_uid) DO UPDATE SET
-            series_pk = excluded.series_pk,
+            series_pk = excluded.series_pk, patient_pk = excluded.patient_pk,
             sop_class_uid = excluded.sop_class_uid,
             instance_number = excluded.instance_number, number_of_frames = excluded.number_of_frames,
             transfer_syntax = excluded.transfer_syntax, blob_key = excluded.blob_key,
@@ -476,7 +477,8 @@ fn insert(tx: &Connection, new: &NewInstance) -> Result<StoreOutcome> {
             new.dataset_offset as i64,
             new.clinic_id,
             new.calling_ae,
-            new.received_at
+            new.received_at,
+            patient_pk
         ],
     )?;
     Ok(match current {
