@@ -415,8 +415,9 @@ fn silent_and_slow_peers_are_closed_by_artim_and_idle_timeouts() {
     gw.assert_serving();
 }
 
-#[test]
-fn limits_release_the_longest_idle_then_refuse_transiently() {
+/// A gateway admitting 2 associations (2 per clinic), and a first one
+/// from XINZHEN_CT on a CT context, idle for a moment.
+fn two_slots_one_taken() -> (tempfile::TempDir, Gateway, scu::Scu) {
     let dir = tempfile::tempdir().unwrap();
     let spec = GatewaySpec {
         gateway_extra: "max_associations = 2\nmax_associations_per_clinic = 2".into(),
@@ -424,12 +425,18 @@ fn limits_release_the_longest_idle_then_refuse_transiently() {
     };
     let gw = Gateway::start(dir.path(), &spec);
     let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
-    let Association::Accepted(mut first) =
-        scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
+    let Association::Accepted(first) = scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
     else {
         panic!()
     };
     std::thread::sleep(Duration::from_millis(50));
+    (dir, gw, first)
+}
+
+#[test]
+fn limits_release_the_longest_idle_then_refuse_transiently() {
+    let (_dir, gw, mut first) = two_slots_one_taken();
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
     let Association::Accepted(mut second) =
         scu::associate(gw.port, "XINZHEN_US", common::AE, contexts)
     else {
@@ -516,19 +523,8 @@ fn a_slow_but_steady_sender_outlasts_the_idle_timeout() {
 /// that message first, and is released after its answer.
 #[test]
 fn an_association_asked_to_make_room_mid_message_finishes_it_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = GatewaySpec {
-        gateway_extra: "max_associations = 2\nmax_associations_per_clinic = 2".into(),
-        ..Default::default()
-    };
-    let gw = Gateway::start(dir.path(), &spec);
+    let (_dir, gw, mut first) = two_slots_one_taken();
     let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
-    let Association::Accepted(mut first) =
-        scu::associate(gw.port, "XINZHEN_CT", common::AE, contexts)
-    else {
-        panic!()
-    };
-    std::thread::sleep(Duration::from_millis(50));
     let Association::Accepted(second) = scu::associate(gw.port, "XINZHEN_US", common::AE, contexts)
     else {
         panic!()

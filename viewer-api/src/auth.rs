@@ -571,9 +571,9 @@ mod tests {
         assert_eq!(limiter_scope("unknown"), "unknown");
     }
 
-    /// Guesses from addresses that rotate within one /64 meet one lock.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn guesses_rotating_through_an_ipv6_prefix_are_locked_out_together() {
+    /// An index in a fresh directory with one user, `rad1` (password
+    /// `pw-rad1-long`), and its `Auth`.
+    async fn with_rad1() -> (tempfile::TempDir, Auth) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
         db.save_clinics([("county", "County center")]).unwrap();
@@ -589,7 +589,13 @@ mod tests {
         })
         .await
         .unwrap();
-        let auth = Auth::new(db, Duration::from_secs(3600)).unwrap();
+        (dir, Auth::new(db, Duration::from_secs(3600)).unwrap())
+    }
+
+    /// Guesses from addresses that rotate within one /64 meet one lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guesses_rotating_through_an_ipv6_prefix_are_locked_out_together() {
+        let (_dir, auth) = with_rad1().await;
         for i in 0..USER_THRESHOLD {
             let peer = format!("2001:db8:1:2::{:x}", i + 1);
             let guess = auth.login("rad1", "a guess", &peer).await;
@@ -616,22 +622,8 @@ mod tests {
     /// in the cache of recent tokens, where it passed for 2 s more).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_token_logged_out_during_checks_is_refused_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path()).unwrap();
-        db.save_clinics([("county", "County center")]).unwrap();
-        db.write(|c| {
-            create_user(
-                c,
-                "rad1",
-                "Rad One",
-                Role::Radiologist,
-                "county",
-                "pw-rad1-long",
-            )
-        })
-        .await
-        .unwrap();
-        let auth = std::sync::Arc::new(Auth::new(db, Duration::from_secs(3600)).unwrap());
+        let (_dir, auth) = with_rad1().await;
+        let auth = std::sync::Arc::new(auth);
         for round in 0..40 {
             let (token, _, _) = auth
                 .login("rad1", "pw-rad1-long", "127.0.0.1")

@@ -743,7 +743,10 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
             .collect::<Result<_, _>>()
             .unwrap()
     };
-    assert_eq!(patients_read("rad1", "GetRawInstance"), vec![b_patient.clone()]);
+    assert_eq!(
+        patients_read("rad1", "GetRawInstance"),
+        vec![b_patient.clone()]
+    );
     // The radiologist's study metadata carried both patients: a row each.
     let mut both = patients_read("rad1", "GetStudyMetadata");
     both.sort();

@@ -669,6 +669,24 @@ async fn series_stream_raw_instances_metadata_and_priors() {
     }
 }
 
+/// A GetRawInstance stream of `sop` for `token`.
+async fn download(
+    c: &mut common::Clients,
+    sop: &str,
+    token: &str,
+) -> tonic::Streaming<consortium_proto::v1::RawChunk> {
+    c.images
+        .get_raw_instance(authed(
+            GetRawInstanceRequest {
+                sop_instance_uid: sop.into(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_instance_streams_in_many_chunks_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
@@ -678,17 +696,7 @@ async fn a_large_instance_streams_in_many_chunks_byte_for_byte() {
     let server = center_with(&[(path.clone(), "xinzhen".to_string())], "").await;
     let token = server.login("rad1").await;
     let mut c = server.clients().await;
-    let mut stream = c
-        .images
-        .get_raw_instance(authed(
-            GetRawInstanceRequest {
-                sop_instance_uid: large.sop_instance_uid.clone(),
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = download(&mut c, &large.sop_instance_uid, &token).await;
     let (mut bytes, mut chunks, mut announced) = (Vec::new(), 0, 0);
     while let Some(chunk) = stream.message().await.unwrap() {
         assert_eq!(chunk.offset, bytes.len() as u64);
@@ -716,17 +724,7 @@ async fn a_large_instance_streams_in_many_chunks_byte_for_byte() {
         server.audit()
     );
     // A download the client drops after one chunk.
-    let mut dropped = c
-        .images
-        .get_raw_instance(authed(
-            GetRawInstanceRequest {
-                sop_instance_uid: large.sop_instance_uid.clone(),
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut dropped = download(&mut c, &large.sop_instance_uid, &token).await;
     dropped.message().await.unwrap().unwrap();
     drop(dropped);
     let cancelled = |audit: &[(String, String, String, String)]| {
@@ -773,17 +771,7 @@ async fn a_download_ends_when_its_token_is_revoked() {
     let server = center_with(&[(path.clone(), "xinzhen".to_string())], "").await;
     let token = server.login("rad1").await;
     let mut c = server.clients().await;
-    let mut stream = c
-        .images
-        .get_raw_instance(authed(
-            GetRawInstanceRequest {
-                sop_instance_uid: large.sop_instance_uid.clone(),
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = download(&mut c, &large.sop_instance_uid, &token).await;
     let first = stream.message().await.unwrap().unwrap();
     let mut received = first.data.len() as u64;
     c.identity
