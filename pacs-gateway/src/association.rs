@@ -281,24 +281,34 @@ impl Connection {
         let mut shutdown = shared.shutdown.clone();
         let idle_timeout = shared.config.gateway.idle_timeout();
         // Chosen to make room while a message was arriving: released once it
-        // is answered, not in the middle of it.
-        let mut evicted = false;
+        // is answered, not in the middle of it, and within `idle_timeout`
+        // (its slot is already another's: a peer trickling bytes must not
+        // keep it).
+        let mut evicted: Option<Instant> = None;
         let end = loop {
             // Not idle while a message is under way: a PDU arriving, the last
             // PDU's next message waiting in the reader, a message incomplete.
             let idle =
                 pending.is_none() && !self.reader.has_unread() && self.reader.buffered() == 0;
             assoc.ticket.set_busy(!idle);
-            if idle && evicted {
+            if idle && evicted.is_some() {
                 break End::Release("making room for a new association");
             }
             if idle && *shutdown.borrow() {
                 break End::Release("the center is shutting down");
             }
+            let stalled = || {
+                End::Abort(
+                    AbortReason::ReasonNotSpecified,
+                    "peer stalled mid-message".into(),
+                )
+            };
             let next = if idle {
                 let next = tokio::select! {
                     r = self.reader.next_unless_quiet(&mut self.stream, idle_timeout) => match r {
                         Some(r) => Some(r),
+                        // Quiet with part of a PDU read: not between messages.
+                        None if self.reader.buffered() > 0 => break stalled(),
                         None => break End::Release("idle timeout"),
                     },
                     () = assoc.ticket.evicted() => None,
@@ -312,8 +322,20 @@ impl Connection {
                         r
                     }
                     None => {
-                        evicted = true;
+                        evicted = Some(Instant::now());
                         continue;
+                    }
+                }
+            } else if let Some(since) = evicted {
+                let left = idle_timeout.saturating_sub(since.elapsed());
+                match tokio::time::timeout(left, self.reader.next(&mut self.stream)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        break End::Abort(
+                            AbortReason::ReasonNotSpecified,
+                            "asked to make room, and the message under way did not end in time"
+                                .into(),
+                        );
                     }
                 }
             } else {
@@ -323,12 +345,7 @@ impl Connection {
                     .await
                 {
                     Some(r) => r,
-                    None => {
-                        break End::Abort(
-                            AbortReason::ReasonNotSpecified,
-                            "peer stalled mid-message".into(),
-                        );
-                    }
+                    None => break stalled(),
                 }
             };
             let pdu = match next {

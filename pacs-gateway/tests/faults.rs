@@ -517,6 +517,12 @@ fn a_slow_but_steady_sender_outlasts_the_idle_timeout() {
     // A peer that sends nothing is still released after the timeout.
     let mut idle = scu::associate_ct(gw.port);
     assert_eq!(idle.reply(), Reply::ReleaseRequested);
+    // One that sends half a PDU and then nothing is aborted: it is not
+    // between messages, and an A-RELEASE-RQ would be read as its rest.
+    let mut stalled = scu::associate_ct(gw.port);
+    let half = scu::pdata(1, true, true, &scu::echo_rq(1));
+    stalled.send_raw(&half[..half.len() / 2]).unwrap();
+    assert_eq!(stalled.reply(), Reply::Aborted);
 }
 
 /// An association chosen to make room while a message is arriving finishes
