@@ -56,14 +56,15 @@ pub async fn record(db: &Db, entry: Entry) -> Result<()> {
 /// At most this many characters of a client-given field are kept.
 const MAX_FIELD: usize = 256;
 
-/// A client-given field as kept: control characters escaped (`\n`, not a
-/// line break, so no reader of the trail is shown a forged line), at most
+/// A client-given field as kept: control characters, separators and
+/// bidirectional overrides escaped (`\n`, not a line break, so no reader
+/// of the trail is shown a forged line), at most
 /// [`MAX_FIELD`] characters.
 fn bounded(s: String) -> String {
-    let escaped = if s.chars().any(char::is_control) {
+    let escaped = if s.chars().any(is_unsafe) {
         let mut escaped = String::with_capacity(s.len() + 8);
         for c in s.chars() {
-            if c.is_control() {
+            if is_unsafe(c) {
                 escaped.extend(c.escape_default());
             } else {
                 escaped.push(c);
@@ -80,14 +81,23 @@ fn bounded(s: String) -> String {
     }
 }
 
+/// Characters a reader of the trail could be misled by: controls, line
+/// and paragraph separators, and bidirectional overrides and isolates.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 /// [`record`] on this (blocking) thread.
 pub fn record_blocking(db: &Db, entry: Entry) -> Result<()> {
     let entry = Entry {
         detail: bounded(entry.detail),
         username: bounded(entry.username),
         study_uid: bounded(entry.study_uid),
-        // Error messages may quote what the client sent.
+        // Error messages may quote what the client sent; a Patient ID is
+        // what a sender's dataset said.
         outcome: bounded(entry.outcome),
+        patient_ref: bounded(entry.patient_ref),
         ..entry
     };
     db.write_blocking(move |c| {
@@ -126,6 +136,10 @@ mod tests {
         let long = bounded("x".repeat(1000));
         assert_eq!(long.chars().count(), MAX_FIELD + 1);
         assert!(long.ends_with('…'));
+        assert_eq!(
+            bounded("a\u{202E}b\u{2028}c".into()),
+            "a\\u{202e}b\\u{2028}c"
+        );
         let short = bounded("y".repeat(MAX_FIELD));
         assert_eq!(short, "y".repeat(MAX_FIELD));
     }

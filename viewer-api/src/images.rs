@@ -351,13 +351,19 @@ impl Images {
         )> = None;
         for frame in 0..instance.number_of_frames {
             // Room for the frame first. A client that does not read keeps
-            // the instance open for `KEEP_OPEN_FOR_A_SLOW_READER` at most,
-            // not the whole send timeout: one user's stalled streams must
-            // not hold every turn while other readers wait for one.
+            // the instance open for `KEEP_OPEN_FOR_A_SLOW_READER` at most
+            // while every turn is taken, not the whole send timeout: one
+            // user's stalled streams must not hold every turn while other
+            // readers wait for one.
             let room = match tokio::time::timeout(KEEP_OPEN_FOR_A_SLOW_READER, tx.reserve()).await {
                 Ok(room) => room,
                 Err(_) => {
-                    open = None;
+                    // Given back when every turn is taken (others may wait
+                    // for one); a slow reader alone keeps its instance open
+                    // rather than have it read again for each frame.
+                    if self.streaming.available_permits() == 0 {
+                        open = None;
+                    }
                     match tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.reserve()).await {
                         Ok(room) => room,
                         Err(_) => {

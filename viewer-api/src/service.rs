@@ -228,14 +228,14 @@ fn token_lapsed() -> Status {
 /// instead of letting it run on. Dropping `rx` stops its producer. `slot`
 /// is held until the stream ends. How the stream ended (completed, failed,
 /// its token lapsed, its client gone) and how many messages went out is
-/// audited in `closing`, the stream's own row: the row written when it
-/// started can only say it was allowed.
+/// audited in `closing`, the stream's rows (one per patient): the rows
+/// written when it started can only say it was allowed.
 fn while_valid<T: Send + 'static>(
     app: Arc<App>,
     caller: Caller,
     slot: Arc<StreamSlot>,
     mut rx: mpsc::Receiver<std::result::Result<T, Status>>,
-    mut closing: Entry,
+    closing: Vec<Entry>,
 ) -> Streamed<T> {
     let (tx, out) = mpsc::channel(4);
     tokio::spawn(async move {
@@ -255,7 +255,11 @@ fn while_valid<T: Send + 'static>(
                     Some(item) => {
                         let error = item.as_ref().err().map(|e| e.message().to_string());
                         if !send_or_give_up(&tx, item).await {
-                            break (None, Some("the client cancelled it or stopped reading"));
+                            break (None, Some(if tx.is_closed() {
+                                "the client cancelled it"
+                            } else {
+                                "the client stopped reading"
+                            }));
                         }
                         match error {
                             Some(e) => failure = Some(e),
@@ -270,14 +274,18 @@ fn while_valid<T: Send + 'static>(
         // The producer stops and the place is given back before the last
         // error waits for a client that may not read it.
         drop((rx, slot));
-        closing.matches = sent;
-        closing.outcome = match (failure, ended) {
+        let outcome = match (failure, ended) {
             (Some(why), _) => format!("failed after {sent} messages: {why}"),
             (None, Some(why)) => format!("ended after {sent} messages: {why}"),
             (None, None) => format!("completed: {sent} messages"),
         };
-        if let Err(e) = audit::record(&app.db, closing).await {
-            tracing::error!(error = %e, "audit write failed");
+        // One row per patient the stream carried, as when it started.
+        for mut row in closing {
+            row.matches = sent;
+            row.outcome = outcome.clone();
+            if let Err(e) = audit::record(&app.db, row).await {
+                tracing::error!(error = %e, "audit write failed");
+            }
         }
         if let Some(e) = last_error {
             send_or_give_up(&tx, Err(e)).await;
@@ -707,25 +715,30 @@ impl App {
             RenderStep::Done(answer) => return answer.map_err(Status::from),
             RenderStep::Render(found) => *found,
         };
-        let turn = match self.images.worker().await {
-            Ok(turn) => turn,
-            Err(e) => {
-                entry.outcome = e.outcome();
-                audit::record(&self.db, entry).await?;
-                return Err(e.into());
-            }
-        };
+        // A task of its own: a client that gives up while the render waits
+        // for its turn still leaves the audit row of an allowed access.
         let app = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let answer = app
-                .images
-                .render_blocking(&instance, &spec, &handle, &turn)
-                .map(|r| images::to_proto(&instance.sop_instance_uid, &spec, &r));
-            drop(turn);
-            entry.set_outcome(&answer);
-            audit::record_blocking(&app.db, entry)?;
-            answer
+        tokio::spawn(async move {
+            let turn = match app.images.worker().await {
+                Ok(turn) => turn,
+                Err(e) => {
+                    entry.outcome = e.outcome();
+                    audit::record(&app.db, entry).await?;
+                    return Err(e);
+                }
+            };
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let answer = app
+                    .images
+                    .render_blocking(&instance, &spec, &handle, &turn)
+                    .map(|r| images::to_proto(&instance.sop_instance_uid, &spec, &r));
+                drop(turn);
+                entry.set_outcome(&answer);
+                audit::record_blocking(&app.db, entry)?;
+                answer
+            })
+            .await?
         })
         .await
         .map_err(ApiError::from)?
@@ -841,7 +854,12 @@ impl ImageService for Imaging {
             Ok((instances, spec, slot))
         }
         .await;
-        let closing = entry.clone();
+        let closing: Vec<Entry> = std::iter::once(entry.clone())
+            .chain(others.iter().map(|p| Entry {
+                patient_ref: p.clone(),
+                ..entry.clone()
+            }))
+            .collect();
         let (instances, spec, slot) = self.0.audited_patients(entry, others, result).await?;
         // Held by the forwarder and by the producer: the place comes back
         // only when both have ended.
@@ -899,7 +917,7 @@ impl ImageService for Imaging {
             streaming_for,
             slot,
             rx,
-            closing,
+            vec![closing],
         )))
     }
 }
