@@ -804,81 +804,63 @@ async fn a_download_ends_when_its_token_is_revoked() {
     );
 }
 
-/// Threads of process `pid` now.
-fn threads_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .count()
-}
-
-/// Renders waiting for a worker's turn hold no thread: a flood of frames to
-/// render (each window a new one) leaves the blocking threads, which every
-/// caller's token checks and audit writes share, to those, and every frame
-/// still comes back, each with its audit row.
+/// A flood of frames to render (each window a new one), from more
+/// requests than the runtime has blocking threads (512), all waiting for
+/// one of the render workers: every frame comes back, each with its audit
+/// row. (That a waiting render holds no thread was measured, not asserted
+/// here: 204-233 threads during 300-400 renders before the change, 58-85
+/// after; under a loaded CI the lookups' own bursts reach 207, so a thread
+/// count cannot tell the two apart.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_renders_waits_for_workers_on_no_thread() {
-    const FLOOD: usize = 400;
-    let (_, samples) = demo_samples();
-    let ct = samples
-        .iter()
-        .find(|f| f.issuer_of_patient_id == "xinzhen" && f.modality == "CT")
-        .unwrap();
-    let server = center_with(&with_clinic([ct]), "").await;
+async fn a_flood_of_renders_all_come_back_audited() {
+    const CHANNELS: usize = 6;
+    const PER_CHANNEL: usize = 150; // within a connection's 200 streams
+    const FLOOD: usize = CHANNELS * PER_CHANNEL;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("slices.dcm");
+    let large = sample_dicom::write_large_instance(&path, 4 << 20, 6).unwrap();
+    let server = center_with(&[(path.clone(), "xinzhen".to_string())], "").await;
     let token = server.login("rad1").await;
-    let c = server.clients().await;
-    let before = threads_of(server.pid());
-    let renders: Vec<_> = (0..FLOOD)
-        .map(|i| {
-            let (mut c, token, sop) =
-                (c.images.clone(), token.clone(), ct.sop_instance_uid.clone());
-            tokio::spawn(async move {
+    let mut renders = Vec::new();
+    for channel in 0..CHANNELS {
+        let c = server.clients().await;
+        for i in 0..PER_CHANNEL {
+            let (mut images, token, sop) = (
+                c.images.clone(),
+                token.clone(),
+                large.sop_instance_uid.clone(),
+            );
+            renders.push(tokio::spawn(async move {
                 let options = RenderOptions {
                     window: Some(Window {
-                        center: 40.0 + i as f64,
+                        center: 100.0 + (channel * PER_CHANNEL + i) as f64,
                         width: 400.0,
                     }),
                     ..RenderOptions::default()
                 };
-                c.render_frame(authed(
-                    RenderFrameRequest {
-                        sop_instance_uid: sop,
-                        frame_number: 1,
-                        options: Some(options),
-                    },
-                    &token,
-                ))
-                .await
-                .map(|r| r.into_inner().data.len())
-            })
-        })
-        .collect();
-    let pid = server.pid();
-    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(before));
-    let seen = most.clone();
-    let watch = tokio::spawn(async move {
-        loop {
-            seen.fetch_max(threads_of(pid), std::sync::atomic::Ordering::Relaxed);
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                images
+                    .render_frame(authed(
+                        RenderFrameRequest {
+                            sop_instance_uid: sop,
+                            frame_number: 1,
+                            options: Some(options),
+                        },
+                        &token,
+                    ))
+                    .await
+                    .map(|r| r.into_inner().data.len())
+            }));
         }
-    });
+    }
     for r in renders {
         assert!(r.await.unwrap().unwrap() > 0);
     }
-    watch.abort();
-    let most = most.load(std::sync::atomic::Ordering::Relaxed);
     let audited = server
         .audit()
         .iter()
         .filter(|(_, action, _, outcome)| action == "RenderFrame" && outcome == "success")
         .count();
     assert_eq!(audited, FLOOD);
-    // A thread per waiting render: 204-233 at 300 and 400 renders
-    // (measured before this change); waiting on no thread, 58-85 (the
-    // lookups' own bursts).
-    assert!(
-        most < before + 160,
-        "{before} threads before, {most} during the flood"
-    );
 }
 
 /// Series streams whose client reads nothing give their open instances

@@ -176,10 +176,6 @@ impl Server {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
     }
