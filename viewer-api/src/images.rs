@@ -197,8 +197,9 @@ pub struct Images {
 const STREAM_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long a series stream keeps its instance open (and its `streaming`
-/// turn) while its client takes no frame; then both are given back, and
-/// the instance is opened again when the client reads on.
+/// turn) while its client takes no frame; then, if every turn is taken,
+/// both are given back, and the instance is opened again when the client
+/// reads on.
 const KEEP_OPEN_FOR_A_SLOW_READER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Images {

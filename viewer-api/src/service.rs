@@ -195,12 +195,10 @@ impl App {
     async fn audited_patients<T>(
         &self,
         entry: Entry,
-        others: Vec<String>,
+        others: &[String],
         result: Result<T>,
     ) -> Result<T, Status> {
-        for patient_ref in others {
-            let mut row = entry.clone();
-            row.patient_ref = patient_ref;
+        for mut row in per_patient(&entry, others).into_iter().skip(1) {
             row.set_outcome(&result);
             audit::record(&self.db, row).await?;
         }
@@ -307,6 +305,16 @@ async fn send_or_give_up<T>(tx: &mpsc::Sender<T>, item: T) -> bool {
         tokio::time::timeout(STREAM_SEND_TIMEOUT, tx.send(item)).await,
         Ok(Ok(()))
     )
+}
+
+/// `entry`, then a copy of it for each of `others` (patient refs).
+fn per_patient(entry: &Entry, others: &[String]) -> Vec<Entry> {
+    std::iter::once(entry.clone())
+        .chain(others.iter().map(|p| Entry {
+            patient_ref: p.clone(),
+            ..entry.clone()
+        }))
+        .collect()
 }
 
 /// The patients of `refs` other than `first`, each once, in order.
@@ -631,7 +639,7 @@ impl StudyService for Studies {
         .await;
         entry.matches = result.as_ref().map_or(0, |r| r.instances.len() as u64);
         Ok(Response::new(
-            self.0.audited_patients(entry, others, result).await?,
+            self.0.audited_patients(entry, &others, result).await?,
         ))
     }
 
@@ -854,13 +862,8 @@ impl ImageService for Imaging {
             Ok((instances, spec, slot))
         }
         .await;
-        let closing: Vec<Entry> = std::iter::once(entry.clone())
-            .chain(others.iter().map(|p| Entry {
-                patient_ref: p.clone(),
-                ..entry.clone()
-            }))
-            .collect();
-        let (instances, spec, slot) = self.0.audited_patients(entry, others, result).await?;
+        let closing = per_patient(&entry, &others);
+        let (instances, spec, slot) = self.0.audited_patients(entry, &others, result).await?;
         // Held by the forwarder and by the producer: the place comes back
         // only when both have ended.
         let slot = Arc::new(slot);
