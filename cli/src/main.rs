@@ -371,17 +371,44 @@ async fn run(args: &mut Args) -> Result<(), String> {
         "study" => {
             let uid = args.positional("STUDY_UID")?;
             let json = args.switch("--json");
-            let r = StudyServiceClient::new(channel)
-                .max_decoding_message_size(256 << 20)
-                .get_study_metadata(authed(
-                    pb::GetStudyMetadataRequest {
-                        study_instance_uid: uid,
-                    },
-                    t,
-                )?)
-                .await
-                .map_err(status_text)?
-                .into_inner();
+            // In pages, so that a study of any size comes through.
+            let mut client = StudyServiceClient::new(channel).max_decoding_message_size(256 << 20);
+            let (mut objects, mut instances, mut page_token) =
+                (Vec::new(), Vec::new(), String::new());
+            loop {
+                let page = client
+                    .get_study_metadata(authed(
+                        pb::GetStudyMetadataRequest {
+                            study_instance_uid: uid.clone(),
+                            page_size: 500,
+                            page_token,
+                        },
+                        t,
+                    )?)
+                    .await
+                    .map_err(status_text)?
+                    .into_inner();
+                // Each page is a JSON array: its items go into one array.
+                let inner = page.dicom_json.trim();
+                let inner = inner
+                    .strip_prefix('[')
+                    .and_then(|i| i.strip_suffix(']'))
+                    .ok_or("the center's metadata is not a JSON array")?
+                    .trim();
+                if !inner.is_empty() {
+                    objects.push(inner.to_string());
+                }
+                instances.extend(page.instances);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            let r = pb::GetStudyMetadataResponse {
+                dicom_json: format!("[{}]", objects.join(",")),
+                instances,
+                next_page_token: String::new(),
+            };
             if json {
                 println!("{}", r.dicom_json);
             } else {

@@ -198,6 +198,11 @@ pub struct ViewerConfig {
     /// open at once (default 16).
     #[serde(default = "defaults::max_streams_per_user")]
     pub max_streams_per_user: usize,
+    /// Largest GetStudyMetadata answer, in KiB (default 65536, 64 MiB).
+    /// A study whose metadata is larger comes in pages, to clients that
+    /// ask for pages; one that does not is told so instead.
+    #[serde(default = "defaults::max_metadata_answer_kib")]
+    pub max_metadata_answer_kib: u64,
 }
 
 mod defaults {
@@ -218,6 +223,9 @@ mod defaults {
     }
     pub(super) fn max_streams_per_user() -> usize {
         16
+    }
+    pub(super) fn max_metadata_answer_kib() -> u64 {
+        64 * 1024
     }
     pub(super) fn max_associations() -> usize {
         200
@@ -315,10 +323,14 @@ impl Config {
         if let Some(s3) = &self.storage.s3 {
             s3.validate()?;
         }
-        if let Some(v) = &self.viewer
-            && v.max_streams_per_user == 0
-        {
-            return invalid("viewer.max_streams_per_user must be at least 1".into());
+        if let Some(v) = &self.viewer {
+            if v.max_streams_per_user == 0 {
+                return invalid("viewer.max_streams_per_user must be at least 1".into());
+            }
+            // One instance's metadata must fit; gRPC messages stop at 4 GiB.
+            if !(16..=4 * 1024 * 1024 - 1).contains(&v.max_metadata_answer_kib) {
+                return invalid("viewer.max_metadata_answer_kib must be from 16 to 4194303".into());
+            }
         }
         Ok(())
     }

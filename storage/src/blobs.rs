@@ -265,6 +265,24 @@ impl BlobStore {
             .await?)
     }
 
+    /// The first `len` bytes of a blob (`len` at most its size): from a
+    /// bucket, one ranged GET instead of the whole object.
+    pub async fn get_prefix(&self, key: &str, len: u64) -> Result<bytes::Bytes> {
+        if let Some(path) = self.local_path(key) {
+            return tokio::task::spawn_blocking(move || -> Result<bytes::Bytes> {
+                use std::io::Read;
+                let mut head = Vec::new();
+                std::fs::File::open(&path)
+                    .and_then(|f| f.take(len).read_to_end(&mut head))
+                    .map_err(Error::io("read blob", &path))?;
+                Ok(head.into())
+            })
+            .await
+            .map_err(|e| Error::io("read blob", "")(std::io::Error::other(e)))?;
+        }
+        Ok(self.store.get_range(&ObjectPath::from(key), 0..len).await?)
+    }
+
     /// Starts reading a blob now, to be awaited when it is needed (a
     /// retrieve reads the next instance while it sends this one). A local
     /// read starts on a blocking thread at once, not when a spawned task

@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::error::{ApiError, Result};
 pub use crate::render::Spec;
 use crate::render::{self, Format, Frame, RenderError, Rendered, Voi};
-use crate::studies::{InstanceRow, open_object};
+use crate::studies::{self, InstanceRow, open_object};
 
 /// Largest raw chunk sent in one message (well under gRPC's 4 MiB default).
 pub const RAW_CHUNK: usize = 1 << 20;
@@ -257,6 +257,42 @@ impl Images {
         }
     }
 
+    /// One stored instance's DICOM JSON, without its pixel data. Parsed
+    /// during a render worker's turn: a flood of metadata calls takes the
+    /// CPU a render would, and waits like one (a fetch from a bucket does
+    /// not hold a turn). From a bucket only the blob's first
+    /// [`HEADER_PREFIX`] bytes are fetched (a header is a few KiB, the
+    /// pixel data most of the blob); the whole blob only when the header
+    /// goes on past them.
+    pub async fn header_json(&self, key: &str, size: u64) -> Result<String> {
+        if let Some(path) = self.blobs.local_path(key) {
+            let _turn = self.worker().await?;
+            return on_blocking_thread(move || {
+                studies::dataset_json(&studies::open_object(Some(path), None, true)?)
+            })
+            .await;
+        }
+        if size > HEADER_PREFIX {
+            let head = self.blobs.get_prefix(key, HEADER_PREFIX).await?;
+            let _turn = self.worker().await?;
+            let json = on_blocking_thread(move || {
+                studies::open_header_prefix(&head)
+                    .map(|obj| studies::dataset_json(&obj))
+                    .transpose()
+            })
+            .await?;
+            if let Some(json) = json {
+                return Ok(json);
+            }
+        }
+        let whole = self.blobs.get(key).await?;
+        let _turn = self.worker().await?;
+        on_blocking_thread(move || {
+            studies::dataset_json(&studies::open_object(None, Some(whole), true)?)
+        })
+        .await
+    }
+
     /// A frame rendered before, from the cache.
     pub fn cached(&self, instance: &InstanceRow, spec: &Spec) -> Option<Arc<Rendered>> {
         let key = Images::cache_key(instance, spec);
@@ -467,6 +503,17 @@ impl Images {
             }
         }
     }
+}
+
+/// Bytes of a bucket's blob fetched for its header (see [`Images::header_json`]).
+const HEADER_PREFIX: u64 = 64 << 10;
+
+async fn on_blocking_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))?
 }
 
 #[cfg(test)]

@@ -135,7 +135,8 @@ pub async fn serve(
             WorklistServiceServer::new(Worklists(a(&app))).max_decoding_message_size(1 << 20),
         )
         .add_service(
-            StudyServiceServer::new(Studies(a(&app))).max_encoding_message_size(MAX_MESSAGE),
+            StudyServiceServer::new(Studies(a(&app)))
+                .max_encoding_message_size(app.metadata_answer_limit),
         )
         .add_service(
             ImageServiceServer::new(Imaging(a(&app))).max_encoding_message_size(MAX_MESSAGE),

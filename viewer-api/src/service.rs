@@ -41,6 +41,8 @@ pub struct App {
     pub images: Arc<Images>,
     /// Long-lived streams open per user.
     pub streams: Arc<StreamLimits>,
+    /// Largest GetStudyMetadata answer, in bytes.
+    pub metadata_answer_limit: usize,
     /// Unauthenticated refusals audited per peer address and minute.
     refusals: std::sync::Mutex<HashMap<String, RefusalWindow>>,
 }
@@ -103,6 +105,7 @@ impl App {
             ),
             refusals: std::sync::Mutex::new(HashMap::new()),
             streams: StreamLimits::new(viewer.max_streams_per_user),
+            metadata_answer_limit: (viewer.max_metadata_answer_kib << 10) as usize,
             images: Arc::new(Images::new(
                 blobs,
                 (viewer.render_cache_mib << 20) as usize,
@@ -318,6 +321,98 @@ fn per_patient(entry: &Entry, others: &[String]) -> Vec<Entry> {
 }
 
 /// The patients of `refs` other than `first`, each once, in order.
+/// One answer of GetStudyMetadata: `instances[from..to]` and their JSON.
+struct MetadataPage {
+    from: usize,
+    to: usize,
+    answer: pb::GetStudyMetadataResponse,
+}
+
+/// The instances after `page_token` (all of them unpaged, at most
+/// `page_size` paged) whose metadata fits in one answer of the configured
+/// size. Unpaged, a study that does not fit is refused, not cut short:
+/// a client that does not page must not take part of a study for all of it.
+async fn metadata_page(
+    app: &App,
+    instances: &[studies::StudyInstance],
+    page_size: u32,
+    page_token: &str,
+) -> Result<MetadataPage, ApiError> {
+    use prost::Message;
+    let from = match page_token {
+        "" => 0,
+        token => {
+            instances
+                .iter()
+                .position(|i| i.reference.sop_instance_uid == token)
+                .ok_or_else(|| {
+                    ApiError::InvalidArgument(
+                        "page_token names no instance of this study; start again without it".into(),
+                    )
+                })?
+                + 1
+        }
+    };
+    let paged = page_size > 0;
+    let last = match paged {
+        true => instances.len().min(from.saturating_add(page_size as usize)),
+        false => instances.len(),
+    };
+    let limit = app.metadata_answer_limit;
+    // The message around the JSON and the references: field tags,
+    // lengths, the page token (a UID).
+    let mut size = 128;
+    let mut json = String::from("[");
+    let mut to = from;
+    for instance in &instances[from..last] {
+        let one = app
+            .images
+            .header_json(&instance.blob_key, instance.size)
+            .await?;
+        let reference = instance.reference.encoded_len();
+        size += one.len() + 1 + reference + 11;
+        if size > limit {
+            if paged && to > from {
+                break; // the rest on the next page
+            }
+            let mib = limit as f64 / (1 << 20) as f64;
+            return Err(ApiError::ResourceExhausted(if to == from {
+                format!(
+                    "instance {}'s metadata alone is more than one answer may be ({mib:.1} MiB)",
+                    instance.reference.sop_instance_uid
+                )
+            } else {
+                format!(
+                    "the study's metadata is more than one answer may be ({mib:.1} MiB): \
+                     ask for it in pages (page_size)"
+                )
+            }));
+        }
+        if to > from {
+            json.push(',');
+        }
+        json.push_str(&one);
+        to += 1;
+    }
+    json.push(']');
+    let next_page_token = match paged && to < instances.len() {
+        true => instances[to - 1].reference.sop_instance_uid.clone(),
+        false => String::new(),
+    };
+    Ok(MetadataPage {
+        from,
+        to,
+        answer: pb::GetStudyMetadataResponse {
+            dicom_json: json,
+            instances: instances[from..to]
+                .iter()
+                .map(|i| i.reference.clone())
+                .collect(),
+            next_page_token,
+        },
+    })
+}
+
 fn other_patients<'a>(first: &str, refs: impl Iterator<Item = &'a String>) -> Vec<String> {
     let mut others: Vec<String> = Vec::new();
     for r in refs {
@@ -594,7 +689,11 @@ impl StudyService for Studies {
         req: Request<pb::GetStudyMetadataRequest>,
     ) -> Result<Response<pb::GetStudyMetadataResponse>, Status> {
         let caller = self.0.caller(&req, "GetStudyMetadata").await?;
-        let uid = req.into_inner().study_instance_uid;
+        let pb::GetStudyMetadataRequest {
+            study_instance_uid: uid,
+            page_size,
+            page_token,
+        } = req.into_inner();
         let mut entry = Entry::new("GetStudyMetadata", &caller);
         let mut others = Vec::new();
         let app = self.0.clone();
@@ -614,27 +713,17 @@ impl StudyService for Studies {
             // The study's patient, unless the caller reached the study only
             // through instances its clinic filed there: then only theirs.
             entry.patient_ref = match instances.first() {
-                Some((_, _, first)) if !caller.may_see_clinic(&study.clinic_id) => first.clone(),
+                Some(first) if !caller.may_see_clinic(&study.clinic_id) => {
+                    first.patient_ref.clone()
+                }
                 _ => study.patient_ref.clone(),
             };
-            others = other_patients(&entry.patient_ref, instances.iter().map(|(_, _, p)| p));
-            let mut json = String::from("[");
-            for (i, (_, key, _)) in instances.iter().enumerate() {
-                let (path, bytes) = app.images.source(key).await?;
-                let one = tokio::task::spawn_blocking(move || {
-                    studies::dataset_json(&studies::open_object(path, bytes, true)?)
-                })
-                .await??;
-                if i > 0 {
-                    json.push(',');
-                }
-                json.push_str(&one);
-            }
-            json.push(']');
-            Ok(pb::GetStudyMetadataResponse {
-                dicom_json: json,
-                instances: instances.into_iter().map(|(r, _, _)| r).collect(),
-            })
+            let page = metadata_page(&app, &instances, page_size, &page_token).await?;
+            others = other_patients(
+                &entry.patient_ref,
+                instances[page.from..page.to].iter().map(|i| &i.patient_ref),
+            );
+            Ok(page.answer)
         }
         .await;
         entry.matches = result.as_ref().map_or(0, |r| r.instances.len() as u64);

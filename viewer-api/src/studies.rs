@@ -188,18 +188,28 @@ pub fn series_instances(
     Ok(visible)
 }
 
+/// One instance of a study as GetStudyMetadata lists it.
+pub struct StudyInstance {
+    pub reference: InstanceRef,
+    pub blob_key: String,
+    /// The blob's size in bytes.
+    pub size: u64,
+    /// `clinic:patient ID` of the patient the instance shows.
+    pub patient_ref: String,
+}
+
 /// The study's instances the caller may see, ordered by series number, then
 /// instance number, with where each is stored.
 pub fn study_instances(
     conn: &Connection,
     caller: &Caller,
     study_pk: i64,
-) -> Result<Vec<(InstanceRef, String, String)>> {
+) -> Result<Vec<StudyInstance>> {
     let mut stmt = conn.prepare_cached(
         "SELECT se.series_uid, i.sop_instance_uid, i.sop_class_uid, se.modality,
                 COALESCE(se.series_number, 0), COALESCE(i.instance_number, 0),
                 COALESCE(i.number_of_frames, 1), i.blob_key, i.sha256,
-                p.clinic_id || ':' || p.patient_id
+                p.clinic_id || ':' || p.patient_id, i.size
          FROM instances i JOIN series se ON se.pk = i.series_pk
               JOIN studies st ON st.pk = se.study_pk
               JOIN patients p ON p.pk = COALESCE(i.patient_pk, st.patient_pk)
@@ -209,25 +219,28 @@ pub fn study_instances(
     )?;
     let rows = stmt.query_map([study_pk], |r| {
         Ok((
-            InstanceRef {
-                series_instance_uid: r.get(0)?,
-                sop_instance_uid: r.get(1)?,
-                sop_class_uid: r.get(2)?,
-                modality: r.get(3)?,
-                series_number: r.get::<_, i64>(4)? as i32,
-                instance_number: r.get::<_, i64>(5)? as i32,
-                number_of_frames: r.get::<_, i64>(6)?.max(1) as u32,
+            StudyInstance {
+                reference: InstanceRef {
+                    series_instance_uid: r.get(0)?,
+                    sop_instance_uid: r.get(1)?,
+                    sop_class_uid: r.get(2)?,
+                    modality: r.get(3)?,
+                    series_number: r.get::<_, i64>(4)? as i32,
+                    instance_number: r.get::<_, i64>(5)? as i32,
+                    number_of_frames: r.get::<_, i64>(6)?.max(1) as u32,
+                },
+                blob_key: r.get(7)?,
+                patient_ref: r.get(9)?,
+                size: r.get::<_, i64>(10)?.max(0) as u64,
             },
-            r.get::<_, String>(7)?,
             r.get::<_, String>(8)?,
-            r.get::<_, String>(9)?,
         ))
     })?;
     let mut visible = Vec::new();
     for row in rows {
-        let (instance, key, sha, patient_ref) = row?;
-        if may_see_instance(conn, caller, &instance.sop_instance_uid, &sha)? {
-            visible.push((instance, key, patient_ref));
+        let (instance, sha) = row?;
+        if may_see_instance(conn, caller, &instance.reference.sop_instance_uid, &sha)? {
+            visible.push(instance);
         }
     }
     Ok(visible)
@@ -251,11 +264,38 @@ pub fn open_object(
             .from_reader(&bytes[..]),
         (None, None) => return Err(ApiError::Internal("no blob to open".into())),
     };
-    parsed.map_err(|e| {
-        // The parser's message may name the blob's path: log it, do not send it.
-        tracing::warn!(error = %e, "stored instance cannot be parsed");
-        ApiError::FailedPrecondition("the stored instance cannot be parsed".into())
-    })
+    parsed.map_err(unparsable)
+}
+
+/// Reads the header (up to Pixel Data) of a stored Part 10 object from its
+/// first bytes only. `None` when the header goes on past them (or they do
+/// not parse): the caller reads the whole object instead. Their end is an
+/// error, never a clean end of the dataset, so a header cut off between
+/// two elements is not taken for a whole one.
+pub fn open_header_prefix(prefix: &[u8]) -> Option<DefaultDicomObject> {
+    /// Reads `0` and then fails instead of reporting the end of data.
+    struct Prefix<'a>(&'a [u8]);
+    impl std::io::Read for Prefix<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() && !buf.is_empty() {
+                return Err(std::io::Error::other(
+                    "the header goes on past the bytes read",
+                ));
+            }
+            self.0.read(buf)
+        }
+    }
+    OpenFileOptions::new()
+        .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(Prefix(prefix))
+        .ok()
+}
+
+fn unparsable(e: dicom_object::ReadError) -> ApiError {
+    // The parser's message may name the blob's path: log it, do not send it.
+    tracing::warn!(error = %e, "stored instance cannot be parsed");
+    ApiError::FailedPrecondition("the stored instance cannot be parsed".into())
 }
 
 /// DICOM JSON (PS3.18 F.2) of one dataset, without its file meta group.

@@ -59,6 +59,7 @@ async fn roles_see_what_they_may_and_every_read_is_audited() {
         .get_study_metadata(authed(
             GetStudyMetadataRequest {
                 study_instance_uid: baishui_study.clone(),
+                ..Default::default()
             },
             &rad,
         ))
@@ -120,6 +121,7 @@ async fn roles_see_what_they_may_and_every_read_is_audited() {
         .get_study_metadata(authed(
             GetStudyMetadataRequest {
                 study_instance_uid: xinzhen_study.clone(),
+                ..Default::default()
             },
             &staff,
         ))
@@ -249,6 +251,7 @@ async fn missing_forged_expired_and_revoked_tokens_are_refused() {
     let mut c = server.clients().await;
     let request = || GetStudyMetadataRequest {
         study_instance_uid: xinzhen_study.clone(),
+        ..Default::default()
     };
 
     let err = c
@@ -629,6 +632,7 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
         .get_study_metadata(authed(
             GetStudyMetadataRequest {
                 study_instance_uid: a.study_instance_uid.clone(),
+                ..Default::default()
             },
             &staff,
         ))
@@ -693,6 +697,7 @@ async fn another_clinic_cannot_pull_a_series_into_its_own_study() {
         .get_study_metadata(authed(
             GetStudyMetadataRequest {
                 study_instance_uid: a.study_instance_uid.clone(),
+                ..Default::default()
             },
             &rad,
         ))

@@ -329,6 +329,7 @@ async fn sample_ct_matches_dcmtk_dcmj2pnm_and_every_kind_renders() {
         .get_study_metadata(authed(
             consortium_proto::v1::GetStudyMetadataRequest {
                 study_instance_uid: us.study_instance_uid.clone(),
+                ..Default::default()
             },
             &token,
         ))
@@ -542,6 +543,7 @@ async fn series_stream_raw_instances_metadata_and_priors() {
         .get_study_metadata(authed(
             GetStudyMetadataRequest {
                 study_instance_uid: person.study_instance_uid.clone(),
+                ..Default::default()
             },
             &token,
         ))

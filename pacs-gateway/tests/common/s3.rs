@@ -22,6 +22,7 @@ pub fn storage_section(port: u16, secret: &str) -> String {
 pub struct S3Server {
     child: Child,
     pub port: u16,
+    log: std::path::PathBuf,
 }
 
 impl S3Server {
@@ -38,6 +39,7 @@ impl S3Server {
                     "run moto_server (PyPI moto[server], installed by scripts/install-deps.sh)",
                 ),
             port: 0,
+            log: log.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -88,6 +90,12 @@ impl S3Server {
             "chunked responses are not read here: {head}"
         );
         (status, reply[split + 4..].to_vec())
+    }
+
+    /// The server's request log so far: a line per request, such as
+    /// `"GET /bucket/key HTTP/1.1" 206 -` (206: a ranged GET).
+    pub fn requests(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn create_bucket(&self) {

@@ -1,0 +1,165 @@
+//! GetStudyMetadata for a study larger than one answer may be: pages for a
+//! client that asks for them, each within the limit and together the whole
+//! study; a clear refusal, audited as one, for a client that does not.
+
+mod common;
+
+use common::{authed, center_with, demo_samples, with_clinic};
+use consortium_proto::v1::{GetStudyMetadataRequest, GetStudyMetadataResponse};
+use prost::Message;
+use tonic::Code;
+
+/// The demo study with the most instances, with its clinic.
+fn largest_study() -> (Vec<(std::path::PathBuf, String)>, String) {
+    let (_, files) = demo_samples();
+    let count = |uid: &str| files.iter().filter(|f| f.study_instance_uid == uid).count();
+    let uid = files
+        .iter()
+        .max_by_key(|f| count(&f.study_instance_uid))
+        .unwrap()
+        .study_instance_uid
+        .clone();
+    let chosen = files.iter().filter(|f| f.study_instance_uid == uid);
+    (with_clinic(chosen), uid)
+}
+
+fn request(uid: &str, page_size: u32, page_token: &str) -> GetStudyMetadataRequest {
+    GetStudyMetadataRequest {
+        study_instance_uid: uid.to_string(),
+        page_size,
+        page_token: page_token.to_string(),
+    }
+}
+
+/// Every page of the study, following the tokens.
+async fn pages(
+    server: &common::Server,
+    token: &str,
+    uid: &str,
+    page_size: u32,
+) -> Vec<GetStudyMetadataResponse> {
+    let mut c = server.clients().await;
+    let mut pages: Vec<GetStudyMetadataResponse> = Vec::new();
+    loop {
+        let after = pages.last().map_or("", |p| p.next_page_token.as_str());
+        let page = c
+            .studies
+            .get_study_metadata(authed(request(uid, page_size, after), token))
+            .await
+            .unwrap()
+            .into_inner();
+        let done = page.next_page_token.is_empty();
+        pages.push(page);
+        if done {
+            return pages;
+        }
+        assert!(pages.len() < 1000, "the pages never end");
+    }
+}
+
+/// The DICOM JSON objects of answers, in order.
+fn objects(answers: &[GetStudyMetadataResponse]) -> Vec<serde_json::Value> {
+    answers
+        .iter()
+        .flat_map(
+            |a| match serde_json::from_str::<serde_json::Value>(&a.dicom_json).unwrap() {
+                serde_json::Value::Array(items) => items,
+                other => panic!("not an array: {other}"),
+            },
+        )
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_larger_than_one_answer_comes_in_pages_or_is_refused_clearly() {
+    let (files, uid) = largest_study();
+    const LIMIT_KIB: usize = 16;
+
+    // The whole study in one answer, from a center with the default limit.
+    let roomy = center_with(&files, "").await;
+    let token = roomy.login("rad1").await;
+    let whole = roomy
+        .clients()
+        .await
+        .studies
+        .get_study_metadata(authed(request(&uid, 0, ""), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(whole.instances.len(), files.len());
+    assert!(whole.next_page_token.is_empty(), "unpaged: no token");
+    assert!(
+        whole.encoded_len() > (2 * LIMIT_KIB) << 10,
+        "the study must need several answers of {LIMIT_KIB} KiB: {} bytes",
+        whole.encoded_len()
+    );
+    let expected = objects(std::slice::from_ref(&whole));
+    assert_eq!(expected.len(), files.len());
+    drop(roomy);
+
+    let server = center_with(&files, &format!("max_metadata_answer_kib = {LIMIT_KIB}")).await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+
+    // Unpaged: refused, saying how to get it, and audited as refused.
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(&uid, 0, ""), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("page_size"), "{}", err.message());
+    let refused = server
+        .audit()
+        .into_iter()
+        .filter(|(_, action, study, _)| action == "GetStudyMetadata" && *study == uid)
+        .collect::<Vec<_>>();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].3.starts_with("refused:"), "{refused:?}");
+
+    // Paged by size alone (a page size larger than the study): several
+    // pages, each within the limit, together the whole study in order.
+    let by_size = pages(&server, &token, &uid, 10_000).await;
+    assert!(by_size.len() >= 2, "{} pages", by_size.len());
+    for page in &by_size {
+        assert!(
+            page.encoded_len() <= LIMIT_KIB << 10,
+            "a page of {} bytes",
+            page.encoded_len()
+        );
+        assert!(!page.instances.is_empty());
+    }
+    let refs = |answers: &[GetStudyMetadataResponse]| {
+        answers
+            .iter()
+            .flat_map(|a| a.instances.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(refs(&by_size), whole.instances);
+    assert_eq!(objects(&by_size), expected);
+
+    // Paged by count: at most that many per page, the same study.
+    let by_count = pages(&server, &token, &uid, 3).await;
+    assert!(by_count.iter().all(|p| p.instances.len() <= 3));
+    assert!(by_count.len() >= files.len().div_ceil(3));
+    assert_eq!(refs(&by_count), whole.instances);
+    assert_eq!(objects(&by_count), expected);
+
+    // Each page is a read of the patient's data: one audit row each.
+    let rows = server
+        .audit()
+        .into_iter()
+        .filter(|(_, action, study, outcome)| {
+            action == "GetStudyMetadata" && *study == uid && outcome == "success"
+        })
+        .count();
+    assert_eq!(rows, by_size.len() + by_count.len());
+
+    // A token that names no instance of the study.
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(&uid, 3, "1.2.3.4"), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
