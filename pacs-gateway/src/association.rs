@@ -431,14 +431,21 @@ impl Connection {
             return;
         }
         let wait = async {
+            // A release collision (the peer asked too): the acceptor answers
+            // only after the requestor's A-RELEASE-RP (PS3.8 Sta10, AR-10
+            // then AR-4); a requestor waiting in Sta9 for ours first would
+            // take an early one as out of order.
+            let mut collided = false;
             loop {
                 match self.reader.next(&mut self.stream).await {
-                    Ok(Some(Incoming::Other(Pdu::ReleaseRP))) | Ok(None) | Err(_) => return,
-                    Ok(Some(Incoming::Other(Pdu::ReleaseRQ))) => {
-                        // Release collision: answer and finish.
-                        let _ = ul::send(&mut self.stream, &Pdu::ReleaseRP).await;
+                    Ok(Some(Incoming::Other(Pdu::ReleaseRP))) => {
+                        if collided {
+                            let _ = ul::send(&mut self.stream, &Pdu::ReleaseRP).await;
+                        }
                         return;
                     }
+                    Ok(None) | Err(_) => return,
+                    Ok(Some(Incoming::Other(Pdu::ReleaseRQ))) => collided = true,
                     Ok(Some(_)) => continue,
                 }
             }

@@ -474,6 +474,54 @@ fn limits_release_the_longest_idle_then_refuse_transiently() {
     drop(second);
 }
 
+/// A release collision (PS3.8 9.2.1, Sta9/Sta10): the peer asks to release
+/// just as the center asks it to (to make room). The center, the
+/// association acceptor, answers with its A-RELEASE-RP only after the
+/// requestor's, then closes.
+#[test]
+fn a_release_collision_is_answered_after_the_requestors_reply() {
+    let (_dir, gw, mut first) = two_slots_one_taken();
+    let contexts: &[(u8, &str, &[&str])] = &[(1, CT_IMAGE_STORAGE, &[EXPLICIT_LE])];
+    let Association::Accepted(second) = scu::associate(gw.port, "XINZHEN_US", common::AE, contexts)
+    else {
+        panic!()
+    };
+    let Association::Accepted(third) = scu::associate(gw.port, "BAISHUI_DR", common::AE, contexts)
+    else {
+        panic!("expected the longest-idle association to make room")
+    };
+    assert_eq!(first.reply(), Reply::ReleaseRequested);
+    // The requestor's own A-RELEASE-RQ crosses the center's.
+    first
+        .send_raw(&scu::encode(&dicom_ul::pdu::Pdu::ReleaseRQ))
+        .unwrap();
+    first
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let early = scu::read_any(&mut first.stream);
+    assert!(
+        early.is_none(),
+        "the acceptor answered before the requestor's A-RELEASE-RP"
+    );
+    first
+        .send_raw(&scu::encode(&dicom_ul::pdu::Pdu::ReleaseRP))
+        .unwrap();
+    first
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(matches!(
+        scu::read_any(&mut first.stream),
+        Some(scu::RawPdu::Other(dicom_ul::pdu::Pdu::ReleaseRP))
+    ));
+    assert!(
+        scu::read_any(&mut first.stream).is_none(),
+        "then the connection ends"
+    );
+    drop((second, third));
+}
+
 /// Writes `bytes` a piece every `pause`, over about `total`.
 fn dribble(scu: &mut scu::Scu, bytes: &[u8], total: Duration) {
     let pieces = 20;
