@@ -7,7 +7,9 @@ mod common;
 mod s3_server;
 
 use common::{Server, authed, center_with, demo_samples, ingest_configured, with_clinic};
-use consortium_proto::v1::{GetRawInstanceRequest, GetStudyMetadataRequest, RenderFrameRequest};
+use consortium_proto::v1::{
+    GetRawInstanceRequest, GetStudyMetadataRequest, GetStudyMetadataResponse, RenderFrameRequest,
+};
 use sha2::{Digest, Sha256};
 
 /// Puts `[storage.s3]` (the test server's bucket) into the config file.
@@ -164,6 +166,23 @@ fn with_header_cut_at_the_prefix(
     panic!("cannot place the element at the cut");
 }
 
+/// A study's metadata, unpaged, as rad1 sees it at `center`.
+async fn study_metadata(center: &Server, study: &str) -> GetStudyMetadataResponse {
+    let token = center.login("rad1").await;
+    let request = GetStudyMetadataRequest {
+        study_instance_uid: study.to_string(),
+        ..Default::default()
+    };
+    center
+        .clients()
+        .await
+        .studies
+        .get_study_metadata(authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// GetStudyMetadata from a bucket reads each blob's first bytes with a
 /// ranged GET (a header is a few KiB, a CT slice half a MiB), the whole
 /// blob only for a header longer than those, even one whose first bytes
@@ -185,31 +204,10 @@ async fn study_metadata_from_the_bucket_reads_headers_not_whole_blobs() {
     ingest_configured(&config, &files).await;
     let server = Server::start(tmp, config);
     server.user("rad1", "radiologist", "county");
-    let token = server.login("rad1").await;
-    let request = || GetStudyMetadataRequest {
-        study_instance_uid: ct.study_instance_uid.clone(),
-        ..Default::default()
-    };
-    let from_bucket = server
-        .clients()
-        .await
-        .studies
-        .get_study_metadata(authed(request(), &token))
-        .await
-        .unwrap()
-        .into_inner();
+    let from_bucket = study_metadata(&server, &ct.study_instance_uid).await;
     assert_eq!(from_bucket.instances.len(), 2);
-
     let local = center_with(&files, "").await;
-    let local_token = local.login("rad1").await;
-    let from_disk = local
-        .clients()
-        .await
-        .studies
-        .get_study_metadata(authed(request(), &local_token))
-        .await
-        .unwrap()
-        .into_inner();
+    let from_disk = study_metadata(&local, &ct.study_instance_uid).await;
     assert!(
         from_bucket.dicom_json.contains(AFTER_THE_CUT),
         "the long header is there whole"
