@@ -238,11 +238,14 @@ pub fn issue_token(conn: &Connection, user_pk: i64, lifetime: Duration) -> Resul
     Ok((token, expires))
 }
 
-/// Failed logins per key (user name, peer address), with a lock-out that
-/// doubles after each failure past the threshold.
+/// Failed logins per key (user name from one address, peer address, user
+/// name from anywhere), with a lock-out that doubles after each failure
+/// past the threshold; and the addresses each user name signed in from.
 #[derive(Default)]
 struct Limiter {
     entries: HashMap<String, Failures>,
+    /// User name -> (address scope, last successful login), newest last.
+    known: HashMap<String, Vec<(String, Instant)>>,
 }
 
 struct Failures {
@@ -255,6 +258,15 @@ struct Failures {
 const USER_THRESHOLD: u32 = 5;
 /// Failures per peer address before a lock-out (many users behind one NAT).
 const PEER_THRESHOLD: u32 = 20;
+/// Failures per user name from any address before a lock-out of the
+/// addresses that name has not signed in from: guesses spread over many
+/// addresses (each under its own limits) meet a limit too, while the
+/// user's own workstations stay open.
+const NAME_THRESHOLD: u32 = 20;
+/// An address a user signed in from counts as theirs this long.
+const KNOWN_FOR: Duration = Duration::from_secs(30 * 86_400);
+/// Addresses remembered per user name (the most recent).
+const KNOWN_PER_USER: usize = 16;
 /// First lock-out; doubles with each further failure, at most `MAX_LOCK`.
 const FIRST_LOCK: Duration = Duration::from_secs(30);
 const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
@@ -298,6 +310,30 @@ impl Limiter {
     fn unfail(&mut self, key: &str) {
         if let Some(e) = self.entries.get_mut(key) {
             e.count = e.count.saturating_sub(1);
+        }
+    }
+
+    /// Whether `username` signed in from `scope` within [`KNOWN_FOR`].
+    fn is_known(&self, username: &str, scope: &str, now: Instant) -> bool {
+        self.known.get(username).is_some_and(|places| {
+            places
+                .iter()
+                .any(|(s, at)| s == scope && now.duration_since(*at) < KNOWN_FOR)
+        })
+    }
+
+    fn remember(&mut self, username: &str, scope: &str, now: Instant) {
+        if self.known.len() > 100_000 {
+            self.known.retain(|_, places| {
+                places.retain(|(_, at)| now.duration_since(*at) < KNOWN_FOR);
+                !places.is_empty()
+            });
+        }
+        let places = self.known.entry(username.to_string()).or_default();
+        places.retain(|(s, _)| s != scope);
+        places.push((scope.to_string(), now));
+        if places.len() > KNOWN_PER_USER {
+            places.remove(0);
         }
     }
 }
@@ -369,10 +405,13 @@ impl Auth {
         // Lock-outs are per user name *from one address*, so nobody can lock
         // a radiologist out from elsewhere; each address also has its own
         // limit across user names. An IPv6 address counts as its /64: one
-        // host has a whole /64 to rotate through.
+        // host has a whole /64 to rotate through. Guesses at one name from
+        // many addresses lock that name out only for addresses it has not
+        // signed in from: its user's workstations stay open.
         let peer = limiter_scope(peer);
         let user_key = format!("user:{username}@{peer}");
         let peer_key = format!("peer:{peer}");
+        let name_key = format!("name:{username}");
         {
             let now = Instant::now();
             let mut limiter = self.limiter.lock().expect("limiter lock");
@@ -385,10 +424,20 @@ impl Auth {
                     wait.as_secs().max(1)
                 )));
             }
+            if !limiter.is_known(username, &peer, now)
+                && let Some(wait) = limiter.locked_for(&name_key, now)
+            {
+                return Err(ApiError::ResourceExhausted(format!(
+                    "too many failed logins for this user name from new addresses; sign in \
+                     from a workstation used before, or try again in {} s",
+                    wait.as_secs().max(1)
+                )));
+            }
             // Count the attempt before checking it, so parallel attempts
             // cannot all pass the lock; a success takes it back below.
             limiter.fail(user_key.clone(), USER_THRESHOLD, now);
             limiter.fail(peer_key.clone(), PEER_THRESHOLD, now);
+            limiter.fail(name_key.clone(), NAME_THRESHOLD, now);
         }
         // argon2 takes ~19 MiB and a core per check: a few at a time.
         let _permit = self
@@ -412,6 +461,9 @@ impl Auth {
             let mut limiter = self.limiter.lock().expect("limiter lock");
             limiter.succeed(&user_key);
             limiter.unfail(&peer_key);
+            // Not a reset: guesses from elsewhere go on counting.
+            limiter.unfail(&name_key);
+            limiter.remember(username, &peer, Instant::now());
         }
         let (pk, lifetime) = (user.pk, self.token_lifetime);
         let (token, expires) = self.db.write(move |c| issue_token(c, pk, lifetime)).await?;
@@ -590,6 +642,39 @@ mod tests {
         .await
         .unwrap();
         (dir, Auth::new(db, Duration::from_secs(3600)).unwrap())
+    }
+
+    /// Guesses at one user name spread over many addresses (one each,
+    /// under every per-address limit) lock that name out for addresses it
+    /// has not signed in from, before any password check there; the
+    /// user's own workstation still signs in, and other names are free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guesses_at_one_name_from_many_addresses_lock_only_new_addresses() {
+        let (_dir, auth) = with_rad1().await;
+        auth.login("rad1", "pw-rad1-long", "10.1.1.1")
+            .await
+            .unwrap();
+        for i in 0..NAME_THRESHOLD {
+            let peer = format!("192.0.2.{}", i + 1);
+            let guess = auth.login("rad1", "a guess", &peer).await;
+            assert!(
+                matches!(guess, Err(ApiError::Unauthenticated(_))),
+                "guess {i}: {guess:?}"
+            );
+        }
+        let new_place = auth.login("rad1", "pw-rad1-long", "198.51.100.7").await;
+        assert!(
+            matches!(&new_place, Err(ApiError::ResourceExhausted(m)) if m.contains("workstation")),
+            "{new_place:?}"
+        );
+        auth.login("rad1", "pw-rad1-long", "10.1.1.1")
+            .await
+            .expect("the workstation rad1 signed in from stays open");
+        let other = auth.login("rad2", "a guess", "198.51.100.8").await;
+        assert!(
+            matches!(other, Err(ApiError::Unauthenticated(_))),
+            "{other:?}"
+        );
     }
 
     /// Guesses from addresses that rotate within one /64 meet one lock.
