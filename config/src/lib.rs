@@ -327,9 +327,11 @@ impl Config {
             if v.max_streams_per_user == 0 {
                 return invalid("viewer.max_streams_per_user must be at least 1".into());
             }
-            // One instance's metadata must fit; gRPC messages stop at 4 GiB.
-            if !(16..=4 * 1024 * 1024 - 1).contains(&v.max_metadata_answer_kib) {
-                return invalid("viewer.max_metadata_answer_kib must be from 16 to 4194303".into());
+            // An answer is held whole, and encoded once more, in memory.
+            if !(16..=256 * 1024).contains(&v.max_metadata_answer_kib) {
+                return invalid(
+                    "viewer.max_metadata_answer_kib must be from 16 to 262144 (256 MiB)".into(),
+                );
             }
         }
         Ok(())

@@ -265,17 +265,21 @@ impl Images {
     /// pixel data most of the blob); the whole blob only when the header
     /// goes on past them.
     pub async fn header_json(&self, key: &str, size: u64) -> Result<String> {
+        // The turn moves into the parse: a caller that leaves does not
+        // give it back while the parse still runs.
         if let Some(path) = self.blobs.local_path(key) {
-            let _turn = self.worker().await?;
+            let turn = self.worker().await?;
             return on_blocking_thread(move || {
+                let _turn = turn;
                 studies::dataset_json(&studies::open_object(Some(path), None, true)?)
             })
             .await;
         }
         if size > HEADER_PREFIX {
             let head = self.blobs.get_prefix(key, HEADER_PREFIX).await?;
-            let _turn = self.worker().await?;
+            let turn = self.worker().await?;
             let json = on_blocking_thread(move || {
+                let _turn = turn;
                 studies::open_header_prefix(&head)
                     .map(|obj| studies::dataset_json(&obj))
                     .transpose()
@@ -286,8 +290,9 @@ impl Images {
             }
         }
         let whole = self.blobs.get(key).await?;
-        let _turn = self.worker().await?;
+        let turn = self.worker().await?;
         on_blocking_thread(move || {
+            let _turn = turn;
             studies::dataset_json(&studies::open_object(None, Some(whole), true)?)
         })
         .await

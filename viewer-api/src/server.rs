@@ -135,8 +135,10 @@ pub async fn serve(
             WorklistServiceServer::new(Worklists(a(&app))).max_decoding_message_size(1 << 20),
         )
         .add_service(
+            // GetStudyMetadata keeps to its own limit (`metadata_page`);
+            // GetPriors answers are small.
             StudyServiceServer::new(Studies(a(&app)))
-                .max_encoding_message_size(app.metadata_answer_limit),
+                .max_encoding_message_size(MAX_MESSAGE.max(app.metadata_answer_limit)),
         )
         .add_service(
             ImageServiceServer::new(Imaging(a(&app))).max_encoding_message_size(MAX_MESSAGE),

@@ -320,39 +320,48 @@ fn per_patient(entry: &Entry, others: &[String]) -> Vec<Entry> {
         .collect()
 }
 
-/// The patients of `refs` other than `first`, each once, in order.
+/// Where a paged GetStudyMetadata pass goes on: after the instance whose
+/// sort key `page_token` carries (see [`studies::StudyInstance::sort_key`]),
+/// whether that instance is still there or not, so a re-sent instance that
+/// moved meanwhile neither stops the pass nor repeats the instances
+/// between. An empty token starts at the first instance.
+fn metadata_page_start(
+    instances: &[studies::StudyInstance],
+    page_size: u32,
+    page_token: &str,
+) -> Result<usize, ApiError> {
+    if page_token.is_empty() {
+        return Ok(0);
+    }
+    if page_size == 0 {
+        // Unpaged, the rest of a study would pass for all of it.
+        return Err(ApiError::InvalidArgument(
+            "page_token goes with a page_size".into(),
+        ));
+    }
+    let after = studies::SortKey::from_token(page_token).ok_or_else(|| {
+        ApiError::InvalidArgument("page_token is not one this center gave".into())
+    })?;
+    Ok(instances.partition_point(|i| i.sort_key <= after))
+}
+
 /// One answer of GetStudyMetadata: `instances[from..to]` and their JSON.
 struct MetadataPage {
-    from: usize,
     to: usize,
     answer: pb::GetStudyMetadataResponse,
 }
 
-/// The instances after `page_token` (all of them unpaged, at most
-/// `page_size` paged) whose metadata fits in one answer of the configured
-/// size. Unpaged, a study that does not fit is refused, not cut short:
-/// a client that does not page must not take part of a study for all of it.
+/// The instances from `from` on (all of them unpaged, at most `page_size`
+/// paged) whose metadata fits in one answer of the configured size.
+/// Unpaged, a study that does not fit is refused, not cut short: a client
+/// that does not page must not take part of a study for all of it.
 async fn metadata_page(
     app: &App,
     instances: &[studies::StudyInstance],
+    from: usize,
     page_size: u32,
-    page_token: &str,
 ) -> Result<MetadataPage, ApiError> {
     use prost::Message;
-    let from = match page_token {
-        "" => 0,
-        token => {
-            instances
-                .iter()
-                .position(|i| i.reference.sop_instance_uid == token)
-                .ok_or_else(|| {
-                    ApiError::InvalidArgument(
-                        "page_token names no instance of this study; start again without it".into(),
-                    )
-                })?
-                + 1
-        }
-    };
     let paged = page_size > 0;
     let last = match paged {
         true => instances.len().min(from.saturating_add(page_size as usize)),
@@ -360,8 +369,8 @@ async fn metadata_page(
     };
     let limit = app.metadata_answer_limit;
     // The message around the JSON and the references: field tags,
-    // lengths, the page token (a UID).
-    let mut size = 128;
+    // lengths, the page token.
+    let mut size = 256;
     let mut json = String::from("[");
     let mut to = from;
     for instance in &instances[from..last] {
@@ -376,15 +385,18 @@ async fn metadata_page(
                 break; // the rest on the next page
             }
             let mib = limit as f64 / (1 << 20) as f64;
-            return Err(ApiError::ResourceExhausted(if to == from {
-                format!(
-                    "instance {}'s metadata alone is more than one answer may be ({mib:.1} MiB)",
-                    instance.reference.sop_instance_uid
-                )
-            } else {
+            return Err(ApiError::ResourceExhausted(if to > from {
                 format!(
                     "the study's metadata is more than one answer may be ({mib:.1} MiB): \
                      ask for it in pages (page_size)"
+                )
+            } else {
+                // Nothing can carry it: say how to go on past it.
+                format!(
+                    "instance {}'s metadata alone is more than one answer may be \
+                     ({mib:.1} MiB); page_token {} goes on after it",
+                    instance.reference.sop_instance_uid,
+                    instance.sort_key.token()
                 )
             }));
         }
@@ -396,11 +408,10 @@ async fn metadata_page(
     }
     json.push(']');
     let next_page_token = match paged && to < instances.len() {
-        true => instances[to - 1].reference.sop_instance_uid.clone(),
+        true => instances[to - 1].sort_key.token(),
         false => String::new(),
     };
     Ok(MetadataPage {
-        from,
         to,
         answer: pb::GetStudyMetadataResponse {
             dicom_json: json,
@@ -413,6 +424,7 @@ async fn metadata_page(
     })
 }
 
+/// The patients of `refs` other than `first`, each once, in order.
 fn other_patients<'a>(first: &str, refs: impl Iterator<Item = &'a String>) -> Vec<String> {
     let mut others: Vec<String> = Vec::new();
     for r in refs {
@@ -710,18 +722,20 @@ impl StudyService for Studies {
                     Ok((study, instances))
                 })
                 .await?;
+            let from = metadata_page_start(&instances, page_size, &page_token)?;
             // The study's patient, unless the caller reached the study only
-            // through instances its clinic filed there: then only theirs.
-            entry.patient_ref = match instances.first() {
+            // through instances its clinic filed there: then only theirs
+            // (those of this page).
+            entry.patient_ref = match instances.get(from).or(instances.first()) {
                 Some(first) if !caller.may_see_clinic(&study.clinic_id) => {
                     first.patient_ref.clone()
                 }
                 _ => study.patient_ref.clone(),
             };
-            let page = metadata_page(&app, &instances, page_size, &page_token).await?;
+            let page = metadata_page(&app, &instances, from, page_size).await?;
             others = other_patients(
                 &entry.patient_ref,
-                instances[page.from..page.to].iter().map(|i| &i.patient_ref),
+                instances[from..page.to].iter().map(|i| &i.patient_ref),
             );
             Ok(page.answer)
         }
@@ -1089,5 +1103,41 @@ mod tests {
             "{}",
             rows[0].outcome
         );
+    }
+
+    /// A paged pass goes on after its token's place, whether that instance
+    /// is still there or moved (re-sent with another number) meanwhile; a
+    /// token without a page size, or one this center did not give, is
+    /// refused.
+    #[test]
+    fn a_page_token_resumes_after_its_place_even_when_its_instance_moved() {
+        let instance = |token: &str| studies::StudyInstance {
+            reference: Default::default(),
+            sort_key: studies::SortKey::from_token(token).unwrap(),
+            blob_key: String::new(),
+            size: 0,
+            patient_ref: String::new(),
+        };
+        let list = [
+            instance("k1:0:1:1.2.1:0:1:1.2.1.1"),
+            instance("k1:0:1:1.2.1:0:2:1.2.1.2"),
+            instance("k1:0:1:1.2.1:0:4:1.2.1.4"),
+            instance("k1:0:2:1.2.2:0:1:1.2.2.1"),
+        ];
+        let start = |token: &str| metadata_page_start(&list, 2, token);
+        assert_eq!(start("").unwrap(), 0);
+        assert_eq!(start("k1:0:1:1.2.1:0:2:1.2.1.2").unwrap(), 2);
+        // Instance 3 of series 1 was handed out as the last of a page,
+        // then re-sent as instance 9: the pass goes on after number 3.
+        assert_eq!(start("k1:0:1:1.2.1:0:3:1.2.1.3").unwrap(), 2);
+        assert_eq!(start("k1:0:2:1.2.2:0:1:1.2.2.1").unwrap(), 4);
+        assert!(matches!(
+            metadata_page_start(&list, 0, "k1:0:1:1.2.1:0:2:1.2.1.2"),
+            Err(ApiError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            start("1.2.1.2"),
+            Err(ApiError::InvalidArgument(_))
+        ));
     }
 }

@@ -188,9 +188,66 @@ pub fn series_instances(
     Ok(visible)
 }
 
+/// Where an instance sorts in its study, as [`study_instances`] orders
+/// them: series without a number last, by series number, series UID;
+/// within a series, instances without a number last, by instance number,
+/// SOP Instance UID. Ordered the way SQLite's ORDER BY orders the same
+/// columns (integers, then text compared byte by byte).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SortKey {
+    series_number_missing: bool,
+    series_number: i64,
+    series_uid: String,
+    instance_number_missing: bool,
+    instance_number: i64,
+    sop_instance_uid: String,
+}
+
+impl SortKey {
+    /// As a paging token: `k1:` then the fields, `:`-separated.
+    pub fn token(&self) -> String {
+        format!(
+            "k1:{}:{}:{}:{}:{}:{}",
+            self.series_number_missing as u8,
+            self.series_number,
+            self.series_uid,
+            self.instance_number_missing as u8,
+            self.instance_number,
+            self.sop_instance_uid
+        )
+    }
+
+    /// Reads [`SortKey::token`]'s form back; a series UID may hold a `:`
+    /// (the SOP Instance UID, checked at C-STORE, may not).
+    pub fn from_token(token: &str) -> Option<SortKey> {
+        let flag = |f: &str| match f {
+            "0" => Some(false),
+            "1" => Some(true),
+            _ => None,
+        };
+        let mut head = token.strip_prefix("k1:")?.splitn(3, ':');
+        let (series_number_missing, series_number) =
+            (flag(head.next()?)?, head.next()?.parse().ok()?);
+        let mut tail = head.next()?.rsplitn(4, ':');
+        let sop_instance_uid = tail.next()?.to_string();
+        let instance_number = tail.next()?.parse().ok()?;
+        let instance_number_missing = flag(tail.next()?)?;
+        let series_uid = tail.next()?.to_string();
+        Some(SortKey {
+            series_number_missing,
+            series_number,
+            series_uid,
+            instance_number_missing,
+            instance_number,
+            sop_instance_uid,
+        })
+    }
+}
+
 /// One instance of a study as GetStudyMetadata lists it.
 pub struct StudyInstance {
     pub reference: InstanceRef,
+    pub sort_key: SortKey,
     pub blob_key: String,
     /// The blob's size in bytes.
     pub size: u64,
@@ -209,7 +266,8 @@ pub fn study_instances(
         "SELECT se.series_uid, i.sop_instance_uid, i.sop_class_uid, se.modality,
                 COALESCE(se.series_number, 0), COALESCE(i.instance_number, 0),
                 COALESCE(i.number_of_frames, 1), i.blob_key, i.sha256,
-                p.clinic_id || ':' || p.patient_id, i.size
+                p.clinic_id || ':' || p.patient_id, i.size,
+                se.series_number IS NULL, i.instance_number IS NULL
          FROM instances i JOIN series se ON se.pk = i.series_pk
               JOIN studies st ON st.pk = se.study_pk
               JOIN patients p ON p.pk = COALESCE(i.patient_pk, st.patient_pk)
@@ -218,8 +276,17 @@ pub fn study_instances(
                   i.instance_number IS NULL, i.instance_number, i.sop_instance_uid",
     )?;
     let rows = stmt.query_map([study_pk], |r| {
+        let sort_key = SortKey {
+            series_number_missing: r.get(11)?,
+            series_number: r.get(4)?,
+            series_uid: r.get(0)?,
+            instance_number_missing: r.get(12)?,
+            instance_number: r.get(5)?,
+            sop_instance_uid: r.get(1)?,
+        };
         Ok((
             StudyInstance {
+                sort_key,
                 reference: InstanceRef {
                     series_instance_uid: r.get(0)?,
                     sop_instance_uid: r.get(1)?,
@@ -352,4 +419,44 @@ pub fn priors(conn: &Connection, caller: &Caller, study: &StudyRow) -> Result<Ve
         .into_iter()
         .filter(|p| caller.may_see_clinic(&p.clinic_id))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token reads back as the key it came from (a series UID with a
+    /// `:`, negative and missing numbers included), and keys order as
+    /// the SQL does: numbered series first, by number, then UID.
+    #[test]
+    fn sort_keys_survive_their_tokens_and_order_like_the_query() {
+        let key = |sm, sn, series: &str, im, inum, sop: &str| SortKey {
+            series_number_missing: sm,
+            series_number: sn,
+            series_uid: series.into(),
+            instance_number_missing: im,
+            instance_number: inum,
+            sop_instance_uid: sop.into(),
+        };
+        let keys = [
+            key(false, -2, "1.2.9", false, 3, "1.2.9.3"),
+            key(false, 1, "1.2.10", false, 1, "1.2.10.1"),
+            key(false, 1, "1.2.10", true, 0, "1.2.10.0"),
+            key(false, 1, "1.2.9", false, 1, "1.2.9.1"),
+            key(true, 0, "odd:uid", false, 7, "1.2.11.7"),
+        ];
+        for k in &keys {
+            assert_eq!(SortKey::from_token(&k.token()).as_ref(), Some(k));
+        }
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        for bad in [
+            "",
+            "1.2.3.4",
+            "k1:2:1:s:0:1:i",
+            "k1:0:x:s:0:1:i",
+            "k2:0:1:s:0:1:i",
+        ] {
+            assert_eq!(SortKey::from_token(bad), None, "{bad}");
+        }
+    }
 }

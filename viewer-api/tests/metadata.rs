@@ -155,11 +155,67 @@ async fn a_study_larger_than_one_answer_comes_in_pages_or_is_refused_clearly() {
         .count();
     assert_eq!(rows, by_size.len() + by_count.len());
 
-    // A token that names no instance of the study.
+    // A token this center did not give, and one without a page size (the
+    // rest of the study would pass for all of it).
     let err = c
         .studies
         .get_study_metadata(authed(request(&uid, 3, "1.2.3.4"), &token))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = c
+        .studies
+        .get_study_metadata(authed(
+            request(&uid, 0, &by_count[0].next_page_token),
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+/// An instance whose metadata alone is larger than an answer (an ECG's
+/// waveform samples against a 16 KiB limit) cannot come in any page: the
+/// refusal says so and gives the token that goes on past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_larger_than_an_answer_is_refused_with_the_way_past_it() {
+    let (_, samples) = demo_samples();
+    let ecg = samples.iter().find(|f| f.modality == "ECG").unwrap();
+    let study: Vec<_> = samples
+        .iter()
+        .filter(|f| f.study_instance_uid == ecg.study_instance_uid)
+        .collect();
+    let server = center_with(
+        &with_clinic(study.iter().copied()),
+        "max_metadata_answer_kib = 16",
+    )
+    .await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+    let err = c
+        .studies
+        .get_study_metadata(authed(request(&ecg.study_instance_uid, 1, ""), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let past = err
+        .message()
+        .split("page_token ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no token in {:?}", err.message()));
+    let after = c
+        .studies
+        .get_study_metadata(authed(request(&ecg.study_instance_uid, 1, past), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        after
+            .instances
+            .iter()
+            .all(|i| i.sop_instance_uid != ecg.sop_instance_uid),
+        "the pass goes on after the instance refused"
+    );
+    assert_eq!(after.instances.len(), (study.len() - 1).min(1));
 }
