@@ -56,6 +56,12 @@ impl ClientError {
             _ => true,
         }
     }
+
+    /// A transient A-ASSOCIATE-RJ: the center is there but admits no
+    /// more associations now (its limits per clinic or in all).
+    pub fn is_transient_rejection(&self) -> bool {
+        matches!(self, ClientError::Rejected(rj) if rj.result == AssociationRJResult::Transient)
+    }
 }
 
 /// An A-ASSOCIATE-RJ in words a technician can act on.

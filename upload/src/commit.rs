@@ -300,11 +300,18 @@ async fn exchange(
         return Err(ClientError::Protocol("expected N-EVENT-REPORT".into()));
     }
     let event_type = report.command.u16(tag::EVENT_TYPE_ID).unwrap_or(0);
+    // Only about what was asked: a report naming other instances does not
+    // make them committed.
+    let asked: std::collections::HashSet<&str> = refs.iter().map(|(_, i)| i.as_str()).collect();
     let answers = parse_report(
         report.dataset.as_deref().unwrap_or(&[]),
         ts,
         &transaction_uid,
-    );
+    )
+    .map(|mut a| {
+        a.retain(|uid, _| asked.contains(uid.as_str()));
+        a
+    });
     let reply = Response::new(
         field::N_EVENT_REPORT_RSP,
         report.command.message_id(),

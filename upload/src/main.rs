@@ -187,6 +187,9 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
+/// Failure Reason 0x0213: the center is short of resources now.
+const RESOURCE_LIMITATION: u16 = 0x0213;
+
 fn default_record() -> PathBuf {
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
@@ -224,7 +227,11 @@ async fn run(args: Args) -> ExitCode {
     let record_key = format!("{}@{center}", s.calling_ae);
     // Records from before the calling AE was part of the key are taken
     // over: what they skip is confirmed by the center again anyway.
-    let record = match record::Record::open(&args.record, &record_key, &center) {
+    let open = match args.dry_run {
+        true => record::Record::open_existing,
+        false => record::Record::open,
+    };
+    let record = match open(&args.record, &record_key, &center) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(
@@ -353,16 +360,16 @@ async fn run(args: Args) -> ExitCode {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }
     // Recorded before, not confirmed now. Those the center answered with a
-    // failure (not held, damaged: 0x0110 too, asked twice by now) are
-    // forgotten, so the next run sends them again (re-sending is
-    // harmless); without any answer (the center unreachable) the record
-    // stays.
+    // failure about the instance (not held, damaged: 0x0110 too) are
+    // forgotten, so the next run sends them again (re-sending is harmless,
+    // and repairs a damaged copy); without any answer (the center
+    // unreachable), or short of resources now (0x0213), the record stays.
     let (already, lapsed): (Vec<_>, Vec<_>) = already
         .into_iter()
         .partition(|c| answers.get(&c.sop_instance_uid) == Some(&None));
-    let gone = lapsed
-        .iter()
-        .filter(|c| matches!(answers.get(&c.sop_instance_uid), Some(Some(_))));
+    let gone = lapsed.iter().filter(
+        |c| matches!(answers.get(&c.sop_instance_uid), Some(Some(r)) if *r != RESOURCE_LIMITATION),
+    );
     if let Err(e) = record.forget(gone.map(|c| c.sop_instance_uid.as_str())) {
         eprintln!("consortium-upload: cannot update the record: {e}");
     }
@@ -506,7 +513,13 @@ async fn run(args: Args) -> ExitCode {
     }) {
         eprintln!("consortium-upload: {reason}");
     }
-    if refused + failed + not_committed + unusable == 0 {
+    let found = committed.len() + already.len() + present.len() + refused + failed;
+    if found + not_committed + unusable == 0 {
+        // An empty mount point, a folder of reports: the technician meant
+        // another one, and "all 0 instances are committed" would hide it.
+        eprintln!("consortium-upload: no DICOM instances found in what was given");
+        ExitCode::FAILURE
+    } else if refused + failed + not_committed + unusable == 0 {
         println!(
             "all {} instances are committed at {center}",
             committed.len() + already.len() + present.len()

@@ -23,7 +23,23 @@ impl Record {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path)?;
+        Record::on(Connection::open(path)?, center, legacy_center)
+    }
+
+    /// Like [`Record::open`], but a record that does not exist yet is not
+    /// created (a dry run leaves nothing behind): an empty one in memory.
+    pub(crate) fn open_existing(
+        path: &Path,
+        center: &str,
+        legacy_center: &str,
+    ) -> rusqlite::Result<Record> {
+        match path.exists() {
+            true => Record::open(path, center, legacy_center),
+            false => Record::on(Connection::open_in_memory()?, center, legacy_center),
+        }
+    }
+
+    fn on(conn: Connection, center: &str, legacy_center: &str) -> rusqlite::Result<Record> {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              CREATE TABLE IF NOT EXISTS committed (

@@ -29,7 +29,7 @@ pub(crate) struct Candidate {
 
 impl Candidate {
     pub(crate) fn dataset_len(&self) -> u64 {
-        self.size - self.dataset_offset
+        self.size.saturating_sub(self.dataset_offset)
     }
 }
 
@@ -74,6 +74,13 @@ pub(crate) fn scan(inputs: &[PathBuf]) -> (Vec<Candidate>, Vec<Skipped>) {
                     kind: SkipKind::Unusable,
                 }),
             }
+        } else if std::fs::metadata(input).is_ok_and(|m| !m.is_file()) {
+            // A FIFO or a device: opening it could wait forever.
+            skipped.push(Skipped {
+                path: input.clone(),
+                reason: "not a regular file".into(),
+                kind: SkipKind::NotDicom,
+            });
         } else {
             files.push(input.clone());
         }
@@ -199,7 +206,16 @@ fn walk(
         Ok(e) => e,
         Err(e) => return skipped.push(unreadable(dir, e)),
     };
-    for entry in entries.flatten() {
+    for entry in entries {
+        // An error part way through a listing (a scratched disc, a failing
+        // stick): the folder's other files may be missing, so it is said.
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                skipped.push(unreadable(dir, e));
+                continue;
+            }
+        };
         let path = entry.path();
         // `metadata` follows a symbolic link to what it names.
         match std::fs::metadata(&path) {

@@ -109,15 +109,22 @@ pub(crate) async fn send_all(
         })
         .collect();
     let attempts = Attempts::default();
+    let running = Running::new(queues.len());
     let mut tasks = tokio::task::JoinSet::new();
     for own in 0..queues.len() {
         let settings = settings.clone();
         let progress = progress.clone();
         let stored = committer.stored();
-        let (queues, attempts) = (Arc::clone(&queues), attempts.clone());
-        tasks.spawn(
-            async move { lane(&settings, &queues, own, &attempts, &progress, &stored).await },
-        );
+        let (queues, attempts, running) = (Arc::clone(&queues), attempts.clone(), running.clone());
+        tasks.spawn(async move {
+            let lanes = Lanes {
+                queues: &queues,
+                own,
+                attempts: &attempts,
+                running: &running,
+            };
+            lane(&settings, lanes, &progress, &stored).await
+        });
     }
     let mut results = Vec::new();
     while let Some(res) = tasks.join_next().await {
@@ -158,6 +165,63 @@ impl Attempts {
     }
 }
 
+/// Which lanes are still running. A lane the center does not admit now (a
+/// transient A-ASSOCIATE-RJ: it limits associations per clinic or in
+/// all) hands its files to a running lane instead of failing them; only
+/// the last lane running fails what it cannot send. A lane stops only
+/// under this lock, together with taking whatever was handed to it.
+#[derive(Clone)]
+struct Running(Arc<Mutex<Vec<bool>>>);
+
+impl Running {
+    fn new(lanes: usize) -> Running {
+        Running(Arc::new(Mutex::new(vec![true; lanes])))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Moves `queues[own]`'s files to the running lane with the fewest
+    /// bytes queued, and stops `own`; false (nothing moved, `own` still
+    /// running) when no other lane runs.
+    fn hand_over(&self, queues: &[Queue], own: usize) -> bool {
+        let mut running = self.lock();
+        let bytes = |i: usize| queues[i].lock().iter().map(|c| c.size).sum::<u64>();
+        let Some(to) = (0..queues.len())
+            .filter(|&i| i != own && running[i])
+            .min_by_key(|&i| bytes(i))
+        else {
+            return false;
+        };
+        let files: Vec<Candidate> = queues[own].lock().drain(..).collect();
+        queues[to].lock().extend(files);
+        running[own] = false;
+        true
+    }
+
+    /// Stops `own` when its queue is empty; false when files are there
+    /// (handed to it since it last looked).
+    fn stop_if_idle(&self, queue: &Queue, own: usize) -> bool {
+        let mut running = self.lock();
+        if !queue.lock().is_empty() {
+            return false;
+        }
+        running[own] = false;
+        true
+    }
+
+    /// Stops `own` for good; the files handed to it meanwhile, which it
+    /// will not send.
+    fn stop(&self, queue: &Queue, own: usize) -> Vec<Candidate> {
+        let mut running = self.lock();
+        running[own] = false;
+        queue.lock().drain(..).collect()
+    }
+}
+
 /// The last file of the lane with the most bytes behind its first, if it
 /// `fits` (the thief's association can carry it as it is); else the next
 /// fullest lane's. A lane's first file is never taken: it may be read
@@ -176,17 +240,31 @@ fn steal(queues: &[Queue], own: usize, fits: impl Fn(&Candidate) -> bool) -> Opt
     })
 }
 
+/// What the lanes share, and which lane this is.
+struct Lanes<'a> {
+    queues: &'a [Queue],
+    own: usize,
+    attempts: &'a Attempts,
+    running: &'a Running,
+}
+
 /// One association's share of the files (`queues[own]`), then whatever it
 /// can take from the others' ends, with retries.
 async fn lane(
     settings: &Settings,
-    queues: &[Queue],
-    own: usize,
-    attempts: &Attempts,
+    lanes: Lanes<'_>,
     progress: &Progress,
     stored: &tokio::sync::mpsc::UnboundedSender<commit::Stored>,
 ) -> Vec<(Candidate, Outcome)> {
+    let Lanes {
+        queues,
+        own,
+        attempts,
+        running,
+    } = lanes;
     let pending = &queues[own];
+    // Why the lane stopped early, for files handed to it meanwhile.
+    let mut stopped_by: Option<String> = None;
     let mut results = Vec::new();
     let mut prefetched: Option<Prefetch> = None;
     let mut failures_in_a_row = 0u32;
@@ -205,11 +283,20 @@ async fn lane(
     let mut given_up_alone = 0u32;
     // Stored files whose SHA-256 is still being computed, oldest first.
     let mut hashing: VecDeque<Hashing> = VecDeque::new();
-    while !pending.lock().is_empty() {
+    loop {
+        if pending.lock().is_empty() && running.stop_if_idle(pending, own) {
+            break;
+        }
         let (contexts, batch_len) = propose(&pending.lock());
         let assoc = settings.associate(&contexts).await;
         let mut assoc = match assoc {
             Ok(a) => a,
+            // The center admits no more associations now, while other
+            // lanes have theirs: they send this lane's files.
+            Err(e) if e.is_transient_rejection() && running.hand_over(queues, own) => {
+                progress.note(&format!("{e}; its files go to the other associations"));
+                break;
+            }
             Err(e) if e.is_transient() && failures_in_a_row < settings.retries => {
                 failures_in_a_row += 1;
                 progress.note(&format!(
@@ -221,6 +308,7 @@ async fn lane(
             }
             Err(e) => {
                 fail_pending(pending, &e.to_string(), progress, &mut results);
+                stopped_by = Some(e.to_string());
                 break;
             }
         };
@@ -379,6 +467,7 @@ async fn lane(
                             "connection lost during each of {given_up_alone} files in a row: {e}"
                         );
                         fail_pending(pending, &reason, progress, &mut results);
+                        stopped_by = Some(reason);
                         break;
                     }
                     failures_in_a_row = 0;
@@ -392,6 +481,7 @@ async fn lane(
                 if failures_in_a_row > settings.retries {
                     let reason = format!("connection lost repeatedly: {e}");
                     fail_pending(pending, &reason, progress, &mut results);
+                    stopped_by = Some(reason);
                     break;
                 }
                 progress.note(&format!(
@@ -401,6 +491,18 @@ async fn lane(
                 tokio::time::sleep(backoff(failures_in_a_row)).await;
             }
         }
+    }
+    // Files handed to this lane after it stopped early fail as its own did
+    // (a lane that stopped idle, or handed its files on, has none).
+    let reason = stopped_by.unwrap_or_else(|| "not sent: its association ended".into());
+    for file in running.stop(pending, own) {
+        progress.done(&file);
+        results.push((
+            file,
+            Outcome::Failed {
+                reason: reason.clone(),
+            },
+        ));
     }
     hand_over(&mut hashing, true, stored, &mut results).await;
     results

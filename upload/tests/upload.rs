@@ -1181,3 +1181,68 @@ fn a_center_admitting_one_association_still_commits_everything() {
     let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
     assert!(log.contains("clinic association limit reached"), "{log}");
 }
+
+/// Asked for more associations than the center admits a clinic at once
+/// (transient A-ASSOCIATE-RJ), the refused lanes hand their files to the
+/// admitted ones: everything is sent and committed, nothing fails.
+#[test]
+fn lanes_the_center_does_not_admit_hand_their_files_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    let files = sample_dicom::generate(&samples, &sample_dicom::Options::demo(41)).unwrap();
+    let gw = Gateway::start_with(dir.path(), "127.0.0.1:0", "max_associations_per_clinic = 2");
+    let record = dir.path().join("record.sqlite");
+    // No retries: a refused lane that waited for a place instead would
+    // fail its files at once (as it would after its retries on an upload
+    // outlasting them).
+    let args = ["--associations", "4", "--retries", "0"];
+    let out = upload(gw.port, &record, &args, &[&samples]);
+    let text = stdout(&out);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{errors}");
+    assert_eq!(summary_count(&text, "committed"), files.len(), "{text}");
+    assert_eq!(summary_count(&text, "failed"), 0, "{text}");
+    assert!(
+        errors.contains("its files go to the other associations"),
+        "{errors}"
+    );
+    assert_eq!(
+        gw.count("SELECT count(*) FROM instances"),
+        files.len() as i64
+    );
+    assert_eq!(record_rows(&record), files.len() as i64);
+    // Lanes were refused (else this test would not test the hand-over).
+    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
+    assert!(log.contains("clinic association limit reached"), "{log}");
+}
+
+/// Media with no DICOM instance on it (an empty mount point, a folder of
+/// reports) is an error, not "all 0 instances are committed"; a FIFO
+/// given by name is listed, not opened (which would wait forever); and a
+/// dry run leaves no record behind.
+#[test]
+fn nothing_to_send_fails_clearly_and_a_dry_run_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), "127.0.0.1:0");
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(&media).unwrap();
+    std::fs::write(media.join("report.txt"), b"not an image").unwrap();
+    let fifo = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let record = dir.path().join("records").join("record.sqlite");
+
+    let dry = upload(gw.port, &record, &["--dry-run"], &[&media, &fifo]);
+    assert_eq!(dry.status.code(), Some(0), "{}", stdout(&dry));
+    assert!(!record.exists() && !record.parent().unwrap().exists());
+
+    let out = upload(gw.port, &record, &[], &[&media, &fifo]);
+    let (text, errors) = (stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}\n{errors}");
+    assert!(errors.contains("no DICOM instances found"), "{errors}");
+    assert!(text.contains("pipe: not a regular file"), "{text}");
+    assert!(!text.contains("instances are committed"), "{text}");
+}
