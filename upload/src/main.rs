@@ -288,8 +288,12 @@ async fn run(args: Args) -> ExitCode {
             already.len(),
             skipped.len()
         );
-        // Like the real run: unusable DICOM files make it fail.
+        // Like the real run: unusable DICOM files, or none at all, make it fail.
         let unusable = skipped.iter().any(|s| s.kind == scan::SkipKind::Unusable);
+        if to_send.is_empty() && already.is_empty() && !unusable {
+            eprintln!("consortium-upload: no DICOM instances found in what was given");
+            return ExitCode::FAILURE;
+        }
         return if unusable {
             ExitCode::FAILURE
         } else {

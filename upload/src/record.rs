@@ -33,9 +33,12 @@ impl Record {
         center: &str,
         legacy_center: &str,
     ) -> rusqlite::Result<Record> {
-        match path.exists() {
-            true => Record::open(path, center, legacy_center),
-            false => Record::on(Connection::open_in_memory()?, center, legacy_center),
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Record::on(Connection::open_in_memory()?, center, legacy_center)
+            }
+            // One that cannot be read is an error, as in a real run.
+            _ => Record::open(path, center, legacy_center),
         }
     }
 

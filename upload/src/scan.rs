@@ -308,6 +308,13 @@ fn referenced_file(
             parts.join("\\")
         ));
     }
+    // A FIFO or a device there: opening it could wait forever.
+    if std::fs::metadata(&p).is_ok_and(|m| !m.is_file()) {
+        return Err(format!(
+            "Referenced File ID {:?} is not a regular file",
+            parts.join("\\")
+        ));
+    }
     Ok(p)
 }
 

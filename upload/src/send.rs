@@ -187,7 +187,7 @@ impl Running {
     /// Moves `queues[own]`'s files to the running lane with the fewest
     /// bytes queued, and stops `own`; false (nothing moved, `own` still
     /// running) when no other lane runs.
-    fn hand_over(&self, queues: &[Queue], own: usize) -> bool {
+    fn pass_on(&self, queues: &[Queue], own: usize) -> bool {
         let mut running = self.lock();
         let bytes = |i: usize| queues[i].lock().iter().map(|c| c.size).sum::<u64>();
         let Some(to) = (0..queues.len())
@@ -265,6 +265,8 @@ async fn lane(
     let pending = &queues[own];
     // Why the lane stopped early, for files handed to it meanwhile.
     let mut stopped_by: Option<String> = None;
+    // Whether the center ever admitted this lane's association.
+    let mut admitted = false;
     let mut results = Vec::new();
     let mut prefetched: Option<Prefetch> = None;
     let mut failures_in_a_row = 0u32;
@@ -287,13 +289,29 @@ async fn lane(
         if pending.lock().is_empty() && running.stop_if_idle(pending, own) {
             break;
         }
-        let (contexts, batch_len) = propose(&pending.lock());
+        // The files this association is proposed for: those at the front
+        // now (files handed to the lane later go behind them).
+        let (contexts, covered) = {
+            let queue = pending.lock();
+            let (contexts, batch_len) = propose(&queue);
+            let uids: std::collections::HashSet<String> = queue
+                .iter()
+                .take(batch_len)
+                .map(|c| c.sop_instance_uid.clone())
+                .collect();
+            (contexts, uids)
+        };
         let assoc = settings.associate(&contexts).await;
         let mut assoc = match assoc {
-            Ok(a) => a,
-            // The center admits no more associations now, while other
-            // lanes have theirs: they send this lane's files.
-            Err(e) if e.is_transient_rejection() && running.hand_over(queues, own) => {
+            Ok(a) => {
+                admitted = true;
+                a
+            }
+            // The center admits no more associations (its limits), while
+            // other lanes have theirs: they send this lane's files. Only a
+            // lane never admitted: one refused for a moment between two
+            // of its associations tries again, as below.
+            Err(e) if !admitted && e.is_transient_rejection() && running.pass_on(queues, own) => {
                 progress.note(&format!("{e}; its files go to the other associations"));
                 break;
             }
@@ -307,8 +325,11 @@ async fn lane(
                 continue;
             }
             Err(e) => {
-                fail_pending(pending, &e.to_string(), progress, &mut results);
-                stopped_by = Some(e.to_string());
+                let reason = e.to_string();
+                if !(e.is_transient() && passed_on(running, queues, own, &reason, progress)) {
+                    fail_pending(pending, &reason, progress, &mut results);
+                    stopped_by = Some(reason);
+                }
                 break;
             }
         };
@@ -321,14 +342,13 @@ async fn lane(
         let mut again: Vec<Candidate> = Vec::new();
         // This association's own files first (those its contexts were
         // proposed for), then, once the lane has none left, others' last ones.
-        let mut covered = batch_len;
         loop {
             hand_over(&mut hashing, false, stored, &mut results).await;
-            let own_file = match covered {
-                0 => None,
-                _ => {
-                    covered -= 1;
-                    pending.lock().pop_front()
+            let own_file = {
+                let mut queue = pending.lock();
+                match queue.front() {
+                    Some(f) if covered.contains(&f.sop_instance_uid) => queue.pop_front(),
+                    _ => None,
                 }
             };
             let file = match own_file {
@@ -466,8 +486,10 @@ async fn lane(
                         let reason = format!(
                             "connection lost during each of {given_up_alone} files in a row: {e}"
                         );
-                        fail_pending(pending, &reason, progress, &mut results);
-                        stopped_by = Some(reason);
+                        if !passed_on(running, queues, own, &reason, progress) {
+                            fail_pending(pending, &reason, progress, &mut results);
+                            stopped_by = Some(reason);
+                        }
                         break;
                     }
                     failures_in_a_row = 0;
@@ -480,8 +502,10 @@ async fn lane(
                 failures_in_a_row += 1;
                 if failures_in_a_row > settings.retries {
                     let reason = format!("connection lost repeatedly: {e}");
-                    fail_pending(pending, &reason, progress, &mut results);
-                    stopped_by = Some(reason);
+                    if !passed_on(running, queues, own, &reason, progress) {
+                        fail_pending(pending, &reason, progress, &mut results);
+                        stopped_by = Some(reason);
+                    }
                     break;
                 }
                 progress.note(&format!(
@@ -622,6 +646,23 @@ fn fail_pending(
             },
         ));
     }
+}
+
+/// A lane giving up on its link hands its files to a lane still running
+/// (which may get through, with its own retries) instead of failing them;
+/// false when it is the last.
+fn passed_on(
+    running: &Running,
+    queues: &[Queue],
+    own: usize,
+    why: &str,
+    progress: &Progress,
+) -> bool {
+    let passed = running.pass_on(queues, own);
+    if passed {
+        progress.note(&format!("{why}; its files go to the other associations"));
+    }
+    passed
 }
 
 fn backoff(attempt: u32) -> Duration {

@@ -1206,6 +1206,9 @@ fn lanes_the_center_does_not_admit_hand_their_files_to_the_others() {
         errors.contains("its files go to the other associations"),
         "{errors}"
     );
+    // Each file went on an association proposed for it: sent as it is
+    // (the demo's syntaxes are all accepted), never converted.
+    assert!(!text.contains("converted "), "{text}");
     assert_eq!(
         gw.count("SELECT count(*) FROM instances"),
         files.len() as i64
@@ -1236,7 +1239,9 @@ fn nothing_to_send_fails_clearly_and_a_dry_run_writes_nothing() {
     let record = dir.path().join("records").join("record.sqlite");
 
     let dry = upload(gw.port, &record, &["--dry-run"], &[&media, &fifo]);
-    assert_eq!(dry.status.code(), Some(0), "{}", stdout(&dry));
+    let errors = String::from_utf8_lossy(&dry.stderr);
+    assert_eq!(dry.status.code(), Some(1), "{}\n{errors}", stdout(&dry));
+    assert!(errors.contains("no DICOM instances found"), "{errors}");
     assert!(!record.exists() && !record.parent().unwrap().exists());
 
     let out = upload(gw.port, &record, &[], &[&media, &fifo]);
