@@ -13,7 +13,7 @@ use consortium_proto::v1::identity_service_server::IdentityService;
 use consortium_proto::v1::image_service_server::ImageService;
 use consortium_proto::v1::study_service_server::StudyService;
 use consortium_proto::v1::worklist_service_server::WorklistService;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -345,6 +345,10 @@ fn metadata_page_start(
     Ok(instances.partition_point(|i| i.sort_key <= after))
 }
 
+/// Instance headers GetStudyMetadata reads at once: enough to hide a
+/// bucket's round trips; parsing them still takes render workers' turns.
+const HEADERS_AHEAD: usize = 8;
+
 /// One answer of GetStudyMetadata: `instances[from..to]` and their JSON.
 struct MetadataPage {
     to: usize,
@@ -373,11 +377,21 @@ async fn metadata_page(
     let mut size = 256;
     let mut json = String::from("[");
     let mut to = from;
-    for instance in &instances[from..last] {
-        let one = app
-            .images
-            .header_json(&instance.blob_key, instance.size)
-            .await?;
+    // Several headers read at once (from a bucket, each a round trip),
+    // taken in order; those read ahead of a page's end are dropped.
+    let mut headers = futures::stream::iter(from..last)
+        .map(|i| {
+            let (images, key, size) = (
+                app.images.clone(),
+                instances[i].blob_key.clone(),
+                instances[i].size,
+            );
+            async move { Ok::<_, ApiError>((i, images.header_json(&key, size).await?)) }
+        })
+        .buffered(HEADERS_AHEAD);
+    while let Some(header) = headers.next().await {
+        let (i, one) = header?;
+        let instance = &instances[i];
         let reference = instance.reference.encoded_len();
         size += one.len() + 1 + reference + 11;
         if size > limit {
