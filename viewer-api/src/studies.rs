@@ -366,9 +366,47 @@ fn unparsable(e: dicom_object::ReadError) -> ApiError {
 }
 
 /// DICOM JSON (PS3.18 F.2) of one dataset, without its file meta group.
+///
+/// Binary values longer than [`MAX_INLINE_BINARY`] bytes of base64
+/// (waveform samples, an encapsulated document, overlays) are bulk data,
+/// left out like pixel data: the attribute carries a `BulkDataURI`,
+/// `instances/<SOP Instance UID>`, the instance GetRawInstance returns.
 pub fn dataset_json(obj: &DefaultDicomObject) -> Result<String> {
+    let failed = |e: serde_json::Error| ApiError::Internal(format!("DICOM JSON: {e}"));
     let dataset: &dicom_object::InMemDicomObject = obj;
-    dicom_json::to_string(dataset).map_err(|e| ApiError::Internal(format!("DICOM JSON: {e}")))
+    let mut json = dicom_json::to_value(dataset).map_err(failed)?;
+    let uid = obj.meta().media_storage_sop_instance_uid();
+    leave_out_bulk_data(
+        &mut json,
+        &format!("instances/{}", uid.trim_end_matches('\0')),
+    );
+    serde_json::to_string(&json).map_err(failed)
+}
+
+/// Base64 characters of a binary value inlined in metadata (768 bytes).
+const MAX_INLINE_BINARY: usize = 1024;
+
+/// Replaces long `InlineBinary` values, at any depth, by `BulkDataURI`.
+fn leave_out_bulk_data(json: &mut serde_json::Value, uri: &str) {
+    match json {
+        serde_json::Value::Object(attribute) => {
+            let long = matches!(
+                attribute.get("InlineBinary"),
+                Some(serde_json::Value::String(b)) if b.len() > MAX_INLINE_BINARY
+            );
+            if long {
+                attribute.remove("InlineBinary");
+                attribute.insert("BulkDataURI".into(), uri.into());
+            }
+            attribute
+                .values_mut()
+                .for_each(|v| leave_out_bulk_data(v, uri));
+        }
+        serde_json::Value::Array(items) => {
+            items.iter_mut().for_each(|v| leave_out_bulk_data(v, uri))
+        }
+        _ => {}
+    }
 }
 
 /// Studies of the same person: linked through identifiers that carry an

@@ -174,27 +174,52 @@ async fn a_study_larger_than_one_answer_comes_in_pages_or_is_refused_clearly() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
-/// An instance whose metadata alone is larger than an answer (an ECG's
-/// waveform samples against a 16 KiB limit) cannot come in any page: the
-/// refusal says so and gives the token that goes on past it.
+/// A copy of `file` as the only instance of a study of its own, with a
+/// 20,000-character Text Value (UT): text, so its metadata keeps it.
+fn alone_with_long_text(
+    file: &std::path::Path,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, String) {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let mut obj = dicom_object::open_file(file).unwrap();
+    let uid = |suffix: &str| format!("2.25.777{suffix}");
+    for (tag, value) in [
+        (tags::SOP_INSTANCE_UID, uid("1")),
+        (tags::SERIES_INSTANCE_UID, uid("2")),
+        (tags::STUDY_INSTANCE_UID, uid("3")),
+    ] {
+        obj.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(value)));
+    }
+    obj.put(DataElement::new(
+        tags::TEXT_VALUE,
+        VR::UT,
+        PrimitiveValue::from("x".repeat(20_000)),
+    ));
+    let meta = obj.meta_mut();
+    meta.media_storage_sop_instance_uid = uid("1");
+    meta.update_information_group_length();
+    let path = dir.join("long-text.dcm");
+    obj.write_to_file(&path).unwrap();
+    (path, uid("3"))
+}
+
+/// An instance whose metadata alone is larger than an answer (20,000
+/// characters of text against a 16 KiB limit) cannot come in any page:
+/// the refusal says so and gives the token that goes on past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_larger_than_an_answer_is_refused_with_the_way_past_it() {
     let (_, samples) = demo_samples();
-    let ecg = samples.iter().find(|f| f.modality == "ECG").unwrap();
-    let study: Vec<_> = samples
-        .iter()
-        .filter(|f| f.study_instance_uid == ecg.study_instance_uid)
-        .collect();
-    let server = center_with(
-        &with_clinic(study.iter().copied()),
-        "max_metadata_answer_kib = 16",
-    )
-    .await;
+    let ct = samples.iter().find(|f| f.modality == "CT").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (long, study) = alone_with_long_text(&ct.path, dir.path());
+    let files = vec![(long, ct.issuer_of_patient_id.clone())];
+    let server = center_with(&files, "max_metadata_answer_kib = 16").await;
     let token = server.login("rad1").await;
     let mut c = server.clients().await;
     let err = c
         .studies
-        .get_study_metadata(authed(request(&ecg.study_instance_uid, 1, ""), &token))
+        .get_study_metadata(authed(request(&study, 1, ""), &token))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -206,16 +231,47 @@ async fn an_instance_larger_than_an_answer_is_refused_with_the_way_past_it() {
         .unwrap_or_else(|| panic!("no token in {:?}", err.message()));
     let after = c
         .studies
-        .get_study_metadata(authed(request(&ecg.study_instance_uid, 1, past), &token))
+        .get_study_metadata(authed(request(&study, 1, past), &token))
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        after
-            .instances
-            .iter()
-            .all(|i| i.sop_instance_uid != ecg.sop_instance_uid),
-        "the pass goes on after the instance refused"
+    assert!(after.instances.is_empty(), "nothing follows it");
+    assert!(after.next_page_token.is_empty());
+}
+
+/// An ECG's waveform samples are bulk data: its metadata names where they
+/// are (the instance, as GetRawInstance returns it) instead of inlining
+/// them; its small values stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waveform_samples_are_left_out_of_metadata_like_pixel_data() {
+    let (_, samples) = demo_samples();
+    let ecg = samples.iter().find(|f| f.modality == "ECG").unwrap();
+    let server = center_with(&with_clinic([ecg]), "").await;
+    let token = server.login("rad1").await;
+    let answer = server
+        .clients()
+        .await
+        .studies
+        .get_study_metadata(authed(request(&ecg.study_instance_uid, 0, ""), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let objects = objects(std::slice::from_ref(&answer));
+    let waveform = &objects[0]["54000100"]["Value"][0];
+    let samples_attr = &waveform["54001010"];
+    assert_eq!(
+        samples_attr["BulkDataURI"],
+        format!("instances/{}", ecg.sop_instance_uid),
+        "{samples_attr}"
     );
-    assert_eq!(after.instances.len(), (study.len() - 1).min(1));
+    assert!(samples_attr.get("InlineBinary").is_none());
+    assert_eq!(
+        waveform["003A0005"]["Value"][0], 12,
+        "channels, inline: {waveform}"
+    );
+    assert!(
+        answer.dicom_json.len() < 16 << 10,
+        "{} bytes",
+        answer.dicom_json.len()
+    );
 }
