@@ -25,7 +25,8 @@ commands:
   watch [same filters]           print worklist changes until interrupted
   claim STUDY_UID | release STUDY_UID
   priority STUDY_UID stat|urgent|routine
-  study STUDY_UID [--json]       instances in series order (or the DICOM JSON)
+  study STUDY_UID [--series UID] [--json]
+                                 instances in series order, or their DICOM JSON (--series: one series)
   priors STUDY_UID
   render SOP_UID [--frame N] [--window CENTER,WIDTH] [--preset NAME] [--size PIXELS] [--jpeg] --out FILE
   series SERIES_UID [--size PIXELS] --out DIR     every frame as DIR/NNNN.png
@@ -371,6 +372,7 @@ async fn run(args: &mut Args) -> Result<(), String> {
         "study" => {
             let uid = args.positional("STUDY_UID")?;
             let json = args.switch("--json");
+            let series = args.flag("--series").unwrap_or_default();
             // In pages, so that a study of any size comes through.
             let mut client = StudyServiceClient::new(channel).max_decoding_message_size(256 << 20);
             let (mut objects, mut instances, mut page_token) =
@@ -382,6 +384,8 @@ async fn run(args: &mut Args) -> Result<(), String> {
                             study_instance_uid: uid.clone(),
                             page_size: 500,
                             page_token,
+                            series_instance_uid: series.clone(),
+                            ..Default::default()
                         },
                         t,
                     )?)

@@ -202,6 +202,11 @@ async fn a_radiologist_reads_a_study_from_the_command_line() {
     assert!(listing.contains(&ct.sop_instance_uid));
     let json = ok(cli(dir, addr, &["study", uid, "--json"], ""));
     assert!(json.trim_start().starts_with('[') && json.contains("\"0020000D\""));
+    // One series: its rows of the listing (each row ends with its series).
+    let series = listing.lines().nth(1).unwrap().rsplit('\t').next().unwrap();
+    let one = ok(cli(dir, addr, &["study", uid, "--series", series], ""));
+    let of_series: Vec<&str> = listing.lines().filter(|l| l.ends_with(series)).collect();
+    assert_eq!(one.lines().skip(1).collect::<Vec<_>>(), of_series, "{one}");
     ok(cli(dir, addr, &["priors", uid], ""));
 
     let png = dir.join("frame.png");

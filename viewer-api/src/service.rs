@@ -719,6 +719,8 @@ impl StudyService for Studies {
             study_instance_uid: uid,
             page_size,
             page_token,
+            series_instance_uid: series,
+            sop_instance_uid: instance,
         } = req.into_inner();
         let mut entry = Entry::new("GetStudyMetadata", &caller);
         let mut others = Vec::new();
@@ -728,7 +730,15 @@ impl StudyService for Studies {
             studies::check_uid(&uid, "study_instance_uid")?;
             entry.study_uid = uid.clone();
             let c = caller.clone();
-            let (study, instances) = app
+            for (value, field) in [
+                (&series, "series_instance_uid"),
+                (&instance, "sop_instance_uid"),
+            ] {
+                if !value.is_empty() {
+                    studies::check_uid(value, field)?;
+                }
+            }
+            let (study, mut instances) = app
                 .db
                 .read(move |conn| {
                     let study = studies::find_study(conn, &c, &uid)?;
@@ -736,6 +746,20 @@ impl StudyService for Studies {
                     Ok((study, instances))
                 })
                 .await?;
+            // One series or one instance of it: the same order, the same
+            // paging; not found like a study the caller may not see.
+            if !series.is_empty() {
+                instances.retain(|i| i.reference.series_instance_uid == series);
+                if instances.is_empty() {
+                    return Err(ApiError::NotFound("series"));
+                }
+            }
+            if !instance.is_empty() {
+                instances.retain(|i| i.reference.sop_instance_uid == instance);
+                if instances.is_empty() {
+                    return Err(ApiError::NotFound("instance"));
+                }
+            }
             let from = metadata_page_start(&instances, page_size, &page_token)?;
             // The study's patient, unless the caller reached the study only
             // through instances its clinic filed there: then only theirs

@@ -28,6 +28,7 @@ fn request(uid: &str, page_size: u32, page_token: &str) -> GetStudyMetadataReque
         study_instance_uid: uid.to_string(),
         page_size,
         page_token: page_token.to_string(),
+        ..Default::default()
     }
 }
 
@@ -274,4 +275,93 @@ async fn waveform_samples_are_left_out_of_metadata_like_pixel_data() {
         "{} bytes",
         answer.dicom_json.len()
     );
+}
+
+/// Study, series and instance metadata, ordered by series number then
+/// instance number whatever order the instances arrived in (here the
+/// reverse of the study's); another study's series or instance is not
+/// found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_and_instance_metadata_in_series_and_instance_order() {
+    let (mut files, uid) = largest_study();
+    files.reverse();
+    let (_, samples) = demo_samples();
+    let other = samples
+        .iter()
+        .find(|f| f.study_instance_uid != uid)
+        .unwrap();
+    files.extend(with_clinic([other]));
+    let server = center_with(&files, "").await;
+    let token = server.login("rad1").await;
+    let studies = server.clients().await.studies;
+    let ask = |req: GetStudyMetadataRequest| {
+        let (mut studies, token) = (studies.clone(), token.clone());
+        async move { studies.get_study_metadata(authed(req, &token)).await }
+    };
+
+    let study = ask(request(&uid, 0, "")).await.unwrap().into_inner();
+    assert_eq!(study.instances.len(), files.len() - 1);
+    let order: Vec<(i32, i32)> = study
+        .instances
+        .iter()
+        .map(|i| (i.series_number, i.instance_number))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "series number, then instance number");
+    assert!(
+        study
+            .instances
+            .iter()
+            .map(|i| &i.series_instance_uid)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1,
+        "a study of several series"
+    );
+
+    let chosen = study.instances.last().unwrap().clone();
+    let series = ask(GetStudyMetadataRequest {
+        series_instance_uid: chosen.series_instance_uid.clone(),
+        ..request(&uid, 0, "")
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    let expected: Vec<_> = study
+        .instances
+        .iter()
+        .filter(|i| i.series_instance_uid == chosen.series_instance_uid)
+        .cloned()
+        .collect();
+    assert_eq!(series.instances, expected);
+    assert_eq!(objects(std::slice::from_ref(&series)).len(), expected.len());
+
+    let one = ask(GetStudyMetadataRequest {
+        sop_instance_uid: chosen.sop_instance_uid.clone(),
+        ..request(&uid, 0, "")
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(one.instances, vec![chosen.clone()]);
+    let json = objects(std::slice::from_ref(&one));
+    assert_eq!(
+        json[0]["00080018"]["Value"][0],
+        chosen.sop_instance_uid.as_str()
+    );
+
+    for req in [
+        GetStudyMetadataRequest {
+            series_instance_uid: common::series_of(&other.path),
+            ..request(&uid, 0, "")
+        },
+        GetStudyMetadataRequest {
+            sop_instance_uid: other.sop_instance_uid.clone(),
+            ..request(&uid, 0, "")
+        },
+    ] {
+        let err = ask(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
 }
