@@ -655,6 +655,67 @@ fn pynetdicom_c_get_receives_the_stored_bytes() {
     }
 }
 
+/// A C-GET whose requestor takes one instance's SOP class in no context:
+/// that sub-operation fails (the reason in the log), the rest are sent,
+/// and the final response says so: 0xB000 with 5 completed and 1 failed.
+#[test]
+fn a_c_get_with_an_instance_the_requestor_cannot_take_ends_in_partial_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, uids) = with_study(dir.path(), "");
+    // An MR instance in the same study (the CT dataset with MR's class).
+    let contexts: &[(u8, &str, &[&str])] = &[(1, scu::MR_IMAGE_STORAGE, &[scu::EXPLICIT_LE])];
+    let scu::Association::Accepted(mut sender) =
+        scu::associate(gw.port, "COUNTYWS1", common::AE, contexts)
+    else {
+        panic!()
+    };
+    let mr = "2.25.669";
+    let ds = scu::ct_dataset(mr, "2.25.66", 1024);
+    let class_at = ds
+        .windows(CT_IMAGE_STORAGE.len())
+        .position(|w| w == CT_IMAGE_STORAGE.as_bytes())
+        .unwrap();
+    let mut ds = ds;
+    ds[class_at..class_at + scu::MR_IMAGE_STORAGE.len()]
+        .copy_from_slice(scu::MR_IMAGE_STORAGE.as_bytes());
+    assert_eq!(
+        sender.store(1, scu::MR_IMAGE_STORAGE, mr, &ds),
+        Reply::Status(0)
+    );
+    assert!(sender.release());
+
+    // pynetdicom's requestor takes CT Image Storage only.
+    let out_dir = dir.path().join("py");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/get_scu.py"))
+        .arg(gw.port.to_string())
+        .arg("COUNTYWS1")
+        .arg("2.25.66")
+        .arg(&out_dir)
+        .output()
+        .expect("python3 with pynetdicom");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("\"status\": 45056, \"completed\": 5, \"failed\": 1"),
+        "{text}"
+    );
+    for uid in &uids {
+        assert!(out_dir.join(format!("{uid}.bin")).exists(), "{uid}");
+    }
+    assert!(!out_dir.join(format!("{mr}.bin")).exists());
+    let log = gw.log();
+    assert!(
+        log.contains("no accepted context") && log.contains(scu::MR_IMAGE_STORAGE),
+        "{log}"
+    );
+}
+
 /// DCMTK movescu: the test study, at STUDY level, to `dest`.
 fn movescu_study(port: u16, dest: &str) -> std::process::Output {
     movescu_for(port, dest, "2.25.66")
