@@ -31,16 +31,27 @@ fn loaded(dir: &Path, spec: &GatewaySpec) -> Gateway {
     gw
 }
 
-/// Runs findscu and returns the response identifiers it wrote.
+/// Runs findscu (Study Root) and returns the response identifiers it wrote.
 fn findscu(
     port: u16,
     calling: &str,
     keys: &[&str],
     out_dir: &Path,
 ) -> (bool, Vec<dicom_object::DefaultDicomObject>) {
+    findscu_in(port, "-S", calling, keys, out_dir)
+}
+
+/// Runs findscu with information model `root` (`-S` study, `-P` patient).
+fn findscu_in(
+    port: u16,
+    root: &str,
+    calling: &str,
+    keys: &[&str],
+    out_dir: &Path,
+) -> (bool, Vec<dicom_object::DefaultDicomObject>) {
     std::fs::create_dir_all(out_dir).unwrap();
     let mut cmd = Command::new("/usr/bin/findscu");
-    cmd.args(["-S", "-X", "-od"])
+    cmd.args([root, "-X", "-od"])
         .arg(out_dir)
         .args(["-aet", calling, "-aec", common::AE]);
     for k in keys {
@@ -92,6 +103,83 @@ fn count(gw: &Gateway, sql: &str) -> usize {
     gw.index()
         .query_row(sql, [], |r| r.get::<_, i64>(0))
         .unwrap() as usize
+}
+
+/// Patient Root (findscu -P): PATIENT level answers each patient once,
+/// with their study count; STUDY level under a patient ID answers that
+/// patient's studies; `?` matches exactly one character.
+#[test]
+fn findscu_patient_root_at_patient_and_study_levels() {
+    use dicom_dictionary_std::tags;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = loaded(dir.path(), &GatewaySpec::default());
+    let scratch = dir.path().join("find");
+    let (ok, patients) = findscu_in(
+        gw.port,
+        "-P",
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=PATIENT",
+            "PatientID",
+            "PatientName",
+            "NumberOfPatientRelatedStudies",
+        ],
+        &scratch.join("patients"),
+    );
+    assert!(ok);
+    assert_eq!(patients.len(), count(&gw, "SELECT count(*) FROM patients"));
+    let id = text(&patients[0], tags::PATIENT_ID);
+    let studies_of = |id: &str| {
+        count(
+            &gw,
+            &format!(
+                "SELECT count(*) FROM studies st JOIN patients p ON p.pk = st.patient_pk \
+                 WHERE p.patient_id = '{id}'"
+            ),
+        )
+    };
+    let n: usize = text(&patients[0], tags::NUMBER_OF_PATIENT_RELATED_STUDIES)
+        .parse()
+        .unwrap();
+    assert_eq!(n, studies_of(&id), "{id}");
+
+    let (ok, studies) = findscu_in(
+        gw.port,
+        "-P",
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=STUDY",
+            &format!("PatientID={id}"),
+            "StudyInstanceUID",
+        ],
+        &scratch.join("studies"),
+    );
+    assert!(ok);
+    assert_eq!(studies.len(), studies_of(&id));
+
+    // All but the last character, then `?`: IDs of exactly that length.
+    let pattern = format!("{}?", &id[..id.len() - 1]);
+    let (ok, matched) = findscu_in(
+        gw.port,
+        "-P",
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=PATIENT",
+            &format!("PatientID={pattern}"),
+        ],
+        &scratch.join("wildcard"),
+    );
+    assert!(ok);
+    let expected = count(
+        &gw,
+        &format!("SELECT count(*) FROM patients WHERE patient_id GLOB '{pattern}'"),
+    );
+    assert!(expected >= 1);
+    assert_eq!(matched.len(), expected);
+    assert!(matched.iter().all(|p| {
+        let got = text(p, tags::PATIENT_ID);
+        got.len() == id.len() && got.starts_with(&id[..id.len() - 1])
+    }));
 }
 
 #[test]
