@@ -202,6 +202,25 @@ async fn roles_see_what_they_may_and_every_read_is_audited() {
     };
     assert!(has("rad1", "ListWorklist", "", "success"), "{audit:#?}");
     assert!(has("rad1", "GetStudyMetadata", &baishui_study, "success"));
+    // ... from where, and when (UTC, to the second, just now), with the patient.
+    let index = rusqlite::Connection::open(server.data_dir().join("index.sqlite")).unwrap();
+    let (peer, at, patient): (String, String, String) = index
+        .query_row(
+            "SELECT peer, at, patient_ref FROM audit
+             WHERE username = 'rad1' AND action = 'GetStudyMetadata' AND study_uid = ?1",
+            [&baishui_study],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(peer, "127.0.0.1");
+    let now = storage::utc_timestamp(std::time::SystemTime::now());
+    let a_minute_ago =
+        storage::utc_timestamp(std::time::SystemTime::now() - std::time::Duration::from_secs(60));
+    assert!(
+        at.len() == now.len() && (a_minute_ago..=now).contains(&at),
+        "{at}"
+    );
+    assert!(patient.starts_with("baishui:"), "{patient}");
     assert!(has("tech_x", "ListWorklist", "", "denied"));
     assert!(has(
         "staff_b",
