@@ -1331,7 +1331,10 @@ impl Connection {
             &context.abstract_syntax,
             scope,
         ) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                r.query.combined_datetime = context.combined_datetime;
+                r
+            }
             Err(why) => {
                 warn!(%why, "invalid C-FIND identifier");
                 self.audit(

@@ -197,6 +197,7 @@ pub(crate) fn parse(
         conditions: Vec::new(),
         returns: Vec::new(),
         clinic,
+        combined_datetime: false,
     };
     let mut returned = Vec::new();
     let mut unsupported = Vec::new();

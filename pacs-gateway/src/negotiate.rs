@@ -24,6 +24,9 @@ pub(crate) struct Context {
     pub(crate) transfer_syntax: String,
     /// The requestor may act as SCP on this context (C-GET sub-operations).
     pub(crate) requestor_scp: bool,
+    /// C-FIND with combined date and time matching, which the requestor
+    /// asked for and we granted (PS3.4 C.5.1.1, extended negotiation).
+    pub(crate) combined_datetime: bool,
 }
 
 /// Why an association is refused, mapped once to an A-ASSOCIATE-RJ.
@@ -237,6 +240,20 @@ pub(crate) fn accept(
             _ => None,
         })
         .collect();
+    // C-FIND extended negotiation (PS3.4 C.5.1.1): of its flags we grant
+    // combined date and time matching (byte 2) when asked; relational
+    // queries (byte 1) and the rest are not offered.
+    let combined: Vec<String> = rq
+        .user_variables
+        .iter()
+        .filter_map(|v| match v {
+            UserVariableItem::SopClassExtendedNegotiationSubItem(uid, info) => {
+                let uid = uid.trim_end_matches('\0').to_string();
+                (crate::find::is_find_class(&uid) && info.get(1) == Some(&1)).then_some(uid)
+            }
+            _ => None,
+        })
+        .collect();
     let results = rq
         .presentation_contexts
         .iter()
@@ -298,6 +315,7 @@ pub(crate) fn accept(
                 accepted.insert(
                     pc.id,
                     Context {
+                        combined_datetime: combined.contains(&abstract_syntax),
                         abstract_syntax,
                         transfer_syntax: ts.clone(),
                         requestor_scp,
@@ -327,6 +345,16 @@ pub(crate) fn accept(
             roles
                 .into_iter()
                 .map(|(uid, r)| UserVariableItem::ScuScpRoleSelectionSubItem(uid, r)),
+        )
+        .chain(
+            combined
+                .into_iter()
+                .filter(|uid| {
+                    accepted
+                        .values()
+                        .any(|c: &Context| c.abstract_syntax == *uid)
+                })
+                .map(|uid| UserVariableItem::SopClassExtendedNegotiationSubItem(uid, vec![0, 1])),
         )
         .collect(),
     };

@@ -1083,3 +1083,67 @@ fn query_text_is_decoded_whole_and_unsupported_keys_warn() {
     let (statuses, _, _) = studies(&["(0008,1032):SQ="]);
     assert_eq!(statuses, [0xFF01, 0xFF01, 0]);
 }
+
+/// Combined date and time matching (PS3.4 C.2.2.2.5), granted by extended
+/// negotiation to pynetdicom: Study Date 5-7 January with Study Time
+/// 10:00-18:00 is one span, 5 January 10:00 to 7 January 18:00. Without
+/// the negotiation the two ranges apply each on its own, as before.
+#[test]
+fn combined_date_and_time_ranges_when_negotiated() {
+    use common::scu;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &GatewaySpec::default());
+    let mut sender = scu::associate_ct(gw.port);
+    let studies = [
+        ("2.25.901", "20260105", "0900"),
+        ("2.25.902", "20260106", "0800"),
+        ("2.25.903", "20260107", "1700"),
+        ("2.25.904", "20260107", "1900"),
+        ("2.25.905", "20260105", "2300"),
+        ("2.25.906", "20260108", "1200"),
+        ("2.25.907", "20260106", ""),
+    ];
+    for (study, date, time) in studies {
+        let uid = format!("{study}.1");
+        let mut ds = scu::ct_dataset(&uid, study, 64);
+        // Study Date and Time go before Modality (0008,0060).
+        let modality = ds
+            .windows(6)
+            .position(|w| w == [0x08, 0x00, 0x60, 0x00, b'C', b'S'])
+            .unwrap();
+        let mut dated = scu::el(0x0008_0020, b"DA", date.as_bytes());
+        dated.extend(scu::el(0x0008_0030, b"TM", time.as_bytes()));
+        ds.splice(modality..modality, dated);
+        assert_eq!(
+            sender.store(1, scu::CT_IMAGE_STORAGE, &uid, &ds),
+            scu::Reply::Status(0)
+        );
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/find_datetime.py");
+    let find = |mode: &str| {
+        let out = Command::new("python3")
+            .arg(script)
+            .arg(gw.port.to_string())
+            .args(["COUNTYWS1", "20260105-20260107", "1000-1800", mode])
+            .output()
+            .expect("python3 with pynetdicom");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let combined = find("combined");
+    assert!(combined.contains("\"granted\": \"0001\""), "{combined}");
+    assert!(
+        combined.contains("\"studies\": [\"2.25.902\", \"2.25.903\", \"2.25.905\", \"2.25.907\"]"),
+        "{combined}"
+    );
+    let separate = find("separate");
+    assert!(separate.contains("\"granted\": null"), "{separate}");
+    assert!(
+        separate.contains("\"studies\": [\"2.25.903\"]"),
+        "{separate}"
+    );
+}

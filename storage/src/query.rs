@@ -141,6 +141,11 @@ pub struct Query {
     pub returns: Vec<Key>,
     /// When set, only this clinic's patients (a township clinic's view).
     pub clinic: Option<String>,
+    /// Combined date and time matching (PS3.4 C.2.2.2.5, negotiated by
+    /// the requestor): ranges on both Study Date and Study Time are one
+    /// range of moments, not a range of days crossed with a range of
+    /// times of day.
+    pub combined_datetime: bool,
 }
 
 impl Key {
@@ -358,6 +363,41 @@ fn tm_normalized_sql(col: &str) -> String {
         "(substr(CASE WHEN instr({v}, '.') > 0 THEN substr({v}, 1, instr({v}, '.') - 1) ELSE {v} END \
          || '000000', 1, 6) || '.' || substr(CASE WHEN instr({v}, '.') > 0 \
          THEN substr({v}, instr({v}, '.') + 1) ELSE '' END || '000000', 1, 6))"
+    )
+}
+
+/// Study Date and Study Time ranges as one range of moments (combined
+/// date and time matching): `20260105-20260107` with `1000-1800` is from
+/// 5 January 10:00 to 7 January 18:00:59.999999. A bound without its date
+/// is open; one without its time starts or ends the day. A study without a
+/// time matches when its date alone is within the dates.
+fn combined_datetime_sql(
+    (date_from, date_to): (&Option<String>, &Option<String>),
+    (time_from, time_to): (&Option<String>, &Option<String>),
+    params: &mut Vec<Value>,
+) -> String {
+    let mut bind = |v: String| {
+        params.push(Value::Text(v));
+        format!("?{}", params.len())
+    };
+    let (date, time) = (Key::StudyDate.select(), Key::StudyTime.select());
+    let moment = format!("({date} || {})", tm_normalized_sql(time));
+    let mut timed = vec![format!("{time} != ''")];
+    let mut untimed = vec![format!("{time} = ''")];
+    if let Some(d) = date_from {
+        let t = tm_normalized(time_from.as_deref().unwrap_or(""), '0');
+        timed.push(format!("{moment} >= {}", bind(format!("{d}{t}"))));
+        untimed.push(format!("{date} >= {}", bind(d.clone())));
+    }
+    if let Some(d) = date_to {
+        let t = tm_normalized(time_to.as_deref().unwrap_or(""), '9');
+        timed.push(format!("{moment} <= {}", bind(format!("{d}{t}"))));
+        untimed.push(format!("{date} <= {}", bind(d.clone())));
+    }
+    format!(
+        "({date} != '' AND (({}) OR ({})))",
+        timed.join(" AND "),
+        untimed.join(" AND ")
     )
 }
 
@@ -619,8 +659,22 @@ fn query_sql(query: &Query) -> (String, Vec<Value>) {
         .conditions
         .iter()
         .any(|(k, m)| applies(*k) && narrows(*k, m));
+    let range_of = |wanted: Key| {
+        query.conditions.iter().find_map(|(k, m)| match m {
+            Matcher::Range(from, to) if *k == wanted && applies(wanted) => Some((from, to)),
+            _ => None,
+        })
+    };
+    let combined = match (range_of(Key::StudyDate), range_of(Key::StudyTime)) {
+        (Some(dates), Some(times)) if query.combined_datetime => Some((dates, times)),
+        _ => None,
+    };
+    if let Some((dates, times)) = combined {
+        wheres.push(combined_datetime_sql(dates, times, &mut params));
+    }
     for (key, matcher) in &query.conditions {
-        if !applies(*key) {
+        if !applies(*key) || (combined.is_some() && matches!(key, Key::StudyDate | Key::StudyTime))
+        {
             continue;
         }
         if let Some(sql) = condition_sql(*key, matcher, &mut params, narrowed, scope.as_deref()) {
@@ -747,6 +801,7 @@ mod tests {
             conditions,
             returns: returns.clone(),
             clinic: clinic.map(str::to_owned),
+            combined_datetime: false,
         };
         let single = |v: &str| Matcher::Single(v.into());
         let cases = [
@@ -843,6 +898,7 @@ mod tests {
                     conditions: vec![(Key::StudyInstanceUid, single("1.2.3"))],
                     returns: vec![Key::SeriesInstanceUid, Key::NumberOfSeriesRelatedInstances],
                     clinic: Some("xinzhen".into()),
+                    combined_datetime: false,
                 },
             ),
             (
@@ -852,6 +908,7 @@ mod tests {
                     conditions: vec![(Key::StudyInstanceUid, single("1.2.3"))],
                     returns: vec![Key::SopInstanceUid],
                     clinic: Some("xinzhen".into()),
+                    combined_datetime: false,
                 },
             ),
             (
@@ -861,6 +918,7 @@ mod tests {
                     conditions: vec![(Key::StudyInstanceUid, single("1.2.3"))],
                     returns: vec![Key::SeriesInstanceUid, Key::Modality],
                     clinic: None,
+                    combined_datetime: false,
                 },
             ),
             (
@@ -873,6 +931,7 @@ mod tests {
                     ],
                     returns: vec![Key::SopInstanceUid, Key::InstanceNumber],
                     clinic: None,
+                    combined_datetime: false,
                 },
             ),
             (
@@ -882,6 +941,7 @@ mod tests {
                     conditions: vec![(Key::SopInstanceUid, single("1.2.3.4.5"))],
                     returns: vec![Key::SopInstanceUid],
                     clinic: None,
+                    combined_datetime: false,
                 },
             ),
         ];
