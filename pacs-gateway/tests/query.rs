@@ -620,6 +620,19 @@ fn match_limit_answers_a700_instead_of_exhausting_memory() {
         .query_row("SELECT outcome FROM audit", [], |r| r.get(0))
         .unwrap();
     assert!(outcome.contains("too many matches"), "{outcome}");
+    // On the wire (pynetdicom shows every status): three matches, then
+    // 0xA700, not success.
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/find_scu.py"))
+        .arg(gw.port.to_string())
+        .args(["COUNTYWS1", "ISO_IR 192", "*"])
+        .output()
+        .expect("python3 with pynetdicom");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("\"statuses\": [65280, 65280, 65280, 42752]"),
+        "{said}"
+    );
 }
 
 /// Another clinic's instances filed under a clinic's study (another series

@@ -655,6 +655,44 @@ fn pynetdicom_c_get_receives_the_stored_bytes() {
     }
 }
 
+/// A C-GET at SERIES level (DCMTK getscu) brings that series' instances
+/// and no other of its study's.
+#[test]
+fn getscu_at_series_level_gets_that_series_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, _) = with_study(dir.path(), "");
+    // Two more instances of the study, in a second series.
+    let mut sender = scu::associate_ct(gw.port);
+    let second: Vec<String> = (0..2).map(|i| format!("2.25.667{i}")).collect();
+    for uid in &second {
+        let mut ds = scu::ct_dataset(uid, "2.25.66", 512);
+        let series = ds
+            .windows(9)
+            .position(|w| w == b"2.25.66.1")
+            .expect("the series UID");
+        ds[series + 8] = b'2';
+        assert_eq!(
+            sender.store(1, CT_IMAGE_STORAGE, uid, &ds),
+            Reply::Status(0)
+        );
+    }
+    assert!(sender.release());
+    let got = common::getscu_keys(
+        &gw,
+        &dir.path().join("series"),
+        "COUNTYWS1",
+        &[
+            "QueryRetrieveLevel=SERIES".into(),
+            "StudyInstanceUID=2.25.66".into(),
+            "SeriesInstanceUID=2.25.66.2".into(),
+        ],
+    );
+    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), second);
+    for uid in &second {
+        assert!(got[uid] == stored_dataset(&gw, uid), "{uid} differs");
+    }
+}
+
 /// A C-GET whose requestor takes one instance's SOP class in no context:
 /// that sub-operation fails (the reason in the log), the rest are sent,
 /// and the final response says so: 0xB000 with 5 completed and 1 failed.

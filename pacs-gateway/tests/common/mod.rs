@@ -324,14 +324,34 @@ pub fn getscu_study(
     calling: &str,
     study: &str,
 ) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let out_dir = dir.join(format!("got-{calling}"));
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = Command::new("/usr/bin/getscu")
-        .args(["-S", "+B", "-od"])
-        .arg(&out_dir)
-        .args(["-aet", calling, "-aec", AE])
-        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
-        .arg(format!("StudyInstanceUID={study}"))
+    getscu_keys(
+        gw,
+        &dir.join(format!("got-{calling}")),
+        calling,
+        &[
+            "QueryRetrieveLevel=STUDY".into(),
+            format!("StudyInstanceUID={study}"),
+        ],
+    )
+}
+
+/// DCMTK getscu (Study Root) with query `keys`, received into `out_dir`:
+/// each instance's dataset by SOP Instance UID.
+pub fn getscu_keys(
+    gw: &Gateway,
+    out_dir: &Path,
+    calling: &str,
+    keys: &[String],
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::create_dir_all(out_dir).unwrap();
+    let mut cmd = Command::new("/usr/bin/getscu");
+    cmd.args(["-S", "+B", "-od"])
+        .arg(out_dir)
+        .args(["-aet", calling, "-aec", AE]);
+    for k in keys {
+        cmd.args(["-k", k]);
+    }
+    let out = cmd
         .arg("127.0.0.1")
         .arg(gw.port.to_string())
         .env("TCP_NODELAY", "1")
@@ -342,7 +362,7 @@ pub fn getscu_study(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let files = files_in(&out_dir);
+    let files = files_in(out_dir);
     let by_uid: std::collections::BTreeMap<String, Vec<u8>> = files
         .iter()
         .map(|f| {
