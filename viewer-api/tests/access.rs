@@ -873,3 +873,26 @@ async fn streams_are_limited_per_user() {
         .count();
     assert_eq!(refused, 1, "{:?}", server.audit());
 }
+
+/// A login token lasts `token_lifetime_s` (here 1 s), then is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_token_expires_after_the_configured_lifetime() {
+    let server = center_with(&[], "token_lifetime_s = 1").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+    let me = c
+        .identity
+        .who_am_i(authed(WhoAmIRequest {}, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.user.unwrap().username, "rad1");
+    // Past the lifetime, and past the 2 s a checked token is trusted.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let err = c
+        .identity
+        .who_am_i(authed(WhoAmIRequest {}, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}
