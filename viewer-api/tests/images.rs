@@ -956,3 +956,64 @@ async fn streams_nobody_reads_do_not_hold_every_turn() {
         .count();
     assert_eq!(ended, streams, "{audit:#?}");
 }
+
+/// Frames of other kinds than the CT match DCMTK's dcmj2pnm too: a big
+/// endian radiograph (with the file's first window, as ours by default),
+/// and ultrasound in colour, native and RLE RGB (exactly, to rounding)
+/// and JPEG YBR_FULL_422 (within what two JPEG decoders differ by).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_endian_and_colour_frames_match_dcmtk_dcmj2pnm() {
+    let (_, samples) = demo_samples();
+    let find = |modality: &str, ts: &str| {
+        samples
+            .iter()
+            .find(|f| f.modality == modality && f.transfer_syntax == ts)
+            .unwrap_or_else(|| panic!("a {modality} sample in {ts}"))
+    };
+    // (sample, the first window, largest difference allowed)
+    let cases = [
+        (find("DX", "1.2.840.10008.1.2.2"), true, 1),
+        (find("US", "1.2.840.10008.1.2.1"), false, 1),
+        (find("US", "1.2.840.10008.1.2.5"), false, 1),
+        (find("US", "1.2.840.10008.1.2.4.50"), false, 4),
+    ];
+    let server = center_with(&with_clinic(cases.iter().map(|c| c.0)), "").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+    let out = tempfile::tempdir().unwrap();
+    for (i, (sample, window, allowed)) in cases.into_iter().enumerate() {
+        let ours = render(
+            &mut c,
+            &token,
+            &sample.sop_instance_uid,
+            RenderOptions::default(),
+        )
+        .await
+        .unwrap();
+        let theirs_path = out.path().join(format!("dcmtk-{i}.png"));
+        let window: &[&str] = if window { &["+Wi", "1"] } else { &[] };
+        let status = Command::new("/usr/bin/dcmj2pnm")
+            .args(window)
+            .args(["+on", "+F", "1"])
+            .arg(&sample.path)
+            .arg(&theirs_path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let theirs = image::open(&theirs_path).unwrap().to_rgb8();
+        let ours = decode_png(&ours.data).to_rgb8();
+        let what = format!("{} in {}", sample.modality, sample.transfer_syntax);
+        assert_eq!(ours.dimensions(), theirs.dimensions(), "{what}");
+        let diffs: Vec<i16> = ours
+            .pixels()
+            .zip(theirs.pixels())
+            .flat_map(|(a, b)| (0..3).map(move |k| (i16::from(a[k]) - i16::from(b[k])).abs()))
+            .collect();
+        let max_diff = *diffs.iter().max().unwrap();
+        let mean = diffs.iter().map(|d| f64::from(*d)).sum::<f64>() / diffs.len() as f64;
+        assert!(
+            max_diff <= allowed && mean < 0.5,
+            "{what}: largest difference from dcmj2pnm {max_diff}, mean {mean:.3}"
+        );
+    }
+}
