@@ -1185,25 +1185,8 @@ fn a_cancel_in_the_pdu_of_its_query_is_seen() {
 fn a_requester_gone_mid_move_ends_it_without_waiting_for_the_destination() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut slow = Stopped(
-        Command::new("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/slow_scp.py"))
-            .args(["SLOWSCP", "60"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("run python3 (pynetdicom is installed by scripts/install-deps.sh)"),
-    );
-    let mut said = std::io::BufReader::new(slow.0.stdout.take().unwrap());
+    let (slow, mut said, destinations) = slow_destination("60");
     let mut line = String::new();
-    said.read_line(&mut line).unwrap();
-    let port: u16 = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("slow_scp.py said {line:?}"))
-        .parse()
-        .unwrap();
-    let destinations =
-        format!("[[destinations]]\nae_title = \"SLOWSCP\"\nhost = \"127.0.0.1\"\nport = {port}\n");
     let (gw, _) = with_study(dir.path(), &destinations);
     let mut requester = Stopped(
         movescu_command(gw.port, "COUNTYWS1", "SLOWSCP", "2.25.66")
@@ -1213,7 +1196,6 @@ fn a_requester_gone_mid_move_ends_it_without_waiting_for_the_destination() {
             .unwrap(),
     );
     // The first C-STORE is at the destination, which sits on it for 60 s.
-    line.clear();
     said.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "received");
     requester.0.kill().unwrap();
@@ -1235,4 +1217,103 @@ impl Drop for Stopped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A slow C-MOVE destination (pynetdicom, `seconds` per C-STORE), where
+/// "received" lines come as each C-STORE arrives, and its
+/// `[[destinations]]` section.
+fn slow_destination(
+    seconds: &str,
+) -> (
+    Stopped,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
+    use std::io::BufRead;
+    let mut slow = Stopped(
+        Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/slow_scp.py"))
+            .args(["SLOWSCP", seconds])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run python3 (pynetdicom is installed by scripts/install-deps.sh)"),
+    );
+    let mut said = std::io::BufReader::new(slow.0.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("slow_scp.py said {line:?}"))
+        .parse()
+        .unwrap();
+    let destination =
+        format!("[[destinations]]\nae_title = \"SLOWSCP\"\nhost = \"127.0.0.1\"\nport = {port}\n");
+    (slow, said, destination)
+}
+
+/// pynetdicom's C-MOVE of the test study to SLOWSCP: every response as
+/// (status, remaining, completed, failed, warning).
+fn move_responses(gw: &Gateway, cancel_after: Option<u32>) -> Vec<[i64; 5]> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/move_scu.py"))
+        .arg(gw.port.to_string())
+        .args(["COUNTYWS1", "SLOWSCP", "2.25.66"]);
+    if let Some(n) = cancel_after {
+        cmd.arg(n.to_string());
+    }
+    let out = cmd.output().expect("python3 with pynetdicom");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    said["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let n = |i: usize| r[i].as_i64().unwrap();
+            [n(0), n(1), n(2), n(3), n(4)]
+        })
+        .collect()
+}
+
+/// C-MOVE's pending responses count the sub-operations (remaining,
+/// completed, failed, warning add up to the study's 5), and C-CANCEL stops
+/// the move: final 0xFE00 with what was done, the rest never sent.
+#[test]
+fn c_move_pending_counts_add_up_and_a_cancel_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_slow, said, destinations) = slow_destination("0.3");
+    let (gw, _) = with_study(dir.path(), &destinations);
+
+    let whole = move_responses(&gw, None);
+    let (last, pending) = whole.split_last().unwrap();
+    assert_eq!(last[0], 0, "{whole:?}");
+    assert_eq!(last[2..], [5, 0, 0], "{whole:?}");
+    assert!(!pending.is_empty(), "{whole:?}");
+    for r in pending {
+        assert_eq!(r[0], 0xFF00, "{whole:?}");
+        assert_eq!(r[1] + r[2] + r[3] + r[4], 5, "{whole:?}");
+    }
+
+    let cancelled = move_responses(&gw, Some(1));
+    let last = cancelled.last().unwrap();
+    assert_eq!(last[0], 0xFE00, "{cancelled:?}");
+    let done = last[2] + last[3] + last[4];
+    assert!((1..5).contains(&done), "{cancelled:?}");
+    // The destination got the first move's five, and of the second those
+    // done (and at most the one on its way when the cancel came): never
+    // the rest.
+    drop(_slow);
+    let received = std::io::BufRead::lines(said)
+        .map_while(Result::ok)
+        .filter(|l| l == "received")
+        .count() as i64;
+    assert!(
+        (5 + last[2]..=6 + last[2]).contains(&received) && received < 10,
+        "{received} received; {cancelled:?}"
+    );
 }
