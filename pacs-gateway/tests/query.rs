@@ -1160,3 +1160,78 @@ fn combined_date_and_time_ranges_when_negotiated() {
         "{separate}"
     );
 }
+
+/// InstitutionName as a matching key, and date ranges open at either end,
+/// through DCMTK findscu: the studies the index says.
+#[test]
+fn findscu_matches_institution_and_open_ended_date_ranges() {
+    use dicom_dictionary_std::tags;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = loaded(dir.path(), &GatewaySpec::default());
+    let scratch = dir.path().join("find");
+    let (institution, date): (String, String) = gw
+        .index()
+        .query_row(
+            "SELECT institution, study_date FROM studies WHERE institution != '' \
+             ORDER BY study_date LIMIT 1 OFFSET 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let study_uids = |objs: &[dicom_object::DefaultDicomObject]| {
+        let mut uids: Vec<String> = objs
+            .iter()
+            .map(|o| text(o, tags::STUDY_INSTANCE_UID))
+            .collect();
+        uids.sort();
+        uids
+    };
+    let index = gw.index();
+    let index_uids = |condition: &str, value: &str| {
+        let mut stmt = index
+            .prepare(&format!(
+                "SELECT study_uid FROM studies WHERE {condition} ORDER BY study_uid"
+            ))
+            .unwrap();
+        stmt.query_map([value], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+    };
+    for (name, key, condition, value) in [
+        (
+            "institution",
+            format!("InstitutionName={institution}"),
+            "institution = ?1",
+            institution.clone(),
+        ),
+        (
+            "from",
+            format!("StudyDate={date}-"),
+            "study_date >= ?1 AND study_date != ''",
+            date.clone(),
+        ),
+        (
+            "until",
+            format!("StudyDate=-{date}"),
+            "study_date <= ?1 AND study_date != ''",
+            date.clone(),
+        ),
+    ] {
+        let (ok, found) = findscu(
+            gw.port,
+            "COUNTYWS1",
+            &[
+                "SpecificCharacterSet=ISO_IR 192",
+                "QueryRetrieveLevel=STUDY",
+                "StudyInstanceUID",
+                &key,
+            ],
+            &scratch.join(name),
+        );
+        assert!(ok, "{name}");
+        let expected = index_uids(condition, &value);
+        assert!(!expected.is_empty(), "{name}");
+        assert_eq!(study_uids(&found), expected, "{name}");
+    }
+}
