@@ -66,7 +66,27 @@ impl Args {
     }
 }
 
+/// `consortium-cli study UID | head`: once the reader has gone, stop as a
+/// program killed by SIGPIPE does (status 141, nothing said), instead of
+/// println!'s panic and its backtrace.
+fn quiet_when_the_reader_goes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_when_the_reader_goes();
     let mut args = Args {
         rest: std::env::args().skip(1).collect(),
     };

@@ -200,6 +200,27 @@ async fn a_radiologist_reads_a_study_from_the_command_line() {
 
     let listing = ok(cli(dir, addr, &["study", uid], ""));
     assert!(listing.contains(&ct.sop_instance_uid));
+    // A reader that goes (`| head`): status 141, as SIGPIPE, no panic.
+    let cut = Command::new(env!("CARGO_BIN_EXE_consortium-cli"))
+        .arg("--server")
+        .arg(format!("http://{addr}"))
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .args(["study", uid])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cut = {
+        let mut cut = cut;
+        drop(cut.stdout.take()); // closed before anything is printed
+        cut.wait_with_output().unwrap()
+    };
+    assert_eq!(cut.status.code(), Some(141), "{cut:?}");
+    assert!(
+        !String::from_utf8_lossy(&cut.stderr).contains("panicked"),
+        "{cut:?}"
+    );
     let json = ok(cli(dir, addr, &["study", uid, "--json"], ""));
     assert!(json.trim_start().starts_with('[') && json.contains("\"0020000D\""));
     // One series: its rows of the listing (each row ends with its series).
