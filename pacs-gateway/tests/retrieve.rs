@@ -625,26 +625,33 @@ fn text_of(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> String
         .unwrap_or_default()
 }
 
-#[test]
-fn pynetdicom_c_get_receives_the_stored_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (gw, uids) = with_study(dir.path(), "");
-    let out_dir = dir.path().join("py");
-    std::fs::create_dir_all(&out_dir).unwrap();
+/// pynetdicom's C-GET of the test study (CT Image Storage only), each
+/// instance received into `out_dir`; its JSON summary (final status and
+/// counts).
+fn pynetdicom_get(gw: &Gateway, out_dir: &Path) -> String {
+    std::fs::create_dir_all(out_dir).unwrap();
     let out = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/get_scu.py"))
         .arg(gw.port.to_string())
         .arg("COUNTYWS1")
         .arg("2.25.66")
-        .arg(&out_dir)
+        .arg(out_dir)
         .output()
         .expect("python3 with pynetdicom");
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn pynetdicom_c_get_receives_the_stored_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, uids) = with_study(dir.path(), "");
+    let out_dir = dir.path().join("py");
+    let text = pynetdicom_get(&gw, &out_dir);
     assert!(
         text.contains("\"status\": 0, \"completed\": 5, \"failed\": 0"),
         "{text}"
@@ -724,21 +731,7 @@ fn a_c_get_with_an_instance_the_requestor_cannot_take_ends_in_partial_failure() 
 
     // pynetdicom's requestor takes CT Image Storage only.
     let out_dir = dir.path().join("py");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/get_scu.py"))
-        .arg(gw.port.to_string())
-        .arg("COUNTYWS1")
-        .arg("2.25.66")
-        .arg(&out_dir)
-        .output()
-        .expect("python3 with pynetdicom");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = pynetdicom_get(&gw, &out_dir);
     assert!(
         text.contains("\"status\": 45056, \"completed\": 5, \"failed\": 1"),
         "{text}"

@@ -1171,15 +1171,7 @@ fn a_center_admitting_one_association_still_commits_everything() {
     assert_eq!(out.status.code(), Some(0), "{text}\n{errors}");
     assert_eq!(summary_count(&text, "committed"), files.len(), "{text}");
     assert_eq!(summary_count(&text, "not committed"), 0, "{text}");
-    assert_eq!(
-        gw.count("SELECT count(*) FROM instances"),
-        files.len() as i64
-    );
-    assert_eq!(record_rows(&record), files.len() as i64);
-    // The committer was refused while the lane was open (else this test
-    // would not test the refusal).
-    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
-    assert!(log.contains("clinic association limit reached"), "{log}");
+    all_at_the_center_after_a_refusal(&gw, dir.path(), &record, files.len());
 }
 
 /// Asked for more associations than the center admits a clinic at once
@@ -1209,13 +1201,16 @@ fn lanes_the_center_does_not_admit_hand_their_files_to_the_others() {
     // Each file went on an association proposed for it: sent as it is
     // (the demo's syntaxes are all accepted), never converted.
     assert!(!text.contains("converted "), "{text}");
-    assert_eq!(
-        gw.count("SELECT count(*) FROM instances"),
-        files.len() as i64
-    );
-    assert_eq!(record_rows(&record), files.len() as i64);
-    // Lanes were refused (else this test would not test the hand-over).
-    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
+    all_at_the_center_after_a_refusal(&gw, dir.path(), &record, files.len());
+}
+
+/// Every one of `files` instances is at the center and in the record, and
+/// the center did refuse an association on its clinic limit (else the
+/// test calling this would not test what it says).
+fn all_at_the_center_after_a_refusal(gw: &Gateway, dir: &Path, record: &Path, files: usize) {
+    assert_eq!(gw.count("SELECT count(*) FROM instances"), files as i64);
+    assert_eq!(record_rows(record), files as i64);
+    let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap();
     assert!(log.contains("clinic association limit reached"), "{log}");
 }
 
