@@ -1017,3 +1017,99 @@ async fn big_endian_and_colour_frames_match_dcmtk_dcmj2pnm() {
         );
     }
 }
+
+/// `file` (native RGB, Planar Configuration 0) copied as another instance
+/// whose pixels are stored colour by colour (Planar Configuration 1:
+/// every red, then every green, then every blue, frame by frame).
+fn planar_copy(file: &std::path::Path, dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let mut obj = dicom_object::open_file(file).unwrap();
+    let u16_of = |tag| obj.element(tag).unwrap().to_int::<u32>().unwrap() as usize;
+    let frame = u16_of(tags::ROWS) * u16_of(tags::COLUMNS);
+    let pixels = obj
+        .element(tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .to_vec();
+    assert_eq!(u16_of(tags::PLANAR_CONFIGURATION), 0);
+    let mut planar = Vec::with_capacity(pixels.len());
+    for f in pixels.chunks_exact(frame * 3) {
+        for channel in 0..3 {
+            planar.extend(f.iter().skip(channel).step_by(3));
+        }
+    }
+    let uid = format!(
+        "{}.9",
+        obj.meta()
+            .media_storage_sop_instance_uid()
+            .trim_end_matches('\0')
+    );
+    obj.put(DataElement::new(
+        tags::PLANAR_CONFIGURATION,
+        VR::US,
+        PrimitiveValue::from(1u16),
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::from(planar),
+    ));
+    obj.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(uid.as_str()),
+    ));
+    let meta = obj.meta_mut();
+    meta.media_storage_sop_instance_uid = uid.clone();
+    meta.update_information_group_length();
+    let path = dir.join("planar.dcm");
+    obj.write_to_file(&path).unwrap();
+    (path, uid)
+}
+
+/// Colour stored plane by plane (Planar Configuration 1) renders as the
+/// same pixels stored interleaved do, and as dcmj2pnm renders it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planar_colour_renders_as_interleaved_colour_does() {
+    let (_, samples) = demo_samples();
+    let rgb = samples
+        .iter()
+        .find(|f| f.modality == "US" && f.transfer_syntax == "1.2.840.10008.1.2.1")
+        .expect("a native RGB ultrasound");
+    let dir = tempfile::tempdir().unwrap();
+    let (planar, planar_uid) = planar_copy(&rgb.path, dir.path());
+    let mut files = with_clinic([rgb]);
+    files.push((planar.clone(), rgb.issuer_of_patient_id.clone()));
+    let server = center_with(&files, "").await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+    let mut frame = async |uid: &str| {
+        let png = render(&mut c, &token, uid, RenderOptions::default())
+            .await
+            .unwrap();
+        decode_png(&png.data).to_rgb8()
+    };
+    let interleaved = frame(&rgb.sop_instance_uid).await;
+    let planes = frame(&planar_uid).await;
+    assert!(interleaved == planes, "planar and interleaved differ");
+
+    let theirs_path = dir.path().join("dcmtk.png");
+    let status = Command::new("/usr/bin/dcmj2pnm")
+        .args(["+on", "+F", "1"])
+        .arg(&planar)
+        .arg(&theirs_path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let theirs = image::open(&theirs_path).unwrap().to_rgb8();
+    assert_eq!(theirs.dimensions(), planes.dimensions());
+    let max_diff = planes
+        .pixels()
+        .zip(theirs.pixels())
+        .flat_map(|(a, b)| (0..3).map(move |k| (i16::from(a[k]) - i16::from(b[k])).abs()))
+        .max()
+        .unwrap();
+    assert!(max_diff <= 1, "largest difference from dcmj2pnm {max_diff}");
+}
