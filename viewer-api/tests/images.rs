@@ -1113,3 +1113,104 @@ async fn planar_colour_renders_as_interleaved_colour_does() {
         .unwrap();
     assert!(max_diff <= 1, "largest difference from dcmj2pnm {max_diff}");
 }
+
+/// The CT slice converted by DCMTK into transfer syntaxes sample-dicom does
+/// not write: JPEG lossless and deflated render as dcmj2pnm renders each
+/// converted file; 12-bit JPEG extended, which dicom-rs cannot decode
+/// (jpeg-decoder 0.3 takes lossy JPEG at 8 bits only), is refused with a
+/// clear status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ct_converted_by_dcmtk_renders_as_dcmj2pnm_renders_it() {
+    let (_, samples) = demo_samples();
+    let ct = samples
+        .iter()
+        .find(|f| f.modality == "CT" && f.transfer_syntax == "1.2.840.10008.1.2.1")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // (what, DCMTK's converter and options, its transfer syntax)
+    let conversions: [(&str, &str, &[&str], &str); 3] = [
+        (
+            "jpeg-extended",
+            "/usr/bin/dcmcjpeg",
+            &["+ee"],
+            "1.2.840.10008.1.2.4.51",
+        ),
+        (
+            "jpeg-lossless",
+            "/usr/bin/dcmcjpeg",
+            &["+el"],
+            "1.2.840.10008.1.2.4.57",
+        ),
+        (
+            "deflated",
+            "/usr/bin/dcmconv",
+            &["+td"],
+            "1.2.840.10008.1.2.1.99",
+        ),
+    ];
+    let mut files = Vec::new();
+    for (i, (what, tool, options, ts)) in conversions.iter().enumerate() {
+        let converted = dir.path().join(format!("{what}.dcm"));
+        // Each its own instance: a new SOP Instance UID.
+        let status = Command::new(tool)
+            .args(*options)
+            .arg(&ct.path)
+            .arg(&converted)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{what}");
+        let uid = format!("{}.7{i}", ct.sop_instance_uid);
+        // (dcmodify updates the meta header's UID to match.)
+        let status = Command::new("/usr/bin/dcmodify")
+            .args(["-nb", "-m", &format!("SOPInstanceUID={uid}")])
+            .arg(&converted)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{what}");
+        let header = std::fs::read(&converted).unwrap();
+        let (found, _) = storage::part10::parse_file_header(&header).unwrap();
+        assert_eq!(found, *ts, "{what}");
+        files.push((converted, uid));
+    }
+    let server = center_with(
+        &files
+            .iter()
+            .map(|(p, _)| (p.clone(), ct.issuer_of_patient_id.clone()))
+            .collect::<Vec<_>>(),
+        "",
+    )
+    .await;
+    let token = server.login("rad1").await;
+    let mut c = server.clients().await;
+    for ((what, ..), (path, uid)) in conversions.iter().zip(&files) {
+        let ours = render(&mut c, &token, uid, RenderOptions::default()).await;
+        if *what == "jpeg-extended" {
+            let err = ours.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+            assert!(err.message().contains("cannot be decoded"), "{err:?}");
+            continue;
+        }
+        let ours = ours.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let theirs_path = dir.path().join(format!("{what}.png"));
+        let status = Command::new("/usr/bin/dcmj2pnm")
+            .args(["+Wi", "1", "+on"])
+            .arg(path)
+            .arg(&theirs_path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{what}");
+        let theirs = image::open(&theirs_path).unwrap().to_luma8();
+        let ours = decode_png(&ours.data).to_luma8();
+        assert_eq!(ours.dimensions(), theirs.dimensions(), "{what}");
+        let max_diff = ours
+            .pixels()
+            .zip(theirs.pixels())
+            .map(|(a, b)| (i16::from(a[0]) - i16::from(b[0])).abs())
+            .max()
+            .unwrap();
+        assert!(
+            max_diff <= 1,
+            "{what}: largest difference from dcmj2pnm {max_diff}"
+        );
+    }
+}
