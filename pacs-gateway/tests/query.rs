@@ -622,13 +622,7 @@ fn match_limit_answers_a700_instead_of_exhausting_memory() {
     assert!(outcome.contains("too many matches"), "{outcome}");
     // On the wire (pynetdicom shows every status): three matches, then
     // 0xA700, not success.
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/find_scu.py"))
-        .arg(gw.port.to_string())
-        .args(["COUNTYWS1", "ISO_IR 192", "*"])
-        .output()
-        .expect("python3 with pynetdicom");
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = common::pynetdicom("find_scu.py", gw.port, &["COUNTYWS1", "ISO_IR 192", "*"]);
     assert!(
         said.contains("\"statuses\": [65280, 65280, 65280, 42752]"),
         "{said}"
@@ -1132,20 +1126,12 @@ fn combined_date_and_time_ranges_when_negotiated() {
             scu::Reply::Status(0)
         );
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/find_datetime.py");
     let find = |mode: &str| {
-        let out = Command::new("python3")
-            .arg(script)
-            .arg(gw.port.to_string())
-            .args(["COUNTYWS1", "20260105-20260107", "1000-1800", mode])
-            .output()
-            .expect("python3 with pynetdicom");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::pynetdicom(
+            "find_datetime.py",
+            gw.port,
+            &["COUNTYWS1", "20260105-20260107", "1000-1800", mode],
+        )
     };
     let combined = find("combined");
     assert!(combined.contains("\"granted\": \"0001\""), "{combined}");

@@ -636,20 +636,8 @@ fn text_of(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> String
 /// counts).
 fn pynetdicom_get(gw: &Gateway, out_dir: &Path) -> String {
     std::fs::create_dir_all(out_dir).unwrap();
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/get_scu.py"))
-        .arg(gw.port.to_string())
-        .arg("COUNTYWS1")
-        .arg("2.25.66")
-        .arg(out_dir)
-        .output()
-        .expect("python3 with pynetdicom");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let out_dir = out_dir.to_str().unwrap();
+    common::pynetdicom("get_scu.py", gw.port, &["COUNTYWS1", "2.25.66", out_dir])
 }
 
 #[test]
@@ -1254,20 +1242,11 @@ fn slow_destination(
 /// pynetdicom's C-MOVE of the test study to SLOWSCP: every response as
 /// (status, remaining, completed, failed, warning).
 fn move_responses(gw: &Gateway, cancel_after: Option<u32>) -> Vec<[i64; 5]> {
-    let mut cmd = Command::new("python3");
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/move_scu.py"))
-        .arg(gw.port.to_string())
-        .args(["COUNTYWS1", "SLOWSCP", "2.25.66"]);
-    if let Some(n) = cancel_after {
-        cmd.arg(n.to_string());
-    }
-    let out = cmd.output().expect("python3 with pynetdicom");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cancel_after = cancel_after.map(|n| n.to_string());
+    let mut args = vec!["COUNTYWS1", "SLOWSCP", "2.25.66"];
+    args.extend(cancel_after.as_deref());
+    let said: serde_json::Value =
+        serde_json::from_str(&common::pynetdicom("move_scu.py", gw.port, &args)).unwrap();
     said["responses"]
         .as_array()
         .unwrap()

@@ -187,6 +187,10 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
+/// Said (and the run fails) when no input holds a DICOM instance: an
+/// empty mount point, a folder of reports.
+const NOTHING_FOUND: &str = "no DICOM instances found in what was given";
+
 /// Failure Reason 0x0213: the center is short of resources now.
 const RESOURCE_LIMITATION: u16 = 0x0213;
 
@@ -291,7 +295,7 @@ async fn run(args: Args) -> ExitCode {
         // Like the real run: unusable DICOM files, or none at all, make it fail.
         let unusable = skipped.iter().any(|s| s.kind == scan::SkipKind::Unusable);
         if to_send.is_empty() && already.is_empty() && !unusable {
-            eprintln!("consortium-upload: no DICOM instances found in what was given");
+            eprintln!("consortium-upload: {NOTHING_FOUND}");
             return ExitCode::FAILURE;
         }
         return if unusable {
@@ -521,7 +525,7 @@ async fn run(args: Args) -> ExitCode {
     if found + not_committed + unusable == 0 {
         // An empty mount point, a folder of reports: the technician meant
         // another one, and "all 0 instances are committed" would hide it.
-        eprintln!("consortium-upload: no DICOM instances found in what was given");
+        eprintln!("consortium-upload: {NOTHING_FOUND}");
         ExitCode::FAILURE
     } else if refused + failed + not_committed + unusable == 0 {
         println!(

@@ -265,37 +265,45 @@ impl Images {
     /// pixel data most of the blob); the whole blob only when the header
     /// goes on past them.
     pub async fn header_json(&self, key: &str, size: u64) -> Result<String> {
-        // The turn moves into the parse: a caller that leaves does not
-        // give it back while the parse still runs.
         if let Some(path) = self.blobs.local_path(key) {
-            let turn = self.worker().await?;
-            return on_blocking_thread(move || {
-                let _turn = turn;
-                studies::dataset_json(&studies::open_object(Some(path), None, true)?)
-            })
-            .await;
+            return self
+                .parse(move || {
+                    studies::dataset_json(&studies::open_object(Some(path), None, true)?)
+                })
+                .await;
         }
         if size > HEADER_PREFIX {
             let head = self.blobs.get_prefix(key, HEADER_PREFIX).await?;
-            let turn = self.worker().await?;
-            let json = on_blocking_thread(move || {
-                let _turn = turn;
-                studies::open_header_prefix(&head)
-                    .map(|obj| studies::dataset_json(&obj))
-                    .transpose()
-            })
-            .await?;
+            let json = self
+                .parse(move || {
+                    studies::open_header_prefix(&head)
+                        .map(|obj| studies::dataset_json(&obj))
+                        .transpose()
+                })
+                .await?;
             if let Some(json) = json {
                 return Ok(json);
             }
         }
         let whole = self.blobs.get(key).await?;
+        self.parse(move || studies::dataset_json(&studies::open_object(None, Some(whole), true)?))
+            .await
+    }
+
+    /// `parse` on a blocking thread, during a render worker's turn. The
+    /// turn moves into the task: a caller that leaves does not give it
+    /// back while the parse still runs.
+    async fn parse<T: Send + 'static>(
+        &self,
+        parse: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let turn = self.worker().await?;
-        on_blocking_thread(move || {
+        tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            studies::dataset_json(&studies::open_object(None, Some(whole), true)?)
+            parse()
         })
         .await
+        .map_err(|e| ApiError::Internal(format!("parse task: {e}")))?
     }
 
     /// A frame rendered before, from the cache.
@@ -512,14 +520,6 @@ impl Images {
 
 /// Bytes of a bucket's blob fetched for its header (see [`Images::header_json`]).
 const HEADER_PREFIX: u64 = 64 << 10;
-
-async fn on_blocking_thread<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))?
-}
 
 #[cfg(test)]
 mod tests {

@@ -349,12 +349,6 @@ fn metadata_page_start(
 /// bucket's round trips; parsing them still takes render workers' turns.
 const HEADERS_AHEAD: usize = 8;
 
-/// One answer of GetStudyMetadata: `instances[from..to]` and their JSON.
-struct MetadataPage {
-    to: usize,
-    answer: pb::GetStudyMetadataResponse,
-}
-
 /// The instances from `from` on (all of them unpaged, at most `page_size`
 /// paged) whose metadata fits in one answer of the configured size.
 /// Unpaged, a study that does not fit is refused, not cut short: a client
@@ -364,7 +358,7 @@ async fn metadata_page(
     instances: &[studies::StudyInstance],
     from: usize,
     page_size: u32,
-) -> Result<MetadataPage, ApiError> {
+) -> Result<pb::GetStudyMetadataResponse, ApiError> {
     use prost::Message;
     let paged = page_size > 0;
     let last = match paged {
@@ -425,16 +419,13 @@ async fn metadata_page(
         true => instances[to - 1].sort_key.token(),
         false => String::new(),
     };
-    Ok(MetadataPage {
-        to,
-        answer: pb::GetStudyMetadataResponse {
-            dicom_json: json,
-            instances: instances[from..to]
-                .iter()
-                .map(|i| i.reference.clone())
-                .collect(),
-            next_page_token,
-        },
+    Ok(pb::GetStudyMetadataResponse {
+        dicom_json: json,
+        instances: instances[from..to]
+            .iter()
+            .map(|i| i.reference.clone())
+            .collect(),
+        next_page_token,
     })
 }
 
@@ -773,9 +764,11 @@ impl StudyService for Studies {
             let page = metadata_page(&app, &instances, from, page_size).await?;
             others = other_patients(
                 &entry.patient_ref,
-                instances[from..page.to].iter().map(|i| &i.patient_ref),
+                instances[from..from + page.instances.len()]
+                    .iter()
+                    .map(|i| &i.patient_ref),
             );
-            Ok(page.answer)
+            Ok(page)
         }
         .await;
         entry.matches = result.as_ref().map_or(0, |r| r.instances.len() as u64);

@@ -89,6 +89,29 @@ fn decode_png(bytes: &[u8]) -> image::DynamicImage {
     image::load_from_memory_with_format(bytes, image::ImageFormat::Png).unwrap()
 }
 
+/// DCMTK's own rendering of `file`'s first frame (`options` such as
+/// `+Wi 1`, its first window), as RGB, by way of the PNG `png`.
+fn dcmj2pnm(file: &std::path::Path, options: &[&str], png: &std::path::Path) -> image::RgbImage {
+    let status = Command::new("/usr/bin/dcmj2pnm")
+        .args(options)
+        .args(["+on", "+F", "1"])
+        .arg(file)
+        .arg(png)
+        .status()
+        .unwrap();
+    assert!(status.success(), "dcmj2pnm {}", file.display());
+    image::open(png).unwrap().to_rgb8()
+}
+
+/// Every channel's difference between two renderings of one size.
+fn differences(ours: &image::RgbImage, theirs: &image::RgbImage) -> Vec<i16> {
+    assert_eq!(ours.dimensions(), theirs.dimensions());
+    ours.pixels()
+        .zip(theirs.pixels())
+        .flat_map(|(a, b)| (0..3).map(move |k| (i16::from(a[k]) - i16::from(b[k])).abs()))
+        .collect()
+}
+
 async fn render(
     c: &mut common::Clients,
     token: &str,
@@ -297,23 +320,9 @@ async fn sample_ct_matches_dcmtk_dcmj2pnm_and_every_kind_renders() {
     .await
     .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let theirs_path = out.path().join("dcmtk.png");
-    let status = Command::new("/usr/bin/dcmj2pnm")
-        .args(["+Wi", "1", "+on"])
-        .arg(&ct.path)
-        .arg(&theirs_path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let theirs = image::open(&theirs_path).unwrap().to_luma8();
-    let ours = decode_png(&ours.data).to_luma8();
-    assert_eq!(ours.dimensions(), theirs.dimensions());
-    let max_diff = ours
-        .pixels()
-        .zip(theirs.pixels())
-        .map(|(a, b)| (i16::from(a[0]) - i16::from(b[0])).abs())
-        .max()
-        .unwrap();
+    let theirs = dcmj2pnm(&ct.path, &["+Wi", "1"], &out.path().join("dcmtk.png"));
+    let ours = decode_png(&ours.data).to_rgb8();
+    let max_diff = *differences(&ours, &theirs).iter().max().unwrap();
     assert!(
         max_diff <= 1,
         "largest difference from dcmj2pnm: {max_diff}"
@@ -990,25 +999,15 @@ async fn big_endian_and_colour_frames_match_dcmtk_dcmj2pnm() {
         )
         .await
         .unwrap();
-        let theirs_path = out.path().join(format!("dcmtk-{i}.png"));
         let window: &[&str] = if window { &["+Wi", "1"] } else { &[] };
-        let status = Command::new("/usr/bin/dcmj2pnm")
-            .args(window)
-            .args(["+on", "+F", "1"])
-            .arg(&sample.path)
-            .arg(&theirs_path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let theirs = image::open(&theirs_path).unwrap().to_rgb8();
+        let theirs = dcmj2pnm(
+            &sample.path,
+            window,
+            &out.path().join(format!("dcmtk-{i}.png")),
+        );
         let ours = decode_png(&ours.data).to_rgb8();
         let what = format!("{} in {}", sample.modality, sample.transfer_syntax);
-        assert_eq!(ours.dimensions(), theirs.dimensions(), "{what}");
-        let diffs: Vec<i16> = ours
-            .pixels()
-            .zip(theirs.pixels())
-            .flat_map(|(a, b)| (0..3).map(move |k| (i16::from(a[k]) - i16::from(b[k])).abs()))
-            .collect();
+        let diffs = differences(&ours, &theirs);
         let max_diff = *diffs.iter().max().unwrap();
         let mean = diffs.iter().map(|d| f64::from(*d)).sum::<f64>() / diffs.len() as f64;
         assert!(
@@ -1095,22 +1094,8 @@ async fn planar_colour_renders_as_interleaved_colour_does() {
     let planes = frame(&planar_uid).await;
     assert!(interleaved == planes, "planar and interleaved differ");
 
-    let theirs_path = dir.path().join("dcmtk.png");
-    let status = Command::new("/usr/bin/dcmj2pnm")
-        .args(["+on", "+F", "1"])
-        .arg(&planar)
-        .arg(&theirs_path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let theirs = image::open(&theirs_path).unwrap().to_rgb8();
-    assert_eq!(theirs.dimensions(), planes.dimensions());
-    let max_diff = planes
-        .pixels()
-        .zip(theirs.pixels())
-        .flat_map(|(a, b)| (0..3).map(move |k| (i16::from(a[k]) - i16::from(b[k])).abs()))
-        .max()
-        .unwrap();
+    let theirs = dcmj2pnm(&planar, &[], &dir.path().join("dcmtk.png"));
+    let max_diff = *differences(&planes, &theirs).iter().max().unwrap();
     assert!(max_diff <= 1, "largest difference from dcmj2pnm {max_diff}");
 }
 
@@ -1191,23 +1176,9 @@ async fn ct_converted_by_dcmtk_renders_as_dcmj2pnm_renders_it() {
             continue;
         }
         let ours = ours.unwrap_or_else(|e| panic!("{what}: {e:?}"));
-        let theirs_path = dir.path().join(format!("{what}.png"));
-        let status = Command::new("/usr/bin/dcmj2pnm")
-            .args(["+Wi", "1", "+on"])
-            .arg(path)
-            .arg(&theirs_path)
-            .status()
-            .unwrap();
-        assert!(status.success(), "{what}");
-        let theirs = image::open(&theirs_path).unwrap().to_luma8();
-        let ours = decode_png(&ours.data).to_luma8();
-        assert_eq!(ours.dimensions(), theirs.dimensions(), "{what}");
-        let max_diff = ours
-            .pixels()
-            .zip(theirs.pixels())
-            .map(|(a, b)| (i16::from(a[0]) - i16::from(b[0])).abs())
-            .max()
-            .unwrap();
+        let theirs = dcmj2pnm(path, &["+Wi", "1"], &dir.path().join(format!("{what}.png")));
+        let ours = decode_png(&ours.data).to_rgb8();
+        let max_diff = *differences(&ours, &theirs).iter().max().unwrap();
         assert!(
             max_diff <= 1,
             "{what}: largest difference from dcmj2pnm {max_diff}"

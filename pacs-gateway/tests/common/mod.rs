@@ -422,6 +422,27 @@ pub fn storescu(
 
 /// The storescu option that proposes a file's own transfer syntax first
 /// (storescu proposes only uncompressed syntaxes unless told otherwise).
+/// Runs `tests/py/<script>` (pynetdicom, a client we did not write) with
+/// the gateway's port then `args`; its standard output, once it succeeded.
+pub fn pynetdicom(script: &str, port: u16, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/py")
+                .join(script),
+        )
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("python3 with pynetdicom (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub fn propose_flag(ts: &str) -> &'static str {
     match ts {
         "1.2.840.10008.1.2" => "-xi",
